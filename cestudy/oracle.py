@@ -1,0 +1,414 @@
+"""High-precision oracle: reference losses and gradients for every variant, and the ULP metric.
+
+The oracle evaluates the accurate formulation in extended precision (``numpy.longdouble``, the
+x87 80-bit format with a 64-bit significand on x86-64 Linux, binary128 on aarch64 Linux), with
+the differences x_j - m formed exactly (a float64 two-sum carried into extended precision). Its
+relative error is a few units of 2^-64 = 5.4e-20, i.e. about 0.001 ulp of float64 and 1e-11 ulp
+of float32: "well under 0.01 ulp" of every dtype under test. ``tests/test_oracle.py`` checks it
+against mpmath at 60 digits on random and extreme inputs; the ``mp_*`` functions here are those
+mpmath references (slow; for validation on samples).
+
+Conventions match ``cestudy.api`` (torch semantics, NaN rows, 0 log 0 = 0). Everything returns
+``numpy.longdouble`` arrays; losses are per sample (no reduction).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _dtypes
+
+LD = np.longdouble
+EXTENDED_BITS = np.finfo(LD).nmant + 1
+
+
+def extended_precision_available() -> bool:
+    """True when longdouble carries at least 64 significand bits (x86-64 or aarch64 Linux)."""
+    return EXTENDED_BITS >= 64
+
+
+# --------------------------------------------------------------------------------------------
+# The ULP metric
+# --------------------------------------------------------------------------------------------
+def ulp(exact, dtype):
+    """Spacing of ``dtype`` at |exact| (the unit in the last place), as longdouble.
+
+    Subnormal and zero values get the smallest subnormal spacing; values beyond the largest
+    finite number get the spacing at the top binade.
+    """
+    fi = _dtypes.finfo(dtype)
+    p = int(fi.nmant) + 1
+    a = np.abs(np.asarray(exact, dtype=LD))
+    with np.errstate(invalid="ignore", over="ignore"):
+        _, e = np.frexp(np.where(np.isfinite(a) & (a > 0), a, LD(1)))
+    e = np.clip(e.astype(np.int64) - 1, int(fi.minexp), int(fi.maxexp) - 1)
+    return np.ldexp(LD(1), e - p + 1)
+
+
+def ulp_error(value, exact, dtype):
+    """|value - exact| in units of the last place of ``dtype`` at ``exact`` (float64 array).
+
+    Non-finite cases: equal values (the same infinity, or NaN where the exact value is NaN) give
+    0; a NaN or infinity where the exact value is finite, or a finite value where it is not,
+    gives inf.
+    """
+    v = np.asarray(np.asarray(value).astype(np.float64), dtype=LD)
+    x = np.asarray(exact, dtype=LD)
+    v, x = np.broadcast_arrays(v, x)
+    out = np.full(v.shape, np.inf)
+    both_nan = np.isnan(v) & np.isnan(x)
+    same = (v == x) | both_nan
+    finite = np.isfinite(v) & np.isfinite(x) & ~same
+    with np.errstate(over="ignore", invalid="ignore"):
+        out[finite] = (np.abs(v[finite] - x[finite]) / ulp(x[finite], dtype)).astype(np.float64)
+    out[same] = 0.0
+    return out
+
+
+def grad_ulp_error(value, exact, dtype):
+    """Gradient error per element as the accuracy contract states it: the smaller of the
+    relative error in ulps and the error in ulps of the largest exact element of its row
+    (elements far below the row's largest need only be accurate relative to it)."""
+    exact = np.asarray(exact, dtype=LD)
+    rel = ulp_error(value, exact, dtype)
+    if exact.ndim == 0 or exact.size == 0:
+        return rel
+    with np.errstate(invalid="ignore"):
+        rowmax = np.nanmax(np.where(np.isfinite(exact), np.abs(exact), LD(0)), axis=-1,
+                           keepdims=True)
+    v = np.asarray(np.asarray(value).astype(np.float64), dtype=LD)
+    finite = np.isfinite(v) & np.isfinite(exact)
+    absu = np.full(rel.shape, np.inf)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scale = np.broadcast_to(ulp(rowmax, dtype), exact.shape)
+        absu[finite] = (np.abs(v - exact)[finite] / scale[finite]).astype(np.float64)
+    return np.minimum(rel, absu)
+
+
+# --------------------------------------------------------------------------------------------
+# Row machinery
+# --------------------------------------------------------------------------------------------
+def _as2d(a):
+    a = np.asarray(a)
+    return a.reshape(1, -1) if a.ndim == 1 else a
+
+
+class _Rows:
+    """Shifted exponentials of each row in extended precision.
+
+    e[i, j] = exp(x_ij - m_i) (1 at the first argmax k_i), s = sum_{j != k} e, L = log1p(s),
+    nlp[i, j] = -log softmax_j = (m - x_j) + L, bad[i] = row has NaN or a non-finite max.
+    """
+
+    def __init__(self, logits):
+        x = _as2d(logits).astype(np.float64)
+        n, c = x.shape
+        self.x = x
+        has_nan = np.isnan(x).any(axis=1)
+        xm = np.where(np.isnan(x), -np.inf, x)
+        self.k = np.argmax(xm, axis=1)
+        m = xm[np.arange(n), self.k] if n else np.zeros(0)
+        self.bad = has_nan | ~np.isfinite(m)
+        m = np.where(self.bad, 0.0, m)
+        self.m = m
+        xs = np.where(self.bad[:, None], 0.0, x)
+        with np.errstate(invalid="ignore"):
+            hi = xs - m[:, None]
+            bb = hi - xs
+            lo = (xs - (hi - bb)) + (-m[:, None] - bb)
+        lo = np.where(np.isfinite(hi), lo, 0.0)
+        self.d = hi.astype(LD) + lo.astype(LD)  # x - m, exact to 2^-64 relative
+        e = np.exp(hi.astype(LD)) * (LD(1) + lo.astype(LD))
+        e[np.arange(n), self.k] = 0
+        self.s = e.sum(axis=1)
+        e[np.arange(n), self.k] = 1
+        self.e = e
+        self.z = LD(1) + self.s
+        self.L = np.log1p(self.s)
+        self.nlp = self.L[:, None] - self.d  # (m - x_j) + L >= 0
+
+    def softmax(self):
+        return self.e / self.z[:, None]
+
+    def nan_rows(self, out):
+        out[self.bad] = np.nan
+        return out
+
+
+def _weights(weight, c):
+    return np.ones(c, dtype=LD) if weight is None else np.asarray(weight, dtype=np.float64).astype(LD)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax cross-entropy
+# --------------------------------------------------------------------------------------------
+def cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0):
+    """Per-row loss (N,) for class-index targets (torch semantics), longdouble."""
+    r = _Rows(logits)
+    n, c = r.x.shape
+    y = np.asarray(target, dtype=np.int64).reshape(n)
+    keep = y != ignore_index
+    ys = np.where(keep, y, 0)
+    w = _weights(weight, c)
+    rows = np.arange(n)
+    eps = LD(label_smoothing)
+    with np.errstate(invalid="ignore"):
+        loss = w[ys] * r.nlp[rows, ys]
+        if label_smoothing:
+            smooth = (w[None, :] * r.nlp).sum(axis=1)
+            loss = (1 - eps) * loss + (eps / c) * smooth
+    loss = r.nan_rows(loss)
+    loss[~keep] = 0
+    return loss
+
+
+def cross_entropy_grad(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0):
+    """Per-row gradient (N, C) of :func:`cross_entropy` (grad_scale 1), longdouble."""
+    r = _Rows(logits)
+    n, c = r.x.shape
+    y = np.asarray(target, dtype=np.int64).reshape(n)
+    keep = y != ignore_index
+    ys = np.where(keep, y, 0)
+    w = _weights(weight, c)
+    rows = np.arange(n)
+    p = r.softmax()
+    eps = LD(label_smoothing)
+    pm1 = np.where(ys == r.k, -r.s / r.z, p[rows, ys] - 1)
+    g = p.copy()
+    g[rows, ys] = pm1
+    g = (1 - eps) * w[ys][:, None] * g
+    if label_smoothing:
+        g = g + (eps / c) * (w.sum() * p - w[None, :])
+    g[r.bad] = np.nan
+    g[~keep] = 0
+    return g
+
+
+def cross_entropy_prob(logits, target, weight=None, label_smoothing=0.0):
+    """Per-row H(a, softmax(x)) for probability targets, a = w ((1 - eps) p + eps / C)."""
+    r = _Rows(logits)
+    n, c = r.x.shape
+    a = _soft_target(target, weight, label_smoothing, c)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(a == 0, LD(0), a * r.nlp)
+    return r.nan_rows(terms.sum(axis=1))
+
+
+def _soft_target(target, weight, label_smoothing, c):
+    t = _as2d(target).astype(np.float64).astype(LD)
+    eps = LD(label_smoothing)
+    return _weights(weight, c)[None, :] * ((1 - eps) * t + eps / c)
+
+
+def cross_entropy_prob_grad(logits, target, weight=None, label_smoothing=0.0):
+    r = _Rows(logits)
+    n, c = r.x.shape
+    a = _soft_target(target, weight, label_smoothing, c)
+    g = a.sum(axis=1)[:, None] * r.softmax() - a
+    g[r.bad] = np.nan
+    return g
+
+
+def kl_divergence(logits, target):
+    """Per-row KL(p || softmax(x)), 0 log 0 = 0."""
+    r = _Rows(logits)
+    p = _as2d(target).astype(np.float64).astype(LD)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p == 0, LD(0), p * (np.log(np.where(p == 0, LD(1), p)) + r.nlp))
+    return r.nan_rows(terms.sum(axis=1))
+
+
+def kl_divergence_grad(logits, target):
+    r = _Rows(logits)
+    p = _as2d(target).astype(np.float64).astype(LD)
+    g = p.sum(axis=1)[:, None] * r.softmax() - p
+    g[r.bad] = np.nan
+    return g
+
+
+def entropy(p):
+    p = _as2d(p).astype(np.float64).astype(LD)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(p == 0, LD(0), -p * np.log(np.where(p == 0, LD(1), p))).sum(axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Focal losses
+# --------------------------------------------------------------------------------------------
+def softmax_focal(logits, target, gamma=2.0, weight=None, ignore_index=-100):
+    loss, _ = _softmax_focal(logits, target, gamma, weight, ignore_index, grad=False)
+    return loss
+
+
+def softmax_focal_grad(logits, target, gamma=2.0, weight=None, ignore_index=-100):
+    _, g = _softmax_focal(logits, target, gamma, weight, ignore_index, grad=True)
+    return g
+
+
+def _softmax_focal(logits, target, gamma, weight, ignore_index, grad):
+    r = _Rows(logits)
+    n, c = r.x.shape
+    y = np.asarray(target, dtype=np.int64).reshape(n)
+    keep = y != ignore_index
+    ys = np.where(keep, y, 0)
+    rows = np.arange(n)
+    w = _weights(weight, c)[ys]
+    gamma = LD(gamma)
+    ce = r.nlp[rows, ys]
+    e_y = r.e[rows, ys]
+    # 1 - p_y = sum_{j != y} e_j / z: s / z at the argmax (z - 1 would cancel), else z >= 2 e_y
+    a = np.where(ys == r.k, r.s / r.z, (r.z - e_y) / r.z)
+    p_y = e_y / r.z
+    ag = np.where(gamma == 0, LD(1), np.where(a == 0, LD(0), a ** gamma))
+    loss = w * ag * ce
+    loss = r.nan_rows(loss)
+    loss[~keep] = 0
+    if not grad:
+        return loss, None
+    inner = gamma * ce * p_y + a
+    p = r.softmax()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        g = np.where(p == 0, LD(0), (w * ag * inner / a)[:, None] * p)
+    g[rows, ys] = -w * ag * inner
+    g[r.bad] = np.nan
+    g[~keep] = 0
+    return loss, g
+
+
+# --------------------------------------------------------------------------------------------
+# Element-wise sigmoid losses
+# --------------------------------------------------------------------------------------------
+def _softplus(x):
+    with np.errstate(over="ignore"):
+        return np.where(x > 0, x + np.log1p(np.exp(-np.abs(x))), np.log1p(np.exp(-np.abs(x))))
+
+
+def _sigmoid(x):
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = np.exp(-np.abs(x))
+        return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _ld(a):
+    return np.asarray(a).astype(np.float64).astype(LD)
+
+
+def bce_with_logits(logits, target, weight=None, pos_weight=None):
+    """Element-wise w [pw t softplus(-x) + (1 - t) softplus(x)], longdouble."""
+    x, t = _ld(logits), _ld(target)
+    w = LD(1) if weight is None else _ld(weight)
+    pw = LD(1) if pos_weight is None else _ld(pos_weight)
+    with np.errstate(invalid="ignore"):
+        return w * (pw * t * _softplus(-x) + (1 - t) * _softplus(x))
+
+
+def bce_with_logits_grad(logits, target, weight=None, pos_weight=None):
+    x, t = _ld(logits), _ld(target)
+    w = LD(1) if weight is None else _ld(weight)
+    pw = LD(1) if pos_weight is None else _ld(pos_weight)
+    with np.errstate(invalid="ignore"):
+        return w * ((1 - t) * _sigmoid(x) - pw * t * _sigmoid(-x))
+
+
+def binary_cross_entropy(probs, target, weight=None):
+    """torch BCELoss on probabilities (logs clamped at -100), exact arithmetic on the inputs."""
+    p, t = _ld(probs), _ld(target)
+    w = LD(1) if weight is None else _ld(weight)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -w * (t * np.maximum(np.log(p), -100) + (1 - t) * np.maximum(np.log1p(-p), -100))
+
+
+def sigmoid_focal(logits, target, alpha=0.25, gamma=2.0):
+    return _sigmoid_focal(logits, target, alpha, gamma)[0]
+
+
+def sigmoid_focal_grad(logits, target, alpha=0.25, gamma=2.0):
+    return _sigmoid_focal(logits, target, alpha, gamma)[1]
+
+
+def _sigmoid_focal(logits, target, alpha, gamma):
+    x, t = _ld(logits), _ld(target)
+    gamma = LD(gamma)
+    sp, sn = _sigmoid(x), _sigmoid(-x)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        b = t * sn + (1 - t) * sp
+        ce = t * _softplus(-x) + (1 - t) * _softplus(x)
+        bg = np.where(gamma == 0, LD(1), np.where(b == 0, LD(0), b ** gamma))
+        alpha_t = alpha * t + (1 - alpha) * (1 - t) if alpha >= 0 else LD(1)
+        loss = alpha_t * ce * bg
+        g = ((1 - t) * sp - t * sn) * bg
+        extra = np.where((b == 0) | (gamma == 0), LD(0),
+                         gamma * ce * (bg / np.where(b == 0, LD(1), b)) * (1 - 2 * t) * sp * sn)
+        return loss, alpha_t * (g + extra)
+
+
+# --------------------------------------------------------------------------------------------
+# logsumexp, log_softmax, softmax
+# --------------------------------------------------------------------------------------------
+def logsumexp(logits):
+    r = _Rows(logits)
+    out = r.m.astype(LD) + r.L
+    x = r.x
+    with np.errstate(invalid="ignore"):
+        posinf = np.isposinf(x).any(axis=1) & ~np.isnan(x).any(axis=1)
+        allneg = np.isneginf(x).all(axis=1)
+    out[r.bad] = np.nan
+    out[posinf] = np.inf
+    out[allneg] = -np.inf
+    return out
+
+
+def log_softmax(logits):
+    r = _Rows(logits)
+    out = -r.nlp
+    out[r.bad] = np.nan
+    return out
+
+
+def softmax(logits):
+    r = _Rows(logits)
+    out = r.softmax()
+    out[r.bad] = np.nan
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# mpmath references (validation of the oracle; slow, scalar)
+# --------------------------------------------------------------------------------------------
+def mp_log_softmax_row(x, dps=60):
+    """[-log p_j] of one row at ``dps`` digits, as mpmath numbers."""
+    import mpmath
+
+    with mpmath.workdps(dps):
+        xs = [mpmath.mpf(float(v)) for v in x]
+        m = max(xs)
+        s = mpmath.fsum(mpmath.exp(v - m) for v in xs)
+        lse = m + mpmath.log(s)
+        return [lse - v for v in xs]
+
+
+def mp_cross_entropy_row(x, y, dps=60):
+    return mp_log_softmax_row(x, dps)[y]
+
+
+def mp_softmax_row(x, dps=60):
+    import mpmath
+
+    with mpmath.workdps(dps):
+        return [mpmath.exp(-v) for v in mp_log_softmax_row(x, dps + 10)]
+
+
+def mp_bce_with_logits(x, t, dps=60):
+    import mpmath
+
+    with mpmath.workdps(dps):
+        x, t = mpmath.mpf(float(x)), mpmath.mpf(float(t))
+        return t * mpmath.log1p(mpmath.exp(-x)) + (1 - t) * mpmath.log1p(mpmath.exp(x))
+
+
+def mp_kl_row(x, p, dps=60):
+    import mpmath
+
+    with mpmath.workdps(dps):
+        nlp = mp_log_softmax_row(x, dps + 10)
+        return mpmath.fsum(mpmath.mpf(float(pi)) * (mpmath.log(mpmath.mpf(float(pi))) + v)
+                           for pi, v in zip(p, nlp) if pi != 0)
