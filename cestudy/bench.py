@@ -1,0 +1,243 @@
+"""CPU speed measurement: cestudy's kernels side by side with torch, numpy and scipy.
+
+``python -m cestudy bench`` times, in one process and interleaved (round r runs every
+implementation once before round r + 1, so machine drift hits all alike), the forward and fused
+forward+gradient of softmax CE with class indices, soft-target CE and BCE with logits. It measures
+this machine's streaming-read bandwidth in the same run (a Numba parallel sum over a buffer far
+larger than the caches), checks each timed result against the oracle before it counts, and
+reports ms, GB/s, the fraction of the bandwidth and the ratio to torch. The ``performance`` study
+uses the same machinery cell by cell.
+
+No test asserts a timing: speed is measured here and reported, never tested.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+
+import numpy as np
+from numba import njit, prange
+
+from . import _dtypes, oracle
+
+_BANDWIDTH = {}
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _stream_sum(a):
+    n = a.shape[0]
+    nchunks = 64
+    partial = np.zeros(nchunks)
+    step = (n + nchunks - 1) // nchunks
+    for c in prange(nchunks):
+        s = 0.0
+        for i in range(c * step, min(n, (c + 1) * step)):
+            s += a[i]
+        partial[c] = s
+    return partial.sum()
+
+
+def stream_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Streaming-read bandwidth in GB/s (1e9 bytes/s): best of ``repeats`` parallel sums over a
+    float64 buffer of ``nbytes`` (1 GiB, far beyond any cache). Cached per process and size."""
+    if nbytes in _BANDWIDTH:
+        return _BANDWIDTH[nbytes]
+    a = np.ones(nbytes // 8)
+    _stream_sum(a[:1024])
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _stream_sum(a)
+        best = min(best, time.perf_counter() - t0)
+    _BANDWIDTH[nbytes] = a.nbytes / best / 1e9
+    return _BANDWIDTH[nbytes]
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and callables
+# --------------------------------------------------------------------------------------------
+def make_inputs(variant, dtype, n, c, seed=0):
+    rng = np.random.default_rng([seed, zlib.crc32(f"{variant}|{n}|{c}".encode())])
+    dt = _dtypes.dtype_from_name(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    x = (rng.standard_normal((n, c), dtype=np.float32) * 3).astype(dt)
+    if variant == "ce_index":
+        t = rng.integers(0, c, n)
+    elif variant == "ce_prob":
+        t = rng.random((n, c), dtype=np.float32).astype(dt)
+        t /= t.sum(axis=1, keepdims=True)
+    else:
+        t = (rng.random((n, c), dtype=np.float32) < 0.5).astype(dt)
+    return x, t
+
+
+def make_callable(variant, impl, mode, x, t):
+    """A zero-argument function computing the mean loss (and its gradient for
+    mode='forward_grad'), returning (loss, grad or None)."""
+    grad = mode == "forward_grad"
+    if impl == "numba":
+        import cestudy as cs
+
+        fn = {"ce_index": (cs.cross_entropy, cs.cross_entropy_with_grad),
+              "ce_prob": (cs.cross_entropy, cs.cross_entropy_with_grad),
+              "bce_logits": (cs.binary_cross_entropy_with_logits,
+                             cs.binary_cross_entropy_with_logits_with_grad)}[variant][grad]
+        if grad:
+            return lambda: fn(x, t)
+        return lambda: (fn(x, t), None)
+    if impl == "torch":
+        import torch
+        import torch.nn.functional as F
+
+        xt = torch.from_numpy(x)
+        tt = torch.from_numpy(t)
+        f = F.binary_cross_entropy_with_logits if variant == "bce_logits" else F.cross_entropy
+        if not grad:
+            def run():
+                with torch.no_grad():
+                    return f(xt, tt).item(), None
+            return run
+        xg = xt.clone().requires_grad_(True)
+
+        def run_grad():
+            xg.grad = None
+            loss = f(xg, tt)
+            loss.backward()
+            return loss.item(), xg.grad.numpy()
+        return run_grad
+    if impl == "scipy":
+        from scipy import special
+
+        if variant != "ce_index":
+            raise KeyError("scipy implements only ce_index here")
+        rows = np.arange(x.shape[0])
+
+        def run_scipy():
+            if not grad:
+                return float(np.mean(special.logsumexp(x, axis=1) - x[rows, t])), None
+            lp = special.log_softmax(x, axis=1)
+            g = np.exp(lp)
+            g[rows, t] -= 1
+            return float(-np.mean(lp[rows, t])), g / x.shape[0]
+        return run_scipy
+    # numpy formulations from the registry (they compute loss and gradient together)
+    from . import formulations
+
+    f = formulations.get(variant, impl).fn
+
+    denom = x.size if variant == "bce_logits" else x.shape[0]
+
+    def run_numpy():
+        loss, g = f(x, t)
+        mean = float(np.sum(loss.astype(np.float64)) / denom)
+        return mean, (g / g.dtype.type(denom) if grad else None)
+    return run_numpy
+
+
+def _oracle_mean(variant, x, t, chunk=256):
+    """Exact mean loss, in row chunks so that extended precision fits in memory."""
+    total = oracle.LD(0)
+    for i in range(0, x.shape[0], chunk):
+        xs, ts = x[i:i + chunk], t[i:i + chunk]
+        if variant == "ce_index":
+            total += oracle.cross_entropy(xs, ts).sum()
+        elif variant == "ce_prob":
+            total += oracle.cross_entropy_prob(xs, ts).sum()
+        else:
+            total += oracle.bce_with_logits(xs, ts).sum()
+    return total / (x.shape[0] if variant != "bce_logits" else x.size)
+
+
+def _oracle_grad_rows(variant, x, t, rows=8):
+    xs, ts = x[:rows], t[:rows]
+    if variant == "ce_index":
+        return oracle.cross_entropy_grad(xs, ts) / x.shape[0]
+    if variant == "ce_prob":
+        return oracle.cross_entropy_prob_grad(xs, ts) / x.shape[0]
+    return oracle.bce_with_logits_grad(xs, ts) / x.size
+
+
+def check(variant, x, t, result, dtype):
+    """(ulp error of the mean loss, max gradient error in ulps on the first rows)."""
+    loss, g = result
+    err = float(oracle.ulp_error(np.float64(loss), _oracle_mean(variant, x, t), dtype))
+    gerr = None
+    if g is not None:
+        ex = _oracle_grad_rows(variant, x, t)
+        gerr = float(np.max(oracle.grad_ulp_error(np.asarray(g)[:len(ex)], ex, dtype)))
+    return err, gerr
+
+
+def bytes_moved(variant, mode, x, t):
+    moved = x.nbytes + np.asarray(t).nbytes
+    if mode == "forward_grad":
+        moved += x.nbytes
+    return moved
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_results=True):
+    """Time several implementations of one (variant, dtype, mode, shape), interleaved.
+
+    Returns {impl: metrics}. The first call of each (JIT compilation for Numba, from the disk
+    cache when present) is timed on its own and not counted in the repeats."""
+    x, t = make_inputs(variant, dtype, n, c, seed)
+    dt = x.dtype
+    calls, out = {}, {}
+    for impl in impls:
+        try:
+            calls[impl] = make_callable(variant, impl, mode, x, t)
+        except (ImportError, KeyError) as exc:
+            out[impl] = {"skipped": str(exc)}
+    first = {}
+    for impl, f in calls.items():
+        t0 = time.perf_counter()
+        res = f()
+        first[impl] = time.perf_counter() - t0
+        if check_results:
+            out[impl] = dict(zip(("check_ulp", "grad_check_ulp"), check(variant, x, t, res, dt)))
+        else:
+            out[impl] = {}
+        f()  # warm-up
+    samples = {impl: [] for impl in calls}
+    for _ in range(repeats):
+        for impl, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            samples[impl].append(time.perf_counter() - t0)
+    bw = stream_read_bandwidth()
+    moved = bytes_moved(variant, mode, x, t)
+    for impl, s in samples.items():
+        q1, med, q3 = np.quantile(s, [0.25, 0.5, 0.75])
+        out[impl].update({
+            "median_s": float(med), "q1_s": float(q1), "q3_s": float(q3),
+            "first_call_s": float(first[impl]),
+            "compile_s": float(max(first[impl] - med, 0.0)),
+            "elements_per_s": float(x.size / med),
+            "gb_per_s": float(moved / med / 1e9),
+            "bandwidth_gbs": float(bw),
+            "frac_bandwidth": float(moved / med / 1e9 / bw),
+            "bytes": int(moved),
+            "samples_s": [float(v) for v in s],
+        })
+    if "torch" in samples:
+        for impl in samples:
+            out[impl]["speedup_vs_torch"] = out["torch"]["median_s"] / out[impl]["median_s"]
+    return out
+
+
+def performance_cell(cell):
+    """One cell of the performance study (timed on its own; ``bench`` interleaves groups)."""
+    from .formulations import get
+    from .study.compute import Skip
+
+    impl = cell["implementation"]
+    ok, why = get(cell["variant"], impl).availability()
+    if not ok:
+        raise Skip(why)
+    res = time_group(cell["variant"], cell["dtype"], cell["mode"], cell["batch"],
+                     cell["classes"], [impl], repeats=cell["repeats"], seed=cell["seed"])[impl]
+    if "skipped" in res:
+        raise Skip(res["skipped"])
+    return res

@@ -1,0 +1,1 @@
+"""Reports: Markdown and PNG figures regenerated from stored results alone (no recomputation)."""

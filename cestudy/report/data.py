@@ -1,0 +1,84 @@
+"""Results as flat rows: export from the store, and load from a store or an export.
+
+A row is one cell: study, kind, status, message, code_version, run_id, every parameter under
+``p_<name>`` and every metric under its own name. When the same cell was computed by several code
+versions, only the most recently finished is kept.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from ..study.store import Store, canonical, load_metrics
+
+
+def export_rows(store: Store, study=None) -> list[dict]:
+    latest = {}
+    for c in store.cells(study=study):
+        ident = (c["study"], canonical(c["params"]))
+        if ident not in latest or c["finished"] >= latest[ident]["finished"]:
+            latest[ident] = c
+    rows = []
+    for (study_name, _), c in sorted(latest.items()):
+        row = {"study": c["study"], "kind": c["kind"], "status": c["status"],
+               "message": (c["message"] or "").splitlines()[0] if c["message"] else "",
+               "run_id": c["run_id"], "code_version": c["code_version"]}
+        row.update({f"p_{k}": v for k, v in c["params"].items() if k != "kind"})
+        for k, v in c["metrics"].items():
+            row[k] = v
+        rows.append(row)
+    return rows
+
+
+def export_document(store: Store) -> dict:
+    """Everything the reports need: rows and the manifests of the runs they come from."""
+    rows = export_rows(store)
+    used = {r["run_id"] for r in rows}
+    runs = [r for r in store.runs() if r["run_id"] in used]
+    return {"format": "cestudy-results-1", "runs": runs, "cells": rows}
+
+
+def write_export(store: Store, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = export_document(store)
+    # one cell per line keeps diffs readable
+    text = json.dumps(doc, sort_keys=True, allow_nan=False, default=str, indent=None,
+                      separators=(",", ":"))
+    path.write_text(text.replace('},{"', '},\n{"') + "\n")
+    return path
+
+
+def load_document(source) -> dict:
+    """Load rows and runs from a SQLite store or a JSON export."""
+    source = Path(source)
+    if source.suffix == ".json":
+        doc = json.loads(source.read_text())
+        for row in doc["cells"]:
+            for k, v in list(row.items()):
+                if v in ("inf", "-inf", "nan") and not k.startswith("p_"):
+                    row[k] = float(v)
+        return doc
+    with Store(source) as store:
+        doc = export_document(store)
+    for row in doc["cells"]:
+        row.update(load_metrics(json.dumps({k: v for k, v in row.items()
+                                            if v in ("inf", "-inf", "nan")})))
+    return doc
+
+
+def rows_to_csv(rows) -> str:
+    cols = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
+                    for k, v in r.items()})
+    return buf.getvalue()

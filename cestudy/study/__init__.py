@@ -1,0 +1,1 @@
+"""Studies: TOML specs -> cells -> kernels + oracle -> metrics -> SQLite store."""
