@@ -11,7 +11,7 @@ import io
 import json
 from pathlib import Path
 
-from ..study.store import Store, canonical, load_metrics
+from ..study.store import Store, canonical, json_safe, load_metrics
 
 
 def export_rows(store: Store, study=None) -> list[dict]:
@@ -43,7 +43,7 @@ def export_document(store: Store) -> dict:
 def write_export(store: Store, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = export_document(store)
+    doc = json_safe(export_document(store))
     # one cell per line keeps diffs readable
     text = json.dumps(doc, sort_keys=True, allow_nan=False, default=str, indent=None,
                       separators=(",", ":"))
@@ -62,11 +62,7 @@ def load_document(source) -> dict:
                     row[k] = float(v)
         return doc
     with Store(source) as store:
-        doc = export_document(store)
-    for row in doc["cells"]:
-        row.update(load_metrics(json.dumps({k: v for k, v in row.items()
-                                            if v in ("inf", "-inf", "nan")})))
-    return doc
+        return export_document(store)
 
 
 def rows_to_csv(rows) -> str:

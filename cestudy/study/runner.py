@@ -126,7 +126,10 @@ def run_study(study: spec.Study, store: Store, *, jobs=1, executor="local", sche
     summary = Summary(study=study.name, total=len(cells), skipped_existing=len(cells) - len(todo))
     t0 = time.perf_counter()
     if todo:
-        run_id = store.start_run(study.name, info.manifest())
+        manifest = info.manifest()
+        manifest["study_description"] = " ".join(study.description.split())
+        manifest["study_file"] = Path(study.path).name
+        run_id = store.start_run(study.name, manifest)
         _execute(study, store, todo, version, run_id, summary, jobs, executor, scheduler, quiet)
         store.finish_run(run_id)
     summary.seconds = time.perf_counter() - t0

@@ -46,15 +46,15 @@ def cell_key(study: str, params: dict, code_version: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _clean(obj):
+def json_safe(obj):
     """JSON-safe metrics: non-finite floats become the strings 'inf', '-inf', 'nan' so the
     exports are standard JSON; ``load_metrics`` turns them back."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -91,7 +91,7 @@ class Store:
     # runs -----------------------------------------------------------------------------------
     def start_run(self, study: str, manifest: dict) -> int:
         cur = self.db.execute("INSERT INTO runs(study, started, manifest) VALUES (?, ?, ?)",
-                              (study, _now(), json.dumps(_clean(manifest), sort_keys=True)))
+                              (study, _now(), json.dumps(json_safe(manifest), sort_keys=True)))
         self.db.commit()
         return cur.lastrowid
 
@@ -123,7 +123,7 @@ class Store:
             "INSERT OR REPLACE INTO cells(cell_key, study, kind, params, code_version, status, "
             "message, metrics, run_id, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (key, study, params["kind"], canonical(params), code_version, status, message,
-             None if metrics is None else json.dumps(_clean(metrics), sort_keys=True), run_id,
+             None if metrics is None else json.dumps(json_safe(metrics), sort_keys=True), run_id,
              _now()))
         self.db.commit()
 

@@ -1,0 +1,449 @@
+"""Markdown reports from stored results: one file per study, an index, and the figures.
+
+``build_reports(source, out)`` reads a SQLite store or the JSON export (``reports/data/
+results.json``), never recomputes, and writes deterministically: the same results give
+byte-identical Markdown. Every number in a finding is computed here from the rows.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import data, figures
+from .figures import DTYPE_ORDER, IMPL_ORDER, _num, _ordered
+
+EXPORT_NAME = "results.json"
+
+
+def build_reports(source, out, export=True) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = Path(source)
+    if source.suffix != ".json":
+        from ..study.store import Store
+
+        with Store(source) as store:
+            json_path = data.write_export(store, out / "data" / EXPORT_NAME) if export else None
+        doc = data.load_document(json_path) if json_path else data.load_document(source)
+    else:
+        doc = data.load_document(source)
+    runs = {r["run_id"]: r for r in doc["runs"]}
+    by_study = {}
+    for row in doc["cells"]:
+        by_study.setdefault(row["study"], []).append(row)
+    (out / "figures").mkdir(exist_ok=True)
+    written = []
+    summaries = {}
+    for study in sorted(by_study):
+        md, headline = study_report(study, by_study[study], runs, out)
+        path = out / f"{study}.md"
+        path.write_text(md)
+        written.append(path)
+        summaries[study] = headline
+    index = out / "README.md"
+    index.write_text(index_page(summaries, by_study, runs))
+    written.append(index)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting helpers
+# --------------------------------------------------------------------------------------------
+def fmt_ulp(v):
+    v = _num(v)
+    if math.isnan(v):
+        return "n/a"
+    if math.isinf(v):
+        return "NaN/inf"
+    if v >= 1e4:
+        return f"{v:.2e}"
+    return f"{v:.3g}"
+
+
+def fmt_pct(v):
+    v = _num(v)
+    if math.isnan(v):
+        return "n/a"
+    return f"{100 * v:.3g}%" if 0 < abs(v) < 0.01 else f"{100 * v:.1f}%"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _manifest(rows, runs):
+    ids = sorted({r["run_id"] for r in rows if r["run_id"] in runs})
+    return runs[ids[-1]]["manifest"] if ids else {}, ids
+
+
+def _figure(out, study, name, fn, *args, **kw):
+    rel = f"figures/{study}-{name}.png"
+    if fn(*args, out / rel, **kw):
+        return rel
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# One study
+# --------------------------------------------------------------------------------------------
+def study_report(study, rows, runs, out):
+    manifest, run_ids = _manifest(rows, runs)
+    desc = manifest.get("study_description", "")
+    parts = [f"# Study `{study}`\n", desc + "\n" if desc else ""]
+    parts.append("Regenerate with `python -m cestudy report` (from stored results) or "
+                 f"`python -m cestudy run {study}` (recompute).\n")
+    parts.append("## What was swept\n")
+    parts.append(swept_table(rows))
+    parts.append("## Machine and versions\n")
+    parts.append(machine_table(manifest, run_ids))
+    headline = []
+    kinds = {r["kind"] for r in rows}
+    if "accuracy" in kinds:
+        body, h = accuracy_section(study, rows, out)
+        parts.append(body)
+        headline += h
+    if "imbalance" in kinds:
+        body, h = imbalance_section(study, rows, out)
+        parts.append(body)
+        headline += h
+    if "performance" in kinds:
+        body, h = performance_section(study, rows, out)
+        parts.append(body)
+        headline += h
+    if "higham" in kinds:
+        body, h = higham_section(study, rows, out)
+        parts.append(body)
+        headline += h
+    parts.append(status_section(rows))
+    return "\n".join(p for p in parts if p), headline
+
+
+def swept_table(rows):
+    axes = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("p_"):
+                axes.setdefault((r["kind"], k[2:]), set()).add(v)
+    out = []
+    for (kind, axis), vals in sorted(axes.items()):
+        shown = sorted(vals, key=lambda v: (str(type(v)), v))
+        text = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in shown)
+        if len(text) > 160:
+            text = text[:157] + "..."
+        out.append((kind, axis, text))
+    counts = {}
+    for r in rows:
+        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+    head = ", ".join(f"{v} {k} cells" for k, v in sorted(counts.items()))
+    return f"{len(rows)} cells ({head}).\n\n" + table(["kind", "axis", "values"], out)
+
+
+def machine_table(m, run_ids):
+    if not m:
+        return "No run manifest stored.\n"
+    keys = ["cpu_model", "cpu_count", "cpu_features", "threading_layer", "numba_threads",
+            "python", "numba", "llvmlite", "numpy", "scipy", "torch", "numba_cuda", "cuda",
+            "platform", "git_commit", "date"]
+    rows = [(k, str(m.get(k, ""))) for k in keys if k in m]
+    note = f"From the manifest of run {run_ids[-1]}" + (
+        f" (the cells come from runs {', '.join(map(str, run_ids))})." if len(run_ids) > 1
+        else ".")
+    return note + "\n\n" + table(["", ""], rows)
+
+
+def status_section(rows):
+    bad = [r for r in rows if r["status"] != "ok"]
+    if not bad:
+        return "## Skipped and failed cells\n\nNone: every cell ran.\n"
+    reasons = {}
+    for r in bad:
+        key = (r["status"], r.get("p_implementation", ""), r["message"][:120])
+        reasons[key] = reasons.get(key, 0) + 1
+    lines = [(s, impl, n, msg) for (s, impl, msg), n in sorted(reasons.items())]
+    return ("## Skipped and failed cells\n\nSkipped cells are implementations unavailable on the "
+            "machine that ran the study; they are recorded with the reason.\n\n"
+            + table(["status", "implementation", "cells", "reason"], lines))
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy
+# --------------------------------------------------------------------------------------------
+def _worst(rows, metric):
+    vals = [_num(r.get(metric)) for r in rows]
+    vals = [v for v in vals if not math.isnan(v)]
+    return max(vals) if vals else math.nan
+
+
+def accuracy_table(rows):
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["p_implementation"], r["p_dtype"]), []).append(r)
+    out = []
+    for impl in _ordered({k[0] for k in groups}, IMPL_ORDER):
+        for dt in _ordered({k[1] for k in groups if k[0] == impl}, DTYPE_ORDER):
+            g = groups[(impl, dt)]
+            over = np.mean([_num(r.get("fwd_frac_over_4ulp")) for r in g])
+            nonfin = np.mean([_num(r.get("fwd_frac_nan")) + _num(r.get("fwd_frac_inf"))
+                              for r in g])
+            finite_max = max((_num(r.get("fwd_max_ulp")) for r in g
+                              if math.isfinite(_num(r.get("fwd_max_ulp")))), default=math.nan)
+            out.append((impl, dt, len(g), fmt_ulp(_worst(g, "fwd_p99_ulp")),
+                        fmt_ulp(_worst(g, "fwd_max_ulp")), fmt_ulp(finite_max),
+                        fmt_pct(over), fmt_pct(nonfin),
+                        fmt_ulp(_worst(g, "grad_max_ulp")),
+                        fmt_pct(_worst(g, "grad_true_frac_vanished"))))
+    return table(["implementation", "dtype", "cells", "worst p99 (ulp)", "worst max (ulp)",
+                  "worst finite max (ulp)", "samples > 4 ulp", "spurious NaN/inf",
+                  "grad worst (ulp)", "true-class grad wrongly 0 (worst cell)"], out)
+
+
+def accuracy_section(study, rows, out):
+    acc = [r for r in rows if r["kind"] == "accuracy" and r["status"] == "ok"]
+    parts = ["## Accuracy against the oracle\n",
+             "Errors are in ulps of the dtype under test against the extended-precision oracle "
+             "(`cestudy.oracle`); `NaN/inf` means a non-finite result where the exact loss is "
+             "finite. Gradient errors use the contract's measure (relative, or in ulps of the "
+             "row's largest element). The numba kernels' contract is 4 ulp.\n"]
+    variants = sorted({r["p_variant"] for r in acc})
+    for v in variants:
+        parts.append(f"### `{v}`\n")
+        parts.append(accuracy_table([r for r in acc if r["p_variant"] == v]))
+    figs = []
+    for v in ("ce_index", "bce_logits", "ce_prob", "kl", "focal_softmax", "focal_sigmoid"):
+        if v in variants:
+            rel = _figure(out, study, f"error-vs-scale-{v}", figures.fig_error_vs_scale, acc,
+                          variant=v)
+            if rel:
+                figs.append((f"Forward error vs logit scale, {v}", rel))
+            if v == "ce_index":
+                break
+    for dt in ("float32", "float64"):
+        rel = _figure(out, study, f"atlas-{dt}", figures.fig_atlas, acc, dtype=dt)
+        if rel:
+            figs.append((f"Stability atlas, {dt}", rel))
+    rel = _figure(out, study, "nonfinite", figures.fig_nonfinite, acc)
+    if rel:
+        figs.append(("Non-finite results vs logit scale", rel))
+    rel = _figure(out, study, "clipping", figures.fig_clipping, acc)
+    if rel:
+        figs.append(("Epsilon clipping: bias and zeroed gradients", rel))
+    rel = _figure(out, study, "true-class-gradient", figures.fig_true_class_gradient, acc)
+    if rel:
+        figs.append(("True-class gradient on confident rows", rel))
+    if figs:
+        parts.append("### Figures\n")
+        parts += [f"![{title}]({rel})\n" for title, rel in figs]
+    findings = accuracy_findings(acc)
+    parts.append("### Findings\n")
+    parts += [f"- {f}" for f in findings]
+    parts.append("")
+    return "\n".join(parts), findings[:2]
+
+
+def accuracy_findings(acc):
+    f = []
+    for dt in _ordered({r["p_dtype"] for r in acc}, DTYPE_ORDER):
+        kern = [r for r in acc if r["p_implementation"] == "numba" and r["p_dtype"] == dt
+                and r["p_variant"] != "bce_probs"]
+        torch = [r for r in acc if r["p_implementation"] == "torch" and r["p_dtype"] == dt
+                 and r["p_variant"] != "bce_probs"]
+        if kern:
+            w = _worst(kern, "fwd_max_ulp")
+            worst_cell = max(kern, key=lambda r: _num(r.get("fwd_max_ulp")))
+            tw = _worst(torch, "fwd_max_ulp") if torch else math.nan
+            f.append(f"{dt}: cestudy's numba kernels' worst forward error is {fmt_ulp(w)} ulp "
+                     f"over {len(kern)} cells (worst: {worst_cell['p_variant']}, "
+                     f"{worst_cell['p_family']} logits); torch's worst on the same cells is "
+                     f"{fmt_ulp(tw)} ulp.")
+    conf = [r for r in acc if r.get("p_family") == "dominant" and r["p_variant"] == "ce_index"
+            and r["p_scale"] >= 20]
+    for impl in ("torch", "lse", "numba"):
+        sel = [r for r in conf if r["p_implementation"] == impl and r["p_dtype"] == "float32"]
+        if sel:
+            f.append(f"Confident rows (margin >= 20, float32, ce_index): {impl} has worst "
+                     f"forward error {fmt_ulp(_worst(sel, 'fwd_max_ulp'))} ulp and zeroes "
+                     f"{fmt_pct(_worst(sel, 'grad_true_frac_vanished'))} of true-class "
+                     f"gradients in its worst cell.")
+    naive = [r for r in acc if r["p_implementation"] == "naive" and r["p_family"] == "gaussian"
+             and r["p_variant"] == "ce_index"]
+    for dt in _ordered({r["p_dtype"] for r in naive}, DTYPE_ORDER):
+        bad = sorted(r["p_scale"] for r in naive if r["p_dtype"] == dt and
+                     _num(r.get("fwd_frac_nan")) + _num(r.get("fwd_frac_inf")) > 0)
+        if bad:
+            f.append(f"Naive softmax-then-log, {dt}: non-finite losses from logit scale "
+                     f"{bad[0]:g} upward.")
+    clip = [r for r in acc if r["p_implementation"] == "clipped" and
+            r.get("clip_bias_nats") is not None and r["p_variant"] == "ce_index"]
+    if clip:
+        worst = min(clip, key=lambda r: _num(r.get("clip_bias_nats")))
+        f.append(f"Epsilon clipping (eps = {worst['p_clip_eps']:g}, {worst['p_dtype']}) biases "
+                 f"the loss by {_num(worst['clip_bias_nats']):.3g} nats on average where it "
+                 f"engages (margin {worst['p_scale']:g}) and zeroes the gradient of "
+                 f"{fmt_pct(_worst(clip, 'clip_frac_grad_zeroed'))} of rows in the worst cell.")
+    return f
+
+
+# --------------------------------------------------------------------------------------------
+# Imbalance
+# --------------------------------------------------------------------------------------------
+def imbalance_section(study, rows, out):
+    series = figures.imbalance_series(rows)
+    parts = ["## Class imbalance\n",
+             "A classifier that has learned the class prior (logits log prior + N(0, 1) noise + "
+             "a margin of 2 on the true class) scored under each loss. Shares are means over "
+             "seeds; the minority classes are the rarer half.\n"]
+    out_rows = []
+    for (label, prof, classes), d in sorted(series.items()):
+        for ratio in sorted(d):
+            loss_s, grad_s, samp = d[ratio]
+            out_rows.append((label, prof, classes, f"{ratio:g}", fmt_pct(samp), fmt_pct(loss_s),
+                             fmt_pct(grad_s)))
+    parts.append(table(["loss", "profile", "classes", "ratio", "minority samples",
+                        "minority loss", "minority gradient"], out_rows))
+    rel = _figure(out, study, "imbalance", figures.fig_imbalance, rows)
+    if rel:
+        parts.append(f"![Minority share of loss and gradient]({rel})\n")
+    findings = []
+    classes = min((k[2] for k in series), default=None)
+    for prof in ("step", "exp"):
+        pick = {lab: d for (lab, p, c), d in series.items() if p == prof and c == classes}
+        ratio = max((max(d) for d in pick.values()), default=None)
+        if ratio is None:
+            continue
+        desc = "; ".join(f"{lab} {fmt_pct(d[ratio][0])}" for lab, d in sorted(pick.items())
+                         if ratio in d)
+        samp = next(iter(pick.values()))[ratio][2]
+        findings.append(f"At imbalance {ratio:g} ({prof} profile, {classes} classes) the "
+                        f"minority classes are {fmt_pct(samp)} of the samples; their share of the "
+                        f"loss: {desc}.")
+    parts.append("### Findings\n")
+    parts += [f"- {f}" for f in findings]
+    parts.append("")
+    return "\n".join(parts), findings[:1]
+
+
+# --------------------------------------------------------------------------------------------
+# Performance
+# --------------------------------------------------------------------------------------------
+def performance_section(study, rows, out):
+    perf = [r for r in rows if r["kind"] == "performance" and r["status"] == "ok"]
+    parts = ["## Performance\n",
+             "Medians of repeats after warm-up; the first call (JIT compilation, from the disk "
+             "cache when present) is reported on its own. GB/s counts the logits and targets "
+             "read plus the gradient written; the bandwidth is this machine's streaming-read "
+             "bandwidth measured in the same run. Every timed result was checked against the "
+             "oracle first (mean loss, and the gradient of the first rows).\n"]
+    torch_t = {(r["p_variant"], r["p_dtype"], r["p_mode"], r["p_batch"], r["p_classes"]):
+               r["median_s"] for r in perf if r["p_implementation"] == "torch"}
+    out_rows = []
+    for r in sorted(perf, key=lambda r: (r["p_variant"], r["p_dtype"], r["p_mode"],
+                                         r["p_batch"], r["p_classes"],
+                                         IMPL_ORDER.index(r["p_implementation"])
+                                         if r["p_implementation"] in IMPL_ORDER else 99)):
+        key = (r["p_variant"], r["p_dtype"], r["p_mode"], r["p_batch"], r["p_classes"])
+        ratio = torch_t[key] / r["median_s"] if key in torch_t else math.nan
+        out_rows.append((r["p_variant"], r["p_implementation"], r["p_mode"],
+                         f"{r['p_batch']}x{r['p_classes']}", r["p_dtype"],
+                         f"{1e3 * r['median_s']:.3g}", f"{r['gb_per_s']:.3g}",
+                         fmt_pct(r["frac_bandwidth"]),
+                         "n/a" if math.isnan(ratio) else f"{ratio:.2f}x",
+                         f"{1e3 * r['compile_s']:.0f}", fmt_ulp(r.get("check_ulp"))))
+    parts.append(table(["variant", "kernel", "mode", "shape", "dtype", "ms", "GB/s",
+                        "of bandwidth", "vs torch", "first-call extra (ms)",
+                        "mean-loss error (ulp)"], out_rows))
+    figs = []
+    for variant in ("ce_index", "ce_prob", "bce_logits"):
+        for dt in ("float32", "float64"):
+            rel = _figure(out, study, f"throughput-{variant}-{dt}", figures.fig_performance,
+                          perf, variant=variant, dtype=dt)
+            if rel:
+                figs.append((f"Throughput {variant} {dt}", rel))
+    parts += [f"![{t}]({rel})\n" for t, rel in figs]
+    findings = []
+    big = [r for r in perf if r["p_implementation"] == "numba" and r["p_dtype"] == "float32"
+           and r["p_variant"] == "ce_index"]
+    if big:
+        top = max(r["p_batch"] * r["p_classes"] for r in big)
+        for r in sorted((r for r in big if r["p_batch"] * r["p_classes"] == top),
+                        key=lambda r: r["p_mode"]):
+            key = (r["p_variant"], r["p_dtype"], r["p_mode"], r["p_batch"], r["p_classes"])
+            ratio = torch_t.get(key)
+            findings.append(
+                f"ce_index {r['p_mode']}, {r['p_batch']}x{r['p_classes']} float32: numba "
+                f"{1e3 * r['median_s']:.3g} ms, {r['gb_per_s']:.3g} GB/s "
+                f"({fmt_pct(r['frac_bandwidth'])} of the measured bandwidth)"
+                + (f", {ratio / r['median_s']:.2f}x torch's speed." if ratio else "."))
+    parts.append("### Findings\n")
+    parts += [f"- {f}" for f in findings]
+    parts.append("")
+    return "\n".join(parts), findings[:2]
+
+
+# --------------------------------------------------------------------------------------------
+# Blanchard-Higham
+# --------------------------------------------------------------------------------------------
+def higham_section(study, rows, out):
+    hr = sorted((r for r in rows if r["kind"] == "higham" and r["status"] == "ok"),
+                key=lambda r: (r["p_dtype"], r["p_formulation"]))
+    parts = ["## Blanchard, Higham & Higham 2021 reproduction\n",
+             "Their 2500 MNIST pre-softmax vectors rounded to the low precision, the "
+             "log-sum-exp evaluated with every operation rounded to that precision; the error "
+             "is measured against the oracle on the rounded vector, in units of the format's "
+             "unit roundoff u.\n"]
+    if not hr:
+        parts.append("No results: the data was not found when the study ran (see skipped "
+                     "cells).\n")
+        return "\n".join(parts), []
+    out_rows = [(r["p_dtype"], r["p_formulation"], r["overflow"], r["published_overflow"],
+                 fmt_ulp(r["err_over_u_median"]), fmt_ulp(r["err_over_u_max"]),
+                 fmt_ulp(r["bound_median"]), fmt_pct(r["frac_within_bound"])) for r in hr]
+    parts.append(table(["precision", "form", "overflows (this run)", "overflows (published)",
+                        "median error/u", "max error/u", "median bound", "within bound"],
+                       out_rows))
+    rel = _figure(out, study, "higham", figures.fig_higham, rows)
+    if rel:
+        parts.append(f"![Blanchard-Higham reproduction]({rel})\n")
+    match = all(r["overflow"] == r["published_overflow"] for r in hr)
+    basic16 = next((r for r in hr if r["p_dtype"] == "float16" and r["p_formulation"] == "basic"),
+                   None)
+    findings = []
+    if basic16:
+        findings.append(f"fp16 basic log-sum-exp overflows on {basic16['overflow']} of "
+                        f"{basic16['n_vectors']} vectors (published: "
+                        f"{basic16['published_overflow']}); the shifted form on "
+                        + ", ".join(f"{r['overflow']} ({r['p_dtype']})" for r in hr
+                                    if r["p_formulation"] == "shifted") + ".")
+    findings.append("All overflow counts match the published ones." if match else
+                    "Overflow counts differ from the published ones (see the table).")
+    parts.append("### Findings\n")
+    parts += [f"- {f}" for f in findings]
+    parts.append("")
+    return "\n".join(parts), findings[:1]
+
+
+# --------------------------------------------------------------------------------------------
+# Index
+# --------------------------------------------------------------------------------------------
+def index_page(summaries, by_study, runs):
+    lines = ["# cestudy reports\n",
+             "Generated by `python -m cestudy report` from the results in `data/results.json` "
+             "(or a local `results/cestudy.sqlite`). Each study's page lists what was swept, "
+             "the machine it ran on, tables, figures and findings computed from the results.\n",
+             "## Headline findings\n"]
+    for study in sorted(summaries):
+        for h in summaries[study]:
+            lines.append(f"- [{study}]({study}.md): {h}")
+    lines.append("\n## Studies\n")
+    for study in sorted(by_study):
+        rows = by_study[study]
+        m, _ = _manifest(rows, runs)
+        ok = sum(r["status"] == "ok" for r in rows)
+        lines.append(f"- [{study}]({study}.md): {len(rows)} cells ({ok} ran), on "
+                     f"{m.get('cpu_model', 'unknown CPU')} with {m.get('cpu_count', '?')} cores"
+                     f", {m.get('date', '')[:10]}.")
+    lines.append("")
+    return "\n".join(lines)

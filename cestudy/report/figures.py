@@ -1,0 +1,391 @@
+"""Figures for the reports (matplotlib, Agg, PNG), drawn from result rows only.
+
+Each ``fig_*`` function takes the rows of one study and a path, draws one figure kind, writes the
+PNG and returns True (or False when the rows hold nothing to draw). Colours are fixed per
+implementation across every figure.
+"""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLOURS = {
+    "naive": "#d62728", "clipped": "#ff7f0e", "lse": "#9467bd", "accurate": "#8c564b",
+    "numba": "#2ca02c", "cuda": "#17becf", "torch": "#1f77b4", "scipy": "#7f7f7f",
+}
+IMPL_ORDER = ["naive", "clipped", "lse", "accurate", "scipy", "torch", "numba", "cuda"]
+DTYPE_ORDER = ["float64", "float32", "float16", "bfloat16"]
+# A value drawn for an infinite ulp error (NaN/inf where the exact value is finite)
+INF_ULP = 1e12
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+def _ordered(values, order):
+    return [v for v in order if v in values] + sorted(v for v in values if v not in order)
+
+
+def _num(v):
+    if v is None:
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+PLAIN = {"label_smoothing": 0.0, "class_weight": "none", "ignore_fraction": 0.0,
+         "imbalance": 1.0}
+
+
+def _acc(rows, plain=False, **where):
+    """Accuracy rows matching ``where``; ``plain`` keeps only cells with default options (no
+    smoothing, weights, ignored targets or imbalance), so sweeps compare like with like."""
+    out = []
+    for r in rows:
+        if r["kind"] != "accuracy" or r["status"] != "ok":
+            continue
+        if plain and any(r.get(f"p_{k}", v) != v for k, v in PLAIN.items()):
+            continue
+        if all(r.get(f"p_{k}") in (v if isinstance(v, (list, tuple)) else (v,))
+               for k, v in where.items()):
+            out.append(r)
+    return out
+
+
+def _agg(rows, key_fields, metric, how=max):
+    """{key tuple: aggregated metric} over rows (infinite errors kept as inf)."""
+    groups = {}
+    for r in rows:
+        k = tuple(r[f"p_{f}"] for f in key_fields)
+        v = _num(r.get(metric))
+        if not math.isnan(v):
+            groups.setdefault(k, []).append(v)
+    return {k: how(v) for k, v in groups.items()}
+
+
+def _clip_inf(v):
+    return INF_ULP if math.isinf(v) else max(v, 1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. forward error vs logit scale
+# --------------------------------------------------------------------------------------------
+def fig_error_vs_scale(rows, path, variant="ce_index"):
+    rows = _acc(rows, plain=True, variant=variant, family="gaussian")
+    dtypes = _ordered({r["p_dtype"] for r in rows}, DTYPE_ORDER)
+    if not rows or not dtypes:
+        return False
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(4.2 * len(dtypes), 3.6), squeeze=False,
+                             sharey=True)
+    mx = _agg(rows, ("dtype", "implementation", "scale"), "fwd_max_ulp")
+    p99 = _agg(rows, ("dtype", "implementation", "scale"), "fwd_p99_ulp")
+    for ax, dt in zip(axes[0], dtypes):
+        impls = _ordered({k[1] for k in mx if k[0] == dt}, IMPL_ORDER)
+        for impl in impls:
+            scales = sorted(k[2] for k in mx if k[0] == dt and k[1] == impl)
+            c = COLOURS.get(impl, "k")
+            ax.plot(scales, [_clip_inf(mx[(dt, impl, s)]) for s in scales], "-o", color=c,
+                    label=f"{impl} max", ms=3)
+            ax.plot(scales, [_clip_inf(p99[(dt, impl, s)]) for s in scales], ":", color=c,
+                    label=f"{impl} p99")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.axhline(4, color="k", lw=0.8, ls="--")
+        ax.set_title(f"{dt}")
+        ax.set_xlabel("logit scale (standard deviation)")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][0].set_ylabel(f"forward error (ulp); {INF_ULP:.0e} = NaN/inf")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.suptitle(f"{variant}: forward error against the oracle (dashed line: 4 ulp)")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. stability atlas
+# --------------------------------------------------------------------------------------------
+def fig_atlas(rows, path, variant="ce_index", dtype="float32"):
+    rows = _acc(rows, plain=True, variant=variant, family="gaussian", dtype=dtype)
+    impls = _ordered({r["p_implementation"] for r in rows}, IMPL_ORDER)
+    scales = sorted({r["p_scale"] for r in rows})
+    classes = sorted({r["p_classes"] for r in rows})
+    if len(scales) < 2 or len(classes) < 2:
+        return False
+    mx = _agg(rows, ("implementation", "scale", "classes"), "fwd_max_ulp")
+    nonfin = _agg(rows, ("implementation", "scale", "classes"), "fwd_frac_nan")
+    inf = _agg(rows, ("implementation", "scale", "classes"), "fwd_frac_inf")
+    ncol = min(4, len(impls))
+    nrow = math.ceil(len(impls) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.0 * nrow), squeeze=False)
+    cmap = plt.get_cmap("viridis").copy()
+    im = None
+    for ax, impl in zip(axes.ravel(), impls):
+        grid = np.full((len(classes), len(scales)), np.nan)
+        for i, c in enumerate(classes):
+            for j, s in enumerate(scales):
+                v = mx.get((impl, s, c))
+                if v is not None and math.isfinite(v):
+                    grid[i, j] = np.log10(max(v, 1e-2))
+        im = ax.imshow(grid, origin="lower", cmap=cmap, vmin=-2, vmax=8, aspect="auto")
+        for i, c in enumerate(classes):
+            for j, s in enumerate(scales):
+                n = nonfin.get((impl, s, c), 0.0) or 0.0
+                f = inf.get((impl, s, c), 0.0) or 0.0
+                if n > 0 or f > 0:
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="#d62728"))
+                    ax.text(j, i, "NaN" if n >= f else "inf", ha="center", va="center",
+                            fontsize=6, color="white")
+        ax.set_title(impl, fontsize=9)
+        ax.set_xticks(range(len(scales)), [f"{s:g}" for s in scales], fontsize=6, rotation=45)
+        ax.set_yticks(range(len(classes)), [str(c) for c in classes], fontsize=6)
+        ax.set_xlabel("logit scale", fontsize=7)
+        ax.set_ylabel("classes", fontsize=7)
+    for ax in axes.ravel()[len(impls):]:
+        ax.axis("off")
+    if im is not None:
+        cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+        cb.set_label("log10 max forward error (ulp); red: NaN/inf")
+    fig.suptitle(f"Stability atlas, {variant}, {dtype}")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. non-finite fraction vs scale
+# --------------------------------------------------------------------------------------------
+def fig_nonfinite(rows, path, variant="ce_index"):
+    rows = _acc(rows, plain=True, variant=variant, family="gaussian")
+    dtypes = _ordered({r["p_dtype"] for r in rows}, DTYPE_ORDER)
+    if not rows:
+        return False
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(4.0 * len(dtypes), 3.3), squeeze=False,
+                             sharey=True)
+    for r in rows:
+        r["_nonfinite"] = _num(r.get("fwd_frac_nan")) + _num(r.get("fwd_frac_inf"))
+    frac = _agg(rows, ("dtype", "implementation", "scale"), "_nonfinite",
+                how=lambda v: float(np.mean(v)))
+    for ax, dt in zip(axes[0], dtypes):
+        for impl in _ordered({k[1] for k in frac if k[0] == dt}, IMPL_ORDER):
+            scales = sorted(k[2] for k in frac if k[0] == dt and k[1] == impl)
+            ax.plot(scales, [100 * frac[(dt, impl, s)] for s in scales], "-o", ms=3,
+                    color=COLOURS.get(impl, "k"), label=impl)
+        ax.set_xscale("log")
+        ax.set_title(dt)
+        ax.set_xlabel("logit scale")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("non-finite results (% of samples)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{variant}: NaN or inf where the exact loss is finite")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. epsilon clipping
+# --------------------------------------------------------------------------------------------
+def fig_clipping(rows, path):
+    rows = [r for r in _acc(rows, implementation="clipped", family="dominant",
+                            variant="ce_index") if r.get("clip_bias_nats") is not None]
+    if not rows:
+        return False
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    bias = _agg(rows, ("dtype", "clip_eps", "scale"), "clip_bias_nats",
+                how=lambda v: float(np.mean(v)))
+    zero = _agg(rows, ("dtype", "clip_eps", "scale"), "clip_frac_grad_zeroed",
+                how=lambda v: float(np.mean(v)))
+    styles = {"float64": "-", "float32": "--", "float16": ":", "bfloat16": "-."}
+    for i, (dt, eps) in enumerate(sorted({k[:2] for k in bias})):
+        margins = sorted(k[2] for k in bias if k[:2] == (dt, eps))
+        col = plt.get_cmap("tab10")(i % 10)
+        a1.plot(margins, [bias[(dt, eps, m)] for m in margins], styles.get(dt, "-"),
+                marker="o", ms=3, color=col, label=f"{dt}, eps={eps:.3g}")
+        a2.plot(margins, [100 * zero.get((dt, eps, m), 0.0) for m in margins],
+                styles.get(dt, "-"), marker="o", ms=3, color=col, label=f"{dt}, eps={eps:.3g}")
+    a1.set_xlabel("logit margin of the dominant class")
+    a1.set_ylabel("mean loss bias where the clip engages (nats)")
+    a1.set_xscale("log")
+    a1.grid(True, alpha=0.3)
+    a2.set_xlabel("logit margin of the dominant class")
+    a2.set_ylabel("rows whose gradient the clip zeroes (%)")
+    a2.set_xscale("log")
+    a2.grid(True, alpha=0.3)
+    a2.legend(fontsize=7)
+    fig.suptitle("Epsilon clipping of probabilities (ce_index, confident-correct and -wrong rows)")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. true-class gradient vs margin
+# --------------------------------------------------------------------------------------------
+def fig_true_class_gradient(rows, path, variant="ce_index"):
+    rows = _acc(rows, plain=True, variant=variant, family="dominant")
+    rows = [r for r in rows if r.get("grad_true_max_ulp") is not None
+            and r["p_implementation"] != "clipped"]
+    dtypes = _ordered({r["p_dtype"] for r in rows}, DTYPE_ORDER)
+    if not rows:
+        return False
+    fig, axes = plt.subplots(2, len(dtypes), figsize=(4.3 * len(dtypes), 6.2), squeeze=False,
+                             sharex=True)
+    err = _agg(rows, ("dtype", "implementation", "scale"), "grad_true_max_ulp")
+    van = _agg(rows, ("dtype", "implementation", "scale"), "grad_true_frac_vanished")
+    for j, dt in enumerate(dtypes):
+        for impl in _ordered({k[1] for k in err if k[0] == dt}, IMPL_ORDER):
+            ms = sorted(k[2] for k in err if k[0] == dt and k[1] == impl)
+            c = COLOURS.get(impl, "k")
+            axes[0][j].plot(ms, [_clip_inf(err[(dt, impl, m)]) for m in ms], "-o", ms=3,
+                            color=c, label=impl)
+            axes[1][j].plot(ms, [100 * van.get((dt, impl, m), 0) for m in ms], "-o", ms=3,
+                            color=c, label=impl)
+        axes[0][j].set_yscale("log")
+        axes[0][j].set_xscale("log")
+        axes[0][j].axhline(4, color="k", lw=0.8, ls="--")
+        axes[0][j].set_title(dt)
+        axes[0][j].grid(True, alpha=0.3)
+        axes[1][j].grid(True, alpha=0.3)
+        axes[1][j].set_xlabel("logit margin of the dominant class")
+    axes[0][0].set_ylabel("true-class gradient, max error (ulp)")
+    axes[1][0].set_ylabel("true-class gradients wrongly 0 (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{variant}: the true-class gradient p_y - 1 on confident rows")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. imbalance
+# --------------------------------------------------------------------------------------------
+def imbalance_series(rows):
+    """{(label, profile, classes): {ratio: (loss share, grad share, sample share)}} (seed mean)."""
+    acc = {}
+    for r in rows:
+        if r["kind"] != "imbalance" or r["status"] != "ok":
+            continue
+        label = r["p_class_weight"] if r["p_variant"] == "ce_index" else \
+            f"focal g={r['p_gamma']:g}" + ("" if r["p_class_weight"] == "none"
+                                           else f" + {r['p_class_weight']}")
+        if r["p_variant"] == "ce_index":
+            label = {"none": "plain CE", "inverse": "CE, inverse-frequency weights",
+                     "effective": "CE, effective-number weights"}[label]
+        key = (label, r["p_profile"], r["p_classes"])
+        acc.setdefault(key, {}).setdefault(r["p_imbalance"], []).append(
+            (r["minority_loss_share"], r["minority_grad_share"], r["minority_sample_share"]))
+    return {k: {ratio: tuple(np.mean(v, axis=0)) for ratio, v in d.items()}
+            for k, d in acc.items()}
+
+
+def fig_imbalance(rows, path):
+    series = imbalance_series(rows)
+    if not series:
+        return False
+    profiles = sorted({k[1] for k in series})
+    classes = min(k[2] for k in series)
+    fig, axes = plt.subplots(2, len(profiles), figsize=(5.2 * len(profiles), 7), squeeze=False,
+                             sharex=True)
+    labels = sorted({k[0] for k in series})
+    cmap = plt.get_cmap("tab10")
+    for j, prof in enumerate(profiles):
+        sample = None
+        for i, lab in enumerate(labels):
+            d = series.get((lab, prof, classes))
+            if not d:
+                continue
+            ratios = sorted(d)
+            axes[0][j].plot(ratios, [100 * d[x][0] for x in ratios], "-o", ms=3,
+                            color=cmap(i), label=lab)
+            axes[1][j].plot(ratios, [100 * d[x][1] for x in ratios], "-o", ms=3,
+                            color=cmap(i), label=lab)
+            sample = [(x, 100 * d[x][2]) for x in ratios]
+        for ax in axes[:, j]:
+            if sample:
+                ax.plot(*zip(*sample), "k--", lw=1, label="minority share of samples")
+            ax.set_xscale("log")
+            ax.grid(True, alpha=0.3)
+        axes[0][j].set_title(f"{prof} profile, {classes} classes")
+        axes[1][j].set_xlabel("imbalance ratio (largest / smallest class)")
+    axes[0][0].set_ylabel("minority share of the loss (%)")
+    axes[1][0].set_ylabel("minority share of gradient norms (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("What the minority classes get under each loss")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. performance
+# --------------------------------------------------------------------------------------------
+def fig_performance(rows, path, variant="ce_index", dtype="float32"):
+    rows = [r for r in rows if r["kind"] == "performance" and r["status"] == "ok"
+            and r["p_variant"] == variant and r["p_dtype"] == dtype]
+    if not rows:
+        return False
+    modes = _ordered({r["p_mode"] for r in rows}, ["forward", "forward_grad"])
+    batch = max(r["p_batch"] for r in rows)
+    rows = [r for r in rows if r["p_batch"] == batch]
+    fig, axes = plt.subplots(2, len(modes), figsize=(5.2 * len(modes), 7), squeeze=False)
+    for j, mode in enumerate(modes):
+        sel = [r for r in rows if r["p_mode"] == mode]
+        bw = float(np.median([r["bandwidth_gbs"] for r in sel]))
+        torch_t = {r["p_classes"]: r["median_s"] for r in sel if r["p_implementation"] == "torch"}
+        for impl in _ordered({r["p_implementation"] for r in sel}, IMPL_ORDER):
+            pts = sorted((r["p_classes"], r["gb_per_s"], r["median_s"]) for r in sel
+                         if r["p_implementation"] == impl)
+            c = COLOURS.get(impl, "k")
+            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=3, color=c,
+                            label=impl)
+            rat = [(p[0], torch_t[p[0]] / p[2]) for p in pts if p[0] in torch_t]
+            if rat and impl != "torch":
+                axes[1][j].plot(*zip(*rat), "-o", ms=3, color=c, label=impl)
+        axes[0][j].axhline(bw, color="k", ls="--", lw=1,
+                           label=f"streaming-read bandwidth {bw:.1f} GB/s")
+        axes[0][j].set_title(f"{mode}, {batch} rows, {dtype}")
+        axes[0][j].set_ylabel("throughput (GB/s of logits moved)")
+        axes[1][j].axhline(1, color="k", lw=0.8)
+        axes[1][j].set_ylabel("speed-up over torch (x)")
+        for ax in axes[:, j]:
+            ax.set_xscale("log")
+            ax.set_xlabel("classes")
+            ax.grid(True, alpha=0.3)
+        axes[1][j].set_yscale("log")
+        axes[0][j].legend(fontsize=7)
+    fig.suptitle(f"CPU throughput, {variant} (same run, medians of repeats)")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Blanchard-Higham reproduction
+# --------------------------------------------------------------------------------------------
+def fig_higham(rows, path):
+    rows = sorted((r for r in rows if r["kind"] == "higham" and r["status"] == "ok"),
+                  key=lambda r: (r["p_dtype"], r["p_formulation"]))
+    if not rows:
+        return False
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    labels = [f"{r['p_dtype']}\n{r['p_formulation']}" for r in rows]
+    xs = np.arange(len(rows))
+    a1.bar(xs - 0.2, [r["overflow"] for r in rows], 0.4, label="this run", color="#2ca02c")
+    a1.bar(xs + 0.2, [r["published_overflow"] or 0 for r in rows], 0.4,
+           label="published (Blanchard et al. 2021)", color="#7f7f7f")
+    for x, r in zip(xs, rows):
+        a1.text(x - 0.2, r["overflow"], str(r["overflow"]), ha="center", va="bottom", fontsize=8)
+    a1.set_xticks(xs, labels, fontsize=8)
+    a1.set_ylabel(f"vectors whose log-sum-exp overflows (of {rows[0]['n_vectors']})")
+    a1.legend(fontsize=8)
+    edges = np.linspace(-6, 3, 37)
+    centres = 10 ** ((edges[:-1] + edges[1:]) / 2)
+    for r in rows:
+        h = r.get("err_over_u_hist")
+        if h:
+            a2.step(centres, h, where="mid", label=f"{r['p_dtype']} {r['p_formulation']}")
+    a2.set_xscale("log")
+    a2.set_xlabel("relative error / unit roundoff u (finite results)")
+    a2.set_ylabel("vectors")
+    a2.legend(fontsize=8)
+    a2.grid(True, alpha=0.3)
+    fig.suptitle("Blanchard, Higham & Higham 2021 on their MNIST data: simulated low precision")
+    return _save(fig, path)

@@ -1,0 +1,252 @@
+"""The study runner: grid expansion, metrics with known answers, bad study files, the results
+store, resume after a real kill -9, the process pool and a real dask LocalCluster."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cestudy.study import inputs, metrics, runner, spec
+from cestudy.study.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+name = "tiny"
+description = "tiny test study"
+
+[[part]]
+kind = "accuracy"
+variant = ["ce_index", "bce_logits"]
+implementation = ["lse", "numba", "scipy"]
+dtype = ["float32", "float16"]
+family = ["gaussian"]
+scale = [1.0, 100.0]
+classes = [10]
+batch = 16
+label_smoothing = [0.0, 0.1]
+
+[[part]]
+kind = "imbalance"
+classes = [4]
+imbalance = [1.0, 100.0]
+batch = 256
+"""
+
+
+def write(tmp_path, text, name="study.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "cestudy", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_grid_expansion_drops_inapplicable_combinations(tmp_path):
+    s = spec.load(str(write(tmp_path, TINY)))
+    cells = s.cells()
+    acc = [c for c in cells if c["kind"] == "accuracy"]
+    # scipy only implements ce_index; label smoothing only applies to ce_index
+    assert not any(c["implementation"] == "scipy" and c["variant"] == "bce_logits" for c in acc)
+    assert all(c["label_smoothing"] == 0.0 for c in acc if c["variant"] == "bce_logits")
+    # ce_index: 3 impls x 2 dtypes x 2 scales x 2 smoothing; bce_logits: 2 x 2 x 2
+    assert len(acc) == 3 * 2 * 2 * 2 + 2 * 2 * 2
+    assert len([c for c in cells if c["kind"] == "imbalance"]) == 2
+    keys = [json.dumps(c, sort_keys=True) for c in cells]
+    assert len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("text,words", [
+    ("name='x'\n[[part]]\nkind='accuracy'\nvariantt=['ce_index']\n", "part[0].variantt"),
+    ("name='x'\n[[part]]\nkind='accuracy'\nclasses=['ten']\n", "expected a number"),
+    ("name='x'\n[[part]]\nkind='accuracy'\nclasses=[]\n", "empty list"),
+    ("name='x'\n[[part]]\nkind='accuracy'\nimplementation=['fast']\n", "allowed: naive"),
+    ("name='x'\n[[part]]\nkind='accuracy'\ndtype=['float8']\n", "unknown value 'float8'"),
+    ("name='x'\n[[part]]\nkind='accuracy'\nclasses=[1]\n", "must be >= 2"),
+    ("name='x'\n[[part]]\nkind='training'\n", "unknown kind"),
+    ("name='x'\n", "at least one [[part]]"),
+    ("name='x'\nextra=1\n[[part]]\nkind='accuracy'\n", "unknown top-level key"),
+    ("name='x'\n[[part]]\nkind='accuracy'\nvariant=['bce_probs']\nimplementation=['scipy']\n",
+     "no applicable cells"),
+    ("this is not toml [", "not valid TOML"),
+])
+def test_bad_study_file_names_file_and_key_and_exits_2_writing_nothing(tmp_path, text, words):
+    path = write(tmp_path, text, "bad.toml")
+    store = tmp_path / "results.sqlite"
+    proc = run_cli("run", str(path), "--results", str(store), "--quiet", "--no-report")
+    assert proc.returncode == 2
+    assert str(path) in proc.stderr and words in proc.stderr
+    assert not store.exists()
+
+
+def test_metrics_on_known_answers():
+    exact = np.array([1.0, 2.0, 1e-30, np.nan], dtype=np.longdouble)
+    value = np.array([1.0, np.nextafter(np.float32(2), np.float32(3)), 0.0, np.nan], np.float32)
+    m = metrics.forward_metrics(value, exact, np.float32)
+    assert m["fwd_max_ulp"] > 1e6  # 1e-30 returned as 0: a 100% error in float32 ulps
+    assert m["fwd_median_ulp"] == 1.0  # errors 0, 1, huge -> median 1
+    assert m["fwd_frac_over_4ulp"] == pytest.approx(1 / 3)
+    assert m["fwd_nan_rows_kept"] is True
+    assert m["fwd_frac_nan"] == 0 and m["fwd_frac_inf"] == 0
+    m = metrics.forward_metrics(np.array([np.inf, np.nan, 1.0]), np.array([1.0, 1.0, 1.0]),
+                                np.float64)
+    assert m["fwd_frac_inf"] == pytest.approx(1 / 3) and m["fwd_frac_nan"] == pytest.approx(1 / 3)
+    g = metrics.gradient_metrics(np.array([[0.0, 0.5]]), np.array([[-1e-9, 0.5]]), np.float32,
+                                 target=np.array([0]))
+    assert g["grad_true_frac_vanished"] == 1.0 and g["grad_frac_vanished"] == 0.5
+    c = metrics.clipping_metrics(np.array([-np.log(1e-7), 0.1]), None,
+                                 np.array([40.0, 0.1]), 1e-7)
+    assert c["clip_frac_engaged"] == 0.5
+    assert c["clip_bias_nats"] == pytest.approx(-np.log(1e-7) - 40.0)
+    prior = inputs.class_prior(4, 100.0, "step")
+    assert prior[0] / prior[-1] == pytest.approx(100.0)
+    mask = inputs.minority_mask(prior)
+    im = metrics.imbalance_metrics(np.array([1.0, 3.0]), np.array([[1.0, 0.0], [0.0, 1.0]]),
+                                   np.array([0, 3]), mask)
+    assert im["minority_loss_share"] == 0.75 and im["minority_grad_share"] == 0.5
+    w = inputs.class_weights("effective", prior, 1000, beta=0.999)
+    assert w[-1] > w[0] and np.mean(w) == pytest.approx(1.0)
+
+
+def test_run_store_export_and_instant_resume(tmp_path):
+    path = write(tmp_path, TINY)
+    store_path = tmp_path / "r.sqlite"
+    proc = run_cli("run", str(path), "--results", str(store_path), "--quiet",
+                   "--out", str(tmp_path / "reports"))
+    assert proc.returncode == 0, proc.stderr
+    n = len(spec.load(str(path)).cells())
+    assert f"{n} cells, {n - 0}" in proc.stdout or "computed" in proc.stdout
+    with Store(store_path) as st:
+        assert st.count() == n
+        manifest = st.runs()[0]["manifest"]
+    assert manifest["cpu_count"] and manifest["numba"] and manifest["git_commit"]
+    assert (tmp_path / "reports" / "tiny.md").exists()
+    assert (tmp_path / "reports" / "data" / "results.json").exists()
+    t0 = time.perf_counter()
+    again = run_cli("run", str(path), "--results", str(store_path), "--quiet", "--no-report")
+    assert again.returncode == 0
+    assert f"{n} already stored" in again.stdout and "0 computed" in again.stdout
+    assert time.perf_counter() - t0 < 60
+    with Store(store_path) as st:
+        assert st.count() == n
+    csv = run_cli("export", "--format", "csv", "--results", str(store_path))
+    assert csv.returncode == 0 and csv.stdout.count("\n") == n + 1
+    js = json.loads(run_cli("export", "--format", "json", "--results", str(store_path)).stdout)
+    assert len(js) == n and all("fwd_max_ulp" in r for r in js if r["kind"] == "accuracy"
+                                and r["status"] == "ok")
+
+
+SLOW = """
+name = "slow"
+[[part]]
+kind = "accuracy"
+variant = ["ce_index"]
+implementation = ["lse", "accurate", "naive", "clipped"]
+dtype = ["float32", "float64"]
+family = ["gaussian"]
+scale = [0.5, 1.0, 2.0, 4.0, 8.0]
+classes = [2000]
+batch = 400
+"""
+
+
+def test_resume_after_kill_9_loses_and_duplicates_nothing(tmp_path):
+    path = write(tmp_path, SLOW)
+    store_path = tmp_path / "k.sqlite"
+    total = len(spec.load(str(path)).cells())
+    proc = subprocess.Popen([sys.executable, "-m", "cestudy", "run", str(path), "--results",
+                             str(store_path), "--quiet", "--no-report"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    done = 0
+    while time.time() < deadline:
+        if store_path.exists():
+            try:
+                with sqlite3.connect(store_path, timeout=5) as db:
+                    done = db.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
+            except sqlite3.OperationalError:
+                done = 0
+            if done >= 5:
+                break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with Store(store_path) as st:
+        before = {c["cell_key"]: c["finished"] for c in st.cells()}
+    assert 5 <= len(before) < total, "the kill should land in the middle of the sweep"
+    again = run_cli("run", str(path), "--results", str(store_path), "--quiet", "--no-report")
+    assert again.returncode == 0, again.stderr
+    with Store(store_path) as st:
+        after = {c["cell_key"]: c["finished"] for c in st.cells()}
+        runs = st.runs()
+    assert len(after) == total
+    assert all(after[k] == v for k, v in before.items()), "finished cells were recomputed"
+    assert f"{len(before)} already stored" in again.stdout
+    assert len(runs) == 2
+
+
+def test_local_process_pool(tmp_path):
+    path = write(tmp_path, TINY)
+    s = spec.load(str(path))
+    with Store(tmp_path / "p.sqlite") as st:
+        summary = runner.run_study(s, st, jobs=2, quiet=True)
+        assert summary.failed == 0 and st.count() == len(s.cells())
+
+
+def test_dask_local_cluster_with_two_workers(tmp_path):
+    pytest.importorskip("distributed")
+    from distributed import Client, LocalCluster
+
+    path = write(tmp_path, TINY)
+    s = spec.load(str(path))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster):
+        with Store(tmp_path / "d.sqlite") as st:
+            summary = runner.run_study(s, st, executor="dask", scheduler=cluster.scheduler_address,
+                                       quiet=True)
+            cells = st.cells()
+    assert summary.failed == 0 and summary.done + summary.skipped == len(s.cells())
+    assert len(cells) == len(s.cells())
+    serial_store = Store(tmp_path / "s.sqlite")
+    runner.run_study(s, serial_store, quiet=True)
+    serial = {c["cell_key"]: c["metrics"].get("fwd_max_ulp") for c in serial_store.cells()}
+    serial_store.close()
+    assert {c["cell_key"]: c["metrics"].get("fwd_max_ulp") for c in cells} == serial
+
+
+def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    from cestudy.study import compute
+
+    s = spec.load(str(write(tmp_path, TINY)))
+    real = compute.compute_cell
+
+    def flaky(cell):
+        if cell["kind"] == "imbalance" and cell["imbalance"] == 100.0:
+            raise RuntimeError("boom")
+        return real(cell)
+
+    monkeypatch.setattr(compute, "compute_cell", flaky)
+    with Store(tmp_path / "f.sqlite") as st:
+        summary = runner.run_study(s, st, quiet=True)
+        errors = [c for c in st.cells() if c["status"] == "error"]
+    assert summary.failed == 1 and len(errors) == 1 and "boom" in errors[0]["message"]
+    assert summary.done + summary.skipped == len(s.cells()) - 1
+
+
+def test_list_and_dry_run():
+    out = run_cli("list")
+    assert out.returncode == 0
+    for word in ("default", "stability", "precision", "imbalance", "performance", "higham",
+                 "ce_index", "numba", "torch"):
+        assert word in out.stdout
+    dry = run_cli("run", "--dry-run")
+    assert dry.returncode == 0 and "default:" in dry.stdout and "estimated" in dry.stdout
