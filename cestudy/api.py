@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from . import _dtypes
-from .kernels import cpu
+from .kernels import cpu, cpu_fast
 
 REDUCTIONS = ("none", "mean", "sum")
 BACKENDS = ("cpu", "cuda")
@@ -183,7 +183,8 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         t = _index_target(tgt, n, c, int(ignore_index), squeeze)
         denom = _index_denominator(t, w, ignore_index)
         scale = _grad_scale(reduction, denom)
-        k = cuda or cpu
+        # float32 rows take the vectorised kernels (float64 arithmetic, same contract)
+        k = cuda or (cpu_fast if x.dtype == np.float32 else cpu)
         if with_grad:
             k.cross_entropy_index_fwd_grad(x, t, w, int(ignore_index), eps, scale, loss, grad)
         else:
