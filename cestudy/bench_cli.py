@@ -1,0 +1,196 @@
+"""``python -m cestudy bench``: the interleaved CPU benchmark (and ``--backend cuda`` on a GPU).
+
+Prints one table (kernel, shape, dtype, ms, GB/s, fraction of bandwidth, ratio vs torch) and
+stores every row in the results store as study ``bench`` (kind ``performance``), with the run's
+manifest, so the performance report shows it. Also measured: cold start (import to first result
+with an empty and with a warm compile cache), scaling with N, C and threads, and the worst case
+(every row confident).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from . import bench, info
+
+FULL_SHAPES = "256x10,256x1000,2048x1000,2048x32768,4096x131072"
+QUICK_SHAPES = "256x10,256x1000,512x8192"
+# numpy/scipy formulations allocate several full-size temporaries: keep them to <= 2^26 elements
+NUMPY_LIMIT = 1 << 26
+# float64 beyond 2^28 elements (2 GiB of logits, as much again for the gradient, more inside
+# torch's autograd) does not fit a 24 GiB machine with torch beside it
+FLOAT64_LIMIT = 1 << 28
+
+
+def _shapes(text):
+    out = []
+    for item in text.split(","):
+        n, c = item.lower().split("x")
+        out.append((int(n), int(c)))
+    return out
+
+
+def _impls(variant, n, c):
+    impls = ["numba", "torch"]
+    if n * c <= NUMPY_LIMIT:
+        impls += ["lse", "accurate"]
+        if variant == "ce_index":
+            impls.append("scipy")
+    return impls
+
+
+def _row(res, variant, impl, mode, n, c, dtype):
+    r = res
+    ratio = r.get("speedup_vs_torch")
+    return (f"{variant:10s} {impl:9s} {mode:12s} {n:>5d}x{c:<7d} {dtype:8s} "
+            f"{1e3 * r['median_s']:9.3f} {r['gb_per_s']:7.2f} {100 * r['frac_bandwidth']:6.1f}% "
+            f"{'' if ratio is None else f'{ratio:7.2f}x':>8s} {r.get('check_ulp', float('nan')):8.3g}")
+
+
+HEADER = (f"{'variant':10s} {'kernel':9s} {'mode':12s} {'shape':13s} {'dtype':8s} "
+          f"{'ms':>9s} {'GB/s':>7s} {'of bw':>7s} {'vs torch':>8s} {'ulp':>8s}")
+
+
+def cold_start(repeats=1):
+    """Seconds from a fresh ``python -c 'import cestudy; ...first result'`` to the result, with
+    an empty Numba cache and then with the cache it left (two subprocesses each)."""
+    code = ("import time; t=time.perf_counter(); import numpy as np, cestudy; "
+            "x=np.ones((4,10),np.float32); y=np.zeros(4,np.int64); "
+            "cestudy.cross_entropy(x,y); cestudy.cross_entropy_with_grad(x,y); "
+            "print(time.perf_counter()-t)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        times = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                 text=True, check=True)
+            times.append(float(out.stdout.strip().splitlines()[-1]))
+    return {"cold_s": times[0], "warm_cache_s": times[1]}
+
+
+def main(args):
+    if args.backend == "cuda":
+        from . import bench_cuda
+
+        return bench_cuda.main(args)
+    shapes = _shapes(args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES))
+    variants = args.variants.split(",")
+    dtypes = args.dtypes.split(",")
+    modes = args.modes.split(",")
+    bw = bench.stream_read_bandwidth()
+    print(f"streaming-read bandwidth: {bw:.2f} GB/s (Numba parallel sum over 1 GiB, best of 5)")
+    store = run_id = None
+    if args.results:
+        from .study.runner import code_version
+        from .study.store import Store, cell_key
+
+        store = Store(args.results)
+        manifest = info.manifest()
+        manifest["study_description"] = (
+            "python -m cestudy bench: interleaved timings of cestudy's CPU kernels against torch, "
+            "the numpy formulations and scipy, with cold start, scaling and the worst case.")
+        manifest["bandwidth_gbs"] = bw
+        run_id = store.start_run("bench", manifest)
+        version = code_version()
+    table = []
+    print(HEADER)
+
+    def put(params, metrics):
+        if store is not None:
+            store.put(cell_key("bench", params, version), "bench", params, version, "ok", None,
+                      metrics, run_id)
+
+    for variant in variants:
+        for dtype in dtypes:
+            for mode in modes:
+                for n, c in shapes:
+                    if dtype == "float64" and n * c > FLOAT64_LIMIT:
+                        continue
+                    impls = _impls(variant, n, c)
+                    res = bench.time_group(variant, dtype, mode, n, c, impls,
+                                           repeats=args.repeats)
+                    for impl in impls:
+                        r = res[impl]
+                        if "skipped" in r:
+                            continue
+                        print(_row(r, variant, impl, mode, n, c, dtype), flush=True)
+                        params = {"kind": "performance", "variant": variant,
+                                  "implementation": impl, "dtype": dtype, "mode": mode,
+                                  "batch": n, "classes": c, "repeats": args.repeats, "seed": 0}
+                        put(params, r)
+                        table.append({**params, **{k: v for k, v in r.items()
+                                                   if k != "samples_s"}})
+    extras = {}
+    if not args.quick and "ce_index" in variants and "float32" in dtypes:
+        extras = extra_measurements(args.repeats, put)
+    if store is not None:
+        store.finish_run(run_id)
+        store.close()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bandwidth_gbs": bw, "rows": table, "extras": extras,
+                       "machine": info.manifest()}, f, indent=1, sort_keys=True)
+    return 0
+
+
+def extra_measurements(repeats, put):
+    """Cold start, 1 vs 2 threads and the all-confident worst case at 2048 x 32768 float32."""
+    import numba
+
+    out = {}
+    cs = cold_start()
+    print(f"cold start (import + first forward and fused call): {cs['cold_s']:.2f} s with an "
+          f"empty compile cache, {cs['warm_cache_s']:.2f} s with a warm one")
+    put({"kind": "coldstart", "variant": "ce_index", "dtype": "float32"}, cs)
+    out["cold_start"] = cs
+    n, c = 2048, 32768
+    threads = numba.get_num_threads()
+    for t in sorted({1, threads}):
+        numba.set_num_threads(t)
+        try:
+            import torch
+
+            torch_threads = torch.get_num_threads()
+            torch.set_num_threads(t)
+        except ImportError:
+            torch = None
+        for mode in ("forward", "forward_grad"):
+            res = bench.time_group("ce_index", "float32", mode, n, c, ["numba", "torch"],
+                                   repeats=repeats)
+            for impl, r in res.items():
+                if "skipped" in r:
+                    continue
+                print(f"threads={t}: " + _row(r, "ce_index", impl, mode, n, c, "float32"))
+                put({"kind": "scaling", "variant": "ce_index", "implementation": impl,
+                     "dtype": "float32", "mode": mode, "batch": n, "classes": c, "threads": t},
+                    r)
+                out[f"threads{t}_{impl}_{mode}"] = r["median_s"]
+        if torch is not None:
+            torch.set_num_threads(torch_threads)
+    numba.set_num_threads(threads)
+    # worst case: every row confident-correct (the true logit 50 above the rest)
+    x, y = bench.make_inputs("ce_index", "float32", n, c)
+    x[np.arange(n), y] += 50
+    import cestudy as cs_
+
+    for mode, fn in (("forward", lambda: cs_.cross_entropy(x, y)),
+                     ("forward_grad", lambda: cs_.cross_entropy_with_grad(x, y))):
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        med = float(np.median(ts))
+        print(f"all rows confident, numba {mode}: {1e3 * med:.2f} ms")
+        put({"kind": "worstcase", "variant": "ce_index", "implementation": "numba",
+             "dtype": "float32", "mode": mode, "batch": n, "classes": c},
+            {"median_s": med, "samples_s": ts})
+        out[f"confident_{mode}_s"] = med
+    return out
