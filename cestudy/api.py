@@ -13,7 +13,11 @@ Conventions shared by every function:
   torch does);
 - inputs are never modified; read-only, non-contiguous and Fortran-ordered arrays work;
 - ``<name>_with_grad`` returns ``(loss, grad)``, grad = d(reduced loss)/d(logits), which is what
-  torch autograd gives for the same call with an upstream gradient of ones.
+  torch autograd gives for the same call with an upstream gradient of ones;
+- with ``backend="cuda"``, numpy arrays in give numpy arrays out, and device arrays in (anything
+  with ``__cuda_array_interface__``: numba device arrays, CuPy arrays, torch CUDA tensors) give
+  device arrays out with no host round trip (a reduced loss is a device array of shape (1,));
+  see ``cestudy.kernels.cuda.device_loss`` for the in-place gradient option.
 """
 from __future__ import annotations
 
@@ -66,6 +70,20 @@ def _check_backend(backend):
 
         return backends.require_cuda()
     return None
+
+
+def _device_call(variant, logits, target, backend, with_grad, reduction, **opts):
+    """Device arrays with backend="cuda": run on the device, return device arrays (or None when
+    ``logits`` is a host array and the numpy path applies)."""
+    if backend != "cuda" or isinstance(logits, np.ndarray):
+        return None
+    if not (hasattr(logits, "__cuda_array_interface__")
+            or type(logits).__name__ == "FakeCUDAArray"):
+        return None
+    _check_choice("reduction", reduction, REDUCTIONS)
+    ck = _check_backend(backend)
+    return ck.device_loss(variant, logits, target, reduction=reduction, with_grad=with_grad,
+                          **opts)
 
 
 def _class_weight(weight, n_classes):
@@ -169,6 +187,12 @@ def _shape_2d(shape):
 # --------------------------------------------------------------------------------------------
 def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, backend,
                    with_grad):
+    t_kind = getattr(getattr(target, "dtype", None), "kind", "f")
+    dev = _device_call("ce_index" if t_kind in "iu" else "ce_prob", logits, target, backend,
+                       with_grad, reduction, weight=weight, ignore_index=int(ignore_index),
+                       label_smoothing=_check_smoothing(label_smoothing))
+    if dev is not None:
+        return dev
     _check_choice("reduction", reduction, REDUCTIONS)
     cuda = _check_backend(backend)
     arr, x, squeeze = _logits_2d("logits", logits)
@@ -259,6 +283,9 @@ def cross_entropy_with_grad(logits, target, *, weight=None, ignore_index: int = 
 # KL divergence and entropy
 # --------------------------------------------------------------------------------------------
 def _kl(logits, target, reduction, backend, with_grad):
+    dev = _device_call("kl", logits, target, backend, with_grad, reduction)
+    if dev is not None:
+        return dev
     _check_choice("reduction", reduction, REDUCTIONS)
     cuda = _check_backend(backend)
     arr, x, squeeze = _logits_2d("logits", logits)
@@ -328,6 +355,10 @@ def _elementwise_inputs(logits, target):
 
 
 def _bce_logits(logits, target, weight, pos_weight, reduction, backend, with_grad):
+    dev = _device_call("bce_logits", logits, target, backend, with_grad, reduction,
+                       weight=weight, pos_weight=pos_weight)
+    if dev is not None:
+        return dev
     _check_choice("reduction", reduction, REDUCTIONS)
     cuda = _check_backend(backend)
     arr, x, t = _elementwise_inputs(logits, target)
@@ -402,6 +433,10 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction: str = "mean")
 # Focal losses
 # --------------------------------------------------------------------------------------------
 def _softmax_focal(logits, target, gamma, weight, ignore_index, reduction, backend, with_grad):
+    dev = _device_call("focal_softmax", logits, target, backend, with_grad, reduction,
+                       weight=weight, ignore_index=int(ignore_index), gamma=float(gamma))
+    if dev is not None:
+        return dev
     _check_choice("reduction", reduction, REDUCTIONS)
     cuda = _check_backend(backend)
     gamma = float(gamma)
@@ -448,6 +483,10 @@ def softmax_focal_loss_with_grad(logits, target, *, gamma: float = 2.0, weight=N
 
 
 def _sigmoid_focal(logits, target, alpha, gamma, reduction, backend, with_grad):
+    dev = _device_call("sigmoid_focal", logits, target, backend, with_grad, reduction,
+                       alpha=float(alpha), gamma=float(gamma))
+    if dev is not None:
+        return dev
     _check_choice("reduction", reduction, REDUCTIONS)
     cuda = _check_backend(backend)
     gamma = float(gamma)

@@ -31,10 +31,10 @@ def cuda_status() -> tuple[bool, str]:
     try:
         if not cuda.is_available():
             return False, "no CUDA GPU is available (cuda.is_available() is False)"
+        if simulator_enabled():
+            return True, "CUDA simulator (NUMBA_ENABLE_CUDASIM=1; timings are meaningless)"
         dev = cuda.get_current_device()
         name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-        if simulator_enabled():
-            return True, f"CUDA simulator ({name})"
         return True, f"{name} (compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]})"
     except Exception as exc:  # driver errors surface as various exception types
         return False, f"CUDA is not usable: {exc}"

@@ -5,7 +5,7 @@ import pytest
 import cestudy as cs
 from cestudy import oracle
 
-from conftest import assert_grad_ulp, assert_ulp
+from helpers import assert_grad_ulp, assert_ulp
 
 DTYPES = [np.float32, np.float64]
 

@@ -9,7 +9,7 @@ from numba import njit
 from cestudy import oracle
 from cestudy.kernels import cpu, cpu_fast
 
-from conftest import assert_grad_ulp, assert_ulp
+from helpers import assert_grad_ulp, assert_ulp
 
 
 @njit

@@ -1,0 +1,14 @@
+"""These tests run the CUDA kernels in numba's CUDA simulator, in their own pytest process:
+NUMBA_ENABLE_CUDASIM must be set before numba is imported (tests/test_cuda.py starts it).
+Timings taken here are meaningless and never recorded."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    pytest.skip("run through tests/test_cuda.py (needs NUMBA_ENABLE_CUDASIM=1 at start-up)",
+                allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -1,0 +1,164 @@
+"""Every CUDA kernel, run in the simulator on small shapes with few threads per block (so that
+several blocks and the whole shared-memory tree run), against the oracle and the CPU kernels."""
+import numpy as np
+import pytest
+from numba import cuda
+
+import cestudy as cs
+from cestudy import oracle
+from cestudy.kernels import cuda as ck
+
+from helpers import assert_grad_ulp, assert_ulp
+
+DTYPES = [np.float32, np.float64]
+
+
+def test_simulator_is_active_and_backend_reports_it():
+    from cestudy import backends
+
+    ok, desc = backends.cuda_status()
+    assert ok and "simulator" in desc.lower()
+    assert ck.kernels()["threads"] == 8  # CESTUDY_CUDA_THREADS from tests/test_cuda.py
+
+
+def rows(dtype, rng):
+    x = rng.normal(size=(7, 29)) * 4
+    x[0, 3] += 40            # confident-correct (tiny loss)
+    x[1] = 1e6               # equal logits at an offset (all ties)
+    x[2, ::3] = -np.inf      # masked classes
+    x[3, 5] = x[3, 6] = 9.0  # ties at the max
+    x[3] = np.minimum(x[3], 9.0)
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "weight": True},
+                                  {"ignore_index": 4}])
+def test_cross_entropy_index(dtype, opts):
+    rng = np.random.default_rng(0)
+    x = rows(dtype, rng)
+    y = np.array([3, 0, 1, 5, 4, 4, 10])
+    o = dict(opts)
+    w = rng.uniform(0.5, 2, 29) if o.pop("weight", False) else None
+    loss, grad = cs.cross_entropy_with_grad(x, y, weight=w, reduction="none", backend="cuda",
+                                            **o)
+    ref_l, ref_g = cs.cross_entropy_with_grad(x, y, weight=w, reduction="none", **o)
+    ls = o.get("label_smoothing", 0.0)
+    ign = o.get("ignore_index", -100)
+    assert_ulp(loss, oracle.cross_entropy(x, y, w, ign, ls), dtype)
+    assert_grad_ulp(grad, oracle.cross_entropy_grad(x, y, w, ign, ls), dtype)
+    np.testing.assert_allclose(loss, ref_l, rtol=8 * np.finfo(dtype).eps, atol=0)
+    for red in ("mean", "sum"):
+        a = cs.cross_entropy(x, y, weight=w, reduction=red, backend="cuda", **o)
+        b = cs.cross_entropy(x, y, weight=w, reduction=red, **o)
+        assert a == pytest.approx(b, rel=4 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_inf_rows(dtype):
+    x = np.array([[np.nan, 0, 1], [np.inf, 0, 1], [-np.inf] * 3, [1, 2, 3]], dtype)
+    loss, grad = cs.cross_entropy_with_grad(x, np.array([0, 1, 2, 2]), reduction="none",
+                                            backend="cuda")
+    assert np.isnan(loss[:3]).all() and np.isnan(grad[:3]).all() and np.isfinite(grad[3]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_soft_targets_kl_and_focal(dtype):
+    rng = np.random.default_rng(1)
+    x = rows(dtype, rng)
+    x[2] = rng.normal(size=29)  # soft targets put mass everywhere
+    p = rng.dirichlet(np.ones(29), 7).astype(dtype)
+    for fn, ref, ref_g in (
+        (lambda b: cs.cross_entropy_with_grad(x, p, reduction="none", backend=b),
+         oracle.cross_entropy_prob(x, p), oracle.cross_entropy_prob_grad(x, p)),
+        (lambda b: cs.kl_divergence_with_grad(x, p, reduction="none", backend=b),
+         oracle.kl_divergence(x, p), oracle.kl_divergence_grad(x, p)),
+    ):
+        loss, grad = fn("cuda")
+        assert_ulp(loss, ref, dtype)
+        assert_grad_ulp(grad, ref_g, dtype)
+    y = np.array([3, 0, 1, 5, 4, 4, 10])
+    loss, grad = cs.softmax_focal_loss_with_grad(x, y, reduction="none", backend="cuda")
+    assert_ulp(loss, oracle.softmax_focal(x, y), dtype)
+    assert_grad_ulp(grad, oracle.softmax_focal_grad(x, y), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_kernels(dtype):
+    rng = np.random.default_rng(2)
+    x = (rng.normal(size=(5, 9)) * 12).astype(dtype)
+    t = np.round(rng.uniform(size=x.shape)).astype(dtype)
+    pw = rng.uniform(0.5, 3, 9)
+    loss, grad = cs.binary_cross_entropy_with_logits_with_grad(x, t, pos_weight=pw,
+                                                               reduction="none", backend="cuda")
+    assert_ulp(loss, oracle.bce_with_logits(x, t, pos_weight=pw), dtype)
+    assert_ulp(grad, oracle.bce_with_logits_grad(x, t, pos_weight=pw), dtype)
+    tol = 4.0 if dtype == np.float32 else 8.0
+    loss, grad = cs.sigmoid_focal_loss_with_grad(x, t, backend="cuda")
+    assert_ulp(loss, oracle.sigmoid_focal(x, t), dtype, tol=tol)
+    assert_ulp(grad, oracle.sigmoid_focal_grad(x, t), dtype, tol=tol)
+
+
+def test_float16_host_input_is_computed_in_float32():
+    x = np.array([[4096.0, 4096.0, 4096.0]], np.float16)
+    loss = cs.cross_entropy(x, np.array([0]), reduction="none", backend="cuda")
+    assert loss.dtype == np.float16
+    assert_ulp(loss, oracle.cross_entropy(x, np.array([0])), np.float16, tol=1)
+
+
+@pytest.mark.parametrize("variant", ["ce_index", "ce_prob", "kl", "focal_softmax", "bce_logits",
+                                     "sigmoid_focal"])
+def test_device_arrays_in_device_arrays_out_and_inplace_gradient(variant):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 17)).astype(np.float32)
+    if variant in ("ce_index", "focal_softmax"):
+        t = rng.integers(0, 17, 6)
+    elif variant in ("ce_prob", "kl"):
+        t = rng.dirichlet(np.ones(17), 6).astype(np.float32)
+    else:
+        t = np.round(rng.uniform(size=x.shape)).astype(np.float32)
+    dx, dt = cuda.to_device(x), cuda.to_device(t)
+    loss, grad = ck.device_loss(variant, dx, dt, reduction="mean", with_grad=True)
+    assert ck._is_device(loss) and ck._is_device(grad)
+    host = {"ce_index": cs.cross_entropy_with_grad, "ce_prob": cs.cross_entropy_with_grad,
+            "kl": cs.kl_divergence_with_grad, "focal_softmax": cs.softmax_focal_loss_with_grad,
+            "bce_logits": cs.binary_cross_entropy_with_logits_with_grad,
+            "sigmoid_focal": lambda a, b: cs.sigmoid_focal_loss_with_grad(a, b,
+                                                                          reduction="mean")}
+    ref_l, ref_g = host[variant](x, t)
+    np.testing.assert_allclose(loss.copy_to_host()[0], ref_l, rtol=1e-6)
+    np.testing.assert_allclose(grad.copy_to_host(), ref_g, rtol=1e-6, atol=1e-9)
+    none = ck.device_loss(variant, dx, dt, reduction="none")
+    assert ck._is_device(none)
+    buf = cuda.to_device(x)
+    _, g2 = ck.device_loss(variant, buf, dt, with_grad=True, inplace=True)
+    assert g2 is buf or g2.device_ctypes_pointer.value == buf.device_ctypes_pointer.value
+    np.testing.assert_allclose(buf.copy_to_host(), ref_g, rtol=1e-6, atol=1e-9)
+
+
+def test_device_path_rejects_bad_input_clearly():
+    dx = cuda.to_device(np.zeros((2, 3), np.float16))
+    with pytest.raises(TypeError, match="logits"):
+        ck.device_loss("ce_index", dx, cuda.to_device(np.zeros(2, np.int64)))
+    dx = cuda.to_device(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="target"):
+        ck.device_loss("ce_index", dx, cuda.to_device(np.zeros(3, np.int64)))
+
+
+def test_public_functions_take_device_arrays_and_return_device_arrays():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4, 9)).astype(np.float32)
+    y = rng.integers(0, 9, 4)
+    dx, dy = cuda.to_device(x), cuda.to_device(y)
+    loss, grad = cs.cross_entropy_with_grad(dx, dy, backend="cuda", label_smoothing=0.1)
+    assert ck._is_device(loss) and ck._is_device(grad)
+    ref_l, ref_g = cs.cross_entropy_with_grad(x, y, label_smoothing=0.1)
+    np.testing.assert_allclose(loss.copy_to_host()[0], ref_l, rtol=1e-6)
+    np.testing.assert_allclose(grad.copy_to_host(), ref_g, rtol=1e-6, atol=1e-9)
+    t = np.round(rng.uniform(size=x.shape)).astype(np.float32)
+    out = cs.binary_cross_entropy_with_logits(dx, cuda.to_device(t), backend="cuda",
+                                              reduction="none")
+    assert ck._is_device(out)
+    np.testing.assert_allclose(out.copy_to_host(),
+                               cs.binary_cross_entropy_with_logits(x, t, reduction="none"),
+                               rtol=1e-6)
