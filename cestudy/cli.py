@@ -47,6 +47,8 @@ def add_commands(sub):
     b.add_argument("--modes", default="forward,forward_grad")
     b.add_argument("--repeats", type=int, default=7)
     b.add_argument("--json", help="also write the table as JSON here")
+    b.add_argument("--validate-only", action="store_true",
+                   help="--backend cuda: run the correctness checks, time nothing")
     b.add_argument("--results", default=str(DEFAULT_RESULTS),
                    help="store the bench cells here (study 'bench'); '' to skip")
 
