@@ -101,7 +101,9 @@ def _check(x_dev, y_dev, kernels, nt, dtype, rows=16, grad_rows=4):
     w = cuda.to_device(np.ones(c))
     loss = cuda.device_array(n, np.float64)
     grad = cuda.device_array((n, c), x.dtype)
-    kernels["ce_index"][n, nt](x, y, w, -100, 0.0, float(c), 1.0, True, loss, grad)
+    tpr = ck.threads_per_row(c, nt)
+    grid = (n + nt // tpr - 1) // (nt // tpr)
+    kernels["ce_index"][grid, nt](x, y, w, -100, 0.0, float(c), 1.0, True, tpr, loss, grad)
     cuda.synchronize()
     hx = x[:rows].copy_to_host()
     hy = y[:rows].copy_to_host()
@@ -178,9 +180,11 @@ def main(args):
                 _print(row)
             del torch
         for nt in ((8, 32) if sim else (256, 1024)):
-            k = ck.kernels(nt)
+            k = ck.kernels(nt, dtype == np.float32)
+            tpr = ck.threads_per_row(c, nt)
+            grid = (n + nt // tpr - 1) // (nt // tpr)
             try:
-                err, gerr = _check(dx[0], dy, k, nt, dtype)
+                err, gerr = _check(dx[0], dy, k, nt, dtype)  # noqa: F841 (tpr above)
             except Exception as exc:  # e.g. too many registers for this block size
                 print(f"threads={nt}: {type(exc).__name__}: {exc}")
                 result["rows"].append({"kernel": "launch failure", "n": n, "c": c,
@@ -195,16 +199,16 @@ def main(args):
                 continue
             cases = (
                 ("cestudy forward", size, lambda i: (
-                    k["ce_index"][n, nt](dx[i % count], dy, w, -100, 0.0, float(c), 1.0 / n,
-                                         False, loss, grad[:1, :1]),
+                    k["ce_index"][grid, nt](dx[i % count], dy, w, -100, 0.0, float(c), 1.0 / n,
+                                            False, tpr, loss, grad[:1, :1]),
                     k["reduce_sum"][1, nt](loss, total)), "forward"),
                 ("cestudy forward+grad", 2 * size, lambda i: (
-                    k["ce_index"][n, nt](dx[i % count], dy, w, -100, 0.0, float(c), 1.0 / n,
-                                         True, loss, grad),
+                    k["ce_index"][grid, nt](dx[i % count], dy, w, -100, 0.0, float(c), 1.0 / n,
+                                            True, tpr, loss, grad),
                     k["reduce_sum"][1, nt](loss, total)), "forward+backward"),
                 ("cestudy forward+grad inplace", 2 * size, lambda i: (
-                    k["ce_index"][n, nt](dx[i % count], dy, w, -100, 0.0, float(c), 1.0 / n,
-                                         True, loss, dx[i % count]),
+                    k["ce_index"][grid, nt](dx[i % count], dy, w, -100, 0.0, float(c), 1.0 / n,
+                                            True, tpr, loss, dx[i % count]),
                     k["reduce_sum"][1, nt](loss, total)), "forward+backward"),
             )
             for label, nbytes, fn, peer in cases:

@@ -47,17 +47,60 @@ EXP_UNDERFLOW = _scalar.EXP_UNDERFLOW
 MAX_THREADS = 1024
 
 
-def threads_per_block() -> int:
-    t = int(os.environ.get("CESTUDY_CUDA_THREADS", "256"))
+def threads_per_block(n_classes: int = 0) -> int:
+    """Threads per block for the row kernels: $CESTUDY_CUDA_THREADS when set (tests lower it for
+    the simulator), else 1024 for rows of >= 16384 classes and 256 otherwise (the H200 run in
+    reports/cuda.md measured both)."""
+    env = os.environ.get("CESTUDY_CUDA_THREADS")
+    t = int(env) if env else (1024 if n_classes >= 16384 else 256)
     if t < 1 or t > MAX_THREADS or t & (t - 1):
         raise ValueError(f"CESTUDY_CUDA_THREADS must be a power of two in 1..{MAX_THREADS}; "
                          f"got {t}")
     return t
 
 
+def threads_per_row(n_classes: int, nt: int) -> int:
+    """Threads that share one row: a power of two giving each about 8 elements, at most the
+    block. Small rows are packed several to a block instead of idling most of its threads."""
+    tpr = 1
+    while tpr < nt and tpr * 8 < n_classes:
+        tpr *= 2
+    return tpr
+
+
 # --------------------------------------------------------------------------------------------
-# Device functions: the row statistics and block reductions
+# Device functions
 # --------------------------------------------------------------------------------------------
+LOG2E = 1.4426950408889634
+LN2_HI = 6.93147180369123816490e-01
+LN2_LO = 1.90821492927058770002e-10
+SHIFTER = 6755399441055744.0
+EXP_FLUSH = -708.0
+
+
+@cuda.jit(device=True)
+def exp_neg_fast(d):
+    """exp(d) for d <= 0 in float64 to 7e-12 relative (Cody-Waite reduction, degree-9 Taylor),
+    0 below -708: the CPU fast kernels' exp (cpu_fast.exp_neg), for float32 results only, where
+    it is 1e-4 of an ulp and cheaper than libdevice's full-precision exp."""
+    if d < EXP_FLUSH:
+        return 0.0
+    t = d * LOG2E + SHIFTER
+    n = t - SHIFTER
+    r = (d - n * LN2_HI) - n * LN2_LO
+    p = 2.7557319223985893e-06
+    p = p * r + 2.48015873015873e-05
+    p = p * r + 0.0001984126984126984
+    p = p * r + 0.001388888888888889
+    p = p * r + 0.008333333333333333
+    p = p * r + 0.041666666666666664
+    p = p * r + 0.16666666666666666
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    return math.ldexp(p, int(n))
+
+
 @cuda.jit(device=True)
 def _scaled(m_from, m_to):
     """exp(m_from - m_to) for m_from <= m_to, from the exact difference (0 for -inf)."""
@@ -68,87 +111,55 @@ def _scaled(m_from, m_to):
 
 
 @cuda.jit(device=True)
-def row_stats(x, tid, nt, sh_m, sh_s, sh_t, sh_k, sh_bad):
-    """Block-wide (m, S, k, bad) of row x: m = max, S = sum_{j != k} exp(x_j - m), k = first
-    argmax, bad = the row holds a NaN. One read of the row; every thread gets the result."""
-    n = x.shape[0]
-    m = -math.inf
-    s = 0.0
-    c = 0.0
-    t = 0
-    k = n
-    bad = 0
-    for j in range(tid, n, nt):
-        v = float64(x[j])
-        if v != v:
-            bad = 1
-        elif v > m:
-            f = _scaled(m, v)
-            s = (s + t) * f
-            c = c * f
-            m = v
-            t = 1
-            k = j
-        elif v == m:
-            t += 1
-        else:
-            hi, lo = two_diff(v, m)
-            if hi >= EXP_UNDERFLOW:
-                s, c = neumaier_add(s, c, exp_dd(hi, lo))
-    sh_m[tid] = m
-    sh_s[tid] = s + c
-    sh_t[tid] = t
-    sh_k[tid] = k
-    sh_bad[tid] = bad
-    cuda.syncthreads()
-    stride = nt // 2
-    while stride > 0:
-        if tid < stride:
-            m1 = sh_m[tid]
-            m2 = sh_m[tid + stride]
-            s1 = sh_s[tid]
-            s2 = sh_s[tid + stride]
-            t1 = sh_t[tid]
-            t2 = sh_t[tid + stride]
-            k1 = sh_k[tid]
-            k2 = sh_k[tid + stride]
-            if m2 > m1:
-                m1, m2 = m2, m1
-                s1, s2 = s2, s1
-                t1, t2 = t2, t1
-                k1, k2 = k2, k1
-            if m2 == m1:
-                sh_s[tid] = s1 + s2
-                sh_t[tid] = t1 + t2
-                sh_k[tid] = min(k1, k2)
-            else:
-                sh_s[tid] = s1 + (s2 + t2) * _scaled(m2, m1)
-                sh_t[tid] = t1
-                sh_k[tid] = k1
-            sh_m[tid] = m1
-            sh_bad[tid] = max(sh_bad[tid], sh_bad[tid + stride])
-        cuda.syncthreads()
-        stride //= 2
-    m = sh_m[0]
-    S = sh_s[0] + (sh_t[0] - 1)
-    k = sh_k[0]
-    bad = sh_bad[0]
-    cuda.syncthreads()  # the shared arrays are reused by the caller
-    return m, S, k, bad
+def exp_shifted(v, m):
+    """exp(v - m) from the exact difference (float64 results)."""
+    hi, lo = two_diff(v, m)
+    if hi < EXP_UNDERFLOW:
+        return 0.0
+    return exp_dd(hi, lo)
 
 
 @cuda.jit(device=True)
-def block_sum(v, tid, nt, sh):
-    """Sum of one float64 per thread over the block (tree in shared memory)."""
-    sh[tid] = v
+def merge_stats(sh_m, sh_s, sh_t, sh_k, sh_bad, a, b):
+    """Merge the online state in slot b into slot a (shared memory)."""
+    m1 = sh_m[a]
+    m2 = sh_m[b]
+    s1 = sh_s[a]
+    s2 = sh_s[b]
+    t1 = sh_t[a]
+    t2 = sh_t[b]
+    k1 = sh_k[a]
+    k2 = sh_k[b]
+    if m2 > m1:
+        m1, m2 = m2, m1
+        s1, s2 = s2, s1
+        t1, t2 = t2, t1
+        k1, k2 = k2, k1
+    if m2 == m1:
+        sh_s[a] = s1 + s2
+        sh_t[a] = t1 + t2
+        sh_k[a] = min(k1, k2)
+    else:
+        sh_s[a] = s1 + (s2 + t2) * _scaled(m2, m1)
+        sh_t[a] = t1
+        sh_k[a] = k1
+    sh_m[a] = m1
+    sh_bad[a] = max(sh_bad[a], sh_bad[b])
+
+
+@cuda.jit(device=True)
+def group_sum(v, lane, tpr, base, sh):
+    """Sum of one float64 per thread over each group of ``tpr`` threads (tree in shared memory;
+    every thread of the block must call it, as it synchronises the block)."""
+    sh[base + lane] = v
     cuda.syncthreads()
-    stride = nt // 2
+    stride = tpr // 2
     while stride > 0:
-        if tid < stride:
-            sh[tid] += sh[tid + stride]
+        if lane < stride:
+            sh[base + lane] += sh[base + lane + stride]
         cuda.syncthreads()
         stride //= 2
-    total = sh[0]
+    total = sh[base]
     cuda.syncthreads()
     return total
 
@@ -165,225 +176,297 @@ def neg_log_prob(v, m, L):
     return hi + (L + lo)
 
 
-@cuda.jit(device=True)
-def exp_shifted(v, m):
-    hi, lo = two_diff(v, m)
-    if hi < EXP_UNDERFLOW:
-        return 0.0
-    return exp_dd(hi, lo)
-
-
 # --------------------------------------------------------------------------------------------
-# Kernel factories (one compiled set per block size)
+# Kernel factories (one compiled set per block size and precision path)
 # --------------------------------------------------------------------------------------------
 _CACHE = {}
 
 
-def kernels(nt=None):
-    """The kernel set for ``nt`` threads per block (compiled lazily, cached)."""
+def kernels(nt=None, fast32=False):
+    """The kernel set for ``nt`` threads per block (compiled lazily, cached). ``fast32`` selects
+    the float32-input path: plain float64 differences and sums and the polynomial exp, which
+    float32 results allow; the default path is the float64-exact one."""
     nt = threads_per_block() if nt is None else nt
-    if nt not in _CACHE:
-        _CACHE[nt] = _make_kernels(nt)
-    return _CACHE[nt]
+    key = (nt, bool(fast32))
+    if key not in _CACHE:
+        _CACHE[key] = _make_kernels(nt, bool(fast32))
+    return _CACHE[key]
 
 
-def _make_kernels(NT):
-    """Build the kernels for NT threads per block; returns {name: kernel}. ``PYFUNCS`` keeps the
-    plain Python functions so that tests can compile each one to PTX."""
+def _make_kernels(NT, FAST32=False):
+    """Build the kernels for NT threads per block; returns {name: kernel}, with the plain Python
+    functions under "_pyfuncs" so that tests can compile each one to PTX.
 
-    def ce_index(x, target, weight, ignore_index, eps, wsum, grad_scale, with_grad, out_loss,
-                 out_grad):
+    Row kernels take ``tpr``, the threads per row: the block holds NT // tpr rows, thread
+    ``tid`` works on row ``blockIdx.x * (NT // tpr) + tid // tpr``. Every thread reaches every
+    ``syncthreads`` (rows past the end and ignored rows compute on row 0 and write nothing)."""
+
+    @cuda.jit(device=True)
+    def term(v, m):
+        """exp(v - m) for v < m."""
+        if FAST32:
+            return exp_neg_fast(v - m)
+        return exp_shifted(v, m)
+
+    @cuda.jit(device=True)
+    def row_stats(x, lane, tpr, base, sh_m, sh_s, sh_t, sh_k, sh_bad):
+        """Group-wide (m, S, k, bad) of row x: m = max, S = sum_{j != k} exp(x_j - m), k = the
+        first argmax, bad = a NaN in the row. One read of the row."""
+        n = x.shape[0]
+        m = -math.inf
+        s = 0.0
+        c = 0.0
+        t = 0
+        k = n
+        bad = 0
+        for j in range(lane, n, tpr):
+            v = float64(x[j])
+            if v != v:
+                bad = 1
+            elif v > m:
+                f = _scaled(m, v)
+                s = (s + t) * f
+                c = c * f
+                m = v
+                t = 1
+                k = j
+            elif v == m:
+                t += 1
+            elif FAST32:
+                s += exp_neg_fast(v - m)
+            else:
+                hi, lo = two_diff(v, m)
+                if hi >= EXP_UNDERFLOW:
+                    s, c = neumaier_add(s, c, exp_dd(hi, lo))
+        sh_m[base + lane] = m
+        sh_s[base + lane] = s + c
+        sh_t[base + lane] = t
+        sh_k[base + lane] = k
+        sh_bad[base + lane] = bad
+        cuda.syncthreads()
+        stride = tpr // 2
+        while stride > 0:
+            if lane < stride:
+                merge_stats(sh_m, sh_s, sh_t, sh_k, sh_bad, base + lane, base + lane + stride)
+            cuda.syncthreads()
+            stride //= 2
+        m = sh_m[base]
+        S = sh_s[base] + (sh_t[base] - 1)
+        k = sh_k[base]
+        bad = sh_bad[base]
+        cuda.syncthreads()  # the shared arrays are reused by the caller
+        return m, S, k, bad
+
+    def ce_index(x, target, weight, ignore_index, eps, wsum, grad_scale, with_grad, tpr,
+                 out_loss, out_grad):
         sh_m = cuda.shared.array(NT, float64)
         sh_s = cuda.shared.array(NT, float64)
         sh_t = cuda.shared.array(NT, int64)
         sh_k = cuda.shared.array(NT, int64)
         sh_b = cuda.shared.array(NT, int64)
-        i = cuda.blockIdx.x
         tid = cuda.threadIdx.x
-        row = x[i]
+        g = tid // tpr
+        lane = tid - g * tpr
+        base = g * tpr
+        i = cuda.blockIdx.x * (NT // tpr) + g
+        n = x.shape[0]
+        active = i < n
+        row = x[i if active else 0]
         nc = row.shape[0]
-        y = target[i]
-        if y == ignore_index:
-            if tid == 0:
-                out_loss[i] = 0.0
-            if with_grad:
-                for j in range(tid, nc, NT):
-                    out_grad[i, j] = 0.0
-            return
-        xy = float64(row[y])
-        m, s, k, bad = row_stats(row, tid, NT, sh_m, sh_s, sh_t, sh_k, sh_b)
-        if bad != 0 or not math.isfinite(m):
-            if tid == 0:
-                out_loss[i] = math.nan
-            if with_grad:
-                for j in range(tid, nc, NT):
-                    out_grad[i, j] = math.nan
-            return
+        y = target[i] if active else ignore_index
+        skip = (not active) or y == ignore_index
+        yy = 0 if skip else y
+        xy = float64(row[yy])
+        m, s, k, bad = row_stats(row, lane, tpr, base, sh_m, sh_s, sh_t, sh_k, sh_b)
         L = math.log1p(s)
-        loss = weight[y] * neg_log_prob(xy, m, L)
+        loss = weight[yy] * neg_log_prob(xy, m, L)
         if eps != 0.0:
             ps = 0.0
             pc = 0.0
-            for j in range(tid, nc, NT):
+            for j in range(lane, nc, tpr):
                 ps, pc = neumaier_add(ps, pc, weight[j] * (m - float64(row[j])))
-            smooth = block_sum(ps + pc, tid, NT, sh_s) + wsum * L
+            smooth = group_sum(ps + pc, lane, tpr, base, sh_s) + wsum * L
             loss = (1.0 - eps) * loss + (eps / nc) * smooth
-        if tid == 0:
-            out_loss[i] = loss
-        if with_grad:
-            z = 1.0 + s
-            y_top = xy == m
-            c_true = (1.0 - eps) * weight[y] * grad_scale
-            c_smooth = (eps / nc) * grad_scale
-            for j in range(tid, nc, NT):
-                v = float64(row[j])
-                p = exp_shifted(v, m) / z
-                if j == y:
-                    g = c_true * (-s / z if y_top else p - 1.0)
+        if not active:
+            return
+        invalid = bad != 0 or not math.isfinite(m)
+        if lane == 0:
+            out_loss[i] = 0.0 if skip else (math.nan if invalid else loss)
+        if not with_grad:
+            return
+        if skip or invalid:
+            fill = 0.0 if skip else math.nan
+            for j in range(lane, nc, tpr):
+                out_grad[i, j] = fill
+            return
+        z = 1.0 + s
+        y_top = xy == m
+        c_true = (1.0 - eps) * weight[y] * grad_scale
+        c_smooth = (eps / nc) * grad_scale
+        for j in range(lane, nc, tpr):
+            v = float64(row[j])
+            p = (1.0 if v == m else term(v, m)) / z
+            if j == y:
+                gj = c_true * (-s / z if y_top else p - 1.0)
+            else:
+                gj = c_true * p
+            if eps != 0.0:
+                if (j == y and y_top) or (j == k and not y_top):
+                    gj += c_smooth * argmax_grad(wsum, weight[j], s, z)
                 else:
-                    g = c_true * p
-                if eps != 0.0:
-                    if (j == y and y_top) or (j == k and not y_top):
-                        g += c_smooth * argmax_grad(wsum, weight[j], s, z)
-                    else:
-                        g += c_smooth * (wsum * p - weight[j])
-                out_grad[i, j] = g
+                    gj += c_smooth * (wsum * p - weight[j])
+            out_grad[i, j] = gj
 
-    def ce_prob(x, target, weight, eps, grad_scale, with_grad, out_loss, out_grad):
+    def ce_prob(x, target, weight, eps, grad_scale, with_grad, tpr, out_loss, out_grad):
         sh_m = cuda.shared.array(NT, float64)
         sh_s = cuda.shared.array(NT, float64)
         sh_t = cuda.shared.array(NT, int64)
         sh_k = cuda.shared.array(NT, int64)
         sh_b = cuda.shared.array(NT, int64)
-        i = cuda.blockIdx.x
         tid = cuda.threadIdx.x
-        row = x[i]
-        trow = target[i]
+        g = tid // tpr
+        lane = tid - g * tpr
+        base = g * tpr
+        i = cuda.blockIdx.x * (NT // tpr) + g
+        active = i < x.shape[0]
+        row = x[i if active else 0]
+        trow = target[i if active else 0]
         nc = row.shape[0]
-        m, s, k, bad = row_stats(row, tid, NT, sh_m, sh_s, sh_t, sh_k, sh_b)
-        if bad != 0 or not math.isfinite(m):
-            if tid == 0:
-                out_loss[i] = math.nan
-            if with_grad:
-                for j in range(tid, nc, NT):
-                    out_grad[i, j] = math.nan
-            return
+        m, s, k, bad = row_stats(row, lane, tpr, base, sh_m, sh_s, sh_t, sh_k, sh_b)
         L = math.log1p(s)
         sa = 0.0
         ca = 0.0
         st = 0.0
         ct = 0.0
-        for j in range(tid, nc, NT):
+        for j in range(lane, nc, tpr):
             a = weight[j] * ((1.0 - eps) * float64(trow[j]) + eps / nc)
             if a != 0.0:
                 sa, ca = neumaier_add(sa, ca, a)
                 hi, lo = two_diff(m, float64(row[j]))
                 st, ct = neumaier_add(st, ct, a * hi)
                 ct += a * lo
-        a_sum = block_sum(sa + ca, tid, NT, sh_s)
-        t_sum = block_sum(st + ct, tid, NT, sh_s)
-        if tid == 0:
-            out_loss[i] = t_sum + a_sum * L
-        if with_grad:
-            z = 1.0 + s
-            for j in range(tid, nc, NT):
-                a = weight[j] * ((1.0 - eps) * float64(trow[j]) + eps / nc)
-                if j == k:
-                    g = argmax_grad(a_sum, a, s, z)
-                else:
-                    g = a_sum * (exp_shifted(float64(row[j]), m) / z) - a
-                out_grad[i, j] = g * grad_scale
+        a_sum = group_sum(sa + ca, lane, tpr, base, sh_s)
+        t_sum = group_sum(st + ct, lane, tpr, base, sh_s)
+        if not active:
+            return
+        invalid = bad != 0 or not math.isfinite(m)
+        if lane == 0:
+            out_loss[i] = math.nan if invalid else t_sum + a_sum * L
+        if not with_grad:
+            return
+        z = 1.0 + s
+        for j in range(lane, nc, tpr):
+            if invalid:
+                out_grad[i, j] = math.nan
+                continue
+            a = weight[j] * ((1.0 - eps) * float64(trow[j]) + eps / nc)
+            v = float64(row[j])
+            if j == k:
+                gj = argmax_grad(a_sum, a, s, z)
+            else:
+                gj = a_sum * ((1.0 if v == m else term(v, m)) / z) - a
+            out_grad[i, j] = gj * grad_scale
 
-    def kl(x, target, grad_scale, with_grad, out_loss, out_grad):
+    def kl(x, target, grad_scale, with_grad, tpr, out_loss, out_grad):
         sh_m = cuda.shared.array(NT, float64)
         sh_s = cuda.shared.array(NT, float64)
         sh_t = cuda.shared.array(NT, int64)
         sh_k = cuda.shared.array(NT, int64)
         sh_b = cuda.shared.array(NT, int64)
-        i = cuda.blockIdx.x
         tid = cuda.threadIdx.x
-        row = x[i]
-        prow = target[i]
+        g = tid // tpr
+        lane = tid - g * tpr
+        base = g * tpr
+        i = cuda.blockIdx.x * (NT // tpr) + g
+        active = i < x.shape[0]
+        row = x[i if active else 0]
+        prow = target[i if active else 0]
         nc = row.shape[0]
-        m, s, k, bad = row_stats(row, tid, NT, sh_m, sh_s, sh_t, sh_k, sh_b)
-        if bad != 0 or not math.isfinite(m):
-            if tid == 0:
-                out_loss[i] = math.nan
-            if with_grad:
-                for j in range(tid, nc, NT):
-                    out_grad[i, j] = math.nan
-            return
+        m, s, k, bad = row_stats(row, lane, tpr, base, sh_m, sh_s, sh_t, sh_k, sh_b)
         L = math.log1p(s)
         ks = 0.0
         kc = 0.0
         ps = 0.0
         pc = 0.0
-        for j in range(tid, nc, NT):
+        for j in range(lane, nc, tpr):
             p = float64(prow[j])
             if p != 0.0:
                 hi, lo = two_diff(m, float64(row[j]))
                 ks, kc = neumaier_add(ks, kc, p * ((hi + L) + (math.log(p) + lo)))
             ps, pc = neumaier_add(ps, pc, p)
-        total = block_sum(ks + kc, tid, NT, sh_s)
-        p_sum = block_sum(ps + pc, tid, NT, sh_s)
-        if tid == 0:
-            out_loss[i] = total
-        if with_grad:
-            z = 1.0 + s
-            for j in range(tid, nc, NT):
-                p = float64(prow[j])
-                if j == k:
-                    g = argmax_grad(p_sum, p, s, z)
-                else:
-                    g = p_sum * (exp_shifted(float64(row[j]), m) / z) - p
-                out_grad[i, j] = g * grad_scale
+        total = group_sum(ks + kc, lane, tpr, base, sh_s)
+        p_sum = group_sum(ps + pc, lane, tpr, base, sh_s)
+        if not active:
+            return
+        invalid = bad != 0 or not math.isfinite(m)
+        if lane == 0:
+            out_loss[i] = math.nan if invalid else total
+        if not with_grad:
+            return
+        z = 1.0 + s
+        for j in range(lane, nc, tpr):
+            if invalid:
+                out_grad[i, j] = math.nan
+                continue
+            p = float64(prow[j])
+            v = float64(row[j])
+            if j == k:
+                gj = argmax_grad(p_sum, p, s, z)
+            else:
+                gj = p_sum * ((1.0 if v == m else term(v, m)) / z) - p
+            out_grad[i, j] = gj * grad_scale
 
-    def focal_softmax(x, target, weight, ignore_index, gamma, grad_scale, with_grad, out_loss,
-                      out_grad):
+    def focal_softmax(x, target, weight, ignore_index, gamma, grad_scale, with_grad, tpr,
+                      out_loss, out_grad):
         sh_m = cuda.shared.array(NT, float64)
         sh_s = cuda.shared.array(NT, float64)
         sh_t = cuda.shared.array(NT, int64)
         sh_k = cuda.shared.array(NT, int64)
         sh_b = cuda.shared.array(NT, int64)
-        i = cuda.blockIdx.x
         tid = cuda.threadIdx.x
-        row = x[i]
+        g = tid // tpr
+        lane = tid - g * tpr
+        base = g * tpr
+        i = cuda.blockIdx.x * (NT // tpr) + g
+        active = i < x.shape[0]
+        row = x[i if active else 0]
         nc = row.shape[0]
-        y = target[i]
-        if y == ignore_index:
-            if tid == 0:
-                out_loss[i] = 0.0
-            if with_grad:
-                for j in range(tid, nc, NT):
-                    out_grad[i, j] = 0.0
+        y = target[i] if active else ignore_index
+        skip = (not active) or y == ignore_index
+        yy = 0 if skip else y
+        xy = float64(row[yy])
+        m, s, k, bad = row_stats(row, lane, tpr, base, sh_m, sh_s, sh_t, sh_k, sh_b)
+        if not active:
             return
-        xy = float64(row[y])
-        m, s, k, bad = row_stats(row, tid, NT, sh_m, sh_s, sh_t, sh_k, sh_b)
-        if bad != 0 or not math.isfinite(m):
-            if tid == 0:
-                out_loss[i] = math.nan
+        invalid = bad != 0 or not math.isfinite(m)
+        if skip or invalid:
+            fill = 0.0 if skip else math.nan
+            if lane == 0:
+                out_loss[i] = fill
             if with_grad:
-                for j in range(tid, nc, NT):
-                    out_grad[i, j] = math.nan
+                for j in range(lane, nc, tpr):
+                    out_grad[i, j] = fill
             return
         z = 1.0 + s
         ce = neg_log_prob(xy, m, math.log1p(s))
-        e_y = exp_shifted(xy, m)
+        e_y = 1.0 if xy == m else exp_shifted(xy, m)
         a = s / z if xy == m else (z - e_y) / z
         p_y = e_y / z
         w = weight[y]
         a_gamma = pow_nonneg(a, gamma)
-        if tid == 0:
+        if lane == 0:
             out_loss[i] = w * a_gamma * ce
-        if with_grad:
-            inner = gamma * ce * p_y + a
-            for j in range(tid, nc, NT):
-                if j == y:
-                    g = -w * a_gamma * inner
-                else:
-                    p = exp_shifted(float64(row[j]), m) / z
-                    g = 0.0 if p == 0.0 else w * (p / a) * a_gamma * inner
-                out_grad[i, j] = g * grad_scale
+        if not with_grad:
+            return
+        inner = gamma * ce * p_y + a
+        for j in range(lane, nc, tpr):
+            if j == y:
+                gj = -w * a_gamma * inner
+            else:
+                v = float64(row[j])
+                p = (1.0 if v == m else exp_shifted(v, m)) / z
+                gj = 0.0 if p == 0.0 else w * (p / a) * a_gamma * inner
+            out_grad[i, j] = gj * grad_scale
 
     def bce_logits(x, target, weight, pos_weight, grad_scale, with_grad, out_loss, out_grad):
         n, nc = x.shape
@@ -432,7 +515,7 @@ def _make_kernels(NT):
         c = 0.0
         for j in range(tid, values.shape[0], NT):
             s, c = neumaier_add(s, c, values[j])
-        total = block_sum(s + c, tid, NT, sh)
+        total = group_sum(s + c, tid, NT, 0, sh)
         if tid == 0:
             out[0] = total
 
@@ -447,7 +530,7 @@ def _make_kernels(NT):
             y = target[i]
             if y != ignore_index:
                 s, c = neumaier_add(s, c, weight[y])
-        total = block_sum(s + c, tid, NT, sh)
+        total = group_sum(s + c, tid, NT, 0, sh)
         if tid == 0:
             out[0] = total
 
@@ -507,14 +590,21 @@ def _dummy_grad(dtype):
     return cuda.device_array((1, 1), dtype=dtype)
 
 
-def _launch_rows(name, n, args):
-    k = kernels()
-    if n > 0:
-        k[name][n, k["threads"]](*args)
+def _launch_rows(name, x, head, tail):
+    """Launch row kernel ``name`` on logits ``x``: the block size and threads per row follow the
+    class count, float32 logits take the fast32 path."""
+    n, c = x.shape
+    if n == 0:
+        return
+    nt = threads_per_block(c)
+    tpr = threads_per_row(c, nt)
+    k = kernels(nt, x.dtype == np.float32)
+    rows_per_block = nt // tpr
+    k[name][(n + rows_per_block - 1) // rows_per_block, nt](*head, tpr, *tail)
 
 
 def _launch_elements(name, shape, args):
-    k = kernels()
+    k = kernels(threads_per_block())
     total = int(shape[0]) * int(shape[1])
     if total > 0:
         k[name][_grid_1d(total, k["threads"]), k["threads"]](*args)
@@ -547,10 +637,10 @@ def _ce_index(logits, target, weight, ignore_index, eps, grad_scale, out_loss, o
         logits.shape[0], np.float64)
     d_grad = None if out_grad is None else (out_grad if _is_device(out_grad) else
                                             cuda.device_array(logits.shape, logits.dtype))
-    _launch_rows("ce_index", logits.shape[0], (
+    _launch_rows("ce_index", logits, (
         _to_device(logits), _to_device(target), _to_device(w), int(ignore_index), float(eps),
-        wsum, float(grad_scale), out_grad is not None, d_loss,
-        d_grad if d_grad is not None else _dummy_grad(logits.dtype)))
+        wsum, float(grad_scale), out_grad is not None),
+        (d_loss, d_grad if d_grad is not None else _dummy_grad(logits.dtype)))
     _finish(out_loss, d_loss, out_grad, d_grad)
 
 
@@ -589,11 +679,11 @@ def _row_generic(name, logits, extra, grad_scale, out_loss, out_grad):
     d_loss = out_loss if _is_device(out_loss) else cuda.device_array(logits.shape[0], np.float64)
     d_grad = None if out_grad is None else (out_grad if _is_device(out_grad) else
                                             cuda.device_array(logits.shape, logits.dtype))
-    args = [_to_device(logits)]
-    args += [_to_device(a) if isinstance(a, np.ndarray) or _is_device(a) else a for a in extra]
-    args += [float(grad_scale), out_grad is not None, d_loss,
-             d_grad if d_grad is not None else _dummy_grad(logits.dtype)]
-    _launch_rows(name, logits.shape[0], tuple(args))
+    head = [_to_device(logits)]
+    head += [_to_device(a) if isinstance(a, np.ndarray) or _is_device(a) else a for a in extra]
+    head += [float(grad_scale), out_grad is not None]
+    _launch_rows(name, logits, tuple(head),
+                 (d_loss, d_grad if d_grad is not None else _dummy_grad(logits.dtype)))
     _finish(out_loss, d_loss, out_grad, d_grad)
 
 
@@ -673,7 +763,7 @@ def device_loss(variant, logits, target, *, reduction="mean", with_grad=False, i
     elif t.shape != x.shape:
         raise ValueError(f"target must have the logits' shape {x.shape}; got {t.shape}")
     w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
-    k = kernels()
+    k = kernels(threads_per_block())
     if variant in ("ce_index", "focal_softmax"):
         # torch's denominator sum_i w_{y_i} over non-ignored rows, summed on the device; its one
         # float64 is read back because the gradient kernel takes the scale as an argument
@@ -709,7 +799,7 @@ def device_loss(variant, logits, target, *, reduction="mean", with_grad=False, i
 
 def _device_reduce(per_sample, reduction, denom, dtype):
     """Reduce float64 per-sample losses on the device and cast to ``dtype`` (device arrays)."""
-    k = kernels()
+    k = kernels(threads_per_block())
     nt = k["threads"]
     flat = per_sample.reshape(per_sample.size) if per_sample.ndim > 1 else per_sample
     if reduction == "none":
