@@ -179,7 +179,7 @@ def main(args):
                 result["rows"].append(row)
                 _print(row)
             del torch
-        for nt in ((8, 32) if sim else (256, 1024)):
+        for nt in ((8, 32) if sim else (256, 512, 1024)):
             k = ck.kernels(nt, dtype == np.float32)
             tpr = ck.threads_per_row(c, nt)
             grid = (n + nt // tpr - 1) // (nt // tpr)

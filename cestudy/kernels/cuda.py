@@ -49,14 +49,17 @@ MAX_THREADS = 1024
 
 def threads_per_block(n_classes: int = 0) -> int:
     """Threads per block for the row kernels: $CESTUDY_CUDA_THREADS when set (tests lower it for
-    the simulator), else 1024 for rows of >= 16384 classes and 256 otherwise (the H200 run in
-    reports/cuda.md measured both)."""
+    the simulator), else 256 (the H200 run in reports/cuda.md compares 256, 512 and 1024)."""
     env = os.environ.get("CESTUDY_CUDA_THREADS")
-    t = int(env) if env else (1024 if n_classes >= 16384 else 256)
+    t = int(env) if env else 256
     if t < 1 or t > MAX_THREADS or t & (t - 1):
         raise ValueError(f"CESTUDY_CUDA_THREADS must be a power of two in 1..{MAX_THREADS}; "
                          f"got {t}")
     return t
+
+
+def _simulator() -> bool:
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
 
 def threads_per_row(n_classes: int, nt: int) -> int:
@@ -209,9 +212,33 @@ def _make_kernels(NT, FAST32=False):
         return exp_shifted(v, m)
 
     @cuda.jit(device=True)
+    def consume(v, j, m, s, c, t, k, bad):
+        """Fold element v = x_j into a thread's online state (m, s + c, t ties, k, bad)."""
+        if v != v:
+            bad = 1
+        elif v > m:
+            f = _scaled(m, v)
+            s = (s + t) * f
+            c = c * f
+            m = v
+            t = 1
+            k = j
+        elif v == m:
+            t += 1
+            k = min(k, j)
+        elif FAST32:
+            s += exp_neg_fast(v - m)
+        else:
+            hi, lo = two_diff(v, m)
+            if hi >= EXP_UNDERFLOW:
+                s, c = neumaier_add(s, c, exp_dd(hi, lo))
+        return m, s, c, t, k, bad
+
+    @cuda.jit(device=True)
     def row_stats(x, lane, tpr, base, sh_m, sh_s, sh_t, sh_k, sh_bad):
         """Group-wide (m, S, k, bad) of row x: m = max, S = sum_{j != k} exp(x_j - m), k = the
-        first argmax, bad = a NaN in the row. One read of the row."""
+        first argmax, bad = a NaN in the row. One read of the row; each thread issues four
+        loads before it computes on them, to keep enough bytes in flight to stream from HBM."""
         n = x.shape[0]
         m = -math.inf
         s = 0.0
@@ -219,25 +246,20 @@ def _make_kernels(NT, FAST32=False):
         t = 0
         k = n
         bad = 0
-        for j in range(lane, n, tpr):
-            v = float64(x[j])
-            if v != v:
-                bad = 1
-            elif v > m:
-                f = _scaled(m, v)
-                s = (s + t) * f
-                c = c * f
-                m = v
-                t = 1
-                k = j
-            elif v == m:
-                t += 1
-            elif FAST32:
-                s += exp_neg_fast(v - m)
-            else:
-                hi, lo = two_diff(v, m)
-                if hi >= EXP_UNDERFLOW:
-                    s, c = neumaier_add(s, c, exp_dd(hi, lo))
+        j = lane
+        while j + 3 * tpr < n:
+            v0 = float64(x[j])
+            v1 = float64(x[j + tpr])
+            v2 = float64(x[j + 2 * tpr])
+            v3 = float64(x[j + 3 * tpr])
+            m, s, c, t, k, bad = consume(v0, j, m, s, c, t, k, bad)
+            m, s, c, t, k, bad = consume(v1, j + tpr, m, s, c, t, k, bad)
+            m, s, c, t, k, bad = consume(v2, j + 2 * tpr, m, s, c, t, k, bad)
+            m, s, c, t, k, bad = consume(v3, j + 3 * tpr, m, s, c, t, k, bad)
+            j += 4 * tpr
+        while j < n:
+            m, s, c, t, k, bad = consume(float64(x[j]), j, m, s, c, t, k, bad)
+            j += tpr
         sh_m[base + lane] = m
         sh_s[base + lane] = s + c
         sh_t[base + lane] = t
@@ -256,6 +278,21 @@ def _make_kernels(NT, FAST32=False):
         bad = sh_bad[base]
         cuda.syncthreads()  # the shared arrays are reused by the caller
         return m, S, k, bad
+
+    @cuda.jit(device=True)
+    def ce_grad(v, j, y, k, y_top, m, s, z, c_true, c_smooth, eps, wsum, weight):
+        """One gradient element of the class-index cross-entropy (see cpu.py)."""
+        p = (1.0 if v == m else term(v, m)) / z
+        if j == y:
+            gj = c_true * (-s / z if y_top else p - 1.0)
+        else:
+            gj = c_true * p
+        if eps != 0.0:
+            if (j == y and y_top) or (j == k and not y_top):
+                gj += c_smooth * argmax_grad(wsum, weight[j], s, z)
+            else:
+                gj += c_smooth * (wsum * p - weight[j])
+        return gj
 
     def ce_index(x, target, weight, ignore_index, eps, wsum, grad_scale, with_grad, tpr,
                  out_loss, out_grad):
@@ -303,19 +340,25 @@ def _make_kernels(NT, FAST32=False):
         y_top = xy == m
         c_true = (1.0 - eps) * weight[y] * grad_scale
         c_smooth = (eps / nc) * grad_scale
-        for j in range(lane, nc, tpr):
-            v = float64(row[j])
-            p = (1.0 if v == m else term(v, m)) / z
-            if j == y:
-                gj = c_true * (-s / z if y_top else p - 1.0)
-            else:
-                gj = c_true * p
-            if eps != 0.0:
-                if (j == y and y_top) or (j == k and not y_top):
-                    gj += c_smooth * argmax_grad(wsum, weight[j], s, z)
-                else:
-                    gj += c_smooth * (wsum * p - weight[j])
-            out_grad[i, j] = gj
+        j = lane
+        while j + 3 * tpr < nc:
+            v0 = float64(row[j])
+            v1 = float64(row[j + tpr])
+            v2 = float64(row[j + 2 * tpr])
+            v3 = float64(row[j + 3 * tpr])
+            out_grad[i, j] = ce_grad(v0, j, y, k, y_top, m, s, z, c_true, c_smooth, eps, wsum,
+                                     weight)
+            out_grad[i, j + tpr] = ce_grad(v1, j + tpr, y, k, y_top, m, s, z, c_true, c_smooth,
+                                           eps, wsum, weight)
+            out_grad[i, j + 2 * tpr] = ce_grad(v2, j + 2 * tpr, y, k, y_top, m, s, z, c_true,
+                                               c_smooth, eps, wsum, weight)
+            out_grad[i, j + 3 * tpr] = ce_grad(v3, j + 3 * tpr, y, k, y_top, m, s, z, c_true,
+                                               c_smooth, eps, wsum, weight)
+            j += 4 * tpr
+        while j < nc:
+            out_grad[i, j] = ce_grad(float64(row[j]), j, y, k, y_top, m, s, z, c_true, c_smooth,
+                                     eps, wsum, weight)
+            j += tpr
 
     def ce_prob(x, target, weight, eps, grad_scale, with_grad, tpr, out_loss, out_grad):
         sh_m = cuda.shared.array(NT, float64)
@@ -543,7 +586,11 @@ def _make_kernels(NT, FAST32=False):
     funcs = dict(ce_index=ce_index, ce_prob=ce_prob, kl=kl, focal_softmax=focal_softmax,
                  bce_logits=bce_logits, sigmoid_focal=sigmoid_focal, reduce_sum=reduce_sum,
                  index_weight_sum=index_weight_sum, scale_cast=scale_cast)
-    compiled = {name: cuda.jit(f) for name, f in funcs.items()}
+    # launch_bounds caps the registers so that blocks of NT threads can always launch (without
+    # it, 1024-thread blocks of the unrolled row kernels ran out of registers on an H200)
+    # (the simulator's cuda.jit takes no launch_bounds)
+    opts = {} if _simulator() else {"launch_bounds": NT}
+    compiled = {name: cuda.jit(f, **opts) for name, f in funcs.items()}
     compiled["_pyfuncs"] = funcs
     compiled["threads"] = NT
     return compiled
