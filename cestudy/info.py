@@ -42,6 +42,10 @@ def cpu_features() -> str:
 
 
 def git_commit() -> str:
+    """HEAD of the checkout (+dirty), or $CESTUDY_GIT_COMMIT where the tree came without .git
+    (as on the lent GPU machines)."""
+    if os.environ.get("CESTUDY_GIT_COMMIT"):
+        return os.environ["CESTUDY_GIT_COMMIT"]
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,

@@ -49,9 +49,10 @@ MAX_THREADS = 1024
 
 def threads_per_block(n_classes: int = 0) -> int:
     """Threads per block for the row kernels: $CESTUDY_CUDA_THREADS when set (tests lower it for
-    the simulator), else 256 (the H200 run in reports/cuda.md compares 256, 512 and 1024)."""
+    the simulator), else 1024: fastest at every shape of the H200 run in reports/cuda.md,
+    which compares 256, 512 and 1024."""
     env = os.environ.get("CESTUDY_CUDA_THREADS")
-    t = int(env) if env else 256
+    t = int(env) if env else 1024
     if t < 1 or t > MAX_THREADS or t & (t - 1):
         raise ValueError(f"CESTUDY_CUDA_THREADS must be a power of two in 1..{MAX_THREADS}; "
                          f"got {t}")

@@ -42,6 +42,14 @@ def build_reports(source, out, export=True) -> list[Path]:
         path.write_text(md)
         written.append(path)
         summaries[study] = headline
+    cuda_json = out / "data" / "cuda_bench.json"
+    if cuda_json.exists():
+        import json
+
+        md, headline = cuda_report(json.loads(cuda_json.read_text()), out)
+        (out / "cuda.md").write_text(md)
+        written.append(out / "cuda.md")
+        summaries["cuda"] = headline
     index = out / "README.md"
     index.write_text(index_page(summaries, by_study, runs))
     written.append(index)
@@ -426,6 +434,71 @@ def higham_section(study, rows, out):
 
 
 # --------------------------------------------------------------------------------------------
+# GPU benchmark (reports/data/cuda_bench.json, written by `python -m cestudy bench --backend cuda`)
+# --------------------------------------------------------------------------------------------
+def cuda_report(doc, out):
+    m = doc.get("machine", {})
+    bw = doc.get("copy_bandwidth_gbs")
+    parts = ["# CUDA kernels on a GPU\n",
+             f"Measured by `python -m cestudy bench --backend cuda` on an **{doc.get('device')}** "
+             f"({doc.get('device_description')}) on {doc.get('date')}, from commit "
+             f"`{doc.get('source_commit', m.get('git_commit', 'unknown'))}`; numba "
+             f"{m.get('numba')}, numba-cuda {m.get('numba_cuda')}, torch {m.get('torch')}. "
+             "Raw log: [data/cuda_bench.log](data/cuda_bench.log); the same run's kernel tests "
+             "on the GPU: [data/cuda_gpu_tests.log](data/cuda_gpu_tests.log).\n",
+             "Timings are CUDA-event medians after warm-up, inputs rotated over several buffers "
+             "(at least three times the L2) so that they do not sit in L2. GB/s counts the logits "
+             "read plus, for the fused kernels, the gradient written (the kernels themselves read "
+             "the row a second time for the gradient). Every kernel was first checked against the "
+             "oracle (per-sample losses of the first rows, gradients of the first four rows; "
+             "`ulp` column). CUDA simulator timings are never recorded.\n",
+             f"Device-to-device copy bandwidth (bytes read + written): **{bw:.0f} GB/s**.\n"
+             if bw else ""]
+    rows = []
+    for r in doc.get("rows", []):
+        if "ms" not in r:
+            continue
+        vs = r.get("vs_torch")
+        rows.append((r["kernel"], f"{r['n']}x{r['c']}", r["dtype"],
+                     "" if r.get("threads") is None else r["threads"], f"{r['ms']:.3f}",
+                     f"{r['gb_per_s']:.0f}", fmt_pct(r["frac_copy_bw"]),
+                     "" if vs is None else f"{vs:.2f}x",
+                     "" if r.get("ulp") is None else fmt_ulp(r["ulp"])))
+    parts.append(table(["kernel", "shape", "dtype", "threads/block", "ms", "GB/s",
+                        "of copy bandwidth", "vs torch", "ulp (fwd)"], rows))
+    rel = _figure(out, "cuda", "throughput", figures.fig_cuda, doc)
+    if rel:
+        parts.append(f"![GPU throughput]({rel})\n")
+    best = {}
+    for r in doc.get("rows", []):
+        if "ms" in r and r["kernel"].startswith("cestudy") and r["dtype"] == "float32":
+            key = (r["kernel"], r["n"], r["c"])
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+    findings = []
+    big = max((k[1] * k[2] for k in best), default=0)
+    for (kernel, n, c), r in sorted(best.items()):
+        if n * c == big and kernel in ("cestudy forward", "cestudy forward+grad"):
+            findings.append(f"{kernel}, {n}x{c} float32: {r['ms']:.2f} ms, "
+                            f"{fmt_pct(r['frac_copy_bw'])} of the copy bandwidth (target 80%: "
+                            f"{'met' if r['frac_copy_bw'] >= 0.8 else 'not met'}), "
+                            f"{r['vs_torch']:.2f}x the speed of torch's eager "
+                            f"{'forward' if kernel.endswith('forward') else 'forward+backward'}"
+                            f" ({r['threads']} threads per block).")
+    slow = sorted({f"{n}x{c}" for (kernel, n, c), r in best.items()
+                   if kernel == "cestudy forward" and r["vs_torch"] < 1},
+                  key=lambda s: int(s.split("x")[1]))
+    if slow:
+        findings.append("Slower than torch's eager forward at " + ", ".join(slow) + ": the "
+                        "float64 arithmetic that keeps the accuracy contract (about 20 double-"
+                        "precision operations per element) bounds these kernels, not memory.")
+    parts.append("## Findings\n")
+    parts += [f"- {f}" for f in findings]
+    parts.append("")
+    return "\n".join(parts), findings[:2]
+
+
+# --------------------------------------------------------------------------------------------
 # Index
 # --------------------------------------------------------------------------------------------
 def index_page(summaries, by_study, runs):
@@ -438,6 +511,8 @@ def index_page(summaries, by_study, runs):
         for h in summaries[study]:
             lines.append(f"- [{study}]({study}.md): {h}")
     lines.append("\n## Studies\n")
+    if "cuda" in summaries:
+        lines.append("- [cuda](cuda.md): the CUDA kernels measured on a GPU.")
     for study in sorted(by_study):
         rows = by_study[study]
         m, _ = _manifest(rows, runs)

@@ -389,3 +389,38 @@ def fig_higham(rows, path):
     a2.grid(True, alpha=0.3)
     fig.suptitle("Blanchard, Higham & Higham 2021 on their MNIST data: simulated low precision")
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU benchmark
+# --------------------------------------------------------------------------------------------
+def fig_cuda(doc, path):
+    """Throughput per shape on the GPU: torch vs cestudy (best block size), with the measured
+    copy bandwidth as the ceiling."""
+    rows = [r for r in doc.get("rows", []) if "ms" in r and r.get("dtype") == "float32"]
+    if not rows:
+        return False
+    shapes = sorted({(r["n"], r["c"]) for r in rows}, key=lambda s: s[1])
+    series = {"torch forward": [], "torch forward+backward": [], "cestudy forward": [],
+              "cestudy forward+grad": []}
+    for s in shapes:
+        for label in series:
+            sel = [r["gb_per_s"] for r in rows if (r["n"], r["c"]) == s and r["kernel"] == label]
+            series[label].append(max(sel) if sel else np.nan)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = np.arange(len(shapes))
+    styles = {"torch forward": ("#1f77b4", "-"), "torch forward+backward": ("#1f77b4", "--"),
+              "cestudy forward": ("#17becf", "-"), "cestudy forward+grad": ("#17becf", "--")}
+    for label, vals in series.items():
+        col, ls = styles[label]
+        ax.plot(xs, vals, ls, marker="o", color=col, label=label)
+    bw = doc.get("copy_bandwidth_gbs")
+    if bw:
+        ax.axhline(bw, color="k", lw=1, ls=":", label=f"copy bandwidth {bw:.0f} GB/s")
+        ax.axhline(0.8 * bw, color="grey", lw=1, ls=":", label="80% of copy bandwidth")
+    ax.set_xticks(xs, [f"{n}x{c}" for n, c in shapes], fontsize=8)
+    ax.set_ylabel("GB/s of logits read (+ gradient written)")
+    ax.set_title(f"{doc.get('device', 'GPU')}: float32 cross-entropy throughput")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
