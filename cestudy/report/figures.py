@@ -424,3 +424,75 @@ def fig_cuda(doc, path):
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Training study
+# --------------------------------------------------------------------------------------------
+LOSS_COLOURS = {"ce": "#1f77b4", "ce_inverse": "#ff7f0e", "ce_effective": "#bcbd22",
+                "focal1": "#9467bd", "focal2": "#8c564b", "smooth": "#e377c2",
+                "naive": "#d62728", "clipped": "#7f7f7f", "sklearn": "#17becf",
+                "sklearn_balanced": "#2ca02c"}
+
+
+def fig_training_curves(rows, path):
+    """Training loss per epoch (mini-batch GD, logistic regression, seed 0), one panel per
+    (dataset, dtype) at the largest imbalance, one line per loss."""
+    rows = [r for r in rows if r["kind"] == "training" and r["status"] == "ok"
+            and r["p_optimizer"] == "gd" and r["p_model"] == "logreg" and r["p_seed"] == 0
+            and r.get("curve_train_loss")]
+    if not rows:
+        return False
+    top = max(r["p_imbalance"] for r in rows)
+    rows = [r for r in rows if r["p_imbalance"] == top and r["p_profile"] == "step"]
+    panels = sorted({(r["p_dataset"], r["p_dtype"]) for r in rows})
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (ds, dt) in zip(axes[0], panels):
+        for r in sorted((r for r in rows if (r["p_dataset"], r["p_dtype"]) == (ds, dt)),
+                        key=lambda r: r["p_loss"]):
+            ys = [_num(v) for v in r["curve_train_loss"]]
+            ax.plot(range(1, len(ys) + 1), [v if math.isfinite(v) else np.nan for v in ys],
+                    color=LOSS_COLOURS.get(r["p_loss"], "k"), label=r["p_loss"])
+            if r.get("first_nonfinite_step"):
+                ax.plot([len(ys)], [np.nanmax([v for v in ys if math.isfinite(v)] or [1])],
+                        "x", color=LOSS_COLOURS.get(r["p_loss"], "k"))
+        ax.set_yscale("log")
+        ax.set_title(f"{ds}, {dt}, imbalance {top:g}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("training objective (x: NaN/inf appeared)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Learning curves, logistic regression by mini-batch gradient descent")
+    return _save(fig, path)
+
+
+def fig_training_bacc(rows, path):
+    """Balanced accuracy (mean over seeds) vs imbalance ratio per loss, L-BFGS logistic
+    regression, float32 (and scikit-learn's peers)."""
+    rows = [r for r in rows if r["kind"] == "training" and r["status"] == "ok"
+            and r["p_optimizer"] == "lbfgs" and r["p_dtype"] in ("float32", "float64")
+            and r["p_profile"] == "step"]
+    datasets = sorted({r["p_dataset"] for r in rows})
+    if not datasets:
+        return False
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.8), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        sel = [r for r in rows if r["p_dataset"] == ds]
+        for loss in sorted({r["p_loss"] for r in sel}):
+            pts = {}
+            for r in sel:
+                if r["p_loss"] == loss:
+                    pts.setdefault(r["p_imbalance"], []).append(_num(r["balanced_accuracy"]))
+            xs = sorted(pts)
+            ax.plot(xs, [np.nanmean(pts[x]) for x in xs], "-o", ms=3,
+                    color=LOSS_COLOURS.get(loss, "k"), label=loss)
+        ax.set_xscale("log")
+        ax.set_title(ds)
+        ax.set_xlabel("imbalance ratio of the training split")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("balanced accuracy on the balanced test split")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Logistic regression by L-BFGS: which loss copes with imbalance")
+    return _save(fig, path)

@@ -38,6 +38,13 @@ def compute_cell(cell: dict) -> dict:
         out = bench.performance_cell(cell)
     elif kind == "higham":
         out = higham.compute(cell)
+    elif kind == "training":
+        from . import training
+
+        try:
+            out = training.train_cell(cell)
+        except training.SkipTraining as exc:
+            raise Skip(str(exc)) from None
     else:
         raise ValueError(f"unknown cell kind {kind!r}")
     out["cell_seconds"] = time.perf_counter() - t0

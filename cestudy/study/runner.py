@@ -24,7 +24,8 @@ from .store import Store, cell_key
 # after such a change recomputes, and one after a report-only change does not.
 RESULT_SOURCES = ("api.py", "_dtypes.py", "oracle.py", "formulations.py", "bench.py",
                   "kernels/cpu.py", "kernels/_scalar.py", "kernels/cuda.py",
-                  "study/compute.py", "study/inputs.py", "study/metrics.py", "study/higham.py")
+                  "study/compute.py", "study/inputs.py", "study/metrics.py", "study/higham.py",
+                  "study/training.py", "kernels/cpu_fast.py")
 
 
 def code_version() -> str:
@@ -84,6 +85,8 @@ def estimate_seconds(cells) -> float:
             t += 0.3 + 2.5e-9 * c["batch"] * c["classes"] * (c["repeats"] + 3) * 3
         elif c["kind"] == "imbalance":
             t += 0.01 + 2e-7 * c["batch"] * c["classes"]
+        elif c["kind"] == "training":
+            t += 0.3 if c["optimizer"] == "lbfgs" else 0.02 * c["epochs"]
         else:
             t += 0.5
     return t

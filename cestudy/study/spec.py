@@ -107,6 +107,21 @@ KINDS = {
         "repeats": _int(5),
         **COMMON,
     },
+    "training": {
+        "dataset": Key(str, "digits", ("digits", "breast_cancer")),
+        "model": Key(str, "logreg", ("logreg", "mlp")),
+        "optimizer": Key(str, "lbfgs", ("gd", "lbfgs")),
+        "loss": Key(str, "ce", ("ce", "ce_inverse", "ce_effective", "focal1", "focal2", "smooth",
+                                "naive", "clipped", "sklearn", "sklearn_balanced")),
+        "dtype": Key(str, "float32", _dtypes.DTYPE_NAMES),
+        "imbalance": _num(1.0, 1.0),
+        "profile": Key(str, "step", PROFILES),
+        "epochs": _int(30),
+        "lr": _num(0.5, 0.0),
+        "batch": _int(64),
+        "C": _num(1.0, 0.0),
+        **COMMON,
+    },
     "higham": {
         "dtype": Key(str, "float16", ("float16", "bfloat16")),
         "formulation": Key(str, "basic", HIGHAM_FORMULATIONS),
@@ -167,6 +182,16 @@ def _normalise(cell):
             pass  # classes = number of independent binary outputs per sample
         if cell["family"] in ("near_overflow", "nan_inf", "masked"):
             cell["scale"] = cell["scale"] if cell["family"] == "masked" else 1.0
+    if kind == "training":
+        if cell["loss"].startswith("sklearn"):
+            cell.update(model="logreg", optimizer="lbfgs", dtype="float64")
+        if cell["model"] == "mlp" and cell["optimizer"] == "lbfgs":
+            return None
+        if cell["optimizer"] == "lbfgs":
+            cell.update(lr=KINDS["training"]["lr"].default,
+                        batch=KINDS["training"]["batch"].default)
+    if kind in ("training", "imbalance") and cell["imbalance"] == 1.0:
+        cell["profile"] = "step"  # with no imbalance the profiles coincide
     return cell
 
 
