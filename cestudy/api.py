@@ -22,6 +22,7 @@ Conventions shared by every function:
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 from . import _dtypes

@@ -35,7 +35,8 @@ def cuda_status() -> tuple[bool, str]:
             return True, "CUDA simulator (NUMBA_ENABLE_CUDASIM=1; timings are meaningless)"
         dev = cuda.get_current_device()
         name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-        return True, f"{name} (compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]})"
+        major, minor = dev.compute_capability
+        return True, f"{name} (compute capability {major}.{minor})"
     except Exception as exc:  # driver errors surface as various exception types
         return False, f"CUDA is not usable: {exc}"
 

@@ -50,7 +50,8 @@ def _row(res, variant, impl, mode, n, c, dtype):
     ratio = r.get("speedup_vs_torch")
     return (f"{variant:10s} {impl:9s} {mode:12s} {n:>5d}x{c:<7d} {dtype:8s} "
             f"{1e3 * r['median_s']:9.3f} {r['gb_per_s']:7.2f} {100 * r['frac_bandwidth']:6.1f}% "
-            f"{'' if ratio is None else f'{ratio:7.2f}x':>8s} {r.get('check_ulp', float('nan')):8.3g}")
+            f"{'' if ratio is None else f'{ratio:7.2f}x':>8s} "
+            f"{r.get('check_ulp', float('nan')):8.3g}")
 
 
 HEADER = (f"{'variant':10s} {'kernel':9s} {'mode':12s} {'shape':13s} {'dtype':8s} "

@@ -221,7 +221,7 @@ def main(args):
                        "ulp": err, "grad_ulp": gerr}
                 result["rows"].append(row)
                 _print(row)
-        del xs, dx, grad
+        xs = dx = grad = None  # free this shape's buffers before the next
     if getattr(args, "json", None):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, sort_keys=True, default=str)

@@ -29,9 +29,8 @@ def cpu_model() -> str:
 
 def cpu_features() -> str:
     try:
-        from numba.misc.numba_sysinfo import get_sysinfo  # noqa: F401
-
         import llvmlite.binding as llvm
+        from numba.misc.numba_sysinfo import get_sysinfo  # noqa: F401
 
         feats = llvm.get_host_cpu_features().flatten()
         keep = [f for f in feats.split(",") if f.startswith("+") and any(

@@ -135,7 +135,9 @@ class _Rows:
 
 
 def _weights(weight, c):
-    return np.ones(c, dtype=LD) if weight is None else np.asarray(weight, dtype=np.float64).astype(LD)
+    if weight is None:
+        return np.ones(c, dtype=LD)
+    return np.asarray(weight, dtype=np.float64).astype(LD)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The accuracy contract: every public kernel within 4 ulp of the oracle, float32 and float64.
 
 Inputs mix ordinary rows with the extremes the contract names: confident rows (tiny losses),
-large offsets, -inf masked classes, wide logit scales. Exception, measured and documented: the
+large offsets, -inf masked classes, wide logit scales. Exceptions, measured and documented: the
 float64 sigmoid focal loss multiplies the error of sigmoid by gamma (b**gamma), reaching ~6.5 ulp,
-so it is held to 8 ulp; likewise the softmax focal loss with gamma > 2 in float64 (2 gamma + 2). Soft-target BCE gradients are conditioning-limited (they cancel where
-sigmoid(x) = t) and are checked only for hard targets.
+so it is held to 8 ulp; likewise the softmax focal loss with gamma > 2 in float64 (2 gamma + 2).
+Soft-target BCE gradients are conditioning-limited (they cancel where sigmoid(x) = t) and are
+checked only for hard targets.
 """
 import numpy as np
 import pytest

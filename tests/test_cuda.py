@@ -49,10 +49,9 @@ def test_every_cuda_kernel_compiles_to_ptx(cc, dtype, monkeypatch):
     import types as pytypes
 
     try:
+        import numba_cuda  # noqa: F401  (NVIDIA's numba-cuda with its NVVM wheel)
         from numba import cuda
         from numba.cuda import compile_ptx
-
-        import numba_cuda  # noqa: F401  (NVIDIA's numba-cuda with its NVVM wheel)
     except ImportError as exc:
         pytest.fail(f"numba-cuda[cu13] is needed for the PTX test (pip install "
                     f"'cestudy[cuda]'): {exc}")

@@ -183,8 +183,8 @@ def test_softmax_focal_loss_against_its_autograd_definition(dtype, reduction, ga
     loss, grad = cs.softmax_focal_loss_with_grad(x, y, gamma=gamma, weight=w,
                                                  reduction=reduction)
     xt = _t(x, True)
-    per, denom = _torch_softmax_focal(xt, torch.tensor(y), gamma, torch.tensor(w.astype(dtype).astype(np.float64)),
-                                      -100)
+    wt = torch.tensor(w.astype(dtype).astype(np.float64))
+    per, denom = _torch_softmax_focal(xt, torch.tensor(y), gamma, wt, -100)
     ref = {"mean": per.sum() / denom, "sum": per.sum(), "none": per}[reduction]
     ref.sum().backward()
     _close_to_torch(loss, ref.detach().numpy(), dtype)

@@ -1,4 +1,5 @@
-"""Scalar building blocks shared by the CPU (``numba.njit``) and CUDA (``cuda.jit(device=True)``) kernels.
+"""Scalar building blocks shared by the CPU (``numba.njit``) and CUDA (``cuda.jit(device=True)``)
+kernels.
 
 This module holds plain Python functions on floats that use only ``math``; ``cpu.py`` and
 ``cuda.py`` compile them for their target. It must not import numba or numpy, so that the same

@@ -508,7 +508,8 @@ def _sigmoid_focal_elem(x, t, alpha, gamma):
     """torchvision.ops.sigmoid_focal_loss for one element, returns (loss, dloss/dx).
 
     b = 1 - p_t = t s(-x) + (1 - t) s(x) (positive terms), ce = BCE with logits,
-    loss = alpha_t ce b^gamma,  d/dx = alpha_t [(s(x) - t) b^gamma + gamma ce b^(gamma-1) (1-2t) s(x) s(-x)].
+    loss = alpha_t ce b^gamma,
+    d/dx = alpha_t [(s(x) - t) b^gamma + gamma ce b^(gamma-1) (1 - 2t) s(x) s(-x)].
     """
     sp = sigmoid(x)
     sn = sigmoid(-x)

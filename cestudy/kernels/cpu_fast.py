@@ -3,8 +3,8 @@
 numba 0.68 has no SVML, so ``math.exp`` in a jitted loop stays a scalar libm call (about 3 ns per
 element). These kernels use ``exp_neg``, an exp written in Numba that LLVM vectorises: float64
 Cody-Waite range reduction, a degree-9 Taylor polynomial on |r| <= ln2/2 (truncation error
-< 7e-12 relative, 1e-4 of a float32 ulp) and 2^n built by an int64-to-float64 bitcast. For float32 inputs every step
-stays in float64:
+< 7e-12 relative, 1e-4 of a float32 ulp) and 2^n built by an int64-to-float64 bitcast. For
+float32 inputs every step stays in float64:
 
 - x_j - m is exact in float64 (both are float32), so the tiny losses of confident rows, where
   the rounding of x_j - m would decide the result in float32 arithmetic, need no special path;
@@ -14,7 +14,8 @@ stays in float64:
 The result is rounded to float32 once, so the kernels stay within 1 ulp of the exact value
 (measured in ``tests/test_fast_kernels.py`` and the studies). Terms below exp(-708) are flushed
 to 0: they cannot affect a float32 result. Only ``contract`` (FMA) and ``reassoc`` are used:
-never ``nnan``/``ninf``, which would fold away the NaN checks.
+never ``nnan``/``ninf``, which would fold away the NaN checks. The maximum is taken over integer
+keys of the bit patterns, a reduction LLVM vectorises without fast-math flags.
 """
 import math
 

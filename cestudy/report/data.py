@@ -11,7 +11,7 @@ import io
 import json
 from pathlib import Path
 
-from ..study.store import Store, canonical, json_safe, load_metrics
+from ..study.store import Store, canonical, json_safe
 
 
 def export_rows(store: Store, study=None) -> list[dict]:
