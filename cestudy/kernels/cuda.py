@@ -206,6 +206,14 @@ def _make_kernels(NT, FAST32=False):
     ``syncthreads`` (rows past the end and ignored rows compute on row 0 and write nothing)."""
 
     @cuda.jit(device=True)
+    def locate(tpr):
+        """(lane, base, row): this thread's place in its group of ``tpr`` threads, the group's
+        first slot in the shared arrays, and the row the group works on."""
+        tid = cuda.threadIdx.x
+        g = tid // tpr
+        return tid - g * tpr, g * tpr, cuda.blockIdx.x * (NT // tpr) + g
+
+    @cuda.jit(device=True)
     def term(v, m):
         """exp(v - m) for v < m."""
         if FAST32:
@@ -302,11 +310,7 @@ def _make_kernels(NT, FAST32=False):
         sh_t = cuda.shared.array(NT, int64)
         sh_k = cuda.shared.array(NT, int64)
         sh_b = cuda.shared.array(NT, int64)
-        tid = cuda.threadIdx.x
-        g = tid // tpr
-        lane = tid - g * tpr
-        base = g * tpr
-        i = cuda.blockIdx.x * (NT // tpr) + g
+        lane, base, i = locate(tpr)
         n = x.shape[0]
         active = i < n
         row = x[i if active else 0]
@@ -367,11 +371,7 @@ def _make_kernels(NT, FAST32=False):
         sh_t = cuda.shared.array(NT, int64)
         sh_k = cuda.shared.array(NT, int64)
         sh_b = cuda.shared.array(NT, int64)
-        tid = cuda.threadIdx.x
-        g = tid // tpr
-        lane = tid - g * tpr
-        base = g * tpr
-        i = cuda.blockIdx.x * (NT // tpr) + g
+        lane, base, i = locate(tpr)
         active = i < x.shape[0]
         row = x[i if active else 0]
         trow = target[i if active else 0]
@@ -417,11 +417,7 @@ def _make_kernels(NT, FAST32=False):
         sh_t = cuda.shared.array(NT, int64)
         sh_k = cuda.shared.array(NT, int64)
         sh_b = cuda.shared.array(NT, int64)
-        tid = cuda.threadIdx.x
-        g = tid // tpr
-        lane = tid - g * tpr
-        base = g * tpr
-        i = cuda.blockIdx.x * (NT // tpr) + g
+        lane, base, i = locate(tpr)
         active = i < x.shape[0]
         row = x[i if active else 0]
         prow = target[i if active else 0]
@@ -467,11 +463,7 @@ def _make_kernels(NT, FAST32=False):
         sh_t = cuda.shared.array(NT, int64)
         sh_k = cuda.shared.array(NT, int64)
         sh_b = cuda.shared.array(NT, int64)
-        tid = cuda.threadIdx.x
-        g = tid // tpr
-        lane = tid - g * tpr
-        base = g * tpr
-        i = cuda.blockIdx.x * (NT // tpr) + g
+        lane, base, i = locate(tpr)
         active = i < x.shape[0]
         row = x[i if active else 0]
         nc = row.shape[0]

@@ -122,6 +122,8 @@ def study_report(study, rows, runs, out):
         body, h = performance_section(study, rows, out)
         parts.append(body)
         headline += h
+    if kinds & {"coldstart", "scaling", "worstcase"}:
+        parts.append(bench_extras_section(rows))
     if "training" in kinds:
         body, h = training_section(study, rows, out)
         parts.append(body)
@@ -393,6 +395,44 @@ def performance_section(study, rows, out):
     parts += [f"- {f}" for f in findings]
     parts.append("")
     return "\n".join(parts), findings[:2]
+
+
+def bench_extras_section(rows):
+    ok = [r for r in rows if r["status"] == "ok"]
+    parts = ["## Cold start, threads and the worst case\n"]
+    for r in ok:
+        if r["kind"] == "coldstart":
+            parts.append(f"- Cold start (a fresh process: `import cestudy`, then the first forward "
+                         f"and fused call on float32): **{r['cold_s']:.2f} s** with an empty Numba "
+                         f"cache (compilation), **{r['warm_cache_s']:.2f} s** with the cache it "
+                         f"left.")
+    sc = sorted((r for r in ok if r["kind"] == "scaling"),
+                key=lambda r: (r["p_mode"], r["p_implementation"], r["p_threads"]))
+    if sc:
+        parts.append("\nThreads (2048 x 32768 float32, the same run):\n")
+        parts.append(table(["kernel", "mode", "threads", "ms"],
+                           [(r["p_implementation"], r["p_mode"], r["p_threads"],
+                             f"{1e3 * r['median_s']:.2f}") for r in sc]))
+        for impl in sorted({r["p_implementation"] for r in sc}):
+            for mode in sorted({r["p_mode"] for r in sc}):
+                t = {r["p_threads"]: r["median_s"] for r in sc
+                     if r["p_implementation"] == impl and r["p_mode"] == mode}
+                if len(t) > 1:
+                    lo, hi = min(t), max(t)
+                    parts.append(f"- {impl} {mode}: {t[lo] / t[hi]:.2f}x faster with {hi} threads "
+                                 f"than with {lo}.")
+    wc = [r for r in ok if r["kind"] == "worstcase"]
+    perf = {(r["p_mode"]): r["median_s"] for r in ok if r["kind"] == "performance"
+            and r["p_implementation"] == "numba" and r["p_variant"] == "ce_index"
+            and r["p_dtype"] == "float32" and r["p_batch"] == 2048 and r["p_classes"] == 32768}
+    for r in sorted(wc, key=lambda r: r["p_mode"]):
+        typical = perf.get(r["p_mode"])
+        parts.append(f"- Every row confident-correct (true logit 50 above the rest), "
+                     f"{r['p_mode']}, 2048 x 32768 float32: {1e3 * r['median_s']:.2f} ms"
+                     + (f" (typical rows: {1e3 * typical:.2f} ms): the kernels have no slow "
+                        "path for tiny losses." if typical else "."))
+    parts.append("")
+    return "\n".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
