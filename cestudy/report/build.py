@@ -599,8 +599,9 @@ def cuda_report(doc, out):
              f"({doc.get('device_description')}) on {doc.get('date')}, from commit "
              f"`{doc.get('source_commit', m.get('git_commit', 'unknown'))}`; numba "
              f"{m.get('numba')}, numba-cuda {m.get('numba_cuda')}, torch {m.get('torch')}. "
-             "Raw log: [data/cuda_bench.log](data/cuda_bench.log); the same run's kernel tests "
-             "on the GPU: [data/cuda_gpu_tests.log](data/cuda_gpu_tests.log).\n",
+             "Raw log: [data/cuda_bench.log](data/cuda_bench.log); the kernel tests "
+             "(`tests/cudasim`, the simulator suite) run on the GPU: "
+             "[data/cuda_gpu_tests.log](data/cuda_gpu_tests.log).\n",
              "Timings are CUDA-event medians after warm-up, inputs rotated over several buffers "
              "(at least three times the L2) so that they do not sit in L2. GB/s counts the logits "
              "read plus, for the fused kernels, the gradient written (the kernels themselves read "
