@@ -218,7 +218,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         t = _prob_target(tgt, arr.shape, x.dtype)
         denom = float(n)
         scale = _grad_scale(reduction, denom)
-        k = cuda or cpu
+        k = cuda or (cpu_fast if x.dtype == np.float32 else cpu)
         if with_grad:
             k.cross_entropy_prob_fwd_grad(x, t, w, eps, scale, loss, grad)
         else:
@@ -366,7 +366,7 @@ def _bce_logits(logits, target, weight, pos_weight, reduction, backend, with_gra
     w = _elementwise_weights("weight", weight, arr.shape)
     pw = _elementwise_weights("pos_weight", pos_weight, arr.shape)
     loss = np.empty(x.shape, dtype=np.float64)
-    k = cuda or cpu
+    k = cuda or (cpu_fast if x.dtype == np.float32 else cpu)
     if with_grad:
         grad = np.empty_like(x)
         k.bce_with_logits_fwd_grad(x, t, w, pw, _grad_scale(reduction, arr.size), loss, grad)

@@ -92,3 +92,64 @@ def test_random_rows_agree_with_reference_kernel_and_oracle(c):
         np.testing.assert_allclose(loss, ref, rtol=1e-9)
         exact_g = oracle.cross_entropy_grad(x, y, w, label_smoothing=eps) / n
         assert_grad_ulp(grad, exact_g, np.float32, tol=2)
+
+
+def test_log1p_unit_relative_error_over_its_whole_input_range():
+    @njit
+    def many(e, out):
+        for i in range(e.shape[0]):
+            out[i] = cpu_fast.log1p_unit(e[i])
+
+    e = np.concatenate([np.logspace(-300, 0, 200000), np.linspace(0, 1, 100001)])
+    out = np.empty_like(e)
+    many(e, out)
+    exact = np.log1p(e.astype(np.longdouble))
+    nz = exact > 0
+    assert np.max(np.abs(out[nz] - exact[nz]) / exact[nz]) < 1e-13
+    assert out[~nz].max() == 0.0
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_fast_soft_target_cross_entropy(eps):
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(30, 40)) * 10.0 ** rng.uniform(-2, 2, (30, 1))).astype(np.float32)
+    x[3, ::4] = -np.inf
+    p = rng.dirichlet(np.full(40, 0.3), 30).astype(np.float32)
+    p[3, ::4] = 0.0
+    p[3] /= p[3].sum()
+    x[5] = np.float32(1e6)  # all ties
+    w = rng.uniform(0.2, 2, 40)
+    loss = np.empty(30)
+    fused = np.empty(30)
+    grad = np.empty_like(x)
+    cpu_fast.cross_entropy_prob_fwd(x, p, w, eps, loss)
+    cpu_fast.cross_entropy_prob_fwd_grad(x, p, w, eps, 1.0, fused, grad)
+    np.testing.assert_array_equal(loss, fused)
+    exact = oracle.cross_entropy_prob(x, p, w, eps)
+    assert_ulp(loss, exact, np.float32, tol=1)
+    ok = np.isfinite(exact)
+    assert_grad_ulp(grad[ok], oracle.cross_entropy_prob_grad(x, p, w, eps)[ok], np.float32,
+                    tol=2)
+
+
+def test_fast_bce_with_logits_keeps_tiny_losses_and_nan():
+    rng = np.random.default_rng(6)
+    x = (rng.normal(size=(20, 17)) * 10.0 ** rng.uniform(-2, 2.5, (20, 1))).astype(np.float32)
+    x[0, :4] = [18.0, -18.0, 90.0, -104.0]
+    x[1, 0] = np.nan
+    t = np.round(rng.uniform(size=x.shape)).astype(np.float32)
+    t[0, :4] = [1.0, 0.0, 1.0, 0.0]
+    pw = np.broadcast_to(rng.uniform(0.5, 3, 17), x.shape)
+    w = np.broadcast_to(np.float64(1.5), x.shape)
+    loss = np.empty(x.shape)
+    fused = np.empty(x.shape)
+    grad = np.empty_like(x)
+    cpu_fast.bce_with_logits_fwd(x, t, w, pw, loss)
+    cpu_fast.bce_with_logits_fwd_grad(x, t, w, pw, 1.0, fused, grad)
+    np.testing.assert_array_equal(loss, fused)
+    assert np.isnan(loss[1, 0]) and np.isnan(grad[1, 0])
+    assert np.all(loss[0, :4] > 0)
+    ok = np.isfinite(x)
+    assert_ulp(loss.astype(np.float32)[ok], oracle.bce_with_logits(x, t, w, pw)[ok],
+               np.float32, tol=1)
+    assert_ulp(grad[ok], oracle.bce_with_logits_grad(x, t, w, pw)[ok], np.float32, tol=1)
