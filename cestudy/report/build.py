@@ -296,8 +296,10 @@ def accuracy_findings(acc):
         worst = min(clip, key=lambda r: _num(r.get("clip_bias_nats")))
         f.append(f"Epsilon clipping (eps = {worst['p_clip_eps']:g}, {worst['p_dtype']}) biases "
                  f"the loss by {_num(worst['clip_bias_nats']):.3g} nats on average where it "
-                 f"engages (margin {worst['p_scale']:g}) and zeroes the gradient of "
-                 f"{fmt_pct(_worst(clip, 'clip_frac_grad_zeroed'))} of rows in the worst cell.")
+                 f"engages in its worst cell ({worst['p_family']} logits at scale "
+                 f"{worst['p_scale']:g}, {worst['p_classes']} classes), and zeroes the gradient "
+                 f"of up to {fmt_pct(_worst(clip, 'clip_frac_grad_zeroed'))} of the rows of a "
+                 f"cell.")
     return f
 
 
