@@ -72,7 +72,7 @@ def test_grid_expansion_drops_inapplicable_combinations(tmp_path):
     ("name='x'\n[[part]]\nkind='accuracy'\nimplementation=['fast']\n", "allowed: naive"),
     ("name='x'\n[[part]]\nkind='accuracy'\ndtype=['float8']\n", "unknown value 'float8'"),
     ("name='x'\n[[part]]\nkind='accuracy'\nclasses=[1]\n", "must be >= 2"),
-    ("name='x'\n[[part]]\nkind='training'\n", "unknown kind"),
+    ("name='x'\n[[part]]\nkind='trianing'\n", "unknown kind"),
     ("name='x'\n", "at least one [[part]]"),
     ("name='x'\nextra=1\n[[part]]\nkind='accuracy'\n", "unknown top-level key"),
     ("name='x'\n[[part]]\nkind='accuracy'\nvariant=['bce_probs']\nimplementation=['scipy']\n",

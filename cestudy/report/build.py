@@ -42,7 +42,10 @@ def build_reports(source, out, export=True) -> list[Path]:
         path.write_text(md)
         written.append(path)
         summaries[study] = headline
+    # the GPU benchmark's JSON lives beside the results export (reports/data/)
     cuda_json = out / "data" / "cuda_bench.json"
+    if not cuda_json.exists() and source.suffix == ".json":
+        cuda_json = source.parent / "cuda_bench.json"
     if cuda_json.exists():
         import json
 
