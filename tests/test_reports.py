@@ -132,3 +132,25 @@ def test_committed_reports_resolve_and_rebuild_byte_for_byte(tmp_path):
     assert mds and mds == sorted(p.name for p in out.glob("*.md"))
     for name in mds:
         assert filecmp.cmp(committed / name, out / name, shallow=False), name
+
+
+def test_running_one_study_keeps_the_other_studies_results_in_the_export(store_path, tmp_path):
+    import json
+
+    out = tmp_path / "reports"
+    build.build_reports(store_path, out)
+    before = json.loads((out / "data" / "results.json").read_text())
+    other = tmp_path / "other.toml"
+    other.write_text(STUDY.replace('name = "mini"', 'name = "other"').split("[[part]]")[0]
+                     + "[[part]]" + STUDY.split("[[part]]")[1])
+    with Store(tmp_path / "second.sqlite") as st:
+        runner.run_study(spec.load(str(other)), st, quiet=True)
+    build.build_reports(tmp_path / "second.sqlite", out)
+    after = json.loads((out / "data" / "results.json").read_text())
+    studies = {r["study"] for r in after["cells"]}
+    assert studies == {"mini", "other"}
+    assert len(after["cells"]) == len(before["cells"]) + sum(
+        1 for r in after["cells"] if r["study"] == "other")
+    assert (out / "mini.md").exists() and (out / "other.md").exists()
+    run_ids = {r["run_id"] for r in after["runs"]}
+    assert {r["run_id"] for r in after["cells"]} <= run_ids

@@ -40,10 +40,37 @@ def export_document(store: Store) -> dict:
     return {"format": "cestudy-results-1", "runs": runs, "cells": rows}
 
 
+def merge_documents(previous: dict, local: dict) -> dict:
+    """The union of an earlier export and the local store's export: local cells replace the same
+    (study, parameters) from before, so running one study never drops the others' committed
+    results. Earlier runs keep their manifests under run ids moved past the local ones."""
+    offset = max([r["run_id"] for r in local["runs"]] + [0]) + 1000
+    ids = {r["run_id"]: r["run_id"] + offset for r in previous.get("runs", [])}
+
+    def key(row):
+        return (row["study"], canonical({k: v for k, v in row.items() if k.startswith("p_")}),
+                row["kind"])
+
+    local_keys = {key(r) for r in local["cells"]}
+    kept = []
+    for row in previous.get("cells", []):
+        if key(row) not in local_keys:
+            row = dict(row)
+            row["run_id"] = ids.get(row["run_id"], row["run_id"])
+            kept.append(row)
+    used = {r["run_id"] for r in kept}
+    runs = [dict(r, run_id=ids[r["run_id"]]) for r in previous.get("runs", [])
+            if ids[r["run_id"]] in used]
+    cells = sorted(local["cells"] + kept, key=lambda r: (r["study"], key(r)[1]))
+    return {"format": local["format"], "runs": local["runs"] + runs, "cells": cells}
+
+
 def write_export(store: Store, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = json_safe(export_document(store))
+    if path.exists():
+        doc = merge_documents(json.loads(path.read_text()), doc)
     # one cell per line keeps diffs readable
     text = json.dumps(doc, sort_keys=True, allow_nan=False, default=str, indent=None,
                       separators=(",", ":"))
