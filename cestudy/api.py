@@ -531,7 +531,7 @@ def sigmoid_focal_loss_with_grad(logits, target, *, alpha: float = 0.25, gamma: 
 # --------------------------------------------------------------------------------------------
 # logsumexp, log_softmax, softmax
 # --------------------------------------------------------------------------------------------
-def _rowwise(name, logits, kernel_name, per_row):
+def _rowwise(logits, kernel_name, per_row):
     arr = _as_float_array("logits", logits)
     if arr.ndim == 0:
         raise ValueError("logits must have at least one axis")
@@ -550,17 +550,17 @@ def _rowwise(name, logits, kernel_name, per_row):
 def logsumexp(logits):
     """log(sum_j exp(x_j)) over the last axis, as m + log1p(sum_{j != k} exp(x_j - m))
     (Blanchard, Higham & Higham 2021); the form scipy.special.logsumexp also uses."""
-    return _rowwise("logsumexp", logits, "logsumexp_rows", per_row=True)
+    return _rowwise(logits, "logsumexp_rows", per_row=True)
 
 
 def log_softmax(logits):
     """x_j - logsumexp(x) over the last axis, with x_j - m in double-double."""
-    return _rowwise("log_softmax", logits, "log_softmax_rows", per_row=False)
+    return _rowwise(logits, "log_softmax_rows", per_row=False)
 
 
 def softmax(logits):
     """exp(x_j - m) / (1 + sum_{j != k} exp(x_j - m)) over the last axis (softmax by division)."""
-    return _rowwise("softmax", logits, "softmax_rows", per_row=False)
+    return _rowwise(logits, "softmax_rows", per_row=False)
 
 
 __all__ = [

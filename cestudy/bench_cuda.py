@@ -184,7 +184,7 @@ def main(args):
             tpr = ck.threads_per_row(c, nt)
             grid = (n + nt // tpr - 1) // (nt // tpr)
             try:
-                err, gerr = _check(dx[0], dy, k, nt, dtype)  # noqa: F841 (tpr above)
+                err, gerr = _check(dx[0], dy, k, nt, dtype)
             except Exception as exc:  # e.g. too many registers for this block size
                 print(f"threads={nt}: {type(exc).__name__}: {exc}")
                 result["rows"].append({"kernel": "launch failure", "n": n, "c": c,

@@ -589,8 +589,6 @@ def _make_kernels(NT, FAST32=False):
     return compiled
 
 
-ROW_KERNELS = ("ce_index", "ce_prob", "kl", "focal_softmax")
-ELEMENT_KERNELS = ("bce_logits", "sigmoid_focal")
 
 
 # --------------------------------------------------------------------------------------------

@@ -91,9 +91,8 @@ def clipping_metrics(value, grad, exact, eps) -> dict:
     out = {"clip_frac_engaged": float(engaged.mean()) if ex.size else 0.0}
     out["clip_bias_nats"] = float(np.mean(v[engaged] - ex[engaged])) if engaged.any() else 0.0
     if grad is not None:
-        g = np.asarray(grad).astype(np.float64)
-        g = g.reshape(len(ex), -1) if g.size == ex.size * (g.size // max(ex.size, 1)) else g
-        zero_rows = np.all(g.reshape(len(ex), -1) == 0, axis=1)
+        g = np.asarray(grad).astype(np.float64).reshape(len(ex), -1)  # one row per sample
+        zero_rows = np.all(g == 0, axis=1)
         out["clip_frac_grad_zeroed"] = float(np.mean(zero_rows & np.isfinite(ex) & (ex > 0)))
     return out
 

@@ -178,8 +178,6 @@ def _normalise(cell):
                 cell[opt] = KINDS["accuracy"][opt].default
         if cell["implementation"] != "clipped":
             cell["clip_eps"] = KINDS["accuracy"]["clip_eps"].default
-        if cell["variant"] in ("bce_logits", "bce_probs", "focal_sigmoid"):
-            pass  # classes = number of independent binary outputs per sample
         if cell["family"] in ("near_overflow", "nan_inf", "masked"):
             cell["scale"] = cell["scale"] if cell["family"] == "masked" else 1.0
     if kind == "training":
