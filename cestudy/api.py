@@ -177,6 +177,14 @@ def _elementwise_weights(name, weight, shape):
     return b.reshape(_shape_2d(shape))
 
 
+def _contiguous_rows(w2):
+    """A broadcast (N, C) weight view as contiguous rows: (1, C) when every row is the same
+    (stride 0 along rows), else (N, C)."""
+    if w2.shape[0] > 1 and w2.strides[0] == 0:
+        return np.ascontiguousarray(w2[:1])
+    return np.ascontiguousarray(w2)
+
+
 def _shape_2d(shape):
     if len(shape) == 0:
         return (1, 1)
@@ -367,6 +375,8 @@ def _bce_logits(logits, target, weight, pos_weight, reduction, backend, with_gra
     pw = _elementwise_weights("pos_weight", pos_weight, arr.shape)
     loss = np.empty(x.shape, dtype=np.float64)
     k = cuda or (cpu_fast if x.dtype == np.float32 else cpu)
+    if k is cpu_fast:
+        w, pw = _contiguous_rows(w), _contiguous_rows(pw)
     if with_grad:
         grad = np.empty_like(x)
         k.bce_with_logits_fwd_grad(x, t, w, pw, _grad_scale(reduction, arr.size), loss, grad)

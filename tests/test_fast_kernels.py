@@ -153,3 +153,19 @@ def test_fast_bce_with_logits_keeps_tiny_losses_and_nan():
     assert_ulp(loss.astype(np.float32)[ok], oracle.bce_with_logits(x, t, w, pw)[ok],
                np.float32, tol=1)
     assert_ulp(grad[ok], oracle.bce_with_logits_grad(x, t, w, pw)[ok], np.float32, tol=1)
+
+
+def test_fast_bce_accepts_one_weight_row_for_all_rows():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(9, 13)).astype(np.float32) * 5
+    t = np.round(rng.uniform(size=x.shape)).astype(np.float32)
+    w_row = rng.uniform(0.5, 2, (1, 13))
+    pw_row = rng.uniform(0.5, 3, (1, 13))
+    loss = np.empty(x.shape)
+    grad = np.empty_like(x)
+    cpu_fast.bce_with_logits_fwd_grad(x, t, w_row, pw_row, 1.0, loss, grad)
+    full = np.empty(x.shape)
+    cpu_fast.bce_with_logits_fwd(x, t, np.repeat(w_row, 9, 0), np.repeat(pw_row, 9, 0), full)
+    np.testing.assert_array_equal(loss, full)
+    assert_ulp(loss.astype(np.float32), oracle.bce_with_logits(x, t, w_row, pw_row), np.float32,
+               tol=1)
