@@ -250,3 +250,40 @@ def test_list_and_dry_run():
         assert word in out.stdout
     dry = run_cli("run", "--dry-run")
     assert dry.returncode == 0 and "default:" in dry.stdout and "estimated" in dry.stdout
+
+
+def test_pool_workers_exit_when_the_runner_is_killed(tmp_path):
+    path = write(tmp_path, SLOW)
+    store_path = tmp_path / "w.sqlite"
+    proc = subprocess.Popen([sys.executable, "-m", "cestudy", "run", str(path), "--results",
+                             str(store_path), "--quiet", "--no-report", "--jobs", "2"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children():
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
+                             text=True).stdout
+        return [int(p) for p in out.split()]
+
+    deadline = time.time() + 120
+    workers = []
+    while time.time() < deadline and len(workers) < 2:
+        workers = children()
+        time.sleep(0.2)
+    assert workers, "the pool did not start"
+    time.sleep(2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    alive = workers
+    while time.time() < deadline and alive:
+        alive = [w for w in alive if _alive(w)]
+        time.sleep(0.5)
+    assert not alive, f"orphaned workers still running: {alive}"
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import multiprocessing
+import os
 import sys
 import time
 import traceback
@@ -92,6 +93,19 @@ def estimate_seconds(cells) -> float:
     return t
 
 
+def _exit_with_parent(parent_pid, interval=1.0):
+    """Pool-worker initializer: a daemon thread ends the worker when its parent is gone (a
+    killed runner would otherwise leave its spawned workers running)."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _executor(executor, jobs, scheduler):
     if executor == "dask" or executor == "dask-local":
         try:
@@ -114,7 +128,8 @@ def _executor(executor, jobs, scheduler):
         return client.get_executor(), close
     if jobs > 1:
         pool = cf.ProcessPoolExecutor(max_workers=jobs,
-                                      mp_context=multiprocessing.get_context("spawn"))
+                                      mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_exit_with_parent, initargs=(os.getpid(),))
         return pool, pool.shutdown
     return None, lambda: None
 
