@@ -30,16 +30,27 @@ _OPTS = dict(cache=True, error_model="numpy", nogil=True)
 _SUM = dict(fastmath={"reassoc", "contract"}, **_OPTS)
 
 
-@intrinsic
-def _bits_to_float64(typingctx, x):
-    """Reinterpret an int64 as float64 (no conversion): how 2^n is built without ldexp."""
-    if x != types.int64:
-        return None
+def _bitcast(int_type, float_type, llvm_type, doc):
+    """An intrinsic that reinterprets ``int_type`` bits as ``float_type`` (no conversion)."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
+    @intrinsic
+    def cast(typingctx, x):
+        if x != int_type:
+            return None
 
-    return types.float64(types.int64), codegen
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_type)
+
+        return float_type(int_type), codegen
+
+    cast.__doc__ = doc
+    return cast
+
+
+_bits_to_float64 = _bitcast(types.int64, types.float64, ir.DoubleType(),
+                            "int64 bits as float64: how 2^n is built without ldexp.")
+_bits_to_float32 = _bitcast(types.int32, types.float32, ir.FloatType(),
+                            "int32 bits as float32: the maximum back from its integer key.")
 
 
 LOG2E = 1.4426950408889634
@@ -70,18 +81,6 @@ def exp_neg(d):
     scale = _bits_to_float64((np.int64(n) + 1023) << 52)
     res = p * scale
     return 0.0 if d < EXP_FLUSH else res
-
-
-@intrinsic
-def _bits_to_float32(typingctx, x):
-    """Reinterpret an int32 as float32."""
-    if x != types.int32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
 
 
 @njit(**_OPTS)
