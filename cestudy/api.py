@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from . import _dtypes
+from . import dtypes
 from .kernels import cpu, cpu_fast
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -43,7 +43,7 @@ def _check_choice(name, value, allowed):
 def _as_float_array(name, a):
     """np.asarray(a) checked to be of a supported floating dtype (no copy)."""
     arr = np.asarray(a)
-    if not _dtypes.is_float_dtype(arr.dtype):
+    if not dtypes.is_float_dtype(arr.dtype):
         kind = {"i": "integer", "u": "integer", "b": "boolean", "c": "complex"}.get(arr.dtype.kind,
                                                                                   str(arr.dtype))
         raise TypeError(f"{name} must be a floating-point array (float64, float32, float16 or "
@@ -59,7 +59,7 @@ def _logits_2d(name, logits):
     if arr.shape[-1] == 0:
         raise ValueError(f"{name} must have at least one class (last axis of length >= 1); "
                          f"got shape {arr.shape}")
-    work = _dtypes.working_dtype(arr.dtype)
+    work = dtypes.working_dtype(arr.dtype)
     x2 = np.ascontiguousarray(arr.reshape(1, -1) if arr.ndim == 1 else arr, dtype=work)
     return arr, x2, arr.ndim == 1
 
@@ -356,7 +356,7 @@ def _elementwise_inputs(logits, target):
     tgt = _as_float_array("target", target)
     if tgt.shape != arr.shape:
         raise ValueError(f"target must have the logits' shape {arr.shape}; got shape {tgt.shape}")
-    work = _dtypes.working_dtype(arr.dtype)
+    work = dtypes.working_dtype(arr.dtype)
     shape2 = _shape_2d(arr.shape)
     x = np.ascontiguousarray(arr.reshape(shape2), dtype=work)
     t = np.ascontiguousarray(tgt.reshape(shape2), dtype=work)
@@ -430,7 +430,7 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction: str = "mean")
     w = np.broadcast_to(np.asarray(_elementwise_weights("weight", weight, arr.shape)),
                         _shape_2d(arr.shape)).reshape(arr.shape)
     # The probabilities are first rounded in the working precision, as torch computes them.
-    work = _dtypes.working_dtype(arr.dtype)
+    work = dtypes.working_dtype(arr.dtype)
     p = p.astype(work).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_p = np.maximum(np.log(p), -100.0)
@@ -545,7 +545,7 @@ def _rowwise(logits, kernel_name, per_row):
     arr = _as_float_array("logits", logits)
     if arr.ndim == 0:
         raise ValueError("logits must have at least one axis")
-    work = _dtypes.working_dtype(arr.dtype)
+    work = dtypes.working_dtype(arr.dtype)
     x = np.ascontiguousarray(arr.reshape(-1, arr.shape[-1]) if arr.shape[-1] else
                              arr.reshape(-1, 0), dtype=work)
     if per_row:

@@ -107,7 +107,7 @@ def cmd_run(args):
 
 
 def cmd_list(args):
-    from . import formulations
+    from .reference import formulations
     from .study import spec
 
     print("studies:")
@@ -167,6 +167,6 @@ def cmd_report(args):
 
 
 def cmd_bench(args):
-    from . import bench_cli
+    from .bench import command as bench_cli
 
     return bench_cli.main(args)

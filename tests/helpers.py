@@ -2,7 +2,7 @@
 NaN/inf mismatches separately from finite errors."""
 import numpy as np
 
-from cestudy import oracle
+from cestudy.reference import oracle
 
 # The accuracy contract of the public kernels, in ulps of the working dtype.
 CONTRACT_ULP = 4.0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cestudy as cs
-from cestudy import oracle
+from cestudy.reference import oracle
 
 from helpers import assert_grad_ulp, assert_ulp
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from cestudy import oracle
+from cestudy.reference import oracle
 from cestudy.kernels import cpu, cpu_fast
 
 from helpers import assert_grad_ulp, assert_ulp

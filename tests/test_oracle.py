@@ -3,7 +3,7 @@ import mpmath
 import numpy as np
 import pytest
 
-from cestudy import oracle
+from cestudy.reference import oracle
 
 pytestmark = pytest.mark.skipif(not oracle.extended_precision_available(),
                                 reason="longdouble has < 64 bits on this platform")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import cestudy as cs
-from cestudy import oracle
+from cestudy.reference import oracle
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -37,17 +37,17 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from . import _scalar
+from . import scalar
 
 _OPTS = dict(cache=True, error_model="numpy", nogil=True)
 
-two_diff = njit(**_OPTS)(_scalar.two_diff)
-exp_dd = njit(**_OPTS)(_scalar.exp_dd)
-softplus = njit(**_OPTS)(_scalar.softplus)
-sigmoid = njit(**_OPTS)(_scalar.sigmoid)
-neumaier_add = njit(**_OPTS)(_scalar.neumaier_add)
-pow_nonneg = njit(**_OPTS)(_scalar.pow_nonneg)
-EXP_UNDERFLOW = _scalar.EXP_UNDERFLOW
+two_diff = njit(**_OPTS)(scalar.two_diff)
+exp_dd = njit(**_OPTS)(scalar.exp_dd)
+softplus = njit(**_OPTS)(scalar.softplus)
+sigmoid = njit(**_OPTS)(scalar.sigmoid)
+neumaier_add = njit(**_OPTS)(scalar.neumaier_add)
+pow_nonneg = njit(**_OPTS)(scalar.pow_nonneg)
+EXP_UNDERFLOW = scalar.EXP_UNDERFLOW
 
 
 # --------------------------------------------------------------------------------------------

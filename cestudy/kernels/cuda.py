@@ -31,16 +31,16 @@ import os
 import numpy as np
 from numba import cuda, float64, int64
 
-from . import _scalar
+from . import scalar
 
 _dev = cuda.jit(device=True)
-two_diff = _dev(_scalar.two_diff)
-exp_dd = _dev(_scalar.exp_dd)
-softplus = _dev(_scalar.softplus)
-sigmoid = _dev(_scalar.sigmoid)
-neumaier_add = _dev(_scalar.neumaier_add)
-pow_nonneg = _dev(_scalar.pow_nonneg)
-EXP_UNDERFLOW = _scalar.EXP_UNDERFLOW
+two_diff = _dev(scalar.two_diff)
+exp_dd = _dev(scalar.exp_dd)
+softplus = _dev(scalar.softplus)
+sigmoid = _dev(scalar.sigmoid)
+neumaier_add = _dev(scalar.neumaier_add)
+pow_nonneg = _dev(scalar.pow_nonneg)
+EXP_UNDERFLOW = scalar.EXP_UNDERFLOW
 
 # Threads per block for the row kernels: a power of two (the tree reduction halves it). Tests in
 # the simulator lower it so that several blocks run quickly.

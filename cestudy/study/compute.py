@@ -10,7 +10,8 @@ import zlib
 
 import numpy as np
 
-from .. import _dtypes, formulations, oracle
+from .. import dtypes
+from ..reference import formulations, oracle
 from . import higham, inputs, metrics
 
 
@@ -33,7 +34,7 @@ def compute_cell(cell: dict) -> dict:
     elif kind == "imbalance":
         out = _imbalance(cell)
     elif kind == "performance":
-        from .. import bench
+        from ..bench import cpu as bench
 
         out = bench.performance_cell(cell)
     elif kind == "higham":
@@ -60,7 +61,7 @@ def _accuracy(cell):
     if not ok:
         raise Skip(why)
     variant = cell["variant"]
-    dtype = _dtypes.dtype_from_name(cell["dtype"])
+    dtype = dtypes.dtype_from_name(cell["dtype"])
     n, c = cell["batch"], cell["classes"]
     rng = _rng(cell, "variant", "family", "scale", "classes", "batch", "imbalance", "profile",
                "ignore_fraction")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _dtypes
+from .. import dtypes
 
 
 def class_prior(classes: int, imbalance: float, profile: str) -> np.ndarray:
@@ -81,7 +81,7 @@ def logits(family: str, scale: float, n: int, c: int, dtype, rng) -> tuple[np.nd
         mask[np.arange(n), hint] = False
         x[mask] = -np.inf
     elif family == "near_overflow":
-        top = float(np.log(np.float64(_dtypes.finfo(dtype).max)))
+        top = float(np.log(np.float64(dtypes.finfo(dtype).max)))
         x = top - np.abs(rng.normal(size=(n, c))) * 0.01 * top
     elif family == "nan_inf":
         x = rng.normal(size=(n, c))

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import _dtypes, oracle
+from .. import dtypes
+from ..reference import oracle
 
 
 def _round_exact(exact, dtype):
     """The exact value as the dtype can represent it: beyond the largest finite number the
     correctly rounded result is +-inf, so an implementation returning inf there is right."""
     ex = np.asarray(exact, dtype=oracle.LD)
-    top = oracle.LD(float(_dtypes.finfo(dtype).max))
+    top = oracle.LD(float(dtypes.finfo(dtype).max))
     with np.errstate(invalid="ignore"):
         return np.where(np.abs(ex) > top, np.sign(ex) * oracle.LD(np.inf), ex)
 
@@ -65,7 +66,7 @@ def gradient_metrics(grad, exact, dtype, target=None) -> dict:
     out = _stats("grad", oracle.grad_ulp_error(g, ex, dtype))
     # an element vanishes wrongly when it is exactly 0 but its exact value, rounded to the
     # dtype, is not (underflow to 0 is correct rounding, not an error)
-    tiny = oracle.LD(float(_dtypes.finfo(dtype).smallest_subnormal)) / 2
+    tiny = oracle.LD(float(dtypes.finfo(dtype).smallest_subnormal)) / 2
     nonzero_exact = np.abs(ex) > tiny
     denom = max(int(nonzero_exact.sum()), 1)
     out["grad_frac_vanished"] = float(np.sum((g == 0) & nonzero_exact) / denom)

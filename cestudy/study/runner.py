@@ -23,8 +23,8 @@ from .store import Store, cell_key
 
 # Source files whose change changes results: the cell key includes their hash, so a resumed run
 # after such a change recomputes, and one after a report-only change does not.
-RESULT_SOURCES = ("api.py", "_dtypes.py", "oracle.py", "formulations.py", "bench.py",
-                  "kernels/cpu.py", "kernels/_scalar.py", "kernels/cuda.py",
+RESULT_SOURCES = ("api.py", "dtypes.py", "oracle.py", "formulations.py", "bench.py",
+                  "kernels/cpu.py", "kernels/scalar.py", "kernels/cuda.py",
                   "study/compute.py", "study/inputs.py", "study/metrics.py", "study/higham.py",
                   "study/training.py", "kernels/cpu_fast.py")
 

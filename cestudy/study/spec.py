@@ -34,8 +34,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .. import _dtypes
-from ..formulations import IMPLEMENTATION_NAMES, REGISTRY, VARIANTS
+from .. import dtypes
+from ..reference.formulations import IMPLEMENTATION_NAMES, REGISTRY, VARIANTS
 
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 FAMILIES = ("gaussian", "equal_offset", "dominant", "masked", "near_overflow", "nan_inf")
@@ -72,7 +72,7 @@ KINDS = {
     "accuracy": {
         "variant": Key(str, "ce_index", tuple(VARIANTS)),
         "implementation": Key(str, "numba", IMPLEMENTATION_NAMES),
-        "dtype": Key(str, "float32", _dtypes.DTYPE_NAMES),
+        "dtype": Key(str, "float32", dtypes.DTYPE_NAMES),
         "family": Key(str, "gaussian", FAMILIES),
         "scale": _num(1.0, 0.0),
         "classes": _int(10, 2),
@@ -113,7 +113,7 @@ KINDS = {
         "optimizer": Key(str, "lbfgs", ("gd", "lbfgs")),
         "loss": Key(str, "ce", ("ce", "ce_inverse", "ce_effective", "focal1", "focal2", "smooth",
                                 "naive", "clipped", "sklearn", "sklearn_balanced")),
-        "dtype": Key(str, "float32", _dtypes.DTYPE_NAMES),
+        "dtype": Key(str, "float32", dtypes.DTYPE_NAMES),
         "imbalance": _num(1.0, 1.0),
         "profile": Key(str, "step", PROFILES),
         "epochs": _int(30),

@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from .. import _dtypes
+from .. import dtypes
 from . import inputs
 
 LOSSES = ("ce", "ce_inverse", "ce_effective", "focal1", "focal2", "smooth", "naive", "clipped",
@@ -94,7 +94,7 @@ def split(X, y, imbalance, profile, seed, test_per_class=None):
 def loss_and_grad(kind, logits, y, dtype, weights):
     import cestudy as cs
 
-    from .. import formulations
+    from ..reference import formulations
 
     with np.errstate(over="ignore"):  # logits beyond float16's range become inf, as they would
         z = logits.astype(dtype)
@@ -212,7 +212,7 @@ def train_cell(cell):
     kind = cell["loss"]
     if kind.startswith("sklearn"):
         return _sklearn(cell, Xtr, ytr, Xte, yte, minority, c, l2)
-    dtype = _dtypes.dtype_from_name(cell["dtype"])
+    dtype = dtypes.dtype_from_name(cell["dtype"])
     prior = np.bincount(ytr, minlength=c) / n
     weights = inputs.class_weights("inverse" if kind == "ce_inverse" else "effective", prior, n)
     rng = np.random.default_rng(cell["seed"])

@@ -5,7 +5,7 @@ import pytest
 from numba import cuda
 
 import cestudy as cs
-from cestudy import oracle
+from cestudy.reference import oracle
 from cestudy.kernels import cuda as ck
 
 from helpers import assert_grad_ulp, assert_ulp

@@ -18,7 +18,8 @@ import zlib
 import numpy as np
 from numba import njit, prange
 
-from . import _dtypes, oracle
+from .. import dtypes
+from ..reference import oracle
 
 _BANDWIDTH = {}
 
@@ -58,7 +59,7 @@ def stream_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 # --------------------------------------------------------------------------------------------
 def make_inputs(variant, dtype, n, c, seed=0):
     rng = np.random.default_rng([seed, zlib.crc32(f"{variant}|{n}|{c}".encode())])
-    dt = _dtypes.dtype_from_name(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    dt = dtypes.dtype_from_name(dtype) if isinstance(dtype, str) else np.dtype(dtype)
     x = (rng.standard_normal((n, c), dtype=np.float32) * 3).astype(dt)
     if variant == "ce_index":
         t = rng.integers(0, c, n)
@@ -120,7 +121,7 @@ def make_callable(variant, impl, mode, x, t):
             return float(-np.mean(lp[rows, t])), g / x.shape[0]
         return run_scipy
     # numpy formulations from the registry (they compute loss and gradient together)
-    from . import formulations
+    from ..reference import formulations
 
     f = formulations.get(variant, impl).fn
 
@@ -235,8 +236,8 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
 
 def performance_cell(cell):
     """One cell of the performance study (timed on its own; ``bench`` interleaves groups)."""
-    from .formulations import get
-    from .study.compute import Skip
+    from ..reference.formulations import get
+    from ..study.compute import Skip
 
     impl = cell["implementation"]
     ok, why = get(cell["variant"], impl).availability()

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import _dtypes
+from .. import dtypes
 
 VARIANTS = {
     "ce_index": "softmax cross-entropy with class-index targets",
@@ -319,7 +319,7 @@ def _to_torch(a):
     import torch
 
     a = np.asarray(a)
-    if a.dtype == _dtypes.bfloat16:
+    if a.dtype == dtypes.bfloat16:
         return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(a))
 
@@ -425,7 +425,7 @@ class Implementation:
         if self.name == "scipy" and importlib.util.find_spec("scipy") is None:
             return False, "scipy is not installed"
         if self.name == "cuda":
-            from . import backends
+            from .. import backends
 
             ok, why = backends.cuda_status()
             return ok, "" if ok else why

@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from . import info, oracle
+from .. import info
+from ..reference import oracle
 
 SHAPES_F32 = [(8192, 131072), (8192, 32768), (4096, 4096), (16384, 1024), (65536, 128)]
 SHAPES_F64 = [(4096, 32768)]
@@ -53,7 +54,7 @@ def _make_inputs(n, c, dtype, count, seed=0):
     is there (host generation of 4 GiB would dominate the run)."""
     from numba import cuda
 
-    from . import backends
+    from .. import backends
 
     try:
         import torch
@@ -93,7 +94,7 @@ def _check(x_dev, y_dev, kernels, nt, dtype, rows=16, grad_rows=4):
     """Run our forward and fused kernels once and compare the first rows with the oracle."""
     from numba import cuda
 
-    from .kernels import cuda as ck
+    from ..kernels import cuda as ck
 
     x = ck._as_device(x_dev)
     y = ck._as_device(y_dev)
@@ -119,8 +120,8 @@ def _check(x_dev, y_dev, kernels, nt, dtype, rows=16, grad_rows=4):
 def main(args):
     from numba import cuda
 
-    from . import backends
-    from .kernels import cuda as ck
+    from .. import backends
+    from ..kernels import cuda as ck
 
     ok, desc = backends.cuda_status()
     if not ok:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _dtypes
+from .. import dtypes
 
 LD = np.longdouble
 EXTENDED_BITS = np.finfo(LD).nmant + 1
@@ -35,7 +35,7 @@ def ulp(exact, dtype):
     Subnormal and zero values get the smallest subnormal spacing; values beyond the largest
     finite number get the spacing at the top binade.
     """
-    fi = _dtypes.finfo(dtype)
+    fi = dtypes.finfo(dtype)
     p = int(fi.nmant) + 1
     a = np.abs(np.asarray(exact, dtype=LD))
     with np.errstate(invalid="ignore", over="ignore"):

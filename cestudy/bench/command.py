@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from . import bench, info
+from . import cpu as bench
+from .. import info
 
 FULL_SHAPES = "256x10,256x1000,2048x1000,2048x32768,4096x131072"
 QUICK_SHAPES = "256x10,256x1000,512x8192"
@@ -77,7 +78,7 @@ def cold_start(repeats=1):
 
 def main(args):
     if args.backend == "cuda":
-        from . import bench_cuda
+        from . import cuda as bench_cuda
 
         return bench_cuda.main(args)
     shapes = _shapes(args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES))
@@ -88,8 +89,8 @@ def main(args):
     print(f"streaming-read bandwidth: {bw:.2f} GB/s (Numba parallel sum over 1 GiB, best of 5)")
     store = run_id = None
     if args.results:
-        from .study.runner import code_version
-        from .study.store import Store, cell_key
+        from ..study.runner import code_version
+        from ..study.store import Store, cell_key
 
         store = Store(args.results)
         manifest = info.manifest()

@@ -1,0 +1,1 @@
+"""Timings: measured ceilings and the CPU and GPU benchmarks."""
