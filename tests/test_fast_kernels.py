@@ -125,10 +125,10 @@ def test_fast_soft_target_cross_entropy(eps):
     cpu_fast.cross_entropy_prob_fwd(x, p, w, eps, loss)
     cpu_fast.cross_entropy_prob_fwd_grad(x, p, w, eps, 1.0, fused, grad)
     np.testing.assert_array_equal(loss, fused)
-    exact = oracle.cross_entropy_prob(x, p, w, eps)
+    exact = oracle.cross_entropy_probs(x, p, w, eps)
     assert_ulp(loss, exact, np.float32, tol=1)
     ok = np.isfinite(exact)
-    assert_grad_ulp(grad[ok], oracle.cross_entropy_prob_grad(x, p, w, eps)[ok], np.float32,
+    assert_grad_ulp(grad[ok], oracle.cross_entropy_probs_grad(x, p, w, eps)[ok], np.float32,
                     tol=2)
 
 
@@ -150,9 +150,9 @@ def test_fast_bce_with_logits_keeps_tiny_losses_and_nan():
     assert np.isnan(loss[1, 0]) and np.isnan(grad[1, 0])
     assert np.all(loss[0, :4] > 0)
     ok = np.isfinite(x)
-    assert_ulp(loss.astype(np.float32)[ok], oracle.bce_with_logits(x, t, w, pw)[ok],
+    assert_ulp(loss.astype(np.float32)[ok], oracle.binary_cross_entropy_with_logits(x, t, w, pw)[ok],
                np.float32, tol=1)
-    assert_ulp(grad[ok], oracle.bce_with_logits_grad(x, t, w, pw)[ok], np.float32, tol=1)
+    assert_ulp(grad[ok], oracle.binary_cross_entropy_with_logits_grad(x, t, w, pw)[ok], np.float32, tol=1)
 
 
 def test_fast_bce_accepts_one_weight_row_for_all_rows():
@@ -167,5 +167,5 @@ def test_fast_bce_accepts_one_weight_row_for_all_rows():
     full = np.empty(x.shape)
     cpu_fast.bce_with_logits_fwd(x, t, np.repeat(w_row, 9, 0), np.repeat(pw_row, 9, 0), full)
     np.testing.assert_array_equal(loss, full)
-    assert_ulp(loss.astype(np.float32), oracle.bce_with_logits(x, t, w_row, pw_row), np.float32,
+    assert_ulp(loss.astype(np.float32), oracle.binary_cross_entropy_with_logits(x, t, w_row, pw_row), np.float32,
                tol=1)

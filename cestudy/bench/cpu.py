@@ -142,9 +142,9 @@ def _oracle_mean(variant, x, t, chunk=256):
         if variant == "ce_index":
             total += oracle.cross_entropy(xs, ts).sum()
         elif variant == "ce_prob":
-            total += oracle.cross_entropy_prob(xs, ts).sum()
+            total += oracle.cross_entropy_probs(xs, ts).sum()
         else:
-            total += oracle.bce_with_logits(xs, ts).sum()
+            total += oracle.binary_cross_entropy_with_logits(xs, ts).sum()
     return total / (x.shape[0] if variant != "bce_logits" else x.size)
 
 
@@ -153,8 +153,8 @@ def _oracle_grad_rows(variant, x, t, rows=8):
     if variant == "ce_index":
         return oracle.cross_entropy_grad(xs, ts) / x.shape[0]
     if variant == "ce_prob":
-        return oracle.cross_entropy_prob_grad(xs, ts) / x.shape[0]
-    return oracle.bce_with_logits_grad(xs, ts) / x.size
+        return oracle.cross_entropy_probs_grad(xs, ts) / x.shape[0]
+    return oracle.binary_cross_entropy_with_logits_grad(xs, ts) / x.size
 
 
 def check(variant, x, t, result, dtype, exact_mean=None, exact_grad=None):

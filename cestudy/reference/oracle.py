@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import dtypes
+from .. import dtypes, variants
 
 LD = np.longdouble
 EXTENDED_BITS = np.finfo(LD).nmant + 1
@@ -185,7 +185,7 @@ def cross_entropy_grad(logits, target, weight=None, ignore_index=-100, label_smo
     return g
 
 
-def cross_entropy_prob(logits, target, weight=None, label_smoothing=0.0):
+def cross_entropy_probs(logits, target, weight=None, label_smoothing=0.0):
     """Per-row H(a, softmax(x)) for probability targets, a = w ((1 - eps) p + eps / C)."""
     r = _Rows(logits)
     n, c = r.x.shape
@@ -201,7 +201,7 @@ def _soft_target(target, weight, label_smoothing, c):
     return _weights(weight, c)[None, :] * ((1 - eps) * t + eps / c)
 
 
-def cross_entropy_prob_grad(logits, target, weight=None, label_smoothing=0.0):
+def cross_entropy_probs_grad(logits, target, weight=None, label_smoothing=0.0):
     r = _Rows(logits)
     n, c = r.x.shape
     a = _soft_target(target, weight, label_smoothing, c)
@@ -236,12 +236,12 @@ def entropy(p):
 # --------------------------------------------------------------------------------------------
 # Focal losses
 # --------------------------------------------------------------------------------------------
-def softmax_focal(logits, target, gamma=2.0, weight=None, ignore_index=-100):
+def softmax_focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100):
     loss, _ = _softmax_focal(logits, target, gamma, weight, ignore_index, grad=False)
     return loss
 
 
-def softmax_focal_grad(logits, target, gamma=2.0, weight=None, ignore_index=-100):
+def softmax_focal_loss_grad(logits, target, gamma=2.0, weight=None, ignore_index=-100):
     _, g = _softmax_focal(logits, target, gamma, weight, ignore_index, grad=True)
     return g
 
@@ -294,7 +294,7 @@ def _ld(a):
     return np.asarray(a).astype(np.float64).astype(LD)
 
 
-def bce_with_logits(logits, target, weight=None, pos_weight=None):
+def binary_cross_entropy_with_logits(logits, target, weight=None, pos_weight=None):
     """Element-wise w [pw t softplus(-x) + (1 - t) softplus(x)], longdouble."""
     x, t = _ld(logits), _ld(target)
     w = LD(1) if weight is None else _ld(weight)
@@ -303,7 +303,7 @@ def bce_with_logits(logits, target, weight=None, pos_weight=None):
         return w * (pw * t * _softplus(-x) + (1 - t) * _softplus(x))
 
 
-def bce_with_logits_grad(logits, target, weight=None, pos_weight=None):
+def binary_cross_entropy_with_logits_grad(logits, target, weight=None, pos_weight=None):
     x, t = _ld(logits), _ld(target)
     w = LD(1) if weight is None else _ld(weight)
     pw = LD(1) if pos_weight is None else _ld(pos_weight)
@@ -319,11 +319,11 @@ def binary_cross_entropy(probs, target, weight=None):
         return -w * (t * np.maximum(np.log(p), -100) + (1 - t) * np.maximum(np.log1p(-p), -100))
 
 
-def sigmoid_focal(logits, target, alpha=0.25, gamma=2.0):
+def sigmoid_focal_loss(logits, target, alpha=0.25, gamma=2.0):
     return _sigmoid_focal(logits, target, alpha, gamma)[0]
 
 
-def sigmoid_focal_grad(logits, target, alpha=0.25, gamma=2.0):
+def sigmoid_focal_loss_grad(logits, target, alpha=0.25, gamma=2.0):
     return _sigmoid_focal(logits, target, alpha, gamma)[1]
 
 
@@ -414,3 +414,24 @@ def mp_kl_row(x, p, dps=60):
         nlp = mp_log_softmax_row(x, dps + 10)
         return mpmath.fsum(mpmath.mpf(float(pi)) * (mpmath.log(mpmath.mpf(float(pi))) + v)
                            for pi, v in zip(p, nlp) if pi != 0)
+
+
+# --------------------------------------------------------------------------------------------
+# By variant name (the registry in cestudy.variants)
+# --------------------------------------------------------------------------------------------
+def _options(variant, options):
+    return {k: v for k, v in options.items() if k in variant.option_names}
+
+
+def loss(name, x, target, **options):
+    """The exact per-sample loss of variant ``name`` (longdouble); options it does not take are
+    ignored."""
+    v = variants.get(name)
+    return globals()[v.oracle](x, target, **_options(v, options))
+
+
+def grad(name, x, target, **options):
+    """The exact gradient of the summed loss of variant ``name`` (None where it has none)."""
+    v = variants.get(name)
+    fn = globals().get(v.oracle + "_grad")
+    return None if fn is None else fn(x, target, **_options(v, options))

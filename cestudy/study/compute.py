@@ -80,15 +80,15 @@ def _accuracy(cell):
             exact_grad = oracle.cross_entropy_grad(x, t, weight, -100, cell["label_smoothing"])
         else:
             opts["gamma"] = cell["gamma"]
-            exact = oracle.softmax_focal(x, t, cell["gamma"], weight, -100)
-            exact_grad = oracle.softmax_focal_grad(x, t, cell["gamma"], weight, -100)
+            exact = oracle.softmax_focal_loss(x, t, cell["gamma"], weight, -100)
+            exact_grad = oracle.softmax_focal_loss_grad(x, t, cell["gamma"], weight, -100)
         target_for_grad = np.where(t == -100, -1, t)
     elif variant in ("ce_prob", "kl"):
         t = inputs.prob_targets(n, c, dtype, rng)
         if variant == "ce_prob":
             opts.update(weight=weight, label_smoothing=cell["label_smoothing"])
-            exact = oracle.cross_entropy_prob(x, t, weight, cell["label_smoothing"])
-            exact_grad = oracle.cross_entropy_prob_grad(x, t, weight, cell["label_smoothing"])
+            exact = oracle.cross_entropy_probs(x, t, weight, cell["label_smoothing"])
+            exact_grad = oracle.cross_entropy_probs_grad(x, t, weight, cell["label_smoothing"])
         else:
             exact = oracle.kl_divergence(x, t)
             exact_grad = oracle.kl_divergence_grad(x, t)
@@ -100,11 +100,11 @@ def _accuracy(cell):
             t[rows, hint] = (rows < n // 2).astype(dtype)
         if variant == "focal_sigmoid":
             opts.update(gamma=cell["gamma"], alpha=0.25)
-            exact = oracle.sigmoid_focal(x, t, 0.25, cell["gamma"])
-            exact_grad = oracle.sigmoid_focal_grad(x, t, 0.25, cell["gamma"])
+            exact = oracle.sigmoid_focal_loss(x, t, 0.25, cell["gamma"])
+            exact_grad = oracle.sigmoid_focal_loss_grad(x, t, 0.25, cell["gamma"])
         else:
-            exact = oracle.bce_with_logits(x, t)
-            exact_grad = oracle.bce_with_logits_grad(x, t) if variant == "bce_logits" else None
+            exact = oracle.binary_cross_entropy_with_logits(x, t)
+            exact_grad = oracle.binary_cross_entropy_with_logits_grad(x, t) if variant == "bce_logits" else None
 
     arg = x
     if variant == "bce_probs":
