@@ -4,7 +4,7 @@ Accurate, fast Numba kernels for the common cross-entropy variants with PyTorch'
 the baseline formulations they are compared with, a high-precision oracle, and the study runner
 and reports that measure them. See README.md for a tour.
 """
-from .api import (
+from .losses import (
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
     binary_cross_entropy_with_logits_with_grad,

@@ -107,7 +107,8 @@ def cmd_run(args):
 
 
 def cmd_list(args):
-    from .reference import formulations
+    from . import variants
+    from .reference import implementations
     from .study import spec
 
     print("studies:")
@@ -118,11 +119,11 @@ def cmd_list(args):
         except spec.StudyError as exc:
             print(f"  {name:12s} INVALID: {exc}")
     print("variants:")
-    for v, d in formulations.VARIANTS.items():
+    for v, d in ((k, x.description) for k, x in variants.VARIANTS.items()):
         print(f"  {v:14s} {d}")
     print("implementations:")
     seen = {}
-    for v, impls in formulations.REGISTRY.items():
+    for v, impls in ((k, implementations.for_variant(k)) for k in variants.VARIANTS):
         for name, impl in impls.items():
             seen.setdefault(name, (impl, []))[1].append(v)
     for name, (impl, variants) in seen.items():

@@ -121,9 +121,9 @@ def make_callable(variant, impl, mode, x, t):
             return float(-np.mean(lp[rows, t])), g / x.shape[0]
         return run_scipy
     # numpy formulations from the registry (they compute loss and gradient together)
-    from ..reference import formulations
+    from ..reference import implementations
 
-    f = formulations.get(variant, impl).fn
+    f = implementations.get(variant, impl).fn
 
     denom = x.size if variant == "bce_logits" else x.shape[0]
 
@@ -236,7 +236,7 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
 
 def performance_cell(cell):
     """One cell of the performance study (timed on its own; ``bench`` interleaves groups)."""
-    from ..reference.formulations import get
+    from ..reference.implementations import get
     from ..study.compute import Skip
 
     impl = cell["implementation"]

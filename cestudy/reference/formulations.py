@@ -1,38 +1,26 @@
-"""Baseline formulations and the one registry of implementations that everything enumerates.
+"""Baseline formulations of each variant, written in numpy in the dtype under test.
 
-The runner, the tests and the benchmarks all read ``REGISTRY``: for each variant, the numpy
-formulations ``naive`` (softmax or sigmoid, then log), ``clipped`` (probabilities clipped to
-[eps, 1 - eps], Keras' eps = 1e-7 by default), ``lse`` (max-shifted log-sum-exp, the form torch and
-optax use), ``accurate`` (the formulation of ``cestudy.kernels.cpu`` written in numpy), cestudy's
-``numba`` and ``cuda`` kernels, and the peers ``torch`` and ``scipy`` when installed.
+For each variant of ``cestudy.variants`` this module has a factory of the same name:
+``<variant name>(form) -> fn(x, target, **options) -> (loss, grad)`` for the forms the registry
+lists: ``naive`` (softmax or sigmoid, then log), ``clipped`` (probabilities clipped to
+[eps, 1 - eps], Keras' eps = 1e-7 by default), ``lse`` (max-shifted log-sum-exp, the form torch
+and optax use) and ``accurate`` (the formulation of ``cestudy.kernels.cpu`` written in numpy).
 
-Every numpy formulation does its arithmetic in the dtype of its input (float64, float32, float16
-or bfloat16): that is what the precision study measures. Each implementation is called as
-``fn(x, target, **options) -> (loss, grad)`` with ``x`` of shape (N, C) in the dtype under test,
-per-sample ``loss`` (N,) (or (N, C) for element-wise variants) and ``grad`` = d(sum of losses)/dx
-or None where the implementation offers none.
+Every formulation does its arithmetic in the dtype of its input (float64, float32, float16 or
+bfloat16): that is what the precision study measures. ``x`` has shape (N, C); ``loss`` is
+per-sample (N,) (or (N, C) for element-wise variants) and ``grad`` = d(sum of losses)/dx, or None
+where the formulation offers none.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
-from typing import Callable
-
 import numpy as np
 
-from .. import dtypes
-
-VARIANTS = {
-    "ce_index": "softmax cross-entropy with class-index targets",
-    "ce_prob": "softmax cross-entropy with probability targets, H(p, q)",
-    "bce_logits": "binary cross-entropy with logits",
-    "bce_probs": "binary cross-entropy on probabilities (sigmoid applied first)",
-    "kl": "KL(p || softmax(x))",
-    "focal_softmax": "softmax focal loss",
-    "focal_sigmoid": "sigmoid focal loss (torchvision)",
+DESCRIPTIONS = {
+    "naive": "softmax (or sigmoid) first, then log, in the working dtype",
+    "clipped": "probabilities clipped to [eps, 1 - eps] before the log (Keras, sklearn)",
+    "lse": "max-shifted log-sum-exp, lse - x_y (torch, optax, TensorFlow)",
+    "accurate": "m + log1p(sum_{j != k} e^(x_j - m)) in numpy, the working dtype",
 }
-ELEMENTWISE = ("bce_logits", "bce_probs", "focal_sigmoid")
-INDEX_TARGET = ("ce_index", "focal_softmax")
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,14 +123,14 @@ def _softmax_family_loss_grad(x, a, form, eps, index=None):
     return loss, grad
 
 
-def _ce_index(form):
+def cross_entropy(form):
     def fn(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, eps=1e-7, **_):
         a, ys, keep = _index_coefficients(x, target, weight, ignore_index, label_smoothing)
         return _softmax_family_loss_grad(x, a, form, eps, index=(ys, keep))
     return fn
 
 
-def _ce_prob(form):
+def cross_entropy_probs(form):
     def fn(x, target, weight=None, label_smoothing=0.0, eps=1e-7, **_):
         c = x.shape[1]
         w = np.ones(c) if weight is None else np.asarray(weight, dtype=np.float64)
@@ -152,7 +140,7 @@ def _ce_prob(form):
     return fn
 
 
-def _kl(form):
+def kl_divergence(form):
     def fn(x, target, eps=1e-7, **_):
         nlp, q, unclipped, _ = SOFTMAX_FORMS[form](x, eps)
         p = target
@@ -170,7 +158,7 @@ def _kl(form):
     return fn
 
 
-def _focal_softmax(form):
+def softmax_focal_loss(form):
     def fn(x, target, gamma=2.0, weight=None, ignore_index=-100, eps=1e-7, **_):
         nlp, p, _, extra = SOFTMAX_FORMS[form](x, eps)
         n, c = x.shape
@@ -199,7 +187,7 @@ def _focal_softmax(form):
 # --------------------------------------------------------------------------------------------
 # Sigmoid family (element-wise)
 # --------------------------------------------------------------------------------------------
-def _bce_logits(form):
+def binary_cross_entropy_with_logits(form):
     def fn(x, target, weight=None, pos_weight=None, eps=1e-7, **_):
         t = target
         one, zero = _c(x, 1), _c(x, 0)
@@ -232,7 +220,7 @@ def _bce_logits(form):
     return fn
 
 
-def _bce_probs(form):
+def binary_cross_entropy(form):
     def fn(probs, target, eps=1e-7, **_):
         p, t = probs, target
         one = _c(p, 1)
@@ -248,11 +236,11 @@ def _bce_probs(form):
     return fn
 
 
-def _focal_sigmoid(form):
+def sigmoid_focal_loss(form):
     def fn(x, target, alpha=0.25, gamma=2.0, eps=1e-7, **_):
         t = target
         one = _c(x, 1)
-        ce, _ = _bce_logits("lse" if form == "lse" else form)(x, t, eps=eps)
+        ce, _ = binary_cross_entropy_with_logits(form)(x, t, eps=eps)
         with np.errstate(all="ignore"):
             if form == "accurate":
                 e = np.exp(-np.abs(x))
@@ -269,212 +257,3 @@ def _focal_sigmoid(form):
                 loss = (_c(x, alpha) * t + (one - _c(x, alpha)) * (one - t)) * loss
         return loss, None
     return fn
-
-
-FORMULATION_FACTORIES = {
-    "ce_index": _ce_index, "ce_prob": _ce_prob, "kl": _kl, "focal_softmax": _focal_softmax,
-    "bce_logits": _bce_logits, "bce_probs": _bce_probs, "focal_sigmoid": _focal_sigmoid,
-}
-
-
-# --------------------------------------------------------------------------------------------
-# cestudy's kernels through the public API
-# --------------------------------------------------------------------------------------------
-def _cestudy_impl(variant, backend):
-    import cestudy as cs
-
-    def fn(x, target, **opt):
-        if variant == "ce_index":
-            return cs.cross_entropy_with_grad(
-                x, target, weight=opt.get("weight"), ignore_index=opt.get("ignore_index", -100),
-                label_smoothing=opt.get("label_smoothing", 0.0), reduction="none", backend=backend)
-        if variant == "ce_prob":
-            return cs.cross_entropy_with_grad(
-                x, target, weight=opt.get("weight"),
-                label_smoothing=opt.get("label_smoothing", 0.0), reduction="none", backend=backend)
-        if variant == "kl":
-            return cs.kl_divergence_with_grad(x, target, reduction="none", backend=backend)
-        if variant == "focal_softmax":
-            return cs.softmax_focal_loss_with_grad(
-                x, target, gamma=opt.get("gamma", 2.0), weight=opt.get("weight"),
-                ignore_index=opt.get("ignore_index", -100), reduction="none", backend=backend)
-        if variant == "bce_logits":
-            return cs.binary_cross_entropy_with_logits_with_grad(
-                x, target, weight=opt.get("weight"), pos_weight=opt.get("pos_weight"),
-                reduction="none", backend=backend)
-        if variant == "focal_sigmoid":
-            return cs.sigmoid_focal_loss_with_grad(x, target, alpha=opt.get("alpha", 0.25),
-                                                   gamma=opt.get("gamma", 2.0), reduction="none",
-                                                   backend=backend)
-        if variant == "bce_probs":
-            return cs.binary_cross_entropy(x, target, reduction="none"), None
-        raise KeyError(variant)
-    return fn
-
-
-# --------------------------------------------------------------------------------------------
-# Peers
-# --------------------------------------------------------------------------------------------
-def _to_torch(a):
-    import torch
-
-    a = np.asarray(a)
-    if a.dtype == dtypes.bfloat16:
-        return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
-
-
-def _from_torch(t, dtype):
-    import torch
-
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.to(torch.float32).numpy().astype(dtype)
-    return t.numpy().astype(dtype, copy=False)
-
-
-def _torch_impl(variant):
-    def fn(x, target, **opt):
-        import torch
-        import torch.nn.functional as F
-
-        xt = _to_torch(x).requires_grad_(variant != "bce_probs")
-        w = opt.get("weight")
-        wt = None if w is None else torch.as_tensor(np.asarray(w, dtype=np.float64)).to(xt.dtype)
-        if variant in INDEX_TARGET:
-            tt = torch.from_numpy(np.asarray(target, dtype=np.int64))
-        else:
-            tt = _to_torch(target)
-        if variant == "ce_index":
-            loss = F.cross_entropy(xt, tt, weight=wt, ignore_index=opt.get("ignore_index", -100),
-                                   label_smoothing=opt.get("label_smoothing", 0.0),
-                                   reduction="none")
-        elif variant == "ce_prob":
-            loss = F.cross_entropy(xt, tt, weight=wt,
-                                   label_smoothing=opt.get("label_smoothing", 0.0),
-                                   reduction="none")
-        elif variant == "kl":
-            loss = F.kl_div(F.log_softmax(xt, dim=-1), tt, reduction="none").sum(-1)
-        elif variant == "focal_softmax":
-            logp = F.log_softmax(xt, dim=-1)
-            ign = opt.get("ignore_index", -100)
-            keep = tt != ign
-            ys = torch.where(keep, tt, torch.zeros_like(tt))
-            lp = logp.gather(1, ys[:, None])[:, 0]
-            wy = torch.ones_like(lp) if wt is None else wt[ys]
-            loss = torch.where(keep, -wy * (1 - lp.exp()) ** opt.get("gamma", 2.0) * lp,
-                               torch.zeros_like(lp))
-        elif variant == "bce_logits":
-            pw = opt.get("pos_weight")
-            pwt = None if pw is None else torch.as_tensor(np.asarray(pw)).to(xt.dtype)
-            loss = F.binary_cross_entropy_with_logits(xt, tt, weight=wt, pos_weight=pwt,
-                                                      reduction="none")
-        elif variant == "focal_sigmoid":  # torchvision.ops.sigmoid_focal_loss, verbatim
-            p = torch.sigmoid(xt)
-            ce = F.binary_cross_entropy_with_logits(xt, tt, reduction="none")
-            p_t = p * tt + (1 - p) * (1 - tt)
-            loss = ce * ((1 - p_t) ** opt.get("gamma", 2.0))
-            alpha = opt.get("alpha", 0.25)
-            if alpha >= 0:
-                loss = (alpha * tt + (1 - alpha) * (1 - tt)) * loss
-        elif variant == "bce_probs":
-            loss = F.binary_cross_entropy(xt, tt, reduction="none")
-        else:
-            raise KeyError(variant)
-        grad = None
-        if variant != "bce_probs":
-            loss.sum().backward()
-            grad = _from_torch(xt.grad, x.dtype)
-        return _from_torch(loss, x.dtype), grad
-    return fn
-
-
-def _scipy_impl(variant):
-    def fn(x, target, **opt):
-        from scipy import special
-
-        if variant != "ce_index":
-            raise KeyError(variant)
-        with np.errstate(all="ignore"):
-            logp = special.log_softmax(x, axis=-1)
-            n = x.shape[0]
-            loss = -logp[np.arange(n), target]
-            grad = special.softmax(x, axis=-1)
-            grad[np.arange(n), target] -= 1
-        return np.asarray(loss), np.asarray(grad)
-    return fn
-
-
-# --------------------------------------------------------------------------------------------
-# The registry
-# --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-    """One way of computing one variant."""
-
-    name: str          # "naive", "clipped", "lse", "accurate", "numba", "cuda", "torch", "scipy"
-    variant: str
-    kind: str          # "formulation" (numpy), "kernel" (cestudy), "peer"
-    fn: Callable
-    description: str
-
-    def availability(self) -> tuple[bool, str]:
-        """(available, reason when not)."""
-        if self.name == "torch" and importlib.util.find_spec("torch") is None:
-            return False, "torch is not installed"
-        if self.name == "scipy" and importlib.util.find_spec("scipy") is None:
-            return False, "scipy is not installed"
-        if self.name == "cuda":
-            from .. import backends
-
-            ok, why = backends.cuda_status()
-            return ok, "" if ok else why
-        return True, ""
-
-
-DESCRIPTIONS = {
-    "naive": "softmax (or sigmoid) first, then log, in the working dtype",
-    "clipped": "probabilities clipped to [eps, 1 - eps] before the log (Keras, sklearn)",
-    "lse": "max-shifted log-sum-exp, lse - x_y (torch, optax, TensorFlow)",
-    "accurate": "m + log1p(sum_{j != k} e^(x_j - m)) in numpy, the working dtype",
-    "numba": "cestudy's Numba CPU kernels (float64 arithmetic, exact differences)",
-    "cuda": "cestudy's numba-cuda kernels",
-    "torch": "torch.nn.functional (CPU) and autograd",
-    "scipy": "scipy.special.log_softmax / softmax",
-}
-
-
-def _build_registry():
-    reg = {}
-    for variant, factory in FORMULATION_FACTORIES.items():
-        impls = {}
-        forms = ("naive", "clipped", "accurate") if variant == "bce_probs" else \
-            ("naive", "clipped", "lse", "accurate")
-        for form in forms:
-            impls[form] = Implementation(form, variant, "formulation", factory(form),
-                                         DESCRIPTIONS[form])
-        impls["numba"] = Implementation("numba", variant, "kernel",
-                                        _cestudy_impl(variant, "cpu"), DESCRIPTIONS["numba"])
-        if variant != "bce_probs":
-            impls["cuda"] = Implementation("cuda", variant, "kernel",
-                                           _cestudy_impl(variant, "cuda"), DESCRIPTIONS["cuda"])
-        impls["torch"] = Implementation("torch", variant, "peer", _torch_impl(variant),
-                                        DESCRIPTIONS["torch"])
-        if variant == "ce_index":
-            impls["scipy"] = Implementation("scipy", variant, "peer", _scipy_impl(variant),
-                                            DESCRIPTIONS["scipy"])
-        reg[variant] = impls
-    return reg
-
-
-REGISTRY: dict[str, dict[str, Implementation]] = _build_registry()
-IMPLEMENTATION_NAMES = ("naive", "clipped", "lse", "accurate", "numba", "cuda", "torch", "scipy")
-
-
-def get(variant: str, name: str) -> Implementation:
-    if variant not in REGISTRY:
-        raise KeyError(f"unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
-    if name not in REGISTRY[variant]:
-        raise KeyError(f"variant {variant!r} has no implementation {name!r}; allowed: "
-                       f"{', '.join(REGISTRY[variant])}")
-    return REGISTRY[variant][name]

@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 
 from .. import dtypes
-from ..reference import formulations, oracle
+from ..reference import formulations, implementations, oracle
 from . import higham, inputs, metrics
 
 
@@ -56,7 +56,7 @@ def compute_cell(cell: dict) -> dict:
 # Accuracy cells
 # --------------------------------------------------------------------------------------------
 def _accuracy(cell):
-    impl = formulations.get(cell["variant"], cell["implementation"])
+    impl = implementations.get(cell["variant"], cell["implementation"])
     ok, why = impl.availability()
     if not ok:
         raise Skip(why)
@@ -71,7 +71,7 @@ def _accuracy(cell):
     opts = {"eps": cell["clip_eps"]}
     target_for_grad = None
 
-    if variant in formulations.INDEX_TARGET:
+    if variant in ("ce_index", "focal_softmax"):
         t = inputs.index_targets(n, c, prior, hint, rng, cell["ignore_fraction"])
         opts.update(weight=weight, ignore_index=-100)
         if variant == "ce_index":

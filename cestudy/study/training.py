@@ -107,7 +107,7 @@ def loss_and_grad(kind, logits, y, dtype, weights):
         loss, g = cs.softmax_focal_loss_with_grad(z, y, gamma=1.0 if kind == "focal1" else 2.0)
     elif kind in ("naive", "clipped"):
         with np.errstate(all="ignore"):
-            per, g = formulations.get("ce_index", kind).fn(z, y, eps=1e-7)
+            per, g = formulations.cross_entropy(kind)(z, y, eps=1e-7)
         loss = np.sum(per.astype(np.float64)) / n
         g = g.astype(np.float64) / n
     else:

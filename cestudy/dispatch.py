@@ -1,0 +1,418 @@
+"""Dispatch: argument checks, kernel choice and reductions between the public functions and
+the raw kernels.
+
+This layer holds no numerical formula. For a variant of ``cestudy.variants`` it
+- checks every argument, for host arrays and device arrays alike, with errors that name the
+  argument (out-of-range targets and negative weights raise before any kernel reads them);
+- converts host inputs to the working dtype (float16 and bfloat16 are computed in float32);
+- picks the kernel: ``cestudy.kernels.cpu_fast`` for float32 where the variant has one, else
+  ``cestudy.kernels.cpu``, or ``cestudy.kernels.cuda`` for ``backend="cuda"``;
+- reduces the per-sample losses ("mean" is torch's: the weighted mean over non-ignored targets
+  for class-index targets, the mean over rows for probability targets, over elements for
+  element-wise losses) with a compensated sum, rounding once to the input dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+
+from . import backends, dtypes, variants
+from .kernels import cpu, cpu_fast
+
+Reduction = Literal["none", "mean", "sum"]
+Backend = Literal["cpu", "cuda"]
+REDUCTIONS = ("none", "mean", "sum")
+BACKENDS = ("cpu", "cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def as_float_array(name: str, a: Any) -> np.ndarray:
+    """np.asarray(a) checked to be of a supported floating dtype (no copy)."""
+    arr = np.asarray(a)
+    if not dtypes.is_float_dtype(arr.dtype):
+        kind = {"i": "integer", "u": "integer", "b": "boolean", "c": "complex"}.get(
+            arr.dtype.kind, str(arr.dtype)
+        )
+        raise TypeError(
+            f"{name} must be a floating-point array (float64, float32, float16 or bfloat16); "
+            f"got {kind} dtype {arr.dtype}"
+        )
+    return arr
+
+
+def logits_2d(name: str, logits: Any) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Validate (N, C) or (C,) logits; return (array, 2-D working copy or view, squeezed)."""
+    arr = as_float_array(name, logits)
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"{name} must have shape (N, C) or (C,); got shape {arr.shape}")
+    if arr.shape[-1] == 0:
+        raise ValueError(
+            f"{name} must have at least one class (last axis of length >= 1); got shape "
+            f"{arr.shape}"
+        )
+    work = dtypes.working_dtype(arr.dtype)
+    x2 = np.ascontiguousarray(arr.reshape(1, -1) if arr.ndim == 1 else arr, dtype=work)
+    return arr, x2, arr.ndim == 1
+
+
+def shape_2d(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The (rows, last axis) view of an element-wise loss's input shape; () is (1, 1)."""
+    if len(shape) == 0:
+        return (1, 1)
+    return (int(np.prod(shape[:-1], dtype=np.int64)), shape[-1])
+
+
+def class_weight(weight: Any, n_classes: int) -> np.ndarray:
+    """A per-class weight vector as float64 contiguous (C,) (ones if None), checked."""
+    if weight is None:
+        return np.ones(n_classes, dtype=np.float64)
+    w = as_float_array("weight", weight)
+    if w.ndim != 1 or w.shape[0] != n_classes:
+        raise ValueError(
+            f"weight must have shape ({n_classes},) (one entry per class); got shape {w.shape}"
+        )
+    w = np.ascontiguousarray(w, dtype=np.float64)
+    _check_nonnegative("weight", w)
+    return w
+
+
+def _check_nonnegative(name: str, w: np.ndarray) -> None:
+    bad = w < 0
+    if np.any(bad):
+        raise ValueError(
+            f"{name} must be non-negative; got a negative entry at index "
+            f"{int(np.flatnonzero(bad.reshape(-1))[0])}"
+        )
+
+
+def index_target(target: Any, n_rows: int, n_classes: int, ignore_index: int,
+                 squeeze: bool) -> np.ndarray:
+    """Class indices as int64 (N,), every one in [0, C) or equal to ``ignore_index``."""
+    t = np.asarray(target)
+    if t.dtype.kind not in "iu":
+        raise TypeError(
+            "target must be integer class indices (or float probabilities of the logits' "
+            f"shape); got dtype {t.dtype}"
+        )
+    expected = () if squeeze else (n_rows,)
+    if t.shape != expected:
+        raise ValueError(
+            f"target of class indices must have shape {expected} to match logits; got shape "
+            f"{t.shape}"
+        )
+    t = np.ascontiguousarray(t.reshape(n_rows), dtype=np.int64)
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if np.any(bad):
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"target[{i}] = {int(t[i])} is out of range for {n_classes} classes (expected "
+            f"0 <= target < {n_classes} or ignore_index={ignore_index})"
+        )
+    return t
+
+
+def prob_target(target: Any, logits_shape: tuple[int, ...], work_dtype: np.dtype,
+                name: str = "target") -> np.ndarray:
+    """Probability targets of the logits' shape as a 2-D working-dtype array, non-negative."""
+    t = as_float_array(name, target)
+    if t.shape != logits_shape:
+        raise ValueError(
+            f"{name} of probabilities must have the logits' shape {logits_shape}; got shape "
+            f"{t.shape}"
+        )
+    t2 = np.ascontiguousarray(t.reshape(-1, logits_shape[-1]), dtype=work_dtype)
+    if np.any(t2 < 0):
+        raise ValueError(f"{name} probabilities must be non-negative; got a negative entry")
+    return t2
+
+
+def elementwise_weights(name: str, weight: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """An element-wise weight broadcast to ``shape``, as a float64 2-D view (no copy if
+    possible); checked non-negative."""
+    if weight is None:
+        w = np.ones((1,), dtype=np.float64)
+    else:
+        w = np.asarray(as_float_array(name, weight), dtype=np.float64)
+        _check_nonnegative(name, w)
+    try:
+        b = np.broadcast_to(w, shape)
+    except ValueError:
+        raise ValueError(
+            f"{name} of shape {w.shape} cannot be broadcast to the logits' shape {shape}"
+        ) from None
+    return b.reshape(shape_2d(shape))
+
+
+def contiguous_rows(w2: np.ndarray) -> np.ndarray:
+    """A broadcast (N, C) weight view as contiguous rows: (1, C) when every row is the same
+    (stride 0 along rows), else (N, C)."""
+    if w2.shape[0] > 1 and w2.strides[0] == 0:
+        return np.ascontiguousarray(w2[:1])
+    return np.ascontiguousarray(w2)
+
+
+def check_smoothing(label_smoothing: Any) -> float:
+    ls = float(label_smoothing)
+    if not 0.0 <= ls <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1]; got {label_smoothing!r}")
+    return ls
+
+
+def check_gamma(gamma: Any) -> float:
+    g = float(gamma)
+    if not g >= 0:
+        raise ValueError(f"gamma must be >= 0; got {gamma!r}")
+    return g
+
+
+def check_alpha(alpha: Any) -> float:
+    a = float(alpha)
+    if a > 1:
+        raise ValueError(f"alpha must be <= 1 (a negative alpha disables it); got {alpha!r}")
+    return a
+
+
+def check_grad_out(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``out=`` for a gradient: a writeable C-contiguous array of the logits' shape and dtype."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array; got {type(out).__name__}")
+    if out.shape != tuple(shape) or out.dtype != dtype:
+        raise ValueError(
+            f"out must have the logits' shape {tuple(shape)} and dtype {dtype}; got shape "
+            f"{out.shape} and dtype {out.dtype}"
+        )
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out must be a writeable C-contiguous array")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reductions
+# --------------------------------------------------------------------------------------------
+def finish_loss(per_sample: np.ndarray, reduction: str, denominator: float,
+                out_dtype: np.dtype, out_shape: tuple[int, ...]):
+    """Reduce float64 per-sample losses (compensated sum) and round once to ``out_dtype``."""
+    if reduction == "none":
+        return per_sample.reshape(out_shape).astype(out_dtype)
+    total = cpu.compensated_sum(np.ascontiguousarray(per_sample.reshape(-1)))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if reduction == "sum":
+            return out_dtype.type(total)
+        return out_dtype.type(np.float64(total) / np.float64(denominator))
+
+
+def grad_scale(reduction: str, denominator: float) -> float:
+    if reduction != "mean":
+        return 1.0
+    return 1.0 / denominator if denominator != 0 else math.nan
+
+
+def _index_denominator(target: np.ndarray, weight: np.ndarray, ignore_index: int) -> float:
+    """Sum of w_{y_i} over non-ignored rows: torch's denominator for reduction="mean"."""
+    keep = target != ignore_index
+    return float(weight[target[keep]].sum()) if np.any(keep) else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Running a variant
+# --------------------------------------------------------------------------------------------
+_SCALAR_OPTIONS = {
+    "ignore_index": int,
+    "label_smoothing": check_smoothing,
+    "gamma": check_gamma,
+    "alpha": check_alpha,
+}
+
+
+def _kernel_module(variant: variants.Variant, backend: str, work: np.dtype):
+    if backend == "cuda":
+        return backends.require_cuda()
+    if work == np.float32 and variant.fast_cpu:
+        return cpu_fast
+    return cpu
+
+
+def _is_device(a: Any) -> bool:
+    if a is None or isinstance(a, np.ndarray):
+        return False
+    return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
+
+
+def run(name: str, logits: Any, target: Any, *, reduction: str = "mean",
+        backend: str = "cpu", with_grad: bool = False, out: Any = None, **options):
+    """Compute variant ``name`` with the kernels: the loss, or (loss, grad) with ``with_grad``.
+
+    ``options`` are the variant's keyword options (``cestudy.variants``); ``out`` is an optional
+    gradient buffer (it may be the logits themselves, to overwrite them with the gradient).
+    """
+    v = variants.get(name)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
+    unknown = set(options) - set(v.option_names)
+    if unknown:
+        raise TypeError(f"{v.function}() got unexpected options {sorted(unknown)}")
+    opts = {**v.defaults, **options}
+    for key, check in _SCALAR_OPTIONS.items():
+        if key in opts:
+            opts[key] = check(opts[key])
+    if backend == "cuda":
+        if _is_device(logits):
+            return _run_device(v, logits, target, reduction, with_grad, out, opts)
+        backends.require_cuda()  # says what is missing before any work
+
+    if v.elementwise:
+        arr = as_float_array("logits", logits)
+        tgt = as_float_array("target", target)
+        if tgt.shape != arr.shape:
+            raise ValueError(f"target must have the logits' shape {arr.shape}; got shape "
+                             f"{tgt.shape}")
+        work = dtypes.working_dtype(arr.dtype)
+        s2 = shape_2d(arr.shape)
+        x = np.ascontiguousarray(arr.reshape(s2), dtype=work)
+        t = np.ascontiguousarray(tgt.reshape(s2), dtype=work)
+        out_shape = arr.shape
+        denom = float(arr.size)
+        loss = np.empty(x.shape, dtype=np.float64)
+    else:
+        arr, x, squeeze = logits_2d("logits", logits)
+        n, c = x.shape
+        out_shape = () if squeeze else (n,)
+        loss = np.empty(n, dtype=np.float64)
+        if v.target == "index":
+            t = index_target(target, n, c, opts["ignore_index"], squeeze)
+        else:
+            t = prob_target(target, arr.shape, x.dtype)
+            denom = float(n)
+
+    module = _kernel_module(v, backend, x.dtype)
+    args = []
+    for key in v.option_names:
+        value = opts[key]
+        if key in ("weight", "pos_weight"):
+            if v.elementwise:
+                value = elementwise_weights(key, value, arr.shape)
+                if module is cpu_fast:
+                    value = contiguous_rows(value)
+            else:
+                value = class_weight(value, x.shape[1])
+        args.append(value)
+    if v.target == "index":
+        denom = _index_denominator(t, args[0], opts["ignore_index"])
+
+    fwd = getattr(module, v.kernel + "_fwd")
+    if not with_grad:
+        fwd(x, t, *args, loss)
+        return finish_loss(loss, reduction, denom, arr.dtype, out_shape)
+    grad = _grad_buffer(out, arr, x)
+    getattr(module, v.kernel + "_fwd_grad")(x, t, *args, grad_scale(reduction, denom), loss,
+                                            grad)
+    result = finish_loss(loss, reduction, denom, arr.dtype, out_shape)
+    if out is not None:
+        if grad.base is not out and grad is not out:
+            out[...] = grad.reshape(out.shape)
+        return result, out
+    return result, grad.reshape(arr.shape).astype(arr.dtype, copy=False)
+
+
+def _grad_buffer(out: Any, arr: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Where the kernel writes the gradient: ``out`` itself when it has the working dtype (no
+    new pages per call), else a new array of the working dtype."""
+    if out is None:
+        return np.empty_like(x)
+    check_grad_out(out, arr.shape, arr.dtype)
+    if out.dtype == x.dtype:
+        return out.reshape(x.shape)
+    return np.empty_like(x)
+
+
+def rows(kernel: str, logits: Any, per_row: bool) -> np.ndarray:
+    """Run a row kernel of ``cestudy.kernels.cpu`` (logsumexp, log_softmax, softmax) over the
+    last axis of ``logits``."""
+    arr = as_float_array("logits", logits)
+    if arr.ndim == 0:
+        raise ValueError("logits must have at least one axis")
+    work = dtypes.working_dtype(arr.dtype)
+    x = np.ascontiguousarray(arr.reshape(-1, arr.shape[-1]), dtype=work)
+    out = np.empty(x.shape[0] if per_row else x.shape, dtype=np.float64)
+    getattr(cpu, kernel)(x, out)
+    return out.reshape(arr.shape[:-1] if per_row else arr.shape).astype(arr.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Device arrays in, device arrays out
+# --------------------------------------------------------------------------------------------
+DEVICE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _run_device(v, logits, target, reduction, with_grad, out, opts):
+    """Device arrays (``__cuda_array_interface__``: numba, CuPy, torch CUDA tensors) in, device
+    arrays out, with no host round trip of the data. The same checks as for host arrays run on
+    the device (a count of bad entries comes back), before any kernel reads a target."""
+    ck = backends.require_cuda()
+    x = ck.as_device(logits)
+    if x.dtype not in DEVICE_DTYPES:
+        raise TypeError(f"logits: device arrays of dtype {x.dtype} are not supported by "
+                        f"backend='cuda'; use float32 or float64")
+    t = ck.as_device(target)
+    if v.elementwise:
+        if x.ndim != 2:
+            raise ValueError(f"logits must be a 2-D device array; got shape {x.shape}")
+        if t.shape != x.shape:
+            raise ValueError(f"target must have the logits' shape {x.shape}; got {t.shape}")
+    else:
+        if x.ndim != 2:
+            raise ValueError(f"logits must be a 2-D (N, C) device array; got shape {x.shape}")
+    n, c = x.shape
+    if v.target == "index":
+        if t.shape != (n,) or t.dtype.kind not in "iu":
+            raise ValueError(f"target must be an integer (N,) = ({n},) device array of class "
+                             f"indices; got {t.dtype} {t.shape}")
+        bad = ck.count_invalid_targets(t, c, opts["ignore_index"])
+        if bad:
+            raise ValueError(f"target holds {bad} class indices out of range for {c} classes "
+                             f"(expected 0 <= target < {c} or "
+                             f"ignore_index={opts['ignore_index']})")
+    elif t.shape != x.shape:
+        raise ValueError(f"target must have the logits' shape {x.shape}; got {t.shape}")
+    elif v.target == "probs" and ck.count_negative(t):
+        raise ValueError("target probabilities must be non-negative; got a negative entry")
+
+    args = []
+    for key in v.option_names:
+        value = opts[key]
+        if key in ("weight", "pos_weight"):
+            if _is_device(value):
+                if ck.count_negative(value):
+                    raise ValueError(f"{key} must be non-negative; got a negative entry")
+            elif v.elementwise:
+                value = elementwise_weights(key, value, x.shape)
+            else:
+                value = class_weight(value, c)
+        args.append(value)
+
+    if v.target == "index":
+        denom = ck.index_weight_sum(t, args[0], opts["ignore_index"]) if n else 0.0
+    elif v.target == "probs":
+        denom = float(n)
+    else:
+        denom = float(n * c)
+    per_sample = ck.device_array(x.shape if v.elementwise else (n,), np.float64)
+    if not with_grad:
+        getattr(ck, v.kernel + "_fwd")(x, t, *args, per_sample)
+        return ck.reduce_loss(per_sample, reduction, denom, x.dtype)
+    grad = ck.device_array(x.shape, x.dtype) if out is None else ck.as_device(out)
+    if grad.shape != x.shape or grad.dtype != x.dtype:
+        raise ValueError(f"out must have the logits' shape {x.shape} and dtype {x.dtype}")
+    getattr(ck, v.kernel + "_fwd_grad")(x, t, *args, grad_scale(reduction, denom), per_sample,
+                                        grad)
+    return ck.reduce_loss(per_sample, reduction, denom, x.dtype), grad
