@@ -1,9 +1,9 @@
 """Fast float32 CPU kernels: the same accuracy contract as ``cpu.py``, at memory speed.
 
 numba 0.68 has no SVML, so ``math.exp`` in a jitted loop stays a scalar libm call (about 3 ns per
-element). These kernels use ``exp_neg``, an exp written in Numba that LLVM vectorises: float64
-Cody-Waite range reduction, a degree-9 Taylor polynomial on |r| <= ln2/2 (truncation error
-< 7e-12 relative, 1e-4 of a float32 ulp) and 2^n built by an int64-to-float64 bitcast. For
+element). These kernels use ``exp_neg``, an exp that LLVM vectorises: ``scalar.exp_parts``
+(float64 Cody-Waite range reduction, a degree-9 Taylor polynomial on |r| <= ln2/2, truncation
+error < 7e-12 relative, 1e-4 of a float32 ulp) and 2^n built by an int64-to-float64 bitcast. For
 float32 inputs every step stays in float64:
 
 - x_j - m is exact in float64 (both are float32), so the tiny losses of confident rows, where
@@ -24,10 +24,17 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .cpu import argmax_grad, compensated_sum
+from . import scalar
+from .cpu import argmax_grad, bcast_row, compensated_sum, loss_row, row_guard, store_row_sum
 
 _OPTS = dict(cache=True, error_model="numpy", nogil=True)
 _SUM = dict(fastmath={"reassoc", "contract"}, **_OPTS)
+# the shared formulas again, with FMA contraction for the polynomials (not cached: a second
+# cached compilation of the same source with other flags would share cpu.py's cache entries)
+_F = scalar.compiled(njit(fastmath={"contract"}, error_model="numpy", nogil=True))
+soft_target = _F.soft_target
+_exp_parts = _F.exp_parts
+EXP_FLUSH = scalar.EXP_FLUSH
 
 
 def _bitcast(int_type, float_type, llvm_type, doc):
@@ -53,33 +60,12 @@ _bits_to_float32 = _bitcast(types.int32, types.float32, ir.FloatType(),
                             "int32 bits as float32: the maximum back from its integer key.")
 
 
-LOG2E = 1.4426950408889634
-LN2_HI = 6.93147180369123816490e-01  # fdlibm: 32 significant bits, so n * LN2_HI is exact
-LN2_LO = 1.90821492927058770002e-10
-SHIFTER = 6755399441055744.0  # 1.5 * 2^52: adding it rounds to an integer in the low bits
-EXP_FLUSH = -708.0  # below this, exp(d) < 3.3e-308: 0 for any float32 result
-
-
 @njit(fastmath={"contract"}, **_OPTS)
 def exp_neg(d):
     """exp(d) for d <= 0 in float64, vectorisable, relative error < 7e-12; 0 for d < -708
     (and for d = -inf). NaN propagates through the polynomial."""
-    dc = max(d, EXP_FLUSH)
-    t = dc * LOG2E + SHIFTER
-    n = t - SHIFTER
-    r = (dc - n * LN2_HI) - n * LN2_LO
-    p = 2.7557319223985893e-06           # 1/9!
-    p = p * r + 2.48015873015873e-05     # 1/8!
-    p = p * r + 0.0001984126984126984    # 1/7!
-    p = p * r + 0.001388888888888889     # 1/6!
-    p = p * r + 0.008333333333333333     # 1/5!
-    p = p * r + 0.041666666666666664     # 1/4!
-    p = p * r + 0.16666666666666666      # 1/3!
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    scale = _bits_to_float64((np.int64(n) + 1023) << 52)
-    res = p * scale
+    p, n = _exp_parts(max(d, EXP_FLUSH))
+    res = p * _bits_to_float64((np.int64(n) + 1023) << 52)
     return 0.0 if d < EXP_FLUSH else res
 
 
@@ -102,6 +88,16 @@ def row_max_f32(x):
 
 
 @njit(**_OPTS)
+def row_start_f32(x, ignored, with_grad, g):
+    """:func:`cestudy.kernels.cpu.row_start` for float32 rows: ``(skip, fill, m)``."""
+    m, bad = (0.0, False) if ignored else row_max_f32(x)
+    skip, fill = row_guard(ignored, bad, m)
+    if skip and with_grad:
+        g[:] = fill
+    return skip, fill, m
+
+
+@njit(**_OPTS)
 def first_index_of(x, m):
     for j in range(x.shape[0]):
         if x[j] == m:
@@ -110,28 +106,17 @@ def first_index_of(x, m):
 
 
 @njit(**_SUM)
-def row_sumexp_f32(x, m):
+def row_sumexp_f32(x, m, store, out):
     """S = sum_{j != k} exp(x_j - m) in float64 (vectorised partial sums), k one argmax: the
-    terms below the maximum, plus 1 for each further tie."""
+    terms below the maximum, plus 1 for each further tie. With ``store``, also
+    out_j = float32(exp(x_j - m))."""
     s = 0.0
     ties = 0
     for j in range(x.shape[0]):
         d = np.float64(x[j]) - m
         e = exp_neg(d)
-        s += e if d < 0.0 else 0.0
-        ties += d == 0.0
-    return s + (ties - 1)
-
-
-@njit(**_SUM)
-def row_store_exp_f32(x, m, out):
-    """out_j = float32(exp(x_j - m)); returns S as :func:`row_sumexp_f32`."""
-    s = 0.0
-    ties = 0
-    for j in range(x.shape[0]):
-        d = np.float64(x[j]) - m
-        e = exp_neg(d)
-        out[j] = np.float32(e)
+        if store:
+            out[j] = np.float32(e)
         s += e if d < 0.0 else 0.0
         ties += d == 0.0
     return s + (ties - 1)
@@ -153,29 +138,49 @@ def row_scale_f32(g, a, b, w):
         g[j] = np.float32(a * np.float64(g[j]) - b * w[j])
 
 
+@njit(**_OPTS)
+def _ce_index_row(x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, g):
+    """One row of the float32 class-index cross-entropy (two passes over a row that stays in
+    L2, three with the gradient)."""
+    skip, fill, m = row_start_f32(x, y == ignore_index, with_grad, g)  # pass 1: from memory
+    if skip:
+        return fill
+    nc = x.shape[0]
+    s = row_sumexp_f32(x, m, with_grad, g)  # pass 2: the row is in L2
+    L = math.log1p(s)
+    loss = weight[y] * ((m - np.float64(x[y])) + L)
+    if eps != 0.0:
+        smooth = row_weighted_shift_sum_f32(x, weight, m) + wsum * L
+        loss = (1.0 - eps) * loss + (eps / nc) * smooth
+    if not with_grad:
+        return loss
+    y_top = np.float64(x[y]) == m  # y is (one of) the argmax: p_y - 1 = -S / (1 + S)
+    z = 1.0 + s
+    c_true = (1.0 - eps) * weight[y] * grad_scale
+    c_smooth = (eps / nc) * grad_scale
+    row_scale_f32(g, (c_true + c_smooth * wsum) / z, c_smooth, weight)
+    # entries that the scaled row would get by cancellation, recomputed exactly
+    e_y = 1.0 if y_top else math.exp(np.float64(x[y]) - m)
+    p_y = e_y / z
+    g_y = c_true * (-s / z if y_top else p_y - 1.0)
+    if eps != 0.0:
+        g_y += c_smooth * (argmax_grad(wsum, weight[y], s, z) if y_top
+                           else wsum * p_y - weight[y])
+        if not y_top:
+            k = first_index_of(x, np.float32(m))
+            g[k] = np.float32(c_true / z + c_smooth * argmax_grad(wsum, weight[k], s, z))
+    g[y] = np.float32(g_y)
+    return loss
+
+
 @njit(parallel=True, **_OPTS)
 def cross_entropy_index_fwd(logits, target, weight, ignore_index, label_smoothing, out_loss):
     """float32 version of :func:`cestudy.kernels.cpu.cross_entropy_index_fwd` (same signature
     and semantics); ``logits`` must be float32."""
-    n, nc = logits.shape
     wsum = compensated_sum(weight)
-    eps = label_smoothing
-    for i in prange(n):
-        y = target[i]
-        if y == ignore_index:
-            out_loss[i] = 0.0
-            continue
-        x = logits[i]
-        m, bad = row_max_f32(x)  # pass 1: the only read from memory
-        if bad or not math.isfinite(m):
-            out_loss[i] = np.nan
-            continue
-        L = math.log1p(row_sumexp_f32(x, m))  # pass 2: the row is in L2
-        loss = weight[y] * ((m - np.float64(x[y])) + L)
-        if eps != 0.0:
-            smooth = row_weighted_shift_sum_f32(x, weight, m) + wsum * L
-            loss = (1.0 - eps) * loss + (eps / nc) * smooth
-        out_loss[i] = loss
+    for i in prange(logits.shape[0]):
+        out_loss[i] = _ce_index_row(logits[i], target[i], weight, wsum, ignore_index,
+                                    label_smoothing, 1.0, False, logits[i])
 
 
 @njit(parallel=True, **_OPTS)
@@ -187,45 +192,10 @@ def cross_entropy_index_fwd_grad(logits, target, weight, ignore_index, label_smo
     gradient row while S is summed in float64; then the row is scaled into the gradient
     (1 rounding of e_j, 1 of the result: < 1.5 ulp). The true-class entry and, with label
     smoothing, the argmax entry are recomputed by the cancellation-free formulas."""
-    n, nc = logits.shape
     wsum = compensated_sum(weight)
-    eps = label_smoothing
-    for i in prange(n):
-        y = target[i]
-        g = out_grad[i]
-        if y == ignore_index:
-            out_loss[i] = 0.0
-            g[:] = 0.0
-            continue
-        x = logits[i]
-        m, bad = row_max_f32(x)
-        if bad or not math.isfinite(m):
-            out_loss[i] = np.nan
-            g[:] = np.nan
-            continue
-        s = row_store_exp_f32(x, m, g)
-        y_top = np.float64(x[y]) == m  # y is (one of) the argmax: p_y - 1 = -S / (1 + S)
-        L = math.log1p(s)
-        z = 1.0 + s
-        loss = weight[y] * ((m - np.float64(x[y])) + L)
-        if eps != 0.0:
-            smooth = row_weighted_shift_sum_f32(x, weight, m) + wsum * L
-            loss = (1.0 - eps) * loss + (eps / nc) * smooth
-        out_loss[i] = loss
-        c_true = (1.0 - eps) * weight[y] * grad_scale
-        c_smooth = (eps / nc) * grad_scale
-        row_scale_f32(g, (c_true + c_smooth * wsum) / z, c_smooth, weight)
-        # entries that the scaled row would get by cancellation, recomputed exactly
-        e_y = 1.0 if y_top else math.exp(np.float64(x[y]) - m)
-        p_y = e_y / z
-        g_y = c_true * (-s / z if y_top else p_y - 1.0)
-        if eps != 0.0:
-            g_y += c_smooth * (argmax_grad(wsum, weight[y], s, z) if y_top
-                               else wsum * p_y - weight[y])
-            if not y_top:
-                k = first_index_of(x, np.float32(m))
-                g[k] = np.float32(c_true / z + c_smooth * argmax_grad(wsum, weight[k], s, z))
-        g[y] = np.float32(g_y)
+    for i in prange(logits.shape[0]):
+        out_loss[i] = _ce_index_row(logits[i], target[i], weight, wsum, ignore_index,
+                                    label_smoothing, grad_scale, True, out_grad[i])
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +209,7 @@ def _row_soft_target_sums(x, t, w, m, eps):
     a_sum = 0.0
     t_sum = 0.0
     for j in range(nc):
-        a = w[j] * ((1.0 - eps) * np.float64(t[j]) + eps / nc)
+        a = soft_target(w[j], np.float64(t[j]), eps, nc)
         a_sum += a
         t_sum += a * (m - np.float64(x[j])) if a != 0.0 else 0.0
     return a_sum, t_sum
@@ -250,48 +220,43 @@ def _row_soft_target_grad(g, t, w, eps, scale_q, scale_a):
     """g_j = float32(scale_q * e_j - scale_a * a_j), e_j stored in g."""
     nc = g.shape[0]
     for j in range(nc):
-        a = w[j] * ((1.0 - eps) * np.float64(t[j]) + eps / nc)
+        a = soft_target(w[j], np.float64(t[j]), eps, nc)
         g[j] = np.float32(scale_q * np.float64(g[j]) - scale_a * a)
+
+
+@njit(**_OPTS)
+def _ce_prob_row(x, t, weight, eps, grad_scale, with_grad, g):
+    """One row of the float32 soft-target cross-entropy; the argmax entry of the gradient is
+    recomputed without cancellation as (A - a_k - a_k S) / (1 + S)."""
+    skip, fill, m = row_start_f32(x, False, with_grad, g)
+    if skip:
+        return fill
+    s = row_sumexp_f32(x, m, with_grad, g)
+    a_sum, t_sum = _row_soft_target_sums(x, t, weight, m, eps)
+    if with_grad:
+        z = 1.0 + s
+        _row_soft_target_grad(g, t, weight, eps, a_sum / z * grad_scale, grad_scale)
+        k = first_index_of(x, np.float32(m))
+        a_k = soft_target(weight[k], np.float64(t[k]), eps, x.shape[0])
+        g[k] = np.float32(argmax_grad(a_sum, a_k, s, z) * grad_scale)
+    return t_sum + a_sum * math.log1p(s)
 
 
 @njit(parallel=True, **_OPTS)
 def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, out_loss):
     """float32 version of :func:`cestudy.kernels.cpu.cross_entropy_prob_fwd`."""
-    n, nc = logits.shape
-    for i in prange(n):
-        x = logits[i]
-        m, bad = row_max_f32(x)
-        if bad or not math.isfinite(m):
-            out_loss[i] = np.nan
-            continue
-        L = math.log1p(row_sumexp_f32(x, m))
-        a_sum, t_sum = _row_soft_target_sums(x, target[i], weight, m, label_smoothing)
-        out_loss[i] = t_sum + a_sum * L
+    for i in prange(logits.shape[0]):
+        out_loss[i] = _ce_prob_row(logits[i], target[i], weight, label_smoothing, 1.0, False,
+                                   logits[i])
 
 
 @njit(parallel=True, **_OPTS)
 def cross_entropy_prob_fwd_grad(logits, target, weight, label_smoothing, grad_scale, out_loss,
                                 out_grad):
-    """float32 version of :func:`cestudy.kernels.cpu.cross_entropy_prob_fwd_grad`; the argmax
-    entry is recomputed without cancellation as (A - a_k - a_k S) / (1 + S)."""
-    n, nc = logits.shape
-    eps = label_smoothing
-    for i in prange(n):
-        x = logits[i]
-        g = out_grad[i]
-        m, bad = row_max_f32(x)
-        if bad or not math.isfinite(m):
-            out_loss[i] = np.nan
-            g[:] = np.nan
-            continue
-        s = row_store_exp_f32(x, m, g)
-        z = 1.0 + s
-        a_sum, t_sum = _row_soft_target_sums(x, target[i], weight, m, eps)
-        out_loss[i] = t_sum + a_sum * math.log1p(s)
-        _row_soft_target_grad(g, target[i], weight, eps, a_sum / z * grad_scale, grad_scale)
-        k = first_index_of(x, np.float32(m))
-        a_k = weight[k] * ((1.0 - eps) * np.float64(target[i, k]) + eps / nc)
-        g[k] = np.float32(argmax_grad(a_sum, a_k, s, z) * grad_scale)
+    """float32 version of :func:`cestudy.kernels.cpu.cross_entropy_prob_fwd_grad`."""
+    for i in prange(logits.shape[0]):
+        out_loss[i] = _ce_prob_row(logits[i], target[i], weight, label_smoothing, grad_scale,
+                                   True, out_grad[i])
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,9 +285,12 @@ def log1p_unit(e):
 
 
 @njit(**_SUM)
-def _bce_row(x, t, w, pw, grad_scale, with_grad, loss, grad):
+def _bce_row(x, t, w, pw, grad_scale, with_grad, per_elem, lrow, g):
     """One row of BCE with logits: loss_j = w (pw t softplus(-x) + (1 - t) softplus(x)) with
-    softplus(+-x) = max(+-x, 0) + log1p(exp(-|x|)); one exp and one log1p per element."""
+    softplus(+-x) = max(+-x, 0) + log1p(exp(-|x|)); one exp and one log1p per element. Losses
+    into ``lrow`` when ``per_elem``; returns the row sum (float64 partial sums of non-negative
+    terms: relative error <= C 2^-53, far below a float32 ulp)."""
+    total = 0.0
     for j in range(x.shape[0]):
         v = np.float64(x[j])
         tj = np.float64(t[j])
@@ -330,33 +298,39 @@ def _bce_row(x, t, w, pw, grad_scale, with_grad, loss, grad):
         lp = log1p_unit(e)
         sp_pos = max(v, 0.0) + lp
         sp_neg = max(-v, 0.0) + lp
-        loss[j] = w[j] * (pw[j] * tj * sp_neg + (1.0 - tj) * sp_pos)
+        loss = w[j] * (pw[j] * tj * sp_neg + (1.0 - tj) * sp_pos)
+        total += loss
+        if per_elem:
+            lrow[j] = loss
         if with_grad:
             r = 1.0 / (1.0 + e)
             sig_pos = r if v >= 0.0 else e * r
             sig_neg = e * r if v >= 0.0 else r
-            grad[j] = np.float32(w[j] * ((1.0 - tj) * sig_pos - pw[j] * tj * sig_neg)
-                                 * grad_scale)
+            g[j] = np.float32(w[j] * ((1.0 - tj) * sig_pos - pw[j] * tj * sig_neg) * grad_scale)
+    return total
 
 
 @njit(parallel=True, **_OPTS)
 def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
     """float32 version of :func:`cestudy.kernels.cpu.bce_with_logits_fwd`. ``weight`` and
     ``pos_weight`` are (N, C) or, when the same for every row, (1, C): contiguous rows keep the
-    loop vectorised (zero-stride broadcast views made it 6x slower)."""
+    loop vectorised (zero-stride broadcast views made it 6x slower). ``out_loss`` (N, C) for
+    per-element losses, (N,) for row sums."""
+    per_elem = out_loss.ndim == 2
     for i in prange(logits.shape[0]):
-        r = np.int64(i)  # the prange index may be unsigned; keep the conditional integral
-        _bce_row(logits[i], target[i], weight[r if weight.shape[0] > 1 else 0],
-                 pos_weight[r if pos_weight.shape[0] > 1 else 0], 1.0, False, out_loss[i],
-                 out_loss[i])
+        x = logits[i]
+        total = _bce_row(x, target[i], bcast_row(weight, i), bcast_row(pos_weight, i), 1.0,
+                         False, per_elem, loss_row(out_loss, i, x), x)
+        store_row_sum(out_loss, i, total)
 
 
 @njit(parallel=True, **_OPTS)
 def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out_loss, out_grad):
-    """float32 version of :func:`cestudy.kernels.cpu.bce_with_logits_fwd_grad` (weights as in
-    :func:`bce_with_logits_fwd`)."""
+    """float32 version of :func:`cestudy.kernels.cpu.bce_with_logits_fwd_grad` (weights and
+    ``out_loss`` as in :func:`bce_with_logits_fwd`)."""
+    per_elem = out_loss.ndim == 2
     for i in prange(logits.shape[0]):
-        r = np.int64(i)
-        _bce_row(logits[i], target[i], weight[r if weight.shape[0] > 1 else 0],
-                 pos_weight[r if pos_weight.shape[0] > 1 else 0], grad_scale, True,
-                 out_loss[i], out_grad[i])
+        total = _bce_row(logits[i], target[i], bcast_row(weight, i), bcast_row(pos_weight, i),
+                         grad_scale, True, per_elem, loss_row(out_loss, i, logits[i]),
+                         out_grad[i])
+        store_row_sum(out_loss, i, total)

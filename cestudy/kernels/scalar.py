@@ -1,11 +1,12 @@
-"""Scalar building blocks shared by the CPU (``numba.njit``) and CUDA (``cuda.jit(device=True)``)
-kernels.
+"""Every formula the CPU and CUDA kernels share, written once.
 
-This module holds plain Python functions on floats that use only ``math``; ``cpu.py`` and
-``cuda.py`` compile them for their target. It must not import numba or numpy, so that the same
-source serves both targets and can be unit-tested as plain Python.
+This module holds plain Python functions on floats that use only ``math``; ``cpu.py`` /
+``cpu_fast.py`` compile them with ``numba.njit`` and ``cuda.py`` with ``cuda.jit(device=True)``,
+both through :func:`compiled`. It must not import numba or numpy, so that one source serves both
+targets and can be unit-tested as plain Python. It must not hold loops over arrays or anything
+that knows a variant's name: those are the kernels'.
 
-Numerical conventions (see ``docs`` in the kernels' modules):
+Numerical conventions:
 - ``two_diff(a, b)`` is Knuth's TwoSum applied to ``a - b``: ``hi + lo == a - b`` exactly for
   finite inputs. The kernels use it so that ``exp(x_j - m)`` sees the exact difference; the
   rounding of ``x_j - m`` alone would put ``u * |x_j - m|`` of relative error into each term
@@ -14,12 +15,22 @@ Numerical conventions (see ``docs`` in the kernels' modules):
   is exact to ``lo**2 / 2 <= u**2 |hi|**2 / 2``.
 - ``softplus(x) = log(1 + e^x)`` and ``sigmoid(x)`` are evaluated on the side where ``e^{-|x|}``
   cannot overflow, so both keep full relative accuracy for every finite x.
+- ``exp_parts(d)`` is the vectorisable exp of the float32 fast paths: Cody-Waite range reduction
+  and a degree-9 Taylor polynomial; each target builds the power of two its own way.
 """
 import math
+import types
 
 # exp(d) underflows to zero in float64 for d < -745.14; skipping such terms also skips -inf logits
 # (for which the two-sum would produce inf - inf = NaN).
 EXP_UNDERFLOW = -746.0
+
+# Constants of exp_parts (Cody-Waite reduction d = n ln2 + r, |r| <= ln2 / 2).
+LOG2E = 1.4426950408889634
+LN2_HI = 6.93147180369123816490e-01  # fdlibm: 32 significant bits, so n * LN2_HI is exact
+LN2_LO = 1.90821492927058770002e-10
+SHIFTER = 6755399441055744.0  # 1.5 * 2^52: adding it rounds to an integer in the low bits
+EXP_FLUSH = -708.0  # below this, exp(d) < 3.3e-308: 0 for any float32 result
 
 
 def two_diff(a, b):
@@ -41,6 +52,37 @@ def exp_dd(hi, lo):
     """exp(hi + lo) for a double-double argument, to relative error ~ 1 ulp of float64."""
     e = math.exp(hi)
     return e + e * lo
+
+
+def exp_diff(a, b):
+    """exp(a - b) for a <= b from the exact difference; 0 below underflow (and for a = -inf)."""
+    hi, lo = two_diff(a, b)
+    if hi < EXP_UNDERFLOW:
+        return 0.0
+    return exp_dd(hi, lo)
+
+
+def exp_parts(d):
+    """``(p, n)`` with exp(d) = p * 2^n for finite d >= EXP_FLUSH: relative error < 7e-12.
+
+    Cody-Waite reduction r = d - n ln2 (n ln2 in two parts, the first exact), then the degree-9
+    Taylor polynomial on |r| <= ln2 / 2 (truncation < 7e-12 relative, 1e-4 of a float32 ulp).
+    No branches and no libm call, so LLVM vectorises a loop over it; the caller clamps d and
+    builds 2^n (a bitcast on the CPU, ldexp on the GPU)."""
+    t = d * LOG2E + SHIFTER
+    n = t - SHIFTER
+    r = (d - n * LN2_HI) - n * LN2_LO
+    p = 2.7557319223985893e-06           # 1/9!
+    p = p * r + 2.48015873015873e-05     # 1/8!
+    p = p * r + 0.0001984126984126984    # 1/7!
+    p = p * r + 0.001388888888888889     # 1/6!
+    p = p * r + 0.008333333333333333     # 1/5!
+    p = p * r + 0.041666666666666664     # 1/4!
+    p = p * r + 0.16666666666666666      # 1/3!
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    return p, n
 
 
 def softplus(x):
@@ -87,3 +129,129 @@ def pow_nonneg(base, gamma):
     if base == 0.0:
         return 0.0
     return math.pow(base, gamma)
+
+
+# --------------------------------------------------------------------------------------------
+# Row losses (softmax family)
+# --------------------------------------------------------------------------------------------
+def row_guard(ignored, has_nan, m):
+    """``(skip, fill)``: whether a row's loss and gradient are a constant instead of computed,
+    and that constant: 0 for an ignored row (its target is ``ignore_index``), NaN for a row that
+    holds a NaN or whose maximum is +inf or -inf (all classes masked), as torch gives."""
+    if ignored:
+        return True, 0.0
+    if has_nan or not math.isfinite(m):
+        return True, math.nan
+    return False, 0.0
+
+
+def neg_log_prob(v, m, L):
+    """-log softmax(x)_c = (m - x_c) + L for v = x_c, with the difference in double-double."""
+    hi, lo = two_diff(m, v)
+    return hi + (L + lo)
+
+
+def argmax_grad(a_sum, a_k, s, z):
+    """A q_k - a_k at the argmax, where q_k = 1 / z rounds close to 1:
+    (A - a_k - a_k s) / z, with A - a_k formed first (a sum of the other, non-negative terms
+    when the caller's A is compensated), so the cancellation is confined to the small a_k s."""
+    return ((a_sum - a_k) - a_k * s) / z
+
+
+def soft_target(w, t, eps, nc):
+    """a_c = w_c ((1 - eps) t_c + eps / C): torch's smoothed, class-weighted soft target."""
+    return w * ((1.0 - eps) * t + eps / nc)
+
+
+def kl_term(p, v, m, L):
+    """p log(p / q) for p > 0, q = softmax(x)_c, v = x_c: p ((m - v) + L + log p), larger terms
+    first, the difference in double-double."""
+    hi, lo = two_diff(m, v)
+    return p * ((hi + L) + (math.log(p) + lo))
+
+
+def focal_parts(s, e_y, y_top):
+    """``(a, p_y)`` of the softmax focal loss from S, e_y = exp(x_y - m) and whether y is the
+    argmax: a = 1 - p_y as S / (1 + S) or (1 + S - e_y) / (1 + S) (z >= 2 e_y then), both
+    without cancellation."""
+    z = 1.0 + s
+    a = s / z if y_top else (z - e_y) / z
+    return a, e_y / z
+
+
+def focal_grad(j_is_y, p, a, a_gamma, inner, w):
+    """One softmax focal gradient entry, with inner = gamma ce p_y + a:
+    -w a^gamma inner for the true class, else w p_j a^(gamma - 1) inner written as
+    (p_j / a) a^gamma so that a -> 0 gives 0 rather than 0 * inf."""
+    if j_is_y:
+        return -w * a_gamma * inner
+    if p == 0.0:
+        return 0.0
+    return w * (p / a) * a_gamma * inner
+
+
+# --------------------------------------------------------------------------------------------
+# Element-wise losses
+# --------------------------------------------------------------------------------------------
+def bce_logits(x, t, pw):
+    """pw t softplus(-x) + (1 - t) softplus(x) = -[pw t log s(x) + (1 - t) log(1 - s(x))].
+
+    Both terms are >= 0 for t in [0, 1], so no cancellation, unlike torch's
+    (1 - t) x + (1 + (pw - 1) t) (log1p(exp(-|x|)) + max(-x, 0))."""
+    return pw * t * softplus(-x) + (1.0 - t) * softplus(x)
+
+
+def bce_logits_grad(x, t, pw):
+    """d/dx of :func:`bce_logits`: (1 - t) s(x) - pw t s(-x)."""
+    return (1.0 - t) * sigmoid(x) - pw * t * sigmoid(-x)
+
+
+def sigmoid_focal(x, t, alpha, gamma):
+    """torchvision.ops.sigmoid_focal_loss for one element, returns (loss, dloss/dx).
+
+    b = 1 - p_t = t s(-x) + (1 - t) s(x) (positive terms), ce = BCE with logits,
+    loss = alpha_t ce b^gamma,
+    d/dx = alpha_t [(s(x) - t) b^gamma + gamma ce b^(gamma-1) (1 - 2t) s(x) s(-x)].
+    """
+    sp = sigmoid(x)
+    sn = sigmoid(-x)
+    b = t * sn + (1.0 - t) * sp
+    ce = bce_logits(x, t, 1.0)
+    bg = pow_nonneg(b, gamma)
+    alpha_t = 1.0
+    if alpha >= 0.0:
+        alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
+    loss = alpha_t * ce * bg
+    g = ((1.0 - t) * sp - t * sn) * bg
+    if b != 0.0 and gamma != 0.0:
+        # b^(gamma - 1) * db, written so that b -> 0 does not produce 0 * inf
+        g += gamma * ce * (bg / b) * ((1.0 - 2.0 * t) * sp * sn)
+    return loss, alpha_t * g
+
+
+# --------------------------------------------------------------------------------------------
+# Compilation for a target
+# --------------------------------------------------------------------------------------------
+FUNCTIONS = ("two_diff", "exp_dd", "exp_diff", "exp_parts", "softplus", "sigmoid",
+             "neumaier_add", "pow_nonneg", "row_guard", "neg_log_prob", "argmax_grad",
+             "soft_target", "kl_term", "focal_parts", "focal_grad", "bce_logits",
+             "bce_logits_grad", "sigmoid_focal")
+
+
+def compiled(jit):
+    """This module's functions compiled with ``jit`` (``numba.njit(...)`` or
+    ``cuda.jit(device=True)``), as a namespace.
+
+    Each function is rebuilt over a globals dict in which the other functions' names point to
+    their compiled versions, so that ``sigmoid_focal`` calls the compiled ``sigmoid`` of the same
+    target (numba resolves global names when it compiles, lazily, after this returns)."""
+    namespace = dict(globals())
+    out = types.SimpleNamespace()
+    for name in FUNCTIONS:
+        f = globals()[name]
+        g = types.FunctionType(f.__code__, namespace, name, f.__defaults__, f.__closure__)
+        g.__doc__ = f.__doc__
+        g.__qualname__ = f.__qualname__
+        namespace[name] = jit(g)
+        setattr(out, name, namespace[name])
+    return out
