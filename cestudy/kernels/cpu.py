@@ -537,3 +537,80 @@ def softmax_rows(logits, out):
         z = 1.0 + row_sumexp(x, m, k)
         for j in range(x.shape[0]):
             out[i, j] = row_exp_shifted(x, j, m, k) / z
+
+
+# --------------------------------------------------------------------------------------------
+# Losses on log-probabilities (torch's nll_loss and kl_div)
+# --------------------------------------------------------------------------------------------
+@njit(parallel=True, **_OPTS)
+def nll_fwd(log_probs, target, weight, ignore_index, out_loss):
+    """Negative log-likelihood, ``torch.nn.functional.nll_loss``: loss_i = -w_{y_i} x_{i, y_i},
+    0 for ignored rows. ``log_probs`` (N, C), ``target`` (N,) int64 in range."""
+    for i in prange(log_probs.shape[0]):
+        y = target[i]
+        out_loss[i] = 0.0 if y == ignore_index else -weight[y] * np.float64(log_probs[i, y])
+
+
+@njit(parallel=True, **_OPTS)
+def nll_fwd_grad(log_probs, target, weight, ignore_index, grad_scale, out_loss, out_grad):
+    """Fused :func:`nll_fwd` and its gradient: -w_y grad_scale at the target, 0 elsewhere."""
+    for i in prange(log_probs.shape[0]):
+        y = target[i]
+        for j in range(log_probs.shape[1]):
+            out_grad[i, j] = 0.0
+        if y == ignore_index:
+            out_loss[i] = 0.0
+            continue
+        out_loss[i] = -weight[y] * np.float64(log_probs[i, y])
+        out_grad[i, y] = -weight[y] * grad_scale
+
+
+@njit(**_OPTS)
+def _kl_div_elem(x, t, log_target):
+    """torch's pointwise KL term: t (log t - x), with 0 log 0 = 0 (xlogy), or
+    exp(t) (t - x) for log-space targets. The difference is formed in float64, so float32
+    inputs keep full accuracy; for float64 inputs it is accurate relative to t max(|log t|, |x|)
+    (the term is ill-conditioned where log t is close to x)."""
+    if log_target:
+        return math.exp(t) * (t - x)
+    if t == 0.0:
+        return -(t * x)  # xlogy(0, 0) = 0; 0 * inf stays NaN as in torch
+    return t * (math.log(t) - x)
+
+
+@njit(**_OPTS)
+def _kl_div_row(x, t, log_target, grad_scale, with_grad, per_elem, lrow, g):
+    s = 0.0
+    c = 0.0
+    for j in range(x.shape[0]):
+        tj = np.float64(t[j])
+        loss = _kl_div_elem(np.float64(x[j]), tj, log_target)
+        if per_elem:
+            lrow[j] = loss
+        s, c = neumaier_add(s, c, loss)
+        if with_grad:
+            g[j] = -(math.exp(tj) if log_target else tj) * grad_scale
+    return s + c
+
+
+@njit(parallel=True, **_OPTS)
+def kl_div_fwd(log_probs, target, log_target, out_loss):
+    """Element-wise KL terms of ``torch.nn.functional.kl_div`` (input = log q). ``out_loss``
+    float64: (N, C) per element, or (N,) for row sums."""
+    per_elem = out_loss.ndim == 2
+    for i in prange(log_probs.shape[0]):
+        x = log_probs[i]
+        total = _kl_div_row(x, target[i], log_target, 1.0, False, per_elem,
+                            loss_row(out_loss, i, x), x)
+        store_row_sum(out_loss, i, total)
+
+
+@njit(parallel=True, **_OPTS)
+def kl_div_fwd_grad(log_probs, target, log_target, grad_scale, out_loss, out_grad):
+    """Fused :func:`kl_div_fwd` and its gradient d/dx = -t (or -exp(t)), times grad_scale."""
+    per_elem = out_loss.ndim == 2
+    for i in prange(log_probs.shape[0]):
+        x = log_probs[i]
+        total = _kl_div_row(x, target[i], log_target, grad_scale, True, per_elem,
+                            loss_row(out_loss, i, x), out_grad[i])
+        store_row_sum(out_loss, i, total)
