@@ -54,13 +54,26 @@ def test_lbfgs_plain_ce_matches_scikit_learn():
 
 
 def test_imbalanced_split_keeps_the_test_set_balanced():
+    """digits: 174..183 samples a class; 30% of the smallest (52) go to test from every class,
+    the training pool keeps n_max = 174 - 52 = 122 of the majority classes and
+    max(2, round(122 / 100)) = 2 of each of the 5 minority classes (step profile, ratio 100)."""
     X, y = training.load("digits")
     Xtr, ytr, Xte, yte, minority = training.split(X, y, 100.0, "step", seed=1)
-    counts = np.bincount(yte)
-    assert counts.min() == counts.max()
+    counts = np.bincount(y)
+    per_test = int(counts.min() * 0.3)
+    n_max = counts.min() - per_test
+    assert (per_test, n_max) == (52, 122)
+    np.testing.assert_array_equal(np.bincount(yte, minlength=10), np.full(10, per_test))
     tr = np.bincount(ytr, minlength=10)
-    assert tr.max() / tr.min() == pytest.approx(100 / 2, rel=0.5) or tr.min() == 2
-    assert minority.sum() == 5 and tr[minority].max() < tr[~minority].min()
+    np.testing.assert_array_equal(np.sort(tr), [2] * 5 + [n_max] * 5)
+    np.testing.assert_array_equal(minority, tr == 2)
+    # the splits are disjoint and standardised with the training statistics
+    assert len(ytr) + len(yte) == 5 * 2 + 5 * n_max + 10 * per_test
+    np.testing.assert_allclose(Xtr.mean(axis=0), 0, atol=1e-12)
+    # no imbalance: every class keeps n_max and none is a minority
+    _, ytr1, _, _, minority1 = training.split(X, y, 1.0, "step", seed=1)
+    np.testing.assert_array_equal(np.bincount(ytr1, minlength=10), np.full(10, n_max))
+    assert not minority1.any()
 
 
 def test_training_study_runs_end_to_end(tmp_path):
@@ -82,8 +95,26 @@ epochs = 3
         summary = runner.run_study(s, st, quiet=True)
         cells = st.cells()
     assert summary.failed == 0 and summary.done == len(s.cells())
-    for c in cells:
-        m = c["metrics"]
-        assert "balanced_accuracy" in m and "ece" in m and "steps" in m
-        if c["params"]["loss"] != "sklearn":
-            assert len(m["curve_train_loss"]) == 3
+    assert len(cells) == len(s.cells())
+    by = {tuple(c["params"][k] for k in ("model", "loss", "dtype", "imbalance")): c["metrics"]
+          for c in cells}
+    for (model, loss, dtype, imb), m in by.items():
+        key = (model, loss, dtype, imb)
+        assert m["n_test"] > 0 and m["n_train"] > 0, key
+        if loss == "sklearn":
+            assert m["balanced_accuracy"] >= 0.85, key
+            continue
+        curve = np.array([float(v) for v in m["curve_train_loss"]])
+        assert len(curve) == 3, key
+        # gradient descent over minibatches of 64, three epochs
+        assert m["steps"] == 3 * -(-m["n_train"] // 64), key
+        if loss == "ce":
+            # cestudy's loss stays finite in float16 too, and gradient descent lowers it
+            assert np.isfinite(curve).all() and m["first_nonfinite_step"] is None, key
+            assert curve[-1] < curve[0], key
+            assert 0.7 <= m["balanced_accuracy"] <= 1.0 and 0.0 <= m["ece"] <= 0.5, key
+        if loss == "naive" and dtype == "float32":
+            # without overflow the naive formulation trains exactly as the accurate one
+            ce = by[(model, "ce", dtype, imb)]
+            np.testing.assert_allclose(curve, np.array(ce["curve_train_loss"], float), rtol=1e-5)
+            assert m["balanced_accuracy"] == ce["balanced_accuracy"], key
