@@ -31,14 +31,17 @@ def _signatures(dtype):
     i64v = types.Array(types.int64, 1, "C")
     b, d, i = types.boolean, types.float64, types.int64
     return {
-        "ce_index": (x, i64v, f64v, i, d, d, d, b, i, f64v, x),
-        "ce_prob": (x, x, f64v, d, d, b, i, f64v, x),
-        "kl": (x, x, d, b, i, f64v, x),
-        "focal_softmax": (x, i64v, f64v, i, d, d, b, i, f64v, x),
-        "bce_logits": (x, x, f64m, f64m, d, b, f64m, x),
+        "cross_entropy_index": (x, i64v, f64v, i, d, d, d, b, i, f64v, x),
+        "cross_entropy_prob": (x, x, f64v, d, d, b, i, f64v, x),
+        "kl_divergence": (x, x, d, b, i, f64v, x),
+        "softmax_focal": (x, i64v, f64v, i, d, d, b, i, f64v, x),
+        "bce_with_logits": (x, x, f64m, f64m, d, b, f64m, x),
         "sigmoid_focal": (x, x, d, d, d, b, f64m, x),
+        "row_sum": (f64m, i, f64v),
         "reduce_sum": (f64v, f64v),
         "index_weight_sum": (i64v, f64v, i, f64v),
+        "count_invalid": (i64v, i, i, f64v),
+        "count_negative": (f64v, f64v),
         "scale_cast": (f64v, d, types.Array(f, 1, "C")),
     }
 
@@ -72,6 +75,7 @@ def test_every_cuda_kernel_compiles_to_ptx(cc, dtype, monkeypatch):
         ptx, _ = compile_ptx(fn, sigs[name], cc=cc)
         assert ".entry" in ptx and f".target sm_{cc[0]}{cc[1]}" in ptx, name
         # the accurate path must not contain fast approximate exp (ex2.approx.ftz from __expf)
-        if name in ("ce_index", "ce_prob", "kl", "focal_softmax"):
+        if name in ("cross_entropy_index", "cross_entropy_prob", "kl_divergence",
+                    "softmax_focal"):
             assert "ex2.approx.ftz.f32" not in ptx, name
     assert cuda is not None

@@ -1,8 +1,12 @@
-"""numba-cuda kernels: the CPU kernels' API and accuracy contract on NVIDIA GPUs.
+"""numba-cuda kernels: the CPU kernels' calling convention and accuracy contract on NVIDIA GPUs.
 
 Import this module only when the CUDA backend is wanted (``cestudy.backends.require_cuda``); it
 needs NVIDIA's ``numba-cuda`` package and a GPU, or the CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1`` set before numba is imported), in which CI runs every kernel.
+
+This module holds raw kernels and the raw device helpers that ``cestudy.dispatch`` calls: no
+validation, no variant names, no choice of reduction. The formulas are ``scalar.py``'s, compiled
+here with ``cuda.jit(device=True)``.
 
 Design:
 - Softmax-family kernels give one block to a row. Each thread reads its strided share of the row
@@ -14,14 +18,14 @@ Design:
   compensated (Neumaier), as on the CPU, so the results meet the same 4-ulp contract. Only libm
   functions without fastmath are used: fastmath would turn exp into __expf (about 100 ulp at
   x = -87).
-- The fused kernels read the row a second time to write the gradient, optionally in place into
-  the logits buffer (``inplace=True`` in :func:`device_loss`, as Liger-Kernel does) to halve
-  memory.
+- The fused kernels read the row a second time to write the gradient, which may be the logits
+  buffer itself (as Liger-Kernel does) to halve memory.
 - Element-wise kernels (BCE with logits, sigmoid focal) use one thread per element.
 
-The host wrappers have the signatures of ``cestudy.kernels.cpu`` (numpy in, numpy out), so
-``cestudy.api`` calls either module the same way; :func:`device_loss` serves device arrays
-(anything with ``__cuda_array_interface__``) and returns device arrays, with no host round trip.
+The host wrappers ``<kernel>_fwd`` / ``<kernel>_fwd_grad`` have the signatures of
+``cestudy.kernels.cpu`` and take numpy arrays or device arrays (anything with
+``__cuda_array_interface__``) alike; device outputs are written in place, host outputs copied
+back. As on the CPU, an element-wise kernel given a 1-D ``out_loss`` of length N writes row sums.
 """
 from __future__ import annotations
 
@@ -29,18 +33,28 @@ import math
 import os
 
 import numpy as np
-from numba import cuda, float64, int64
+from numba import cuda, float64, int32
 
 from . import scalar
 
-_dev = cuda.jit(device=True)
-two_diff = _dev(scalar.two_diff)
-exp_dd = _dev(scalar.exp_dd)
-softplus = _dev(scalar.softplus)
-sigmoid = _dev(scalar.sigmoid)
-neumaier_add = _dev(scalar.neumaier_add)
-pow_nonneg = _dev(scalar.pow_nonneg)
+_S = scalar.compiled(cuda.jit(device=True))
+two_diff = _S.two_diff
+exp_diff = _S.exp_diff
+neumaier_add = _S.neumaier_add
+pow_nonneg = _S.pow_nonneg
+row_guard = _S.row_guard
+argmax_grad = _S.argmax_grad
+neg_log_prob = _S.neg_log_prob
+soft_target = _S.soft_target
+kl_term = _S.kl_term
+focal_parts = _S.focal_parts
+focal_grad = _S.focal_grad
+bce_logits_elem = _S.bce_logits
+bce_logits_grad = _S.bce_logits_grad
+sigmoid_focal_elem = _S.sigmoid_focal
+_exp_parts = _S.exp_parts
 EXP_UNDERFLOW = scalar.EXP_UNDERFLOW
+EXP_FLUSH = scalar.EXP_FLUSH
 
 # Threads per block for the row kernels: a power of two (the tree reduction halves it). Tests in
 # the simulator lower it so that several blocks run quickly.
@@ -75,52 +89,15 @@ def threads_per_row(n_classes: int, nt: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Device functions
 # --------------------------------------------------------------------------------------------
-LOG2E = 1.4426950408889634
-LN2_HI = 6.93147180369123816490e-01
-LN2_LO = 1.90821492927058770002e-10
-SHIFTER = 6755399441055744.0
-EXP_FLUSH = -708.0
-
-
 @cuda.jit(device=True)
 def exp_neg_fast(d):
-    """exp(d) for d <= 0 in float64 to 7e-12 relative (Cody-Waite reduction, degree-9 Taylor),
-    0 below -708: the CPU fast kernels' exp (cpu_fast.exp_neg), for float32 results only, where
-    it is 1e-4 of an ulp and cheaper than libdevice's full-precision exp."""
+    """exp(d) for d <= 0 in float64 to 7e-12 relative (``scalar.exp_parts``), 0 below -708:
+    the CPU fast kernels' exp, for float32 results only, where it is 1e-4 of an ulp and cheaper
+    than libdevice's full-precision exp."""
     if d < EXP_FLUSH:
         return 0.0
-    t = d * LOG2E + SHIFTER
-    n = t - SHIFTER
-    r = (d - n * LN2_HI) - n * LN2_LO
-    p = 2.7557319223985893e-06
-    p = p * r + 2.48015873015873e-05
-    p = p * r + 0.0001984126984126984
-    p = p * r + 0.001388888888888889
-    p = p * r + 0.008333333333333333
-    p = p * r + 0.041666666666666664
-    p = p * r + 0.16666666666666666
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
+    p, n = _exp_parts(d)
     return math.ldexp(p, int(n))
-
-
-@cuda.jit(device=True)
-def _scaled(m_from, m_to):
-    """exp(m_from - m_to) for m_from <= m_to, from the exact difference (0 for -inf)."""
-    hi, lo = two_diff(m_from, m_to)
-    if hi < EXP_UNDERFLOW:
-        return 0.0
-    return exp_dd(hi, lo)
-
-
-@cuda.jit(device=True)
-def exp_shifted(v, m):
-    """exp(v - m) from the exact difference (float64 results)."""
-    hi, lo = two_diff(v, m)
-    if hi < EXP_UNDERFLOW:
-        return 0.0
-    return exp_dd(hi, lo)
 
 
 @cuda.jit(device=True)
@@ -144,7 +121,7 @@ def merge_stats(sh_m, sh_s, sh_t, sh_k, sh_bad, a, b):
         sh_t[a] = t1 + t2
         sh_k[a] = min(k1, k2)
     else:
-        sh_s[a] = s1 + (s2 + t2) * _scaled(m2, m1)
+        sh_s[a] = s1 + (s2 + t2) * exp_diff(m2, m1)
         sh_t[a] = t1
         sh_k[a] = k1
     sh_m[a] = m1
@@ -152,32 +129,24 @@ def merge_stats(sh_m, sh_s, sh_t, sh_k, sh_bad, a, b):
 
 
 @cuda.jit(device=True)
-def group_sum(v, lane, tpr, base, sh):
-    """Sum of one float64 per thread over each group of ``tpr`` threads (tree in shared memory;
-    every thread of the block must call it, as it synchronises the block)."""
-    sh[base + lane] = v
-    cuda.syncthreads()
-    stride = tpr // 2
-    while stride > 0:
-        if lane < stride:
-            sh[base + lane] += sh[base + lane + stride]
-        cuda.syncthreads()
-        stride //= 2
-    total = sh[base]
-    cuda.syncthreads()
-    return total
+def write_row(out_loss, out_grad, i, lane, tpr, skip, fill, loss, with_grad):
+    """Write row i's loss (``fill`` when ``skip``, see ``scalar.row_guard``) and, for a skipped
+    row with ``with_grad``, fill its gradient; returns whether the caller writes the gradient."""
+    if lane == 0:
+        out_loss[i] = fill if skip else loss
+    if with_grad and skip:
+        for j in range(lane, out_grad.shape[1], tpr):
+            out_grad[i, j] = fill
+    return with_grad and not skip
 
 
 @cuda.jit(device=True)
-def argmax_grad(a_sum, a_k, s, z):
-    """A q_k - a_k at the argmax without cancellation: (A - a_k - a_k s) / z."""
-    return ((a_sum - a_k) - a_k * s) / z
-
-
-@cuda.jit(device=True)
-def neg_log_prob(v, m, L):
-    hi, lo = two_diff(m, v)
-    return hi + (L + lo)
+def element(x, target, idx):
+    """(i, j, x_ij, t_ij) for flat index idx, as float64: the element kernels' prologue."""
+    nc = x.shape[1]
+    i = idx // nc
+    j = idx - i * nc
+    return i, j, float64(x[i, j]), float64(target[i, j])
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,22 +172,42 @@ def _make_kernels(NT, FAST32=False):
 
     Row kernels take ``tpr``, the threads per row: the block holds NT // tpr rows, thread
     ``tid`` works on row ``blockIdx.x * (NT // tpr) + tid // tpr``. Every thread reaches every
-    ``syncthreads`` (rows past the end and ignored rows compute on row 0 and write nothing)."""
+    ``syncthreads`` (rows past the end compute on row 0 and write nothing)."""
 
     @cuda.jit(device=True)
-    def locate(tpr):
-        """(lane, base, row): this thread's place in its group of ``tpr`` threads, the group's
-        first slot in the shared arrays, and the row the group works on."""
+    def locate(n_rows, tpr):
+        """(lane, base, i, active, r): this thread's place in its group of ``tpr`` threads, the
+        group's first slot in the shared arrays, the row the group works on, whether that row
+        exists, and the row to read (i, or 0 past the end)."""
         tid = cuda.threadIdx.x
         g = tid // tpr
-        return tid - g * tpr, g * tpr, cuda.blockIdx.x * (NT // tpr) + g
+        i = cuda.blockIdx.x * (NT // tpr) + g
+        active = i < n_rows
+        return tid - g * tpr, g * tpr, i, active, i if active else 0
+
+    @cuda.jit(device=True)
+    def group_sum(v, lane, tpr, base):
+        """Sum of one float64 per thread over each group of ``tpr`` threads (tree in shared
+        memory; every thread of the block must call it, as it synchronises the block)."""
+        sh = cuda.shared.array(NT, float64)
+        sh[base + lane] = v
+        cuda.syncthreads()
+        stride = tpr // 2
+        while stride > 0:
+            if lane < stride:
+                sh[base + lane] += sh[base + lane + stride]
+            cuda.syncthreads()
+            stride //= 2
+        total = sh[base]
+        cuda.syncthreads()
+        return total
 
     @cuda.jit(device=True)
     def term(v, m):
         """exp(v - m) for v < m."""
         if FAST32:
             return exp_neg_fast(v - m)
-        return exp_shifted(v, m)
+        return exp_diff(v, m)
 
     @cuda.jit(device=True)
     def consume(v, j, m, s, c, t, k, bad):
@@ -226,7 +215,7 @@ def _make_kernels(NT, FAST32=False):
         if v != v:
             bad = 1
         elif v > m:
-            f = _scaled(m, v)
+            f = exp_diff(m, v)
             s = (s + t) * f
             c = c * f
             m = v
@@ -238,16 +227,19 @@ def _make_kernels(NT, FAST32=False):
         elif FAST32:
             s += exp_neg_fast(v - m)
         else:
-            hi, lo = two_diff(v, m)
-            if hi >= EXP_UNDERFLOW:
-                s, c = neumaier_add(s, c, exp_dd(hi, lo))
+            s, c = neumaier_add(s, c, exp_diff(v, m))
         return m, s, c, t, k, bad
 
     @cuda.jit(device=True)
-    def row_stats(x, lane, tpr, base, sh_m, sh_s, sh_t, sh_k, sh_bad):
+    def row_stats(x, lane, tpr, base):
         """Group-wide (m, S, k, bad) of row x: m = max, S = sum_{j != k} exp(x_j - m), k = the
         first argmax, bad = a NaN in the row. One read of the row; each thread issues four
         loads before it computes on them, to keep enough bytes in flight to stream from HBM."""
+        sh_m = cuda.shared.array(NT, float64)
+        sh_s = cuda.shared.array(NT, float64)
+        sh_t = cuda.shared.array(NT, int32)
+        sh_k = cuda.shared.array(NT, int32)
+        sh_b = cuda.shared.array(NT, int32)
         n = x.shape[0]
         m = -math.inf
         s = 0.0
@@ -273,19 +265,19 @@ def _make_kernels(NT, FAST32=False):
         sh_s[base + lane] = s + c
         sh_t[base + lane] = t
         sh_k[base + lane] = k
-        sh_bad[base + lane] = bad
+        sh_b[base + lane] = bad
         cuda.syncthreads()
         stride = tpr // 2
         while stride > 0:
             if lane < stride:
-                merge_stats(sh_m, sh_s, sh_t, sh_k, sh_bad, base + lane, base + lane + stride)
+                merge_stats(sh_m, sh_s, sh_t, sh_k, sh_b, base + lane, base + lane + stride)
             cuda.syncthreads()
             stride //= 2
         m = sh_m[base]
         S = sh_s[base] + (sh_t[base] - 1)
         k = sh_k[base]
-        bad = sh_bad[base]
-        cuda.syncthreads()  # the shared arrays are reused by the caller
+        bad = sh_b[base]
+        cuda.syncthreads()  # the shared arrays are reused by the next call
         return m, S, k, bad
 
     @cuda.jit(device=True)
@@ -305,21 +297,14 @@ def _make_kernels(NT, FAST32=False):
 
     def ce_index(x, target, weight, ignore_index, eps, wsum, grad_scale, with_grad, tpr,
                  out_loss, out_grad):
-        sh_m = cuda.shared.array(NT, float64)
-        sh_s = cuda.shared.array(NT, float64)
-        sh_t = cuda.shared.array(NT, int64)
-        sh_k = cuda.shared.array(NT, int64)
-        sh_b = cuda.shared.array(NT, int64)
-        lane, base, i = locate(tpr)
-        n = x.shape[0]
-        active = i < n
-        row = x[i if active else 0]
+        lane, base, i, active, r = locate(x.shape[0], tpr)
+        row = x[r]
         nc = row.shape[0]
-        y = target[i] if active else ignore_index
-        skip = (not active) or y == ignore_index
-        yy = 0 if skip else y
+        y = target[r]
+        ignored = y == ignore_index
+        yy = 0 if ignored else y
         xy = float64(row[yy])
-        m, s, k, bad = row_stats(row, lane, tpr, base, sh_m, sh_s, sh_t, sh_k, sh_b)
+        m, s, k, bad = row_stats(row, lane, tpr, base)
         L = math.log1p(s)
         loss = weight[yy] * neg_log_prob(xy, m, L)
         if eps != 0.0:
@@ -327,19 +312,12 @@ def _make_kernels(NT, FAST32=False):
             pc = 0.0
             for j in range(lane, nc, tpr):
                 ps, pc = neumaier_add(ps, pc, weight[j] * (m - float64(row[j])))
-            smooth = group_sum(ps + pc, lane, tpr, base, sh_s) + wsum * L
+            smooth = group_sum(ps + pc, lane, tpr, base) + wsum * L
             loss = (1.0 - eps) * loss + (eps / nc) * smooth
         if not active:
             return
-        invalid = bad != 0 or not math.isfinite(m)
-        if lane == 0:
-            out_loss[i] = 0.0 if skip else (math.nan if invalid else loss)
-        if not with_grad:
-            return
-        if skip or invalid:
-            fill = 0.0 if skip else math.nan
-            for j in range(lane, nc, tpr):
-                out_grad[i, j] = fill
+        skip, fill = row_guard(ignored, bad != 0, m)
+        if not write_row(out_loss, out_grad, i, lane, tpr, skip, fill, loss, with_grad):
             return
         z = 1.0 + s
         y_top = xy == m
@@ -366,44 +344,33 @@ def _make_kernels(NT, FAST32=False):
             j += tpr
 
     def ce_prob(x, target, weight, eps, grad_scale, with_grad, tpr, out_loss, out_grad):
-        sh_m = cuda.shared.array(NT, float64)
-        sh_s = cuda.shared.array(NT, float64)
-        sh_t = cuda.shared.array(NT, int64)
-        sh_k = cuda.shared.array(NT, int64)
-        sh_b = cuda.shared.array(NT, int64)
-        lane, base, i = locate(tpr)
-        active = i < x.shape[0]
-        row = x[i if active else 0]
-        trow = target[i if active else 0]
+        lane, base, i, active, r = locate(x.shape[0], tpr)
+        row = x[r]
+        trow = target[r]
         nc = row.shape[0]
-        m, s, k, bad = row_stats(row, lane, tpr, base, sh_m, sh_s, sh_t, sh_k, sh_b)
-        L = math.log1p(s)
+        m, s, k, bad = row_stats(row, lane, tpr, base)
         sa = 0.0
         ca = 0.0
         st = 0.0
         ct = 0.0
         for j in range(lane, nc, tpr):
-            a = weight[j] * ((1.0 - eps) * float64(trow[j]) + eps / nc)
+            a = soft_target(weight[j], float64(trow[j]), eps, nc)
             if a != 0.0:
                 sa, ca = neumaier_add(sa, ca, a)
                 hi, lo = two_diff(m, float64(row[j]))
                 st, ct = neumaier_add(st, ct, a * hi)
                 ct += a * lo
-        a_sum = group_sum(sa + ca, lane, tpr, base, sh_s)
-        t_sum = group_sum(st + ct, lane, tpr, base, sh_s)
+        a_sum = group_sum(sa + ca, lane, tpr, base)
+        t_sum = group_sum(st + ct, lane, tpr, base)
         if not active:
             return
-        invalid = bad != 0 or not math.isfinite(m)
-        if lane == 0:
-            out_loss[i] = math.nan if invalid else t_sum + a_sum * L
-        if not with_grad:
+        skip, fill = row_guard(False, bad != 0, m)
+        loss = t_sum + a_sum * math.log1p(s)
+        if not write_row(out_loss, out_grad, i, lane, tpr, skip, fill, loss, with_grad):
             return
         z = 1.0 + s
         for j in range(lane, nc, tpr):
-            if invalid:
-                out_grad[i, j] = math.nan
-                continue
-            a = weight[j] * ((1.0 - eps) * float64(trow[j]) + eps / nc)
+            a = soft_target(weight[j], float64(trow[j]), eps, nc)
             v = float64(row[j])
             if j == k:
                 gj = argmax_grad(a_sum, a, s, z)
@@ -412,17 +379,11 @@ def _make_kernels(NT, FAST32=False):
             out_grad[i, j] = gj * grad_scale
 
     def kl(x, target, grad_scale, with_grad, tpr, out_loss, out_grad):
-        sh_m = cuda.shared.array(NT, float64)
-        sh_s = cuda.shared.array(NT, float64)
-        sh_t = cuda.shared.array(NT, int64)
-        sh_k = cuda.shared.array(NT, int64)
-        sh_b = cuda.shared.array(NT, int64)
-        lane, base, i = locate(tpr)
-        active = i < x.shape[0]
-        row = x[i if active else 0]
-        prow = target[i if active else 0]
+        lane, base, i, active, r = locate(x.shape[0], tpr)
+        row = x[r]
+        prow = target[r]
         nc = row.shape[0]
-        m, s, k, bad = row_stats(row, lane, tpr, base, sh_m, sh_s, sh_t, sh_k, sh_b)
+        m, s, k, bad = row_stats(row, lane, tpr, base)
         L = math.log1p(s)
         ks = 0.0
         kc = 0.0
@@ -431,23 +392,17 @@ def _make_kernels(NT, FAST32=False):
         for j in range(lane, nc, tpr):
             p = float64(prow[j])
             if p != 0.0:
-                hi, lo = two_diff(m, float64(row[j]))
-                ks, kc = neumaier_add(ks, kc, p * ((hi + L) + (math.log(p) + lo)))
+                ks, kc = neumaier_add(ks, kc, kl_term(p, float64(row[j]), m, L))
             ps, pc = neumaier_add(ps, pc, p)
-        total = group_sum(ks + kc, lane, tpr, base, sh_s)
-        p_sum = group_sum(ps + pc, lane, tpr, base, sh_s)
+        total = group_sum(ks + kc, lane, tpr, base)
+        p_sum = group_sum(ps + pc, lane, tpr, base)
         if not active:
             return
-        invalid = bad != 0 or not math.isfinite(m)
-        if lane == 0:
-            out_loss[i] = math.nan if invalid else total
-        if not with_grad:
+        skip, fill = row_guard(False, bad != 0, m)
+        if not write_row(out_loss, out_grad, i, lane, tpr, skip, fill, total, with_grad):
             return
         z = 1.0 + s
         for j in range(lane, nc, tpr):
-            if invalid:
-                out_grad[i, j] = math.nan
-                continue
             p = float64(prow[j])
             v = float64(row[j])
             if j == k:
@@ -458,107 +413,74 @@ def _make_kernels(NT, FAST32=False):
 
     def focal_softmax(x, target, weight, ignore_index, gamma, grad_scale, with_grad, tpr,
                       out_loss, out_grad):
-        sh_m = cuda.shared.array(NT, float64)
-        sh_s = cuda.shared.array(NT, float64)
-        sh_t = cuda.shared.array(NT, int64)
-        sh_k = cuda.shared.array(NT, int64)
-        sh_b = cuda.shared.array(NT, int64)
-        lane, base, i = locate(tpr)
-        active = i < x.shape[0]
-        row = x[i if active else 0]
-        nc = row.shape[0]
-        y = target[i] if active else ignore_index
-        skip = (not active) or y == ignore_index
-        yy = 0 if skip else y
+        lane, base, i, active, r = locate(x.shape[0], tpr)
+        row = x[r]
+        y = target[r]
+        ignored = y == ignore_index
+        yy = 0 if ignored else y
         xy = float64(row[yy])
-        m, s, k, bad = row_stats(row, lane, tpr, base, sh_m, sh_s, sh_t, sh_k, sh_b)
+        m, s, k, bad = row_stats(row, lane, tpr, base)
         if not active:
             return
-        invalid = bad != 0 or not math.isfinite(m)
-        if skip or invalid:
-            fill = 0.0 if skip else math.nan
-            if lane == 0:
-                out_loss[i] = fill
-            if with_grad:
-                for j in range(lane, nc, tpr):
-                    out_grad[i, j] = fill
-            return
+        skip, fill = row_guard(ignored, bad != 0, m)
         z = 1.0 + s
         ce = neg_log_prob(xy, m, math.log1p(s))
-        e_y = 1.0 if xy == m else exp_shifted(xy, m)
-        a = s / z if xy == m else (z - e_y) / z
-        p_y = e_y / z
-        w = weight[y]
+        y_top = xy == m
+        a, p_y = focal_parts(s, 1.0 if y_top else exp_diff(xy, m), y_top)
+        w = weight[yy]
         a_gamma = pow_nonneg(a, gamma)
-        if lane == 0:
-            out_loss[i] = w * a_gamma * ce
-        if not with_grad:
+        loss = w * a_gamma * ce
+        if not write_row(out_loss, out_grad, i, lane, tpr, skip, fill, loss, with_grad):
             return
         inner = gamma * ce * p_y + a
-        for j in range(lane, nc, tpr):
-            if j == y:
-                gj = -w * a_gamma * inner
-            else:
-                v = float64(row[j])
-                p = (1.0 if v == m else exp_shifted(v, m)) / z
-                gj = 0.0 if p == 0.0 else w * (p / a) * a_gamma * inner
-            out_grad[i, j] = gj * grad_scale
+        for j in range(lane, row.shape[0], tpr):
+            v = float64(row[j])
+            p = (1.0 if v == m else exp_diff(v, m)) / z
+            out_grad[i, j] = focal_grad(j == y, p, a, a_gamma, inner, w) * grad_scale
 
     def bce_logits(x, target, weight, pos_weight, grad_scale, with_grad, out_loss, out_grad):
-        n, nc = x.shape
-        start = cuda.grid(1)
-        step = cuda.gridsize(1)
-        for idx in range(start, n * nc, step):
-            i = idx // nc
-            j = idx - i * nc
-            v = float64(x[i, j])
-            t = float64(target[i, j])
+        for idx in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+            i, j, v, t = element(x, target, idx)
             w = weight[i, j]
             pw = pos_weight[i, j]
-            out_loss[i, j] = w * (pw * t * softplus(-v) + (1.0 - t) * softplus(v))
+            out_loss[i, j] = w * bce_logits_elem(v, t, pw)
             if with_grad:
-                out_grad[i, j] = w * ((1.0 - t) * sigmoid(v) - pw * t * sigmoid(-v)) * grad_scale
+                out_grad[i, j] = w * bce_logits_grad(v, t, pw) * grad_scale
 
     def sigmoid_focal(x, target, alpha, gamma, grad_scale, with_grad, out_loss, out_grad):
-        n, nc = x.shape
-        start = cuda.grid(1)
-        step = cuda.gridsize(1)
-        for idx in range(start, n * nc, step):
-            i = idx // nc
-            j = idx - i * nc
-            v = float64(x[i, j])
-            t = float64(target[i, j])
-            sp = sigmoid(v)
-            sn = sigmoid(-v)
-            b = t * sn + (1.0 - t) * sp
-            ce = t * softplus(-v) + (1.0 - t) * softplus(v)
-            bg = pow_nonneg(b, gamma)
-            alpha_t = 1.0
-            if alpha >= 0.0:
-                alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
-            out_loss[i, j] = alpha_t * ce * bg
+        for idx in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+            i, j, v, t = element(x, target, idx)
+            loss, g = sigmoid_focal_elem(v, t, alpha, gamma)
+            out_loss[i, j] = loss
             if with_grad:
-                g = ((1.0 - t) * sp - t * sn) * bg
-                if b != 0.0 and gamma != 0.0:
-                    g += gamma * ce * (bg / b) * ((1.0 - 2.0 * t) * sp * sn)
-                out_grad[i, j] = alpha_t * g * grad_scale
+                out_grad[i, j] = g * grad_scale
+
+    def row_sum(values, tpr, out):
+        """out_i = compensated sum of row i of ``values`` (N, C) float64."""
+        lane, base, i, active, r = locate(values.shape[0], tpr)
+        row = values[r]
+        s = 0.0
+        c = 0.0
+        for j in range(lane, row.shape[0], tpr):
+            s, c = neumaier_add(s, c, row[j])
+        total = group_sum(s + c, lane, tpr, base)
+        if active and lane == 0:
+            out[i] = total
 
     def reduce_sum(values, out):
         """Compensated block sum of a float64 vector into out[0] (one block)."""
-        sh = cuda.shared.array(NT, float64)
         tid = cuda.threadIdx.x
         s = 0.0
         c = 0.0
         for j in range(tid, values.shape[0], NT):
             s, c = neumaier_add(s, c, values[j])
-        total = group_sum(s + c, tid, NT, 0, sh)
+        total = group_sum(s + c, tid, NT, 0)
         if tid == 0:
             out[0] = total
 
     def index_weight_sum(target, weight, ignore_index, out):
         """out[0] = sum of weight[target_i] over non-ignored rows (one block): torch's
         denominator for reduction="mean"."""
-        sh = cuda.shared.array(NT, float64)
         tid = cuda.threadIdx.x
         s = 0.0
         c = 0.0
@@ -566,19 +488,42 @@ def _make_kernels(NT, FAST32=False):
             y = target[i]
             if y != ignore_index:
                 s, c = neumaier_add(s, c, weight[y])
-        total = group_sum(s + c, tid, NT, 0, sh)
+        total = group_sum(s + c, tid, NT, 0)
         if tid == 0:
             out[0] = total
 
+    def count_invalid(target, n_classes, ignore_index, out):
+        """out[0] += the number of targets outside [0, n_classes) other than ignore_index
+        (grid-wide: block counts added atomically)."""
+        count = 0.0
+        for i in range(cuda.grid(1), target.shape[0], cuda.gridsize(1)):
+            y = target[i]
+            if y != ignore_index and (y < 0 or y >= n_classes):
+                count += 1.0
+        total = group_sum(count, cuda.threadIdx.x, NT, 0)
+        if cuda.threadIdx.x == 0 and total != 0.0:
+            cuda.atomic.add(out, 0, total)
+
+    def count_negative(values, out):
+        """out[0] += the number of entries < 0 of the flat ``values`` (grid-wide)."""
+        count = 0.0
+        for i in range(cuda.grid(1), values.shape[0], cuda.gridsize(1)):
+            if values[i] < 0:
+                count += 1.0
+        total = group_sum(count, cuda.threadIdx.x, NT, 0)
+        if cuda.threadIdx.x == 0 and total != 0.0:
+            cuda.atomic.add(out, 0, total)
+
     def scale_cast(src, factor, dst):
         """dst = src * factor, converted to dst's dtype (one rounding)."""
-        start = cuda.grid(1)
-        for j in range(start, src.shape[0], cuda.gridsize(1)):
+        for j in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
             dst[j] = src[j] * factor
 
-    funcs = dict(ce_index=ce_index, ce_prob=ce_prob, kl=kl, focal_softmax=focal_softmax,
-                 bce_logits=bce_logits, sigmoid_focal=sigmoid_focal, reduce_sum=reduce_sum,
-                 index_weight_sum=index_weight_sum, scale_cast=scale_cast)
+    funcs = dict(cross_entropy_index=ce_index, cross_entropy_prob=ce_prob, kl_divergence=kl,
+                 softmax_focal=focal_softmax, bce_with_logits=bce_logits,
+                 sigmoid_focal=sigmoid_focal, row_sum=row_sum, reduce_sum=reduce_sum,
+                 index_weight_sum=index_weight_sum, count_invalid=count_invalid,
+                 count_negative=count_negative, scale_cast=scale_cast)
     # launch_bounds caps the registers so that blocks of NT threads can always launch (without
     # it, 1024-thread blocks of the unrolled row kernels ran out of registers on an H200)
     # (the simulator's cuda.jit takes no launch_bounds)
@@ -589,12 +534,10 @@ def _make_kernels(NT, FAST32=False):
     return compiled
 
 
-
-
 # --------------------------------------------------------------------------------------------
-# Launch helpers
+# Raw device helpers (called by cestudy.dispatch)
 # --------------------------------------------------------------------------------------------
-def _is_device(a):
+def is_device_array(a) -> bool:
     """Whether ``a`` lives on the device: anything with ``__cuda_array_interface__``, or a device
     array of the CUDA simulator (which has no such interface)."""
     if a is None or isinstance(a, np.ndarray):
@@ -602,19 +545,26 @@ def _is_device(a):
     return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
 
 
-def _as_device(a):
-    """A numba view of any CUDA array (CuPy, torch), without a copy."""
+def as_device(a):
+    """A numba view of any CUDA array (numba, CuPy, torch), without a copy; TypeError for host
+    arrays."""
     if hasattr(a, "__cuda_array_interface__") and hasattr(cuda, "as_cuda_array"):
         return cuda.as_cuda_array(a)
-    if _is_device(a):
+    if is_device_array(a):
         return a
     raise TypeError(f"expected a device array (with __cuda_array_interface__); got "
                     f"{type(a).__name__}")
 
 
+def device_array(shape, dtype):
+    """A new, uninitialised device array."""
+    return cuda.device_array(shape, dtype)
+
+
 def _to_device(a):
-    if _is_device(a):
-        return a
+    """Device arrays as they are, host arrays copied (contiguous) to the device."""
+    if is_device_array(a):
+        return as_device(a)
     return cuda.to_device(np.ascontiguousarray(a))
 
 
@@ -622,232 +572,207 @@ def _grid_1d(total, nt):
     return max(1, min((total + nt - 1) // nt, 65535 * 4))
 
 
-def _dummy_grad(dtype):
-    """A stand-in gradient buffer (never written) of the logits' dtype, so that the forward and
-    fused launches share one compiled specialisation."""
-    return cuda.device_array((1, 1), dtype=dtype)
+def _flat(a):
+    return a.reshape(a.size) if a.ndim != 1 else a
 
 
-def _launch_rows(name, x, head, tail):
-    """Launch row kernel ``name`` on logits ``x``: the block size and threads per row follow the
-    class count, float32 logits take the fast32 path."""
-    n, c = x.shape
-    if n == 0:
-        return
-    nt = threads_per_block(c)
-    tpr = threads_per_row(c, nt)
-    k = kernels(nt, x.dtype == np.float32)
-    rows_per_block = nt // tpr
-    k[name][(n + rows_per_block - 1) // rows_per_block, nt](*head, tpr, *tail)
-
-
-def _launch_elements(name, shape, args):
+def _device_float(kernel_name, grid, *args) -> float:
+    """Launch a helper kernel that accumulates into one float64 and read that float back."""
     k = kernels(threads_per_block())
-    total = int(shape[0]) * int(shape[1])
-    if total > 0:
-        k[name][_grid_1d(total, k["threads"]), k["threads"]](*args)
+    out = cuda.to_device(np.zeros(1))
+    k[kernel_name][grid, k["threads"]](*args, out)
+    return float(out.copy_to_host()[0])
 
 
-def _finish(out_loss, d_loss, out_grad, d_grad):
-    if out_loss is not None and not _is_device(out_loss):
-        d_loss.copy_to_host(out_loss)
-    if out_grad is not None and d_grad is not None and not _is_device(out_grad):
-        d_grad.copy_to_host(out_grad)
+def index_weight_sum(d_target, d_weight, ignore_index) -> float:
+    """sum_i w_{y_i} over the rows whose target is not ``ignore_index`` (torch's denominator for
+    reduction="mean"), summed on the device (compensated, one block); ``d_weight`` (C,) float64,
+    on the host or the device. The targets must have been checked first
+    (:func:`count_invalid_targets`)."""
+    t = as_device(d_target)
+    if t.shape[0] == 0:
+        return 0.0
+    w = _to_device(np.asarray(d_weight, np.float64) if not is_device_array(d_weight)
+                   else d_weight)
+    return _device_float("index_weight_sum", 1, t, w, int(ignore_index))
 
 
-# --------------------------------------------------------------------------------------------
-# Host wrappers with the signatures of cestudy.kernels.cpu
-# --------------------------------------------------------------------------------------------
-def cross_entropy_index_fwd(logits, target, weight, ignore_index, label_smoothing, out_loss):
-    _ce_index(logits, target, weight, ignore_index, label_smoothing, 1.0, out_loss, None)
+def count_invalid_targets(d_target, n_classes, ignore_index) -> int:
+    """How many targets lie outside [0, n_classes) and are not ``ignore_index`` (on the device)."""
+    t = _flat(as_device(d_target))
+    if t.size == 0:
+        return 0
+    nt = threads_per_block()
+    return int(_device_float("count_invalid", _grid_1d(t.size, nt), t, int(n_classes),
+                             int(ignore_index)))
 
 
-def cross_entropy_index_fwd_grad(logits, target, weight, ignore_index, label_smoothing,
-                                 grad_scale, out_loss, out_grad):
-    _ce_index(logits, target, weight, ignore_index, label_smoothing, grad_scale, out_loss,
-              out_grad)
+def count_negative(d_array) -> int:
+    """How many entries of a device array are < 0 (NaN is not)."""
+    a = _flat(as_device(d_array))
+    if a.size == 0:
+        return 0
+    return int(_device_float("count_negative", _grid_1d(a.size, threads_per_block()), a))
 
 
-def _ce_index(logits, target, weight, ignore_index, eps, grad_scale, out_loss, out_grad):
-    w = np.asarray(weight, dtype=np.float64)
-    wsum = float(math.fsum(w))
-    d_loss = _to_device(out_loss) if _is_device(out_loss) else cuda.device_array(
-        logits.shape[0], np.float64)
-    d_grad = None if out_grad is None else (out_grad if _is_device(out_grad) else
-                                            cuda.device_array(logits.shape, logits.dtype))
-    _launch_rows("ce_index", logits, (
-        _to_device(logits), _to_device(target), _to_device(w), int(ignore_index), float(eps),
-        wsum, float(grad_scale), out_grad is not None),
-        (d_loss, d_grad if d_grad is not None else _dummy_grad(logits.dtype)))
-    _finish(out_loss, d_loss, out_grad, d_grad)
-
-
-def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, out_loss):
-    _row_generic("ce_prob", logits, (target, np.asarray(weight, np.float64),
-                                     float(label_smoothing)), 1.0, out_loss, None)
-
-
-def cross_entropy_prob_fwd_grad(logits, target, weight, label_smoothing, grad_scale, out_loss,
-                                out_grad):
-    _row_generic("ce_prob", logits, (target, np.asarray(weight, np.float64),
-                                     float(label_smoothing)), grad_scale, out_loss, out_grad)
-
-
-def kl_divergence_fwd(logits, target, out_loss):
-    _row_generic("kl", logits, (target,), 1.0, out_loss, None)
-
-
-def kl_divergence_fwd_grad(logits, target, grad_scale, out_loss, out_grad):
-    _row_generic("kl", logits, (target,), grad_scale, out_loss, out_grad)
-
-
-def softmax_focal_fwd(logits, target, weight, ignore_index, gamma, out_loss):
-    _row_generic("focal_softmax", logits, (target, np.asarray(weight, np.float64),
-                                           int(ignore_index), float(gamma)), 1.0, out_loss, None)
-
-
-def softmax_focal_fwd_grad(logits, target, weight, ignore_index, gamma, grad_scale, out_loss,
-                           out_grad):
-    _row_generic("focal_softmax", logits, (target, np.asarray(weight, np.float64),
-                                           int(ignore_index), float(gamma)), grad_scale,
-                 out_loss, out_grad)
-
-
-def _row_generic(name, logits, extra, grad_scale, out_loss, out_grad):
-    d_loss = out_loss if _is_device(out_loss) else cuda.device_array(logits.shape[0], np.float64)
-    d_grad = None if out_grad is None else (out_grad if _is_device(out_grad) else
-                                            cuda.device_array(logits.shape, logits.dtype))
-    head = [_to_device(logits)]
-    head += [_to_device(a) if isinstance(a, np.ndarray) or _is_device(a) else a for a in extra]
-    head += [float(grad_scale), out_grad is not None]
-    _launch_rows(name, logits, tuple(head),
-                 (d_loss, d_grad if d_grad is not None else _dummy_grad(logits.dtype)))
-    _finish(out_loss, d_loss, out_grad, d_grad)
-
-
-def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
-    _elementwise("bce_logits", logits, (target, _dense(weight, logits.shape),
-                                        _dense(pos_weight, logits.shape)), 1.0, out_loss, None)
-
-
-def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out_loss, out_grad):
-    _elementwise("bce_logits", logits, (target, _dense(weight, logits.shape),
-                                        _dense(pos_weight, logits.shape)), grad_scale, out_loss,
-                 out_grad)
-
-
-def sigmoid_focal_fwd(logits, target, alpha, gamma, out_loss):
-    _elementwise("sigmoid_focal", logits, (target, float(alpha), float(gamma)), 1.0, out_loss,
-                 None)
-
-
-def sigmoid_focal_fwd_grad(logits, target, alpha, gamma, grad_scale, out_loss, out_grad):
-    _elementwise("sigmoid_focal", logits, (target, float(alpha), float(gamma)), grad_scale,
-                 out_loss, out_grad)
-
-
-def _dense(w, shape):
-    if _is_device(w):
-        return w
-    return np.ascontiguousarray(np.broadcast_to(np.asarray(w, np.float64), shape))
-
-
-def _elementwise(name, logits, extra, grad_scale, out_loss, out_grad):
-    d_loss = out_loss if _is_device(out_loss) else cuda.device_array(logits.shape, np.float64)
-    d_grad = None if out_grad is None else (out_grad if _is_device(out_grad) else
-                                            cuda.device_array(logits.shape, logits.dtype))
-    args = [_to_device(logits)]
-    args += [_to_device(a) if isinstance(a, np.ndarray) or _is_device(a) else a for a in extra]
-    args += [float(grad_scale), out_grad is not None, d_loss,
-             d_grad if d_grad is not None else _dummy_grad(logits.dtype)]
-    _launch_elements(name, logits.shape, tuple(args))
-    _finish(out_loss, d_loss, out_grad, d_grad)
-
-
-# --------------------------------------------------------------------------------------------
-# Device arrays in, device arrays out
-# --------------------------------------------------------------------------------------------
-DEVICE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def device_loss(variant, logits, target, *, reduction="mean", with_grad=False, inplace=False,
-                weight=None, pos_weight=None, ignore_index=-100, label_smoothing=0.0,
-                gamma=2.0, alpha=0.25):
-    """Run a loss on device arrays and return device arrays (no host round trip).
-
-    ``logits`` (N, C) and ``target`` are anything with ``__cuda_array_interface__`` (numba device
-    arrays, CuPy arrays, torch CUDA tensors). Returns ``loss`` (a device array of shape () or
-    (N,) / (N, C) for "none") and, with ``with_grad``, ``grad`` (a new device array, or the
-    logits buffer itself with ``inplace=True``). float32 and float64 logits are supported;
-    float16 and bfloat16 device arrays are not (convert them on the device first).
-    """
-    x = _as_device(logits)
-    if x.dtype not in DEVICE_DTYPES:
-        raise TypeError(f"logits: device arrays of dtype {x.dtype} are not supported by "
-                        f"backend='cuda'; use float32 or float64")
-    if x.ndim != 2:
-        raise ValueError(f"logits must be a 2-D (N, C) device array; got shape {x.shape}")
-    t = _as_device(target)
-    n, c = x.shape
-    elementwise = variant in ("bce_logits", "sigmoid_focal")
-    per_sample = cuda.device_array(x.shape if elementwise else n, np.float64)
-    grad = None
-    if with_grad:
-        grad = x if inplace else cuda.device_array(x.shape, x.dtype)
-    if variant in ("ce_index", "focal_softmax"):
-        if t.shape != (n,) or t.dtype.kind not in "iu":
-            raise ValueError(f"target must be an integer (N,) = ({n},) device array of class "
-                             f"indices; got {t.dtype} {t.shape}")
-    elif t.shape != x.shape:
-        raise ValueError(f"target must have the logits' shape {x.shape}; got {t.shape}")
-    w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
-    k = kernels(threads_per_block())
-    if variant in ("ce_index", "focal_softmax"):
-        # torch's denominator sum_i w_{y_i} over non-ignored rows, summed on the device; its one
-        # float64 is read back because the gradient kernel takes the scale as an argument
-        d_denom = cuda.device_array(1, np.float64)
-        k["index_weight_sum"][1, k["threads"]](t, cuda.to_device(w), int(ignore_index), d_denom)
-        denom = float(d_denom.copy_to_host()[0]) if n else 0.0
-    elif variant in ("ce_prob", "kl"):
-        denom = float(n)
-    else:
-        denom = float(n * c)
-    scale = 1.0 if reduction != "mean" else (1.0 / denom if denom else math.nan)
-    if variant == "ce_index":
-        _ce_index(x, t, w, ignore_index, label_smoothing, scale, per_sample, grad)
-    elif variant == "ce_prob":
-        _row_generic("ce_prob", x, (t, w, float(label_smoothing)), scale, per_sample, grad)
-    elif variant == "kl":
-        _row_generic("kl", x, (t,), scale, per_sample, grad)
-    elif variant == "focal_softmax":
-        _row_generic("focal_softmax", x, (t, w, int(ignore_index), float(gamma)), scale,
-                     per_sample, grad)
-    elif variant == "bce_logits":
-        _elementwise("bce_logits", x, (t, _dense(w if weight is not None else 1.0, x.shape),
-                                       _dense(1.0 if pos_weight is None else pos_weight,
-                                              x.shape)), scale, per_sample, grad)
-    elif variant == "sigmoid_focal":
-        _elementwise("sigmoid_focal", x, (t, float(alpha), float(gamma)), scale, per_sample,
-                     grad)
-    else:
-        raise ValueError(f"unknown variant {variant!r}")
-    loss = _device_reduce(per_sample, reduction, denom, x.dtype)
-    return (loss, grad) if with_grad else loss
-
-
-def _device_reduce(per_sample, reduction, denom, dtype):
-    """Reduce float64 per-sample losses on the device and cast to ``dtype`` (device arrays)."""
+def reduce_loss(d_per_sample, reduction, denom, dtype):
+    """Per-sample float64 losses (device) reduced on the device and cast to ``dtype``: the same
+    shape for "none", else a (1,) array holding the sum ("sum") or sum / denom ("mean"; NaN when
+    denom is 0, as torch)."""
     k = kernels(threads_per_block())
     nt = k["threads"]
-    flat = per_sample.reshape(per_sample.size) if per_sample.ndim > 1 else per_sample
+    flat = _flat(d_per_sample)
     if reduction == "none":
-        out = cuda.device_array(per_sample.size, dtype)
-        if per_sample.size:
-            k["scale_cast"][_grid_1d(per_sample.size, nt), nt](flat, 1.0, out)
-        return out.reshape(per_sample.shape)
+        out = cuda.device_array(flat.size, dtype)
+        if flat.size:
+            k["scale_cast"][_grid_1d(flat.size, nt), nt](flat, 1.0, out)
+        return out.reshape(d_per_sample.shape)
     total = cuda.device_array(1, np.float64)
     k["reduce_sum"][1, nt](flat, total)
     factor = 1.0 if reduction == "sum" else (1.0 / denom if denom else math.nan)
     out = cuda.device_array(1, dtype)
     k["scale_cast"][1, 1](total, factor, out)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Launches and host wrappers with the signatures of cestudy.kernels.cpu
+# --------------------------------------------------------------------------------------------
+def _outputs(logits, loss_shape, out_loss, out_grad):
+    """Device buffers for the kernel's outputs (the callers' own when on the device) and a
+    stand-in gradient (never written) for the forward, so that forward and fused launches share
+    one compiled specialisation."""
+    d_loss = as_device(out_loss) if is_device_array(out_loss) else cuda.device_array(
+        loss_shape, np.float64)
+    if out_grad is None:
+        return d_loss, cuda.device_array((1, 1), dtype=logits.dtype)
+    if is_device_array(out_grad):
+        return d_loss, as_device(out_grad)
+    return d_loss, cuda.device_array(logits.shape, logits.dtype)
+
+
+def _finish(out_loss, d_loss, out_grad, d_grad):
+    if not is_device_array(out_loss):
+        d_loss.copy_to_host(out_loss)
+    if out_grad is not None and not is_device_array(out_grad):
+        d_grad.copy_to_host(out_grad)
+
+
+def _launch_rows(name, logits, extra, grad_scale, out_loss, out_grad):
+    """Launch row kernel ``name``: the block size and threads per row follow the class count,
+    float32 logits take the fast32 path."""
+    n, c = logits.shape
+    d_loss, d_grad = _outputs(logits, n, out_loss, out_grad)
+    if n:
+        nt = threads_per_block(c)
+        tpr = threads_per_row(c, nt)
+        k = kernels(nt, logits.dtype == np.float32)
+        args = [_to_device(a) if isinstance(a, np.ndarray) or is_device_array(a) else a
+                for a in (logits, *extra)]
+        rows_per_block = nt // tpr
+        k[name][(n + rows_per_block - 1) // rows_per_block, nt](
+            *args, float(grad_scale), out_grad is not None, tpr, d_loss, d_grad)
+    _finish(out_loss, d_loss, out_grad, d_grad)
+
+
+def _class_weight(weight):
+    """(device weight, its compensated sum): the weight stays where it is."""
+    if is_device_array(weight):
+        w = as_device(weight)
+        return w, _device_float("reduce_sum", 1, w)
+    w = np.asarray(weight, dtype=np.float64)
+    return cuda.to_device(w), float(math.fsum(w))
+
+
+def cross_entropy_index_fwd(logits, target, weight, ignore_index, label_smoothing, out_loss):
+    cross_entropy_index_fwd_grad(logits, target, weight, ignore_index, label_smoothing, 1.0,
+                                 out_loss, None)
+
+
+def cross_entropy_index_fwd_grad(logits, target, weight, ignore_index, label_smoothing,
+                                 grad_scale, out_loss, out_grad):
+    w, wsum = _class_weight(weight)
+    _launch_rows("cross_entropy_index", logits, (target, w, int(ignore_index),
+                                                 float(label_smoothing), wsum),
+                 grad_scale, out_loss, out_grad)
+
+
+def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, out_loss):
+    cross_entropy_prob_fwd_grad(logits, target, weight, label_smoothing, 1.0, out_loss, None)
+
+
+def cross_entropy_prob_fwd_grad(logits, target, weight, label_smoothing, grad_scale, out_loss,
+                                out_grad):
+    _launch_rows("cross_entropy_prob", logits,
+                 (target, _class_weight(weight)[0], float(label_smoothing)), grad_scale,
+                 out_loss, out_grad)
+
+
+def kl_divergence_fwd(logits, target, out_loss):
+    kl_divergence_fwd_grad(logits, target, 1.0, out_loss, None)
+
+
+def kl_divergence_fwd_grad(logits, target, grad_scale, out_loss, out_grad):
+    _launch_rows("kl_divergence", logits, (target,), grad_scale, out_loss, out_grad)
+
+
+def softmax_focal_fwd(logits, target, weight, ignore_index, gamma, out_loss):
+    softmax_focal_fwd_grad(logits, target, weight, ignore_index, gamma, 1.0, out_loss, None)
+
+
+def softmax_focal_fwd_grad(logits, target, weight, ignore_index, gamma, grad_scale, out_loss,
+                           out_grad):
+    _launch_rows("softmax_focal", logits, (target, _class_weight(weight)[0], int(ignore_index),
+                                           float(gamma)), grad_scale, out_loss, out_grad)
+
+
+def _dense(w, shape):
+    """An element-wise weight as a dense (N, C) device array (host broadcast views expanded)."""
+    if is_device_array(w):
+        return as_device(w)
+    return cuda.to_device(np.ascontiguousarray(np.broadcast_to(np.asarray(w, np.float64), shape)))
+
+
+def _launch_elements(name, logits, extra, grad_scale, out_loss, out_grad):
+    """Launch element kernel ``name``; a 1-D ``out_loss`` of length N takes row sums (computed
+    on the device from the per-element losses), as on the CPU."""
+    row_sums = len(out_loss.shape) == 1
+    per_elem = cuda.device_array(logits.shape, np.float64) if row_sums else None
+    d_loss, d_grad = _outputs(logits, logits.shape, None if row_sums else out_loss, out_grad)
+    if row_sums:
+        d_loss = per_elem
+    nt = threads_per_block()
+    k = kernels(nt)
+    n, c = logits.shape
+    if n * c:
+        args = [_to_device(a) if isinstance(a, np.ndarray) or is_device_array(a) else a
+                for a in (logits, *extra)]
+        k[name][_grid_1d(n * c, nt), nt](*args, float(grad_scale), out_grad is not None,
+                                         d_loss, d_grad)
+    if row_sums:
+        sums = as_device(out_loss) if is_device_array(out_loss) else cuda.device_array(
+            n, np.float64)
+        if n:
+            tpr = threads_per_row(c, nt)
+            k["row_sum"][(n * tpr + nt - 1) // nt, nt](per_elem, tpr, sums)
+        d_loss = sums
+    _finish(out_loss, d_loss, out_grad, d_grad)
+
+
+def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
+    bce_with_logits_fwd_grad(logits, target, weight, pos_weight, 1.0, out_loss, None)
+
+
+def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out_loss, out_grad):
+    _launch_elements("bce_with_logits", logits, (target, _dense(weight, logits.shape),
+                                                 _dense(pos_weight, logits.shape)),
+                     grad_scale, out_loss, out_grad)
+
+
+def sigmoid_focal_fwd(logits, target, alpha, gamma, out_loss):
+    sigmoid_focal_fwd_grad(logits, target, alpha, gamma, 1.0, out_loss, None)
+
+
+def sigmoid_focal_fwd_grad(logits, target, alpha, gamma, grad_scale, out_loss, out_grad):
+    _launch_elements("sigmoid_focal", logits, (target, float(alpha), float(gamma)), grad_scale,
+                     out_loss, out_grad)

@@ -5,8 +5,10 @@ import pytest
 from numba import cuda
 
 import cestudy as cs
-from cestudy.reference import oracle
+from cestudy import variants
+from cestudy.kernels import cpu, cpu_fast
 from cestudy.kernels import cuda as ck
+from cestudy.reference import oracle
 
 from helpers import assert_grad_ulp, assert_ulp
 
@@ -137,43 +139,86 @@ def test_float16_host_input_is_computed_in_float32():
     assert_ulp(loss, oracle.cross_entropy(x, np.array([0])), np.float16, tol=1)
 
 
-@pytest.mark.parametrize("variant", ["ce_index", "ce_prob", "kl", "focal_softmax", "bce_logits",
-                                     "sigmoid_focal"])
-def test_device_arrays_in_device_arrays_out_and_inplace_gradient(variant):
-    rng = np.random.default_rng(3)
+def _inputs(v, rng):
     x = rng.normal(size=(6, 17)).astype(np.float32)
-    if variant in ("ce_index", "focal_softmax"):
+    if v.target == "index":
         t = rng.integers(0, 17, 6)
-    elif variant in ("ce_prob", "kl"):
+    elif v.target == "probs":
         t = rng.dirichlet(np.ones(17), 6).astype(np.float32)
     else:
         t = np.round(rng.uniform(size=x.shape)).astype(np.float32)
+    return x, t
+
+
+def _kernel_options(v, n, c):
+    """The registry's default options as the raw kernels take them (dispatch's job)."""
+    opts = []
+    for key, default in v.options:
+        if key == "weight" and v.elementwise:
+            opts.append(np.ones((n, c)))
+        elif key == "pos_weight":
+            opts.append(np.ones((n, c)))
+        elif key == "weight":
+            opts.append(np.ones(c))
+        else:
+            opts.append(default)
+    return opts
+
+
+CUDA_VARIANTS = [v for v in variants.VARIANTS.values() if v.cuda and v.kernel]
+
+
+@pytest.mark.parametrize("v", CUDA_VARIANTS, ids=lambda v: v.name)
+def test_raw_kernels_take_device_arrays_and_write_the_gradient_in_place(v):
+    """Each raw kernel, called as dispatch calls it: device arrays in, device outputs written,
+    the gradient optionally into the logits buffer itself."""
+    rng = np.random.default_rng(3)
+    x, t = _inputs(v, rng)
+    n, c = x.shape
+    opts = _kernel_options(v, n, c)
     dx, dt = cuda.to_device(x), cuda.to_device(t)
-    loss, grad = ck.device_loss(variant, dx, dt, reduction="mean", with_grad=True)
-    assert ck._is_device(loss) and ck._is_device(grad)
-    host = {"ce_index": cs.cross_entropy_with_grad, "ce_prob": cs.cross_entropy_with_grad,
-            "kl": cs.kl_divergence_with_grad, "focal_softmax": cs.softmax_focal_loss_with_grad,
-            "bce_logits": cs.binary_cross_entropy_with_logits_with_grad,
-            "sigmoid_focal": lambda a, b: cs.sigmoid_focal_loss_with_grad(a, b,
-                                                                          reduction="mean")}
-    ref_l, ref_g = host[variant](x, t)
-    np.testing.assert_allclose(loss.copy_to_host()[0], ref_l, rtol=1e-6)
-    np.testing.assert_allclose(grad.copy_to_host(), ref_g, rtol=1e-6, atol=1e-9)
-    none = ck.device_loss(variant, dx, dt, reduction="none")
-    assert ck._is_device(none)
+    loss_shape = x.shape if v.elementwise else (n,)
+    d_loss = ck.device_array(loss_shape, np.float64)
+    d_grad = ck.device_array(x.shape, x.dtype)
+    getattr(ck, v.kernel + "_fwd_grad")(dx, dt, *opts, 1.0, d_loss, d_grad)
+    ref_l = np.empty(loss_shape)
+    ref_g = np.empty_like(x)
+    getattr(cpu_fast if v.fast_cpu else cpu, v.kernel + "_fwd_grad")(x, t, *opts, 1.0, ref_l,
+                                                                       ref_g)
+    np.testing.assert_allclose(d_loss.copy_to_host(), ref_l, rtol=1e-6)
+    np.testing.assert_allclose(d_grad.copy_to_host(), ref_g, rtol=1e-6, atol=1e-9)
+    d_fwd = ck.device_array(loss_shape, np.float64)
+    getattr(ck, v.kernel + "_fwd")(dx, dt, *opts, d_fwd)
+    np.testing.assert_array_equal(d_fwd.copy_to_host(), d_loss.copy_to_host())
     buf = cuda.to_device(x)
-    _, g2 = ck.device_loss(variant, buf, dt, with_grad=True, inplace=True)
-    assert g2 is buf or g2.device_ctypes_pointer.value == buf.device_ctypes_pointer.value
+    getattr(ck, v.kernel + "_fwd_grad")(buf, dt, *opts, 1.0, ck.device_array(loss_shape,
+                                                                              np.float64), buf)
     np.testing.assert_allclose(buf.copy_to_host(), ref_g, rtol=1e-6, atol=1e-9)
+    if v.elementwise:  # a 1-D out_loss takes row sums, as on the CPU
+        sums = ck.device_array(n, np.float64)
+        getattr(ck, v.kernel + "_fwd")(dx, dt, *opts, sums)
+        np.testing.assert_allclose(sums.copy_to_host(), ref_l.sum(1), rtol=1e-12)
 
 
-def test_device_path_rejects_bad_input_clearly():
-    dx = cuda.to_device(np.zeros((2, 3), np.float16))
-    with pytest.raises(TypeError, match="logits"):
-        ck.device_loss("ce_index", dx, cuda.to_device(np.zeros(2, np.int64)))
-    dx = cuda.to_device(np.zeros((2, 3), np.float32))
-    with pytest.raises(ValueError, match="target"):
-        ck.device_loss("ce_index", dx, cuda.to_device(np.zeros(3, np.int64)))
+def test_device_helpers():
+    y = np.array([0, 3, -100, 7, -1, 2])
+    dy = cuda.to_device(y)
+    assert ck.count_invalid_targets(dy, 4, -100) == 2  # 7 and -1
+    assert ck.count_invalid_targets(dy, 8, -1) == 1  # -100
+    assert ck.count_negative(cuda.to_device(np.array([[0.5, -0.0], [-2.0, np.nan]]))) == 1
+    w = np.array([1.0, 2.0, 3.0, 4.0])
+    assert ck.index_weight_sum(cuda.to_device(np.array([0, 3, -100, 3])), cuda.to_device(w),
+                               -100) == 9.0
+    assert ck.index_weight_sum(cuda.to_device(np.array([1, 1])), w, -100) == 4.0
+    per = cuda.to_device(np.array([1.0, 2.0, 4.0]))
+    assert ck.reduce_loss(per, "sum", 3.0, np.float32).copy_to_host()[0] == 7.0
+    assert ck.reduce_loss(per, "mean", 2.0, np.float64).copy_to_host()[0] == 3.5
+    assert np.isnan(ck.reduce_loss(per, "mean", 0.0, np.float64).copy_to_host()[0])
+    none = ck.reduce_loss(per, "none", 3.0, np.float32)
+    assert ck.is_device_array(none) and none.dtype == np.float32
+    assert ck.is_device_array(ck.as_device(per)) and not ck.is_device_array(np.ones(2))
+    with pytest.raises(TypeError):
+        ck.as_device(np.ones(2))
 
 
 def test_public_functions_take_device_arrays_and_return_device_arrays():
@@ -182,14 +227,14 @@ def test_public_functions_take_device_arrays_and_return_device_arrays():
     y = rng.integers(0, 9, 4)
     dx, dy = cuda.to_device(x), cuda.to_device(y)
     loss, grad = cs.cross_entropy_with_grad(dx, dy, backend="cuda", label_smoothing=0.1)
-    assert ck._is_device(loss) and ck._is_device(grad)
+    assert ck.is_device_array(loss) and ck.is_device_array(grad)
     ref_l, ref_g = cs.cross_entropy_with_grad(x, y, label_smoothing=0.1)
     np.testing.assert_allclose(loss.copy_to_host()[0], ref_l, rtol=1e-6)
     np.testing.assert_allclose(grad.copy_to_host(), ref_g, rtol=1e-6, atol=1e-9)
     t = np.round(rng.uniform(size=x.shape)).astype(np.float32)
     out = cs.binary_cross_entropy_with_logits(dx, cuda.to_device(t), backend="cuda",
                                               reduction="none")
-    assert ck._is_device(out)
+    assert ck.is_device_array(out)
     np.testing.assert_allclose(out.copy_to_host(),
                                cs.binary_cross_entropy_with_logits(x, t, reduction="none"),
                                rtol=1e-6)
