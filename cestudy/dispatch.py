@@ -65,6 +65,34 @@ def logits_2d(name: str, logits: Any) -> tuple[np.ndarray, np.ndarray, bool]:
     return arr, x2, arr.ndim == 1
 
 
+def class_rows(name: str, logits: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """Validate logits with classes on axis 1 ((N, C, d1, ..., dk), torch's layout) or axis 0
+    ((C,)); return (array, (rows, C) working copy or view, the shape of one loss per row)."""
+    arr = as_float_array(name, logits)
+    if arr.ndim == 0:
+        raise ValueError(f"{name} must have a class axis: shape (C,), (N, C) or "
+                         f"(N, C, d1, ..., dk); got a 0-d array")
+    axis = 0 if arr.ndim == 1 else 1
+    if arr.shape[axis] == 0:
+        raise ValueError(f"{name} must have at least one class (axis {axis} of length >= 1); "
+                         f"got shape {arr.shape}")
+    work = dtypes.working_dtype(arr.dtype)
+    if arr.ndim <= 2:
+        lead = arr.shape[:-1]
+        x2 = arr.reshape(1, -1) if arr.ndim == 1 else arr
+    else:
+        lead = (arr.shape[0],) + arr.shape[2:]
+        x2 = np.moveaxis(arr, 1, -1).reshape(-1, arr.shape[1])
+    return arr, np.ascontiguousarray(x2, dtype=work), lead
+
+
+def to_input_layout(g2: np.ndarray, arr: np.ndarray) -> np.ndarray:
+    """A (rows, C) gradient back in the layout of ``arr`` (classes on axis 1 for K-d input)."""
+    if arr.ndim <= 2:
+        return g2.reshape(arr.shape)
+    return np.moveaxis(g2.reshape((arr.shape[0],) + arr.shape[2:] + (arr.shape[1],)), -1, 1)
+
+
 def shape_2d(shape: tuple[int, ...]) -> tuple[int, int]:
     """The (rows, last axis) view of an element-wise loss's input shape; () is (1, 1)."""
     if len(shape) == 0:
@@ -95,22 +123,22 @@ def _check_nonnegative(name: str, w: np.ndarray) -> None:
         )
 
 
-def index_target(target: Any, n_rows: int, n_classes: int, ignore_index: int,
-                 squeeze: bool) -> np.ndarray:
-    """Class indices as int64 (N,), every one in [0, C) or equal to ``ignore_index``."""
+def index_target(target: Any, expected: tuple[int, ...], n_classes: int,
+                 ignore_index: int) -> np.ndarray:
+    """Class indices of shape ``expected`` (the logits' shape without the class axis) as a flat
+    int64 array, every one in [0, C) or equal to ``ignore_index``."""
     t = np.asarray(target)
     if t.dtype.kind not in "iu":
         raise TypeError(
             "target must be integer class indices (or float probabilities of the logits' "
             f"shape); got dtype {t.dtype}"
         )
-    expected = () if squeeze else (n_rows,)
-    if t.shape != expected:
+    if t.shape != tuple(expected):
         raise ValueError(
             f"target of class indices must have shape {expected} to match logits; got shape "
             f"{t.shape}"
         )
-    t = np.ascontiguousarray(t.reshape(n_rows), dtype=np.int64)
+    t = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
     bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
     if np.any(bad):
         i = int(np.flatnonzero(bad)[0])
@@ -121,16 +149,18 @@ def index_target(target: Any, n_rows: int, n_classes: int, ignore_index: int,
     return t
 
 
-def prob_target(target: Any, logits_shape: tuple[int, ...], work_dtype: np.dtype,
+def prob_target(target: Any, logits: np.ndarray, work_dtype: np.dtype,
                 name: str = "target") -> np.ndarray:
-    """Probability targets of the logits' shape as a 2-D working-dtype array, non-negative."""
+    """Probability targets of the logits' shape, laid out as :func:`class_rows` lays out the
+    logits (a 2-D working-dtype array), checked non-negative."""
     t = as_float_array(name, target)
-    if t.shape != logits_shape:
+    if t.shape != logits.shape:
         raise ValueError(
-            f"{name} of probabilities must have the logits' shape {logits_shape}; got shape "
+            f"{name} of probabilities must have the logits' shape {logits.shape}; got shape "
             f"{t.shape}"
         )
-    t2 = np.ascontiguousarray(t.reshape(-1, logits_shape[-1]), dtype=work_dtype)
+    _, t2, _ = class_rows(name, t)
+    t2 = t2.astype(work_dtype, copy=False)
     if np.any(t2 < 0):
         raise ValueError(f"{name} probabilities must be non-negative; got a negative entry")
     return t2
@@ -140,7 +170,7 @@ def elementwise_weights(name: str, weight: Any, shape: tuple[int, ...]) -> np.nd
     """An element-wise weight broadcast to ``shape``, as a float64 2-D view (no copy if
     possible); checked non-negative."""
     if weight is None:
-        w = np.ones((1,), dtype=np.float64)
+        w = np.ones((), dtype=np.float64)
     else:
         w = np.asarray(as_float_array(name, weight), dtype=np.float64)
         _check_nonnegative(name, w)
@@ -204,6 +234,7 @@ def finish_loss(per_sample: np.ndarray, reduction: str, denominator: float,
     """Reduce float64 per-sample losses (compensated sum) and round once to ``out_dtype``."""
     if reduction == "none":
         return per_sample.reshape(out_shape).astype(out_dtype)
+    # "mean" and "batchmean" divide by the denominator the caller computed
     total = cpu.compensated_sum(np.ascontiguousarray(per_sample.reshape(-1)))
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if reduction == "sum":
@@ -212,7 +243,7 @@ def finish_loss(per_sample: np.ndarray, reduction: str, denominator: float,
 
 
 def grad_scale(reduction: str, denominator: float) -> float:
-    if reduction != "mean":
+    if reduction not in ("mean", "batchmean"):
         return 1.0
     return 1.0 / denominator if denominator != 0 else math.nan
 
@@ -256,7 +287,7 @@ def run(name: str, logits: Any, target: Any, *, reduction: str = "mean",
     gradient buffer (it may be the logits themselves, to overwrite them with the gradient).
     """
     v = variants.get(name)
-    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("reduction", reduction, v.reductions)
     check_choice("backend", backend, BACKENDS)
     unknown = set(options) - set(v.option_names)
     if unknown:
@@ -266,62 +297,68 @@ def run(name: str, logits: Any, target: Any, *, reduction: str = "mean",
         if key in opts:
             opts[key] = check(opts[key])
     if backend == "cuda":
+        if not v.cuda:
+            raise ValueError(f"{v.function} has no CUDA kernel; use backend='cpu'")
         if _is_device(logits):
             return _run_device(v, logits, target, reduction, with_grad, out, opts)
         backends.require_cuda()  # says what is missing before any work
+    input_name = INPUT_NAMES[v.input]
 
     if v.elementwise:
-        arr = as_float_array("logits", logits)
+        arr = as_float_array(input_name, logits)
         tgt = as_float_array("target", target)
         if tgt.shape != arr.shape:
-            raise ValueError(f"target must have the logits' shape {arr.shape}; got shape "
-                             f"{tgt.shape}")
+            raise ValueError(f"target must have the shape of {input_name} {arr.shape}; got "
+                             f"shape {tgt.shape}")
         work = dtypes.working_dtype(arr.dtype)
         s2 = shape_2d(arr.shape)
         x = np.ascontiguousarray(arr.reshape(s2), dtype=work)
         t = np.ascontiguousarray(tgt.reshape(s2), dtype=work)
-        out_shape = arr.shape
+        loss_shape = arr.shape
         denom = float(arr.size)
-        loss = np.empty(x.shape, dtype=np.float64)
+        if reduction == "batchmean":
+            denom = float(arr.shape[0]) if arr.ndim else 1.0
     else:
-        arr, x, squeeze = logits_2d("logits", logits)
-        n, c = x.shape
-        out_shape = () if squeeze else (n,)
-        loss = np.empty(n, dtype=np.float64)
+        arr, x, loss_shape = class_rows(input_name, logits)
         if v.target == "index":
-            t = index_target(target, n, c, opts["ignore_index"], squeeze)
+            t = index_target(target, loss_shape, x.shape[1], opts["ignore_index"])
         else:
-            t = prob_target(target, arr.shape, x.dtype)
-            denom = float(n)
-
+            t = prob_target(target, arr, x.dtype)
+            denom = float(x.shape[0])
     module = _kernel_module(v, backend, x.dtype)
+    # element-wise CPU kernels sum each row themselves when no per-element loss is asked for
+    row_sums = v.elementwise and reduction != "none" and backend == "cpu"
+    loss = np.empty(x.shape[0] if row_sums or not v.elementwise else x.shape, dtype=np.float64)
+
     args = []
     for key in v.option_names:
         value = opts[key]
         if key in ("weight", "pos_weight"):
             if v.elementwise:
-                value = elementwise_weights(key, value, arr.shape)
-                if module is cpu_fast:
-                    value = contiguous_rows(value)
+                value = contiguous_rows(elementwise_weights(key, value, arr.shape))
             else:
                 value = class_weight(value, x.shape[1])
         args.append(value)
     if v.target == "index":
         denom = _index_denominator(t, args[0], opts["ignore_index"])
 
-    fwd = getattr(module, v.kernel + "_fwd")
     if not with_grad:
-        fwd(x, t, *args, loss)
-        return finish_loss(loss, reduction, denom, arr.dtype, out_shape)
+        getattr(module, v.kernel + "_fwd")(x, t, *args, loss)
+        return finish_loss(loss, reduction, denom, arr.dtype, loss_shape)
     grad = _grad_buffer(out, arr, x)
+    if module is cpu_fast and np.shares_memory(grad, x):
+        grad = np.empty_like(x)  # the fast float32 kernels read the row after writing it
     getattr(module, v.kernel + "_fwd_grad")(x, t, *args, grad_scale(reduction, denom), loss,
                                             grad)
-    result = finish_loss(loss, reduction, denom, arr.dtype, out_shape)
+    result = finish_loss(loss, reduction, denom, arr.dtype, loss_shape)
     if out is not None:
-        if grad.base is not out and grad is not out:
-            out[...] = grad.reshape(out.shape)
+        if not np.shares_memory(grad, out):
+            out[...] = to_input_layout(grad, arr)
         return result, out
-    return result, grad.reshape(arr.shape).astype(arr.dtype, copy=False)
+    return result, to_input_layout(grad, arr).astype(arr.dtype, copy=False)
+
+
+INPUT_NAMES = {"logits": "logits", "probs": "probs", "log_probs": "input"}
 
 
 def _grad_buffer(out: Any, arr: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -330,22 +367,62 @@ def _grad_buffer(out: Any, arr: np.ndarray, x: np.ndarray) -> np.ndarray:
     if out is None:
         return np.empty_like(x)
     check_grad_out(out, arr.shape, arr.dtype)
-    if out.dtype == x.dtype:
+    if out.dtype == x.dtype and arr.ndim <= 2:
         return out.reshape(x.shape)
     return np.empty_like(x)
 
 
-def rows(kernel: str, logits: Any, per_row: bool) -> np.ndarray:
+def _axes(dim: Any, ndim: int, single: bool) -> tuple[int, ...]:
+    """``dim`` (an int, or a tuple of ints where ``single`` is False) as sorted axes of an
+    array with ``ndim`` axes (a 0-d array counts as one axis, as in torch)."""
+    dims = (dim,) if isinstance(dim, (int, np.integer)) else dim
+    if single and len(dims) != 1 or not isinstance(dims, (tuple, list)) or not all(
+            isinstance(d, (int, np.integer)) for d in dims):
+        raise TypeError(f"dim must be an int{'' if single else ' or a tuple of ints'}; "
+                        f"got {dim!r}")
+    n = max(ndim, 1)
+    axes = []
+    for d in dims:
+        if not -n <= d < n:
+            raise ValueError(f"dim {d} is out of range for an array with {ndim} axes")
+        axes.append(int(d) % n)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"dim {dim!r} names an axis twice")
+    return tuple(sorted(axes))
+
+
+def rows(kernel: str, logits: Any, per_row: bool, dim: Any = -1, keepdim: bool = False,
+         dtype: Any = None) -> np.ndarray:
     """Run a row kernel of ``cestudy.kernels.cpu`` (logsumexp, log_softmax, softmax) over the
-    last axis of ``logits``."""
+    axis (or, for ``per_row`` kernels, axes) ``dim`` of ``logits``; ``dtype`` casts the input
+    first, as torch's ``dtype=`` does."""
     arr = as_float_array("logits", logits)
-    if arr.ndim == 0:
-        raise ValueError("logits must have at least one axis")
+    if dtype is not None:
+        arr = arr.astype(as_float_array("dtype", np.empty(0, dtype=dtype)).dtype)
+    axes = _axes(dim, arr.ndim, single=not per_row)
+    a = arr.reshape(1) if arr.ndim == 0 else arr
+    kept = [i for i in range(a.ndim) if i not in axes]
+    moved = np.transpose(a, kept + list(axes))
+    outer = tuple(a.shape[i] for i in kept)
+    width = int(np.prod([a.shape[i] for i in axes], dtype=np.int64))
     work = dtypes.working_dtype(arr.dtype)
-    x = np.ascontiguousarray(arr.reshape(-1, arr.shape[-1]), dtype=work)
-    out = np.empty(x.shape[0] if per_row else x.shape, dtype=np.float64)
-    getattr(cpu, kernel)(x, out)
-    return out.reshape(arr.shape[:-1] if per_row else arr.shape).astype(arr.dtype)
+    n_rows = int(np.prod(outer, dtype=np.int64))
+    x = np.ascontiguousarray(moved.reshape(n_rows, width), dtype=work)
+    if per_row:
+        out = np.full(x.shape[0], -np.inf) if width == 0 else np.empty(x.shape[0])
+        if width and x.shape[0]:
+            getattr(cpu, kernel)(x, out)
+        result = out.reshape(outer)
+        if keepdim:
+            result = np.expand_dims(result, axes) if arr.ndim else result.reshape(())
+        elif arr.ndim == 0:
+            result = result.reshape(())
+        return result.astype(arr.dtype)
+    out = np.empty(x.shape, dtype=np.float64)
+    if x.size:
+        getattr(cpu, kernel)(x, out)
+    back = np.transpose(out.reshape(moved.shape), np.argsort(kept + list(axes)))
+    return back.reshape(arr.shape).astype(arr.dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ References:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Union
 
 import numpy as np
@@ -246,6 +247,130 @@ def entropy(p: ArrayLike, *, reduction: Reduction = "none") -> Loss:
     cpu.entropy_fwd(x, out)
     return dispatch.finish_loss(out, reduction, x.shape[0], arr.dtype,
                                 () if squeeze else (x.shape[0],))
+
+
+# --------------------------------------------------------------------------------------------
+# Losses on log-probabilities: torch's nll_loss and kl_div
+# --------------------------------------------------------------------------------------------
+def nll_loss(input: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayLike] = None,
+             ignore_index: int = -100, reduction: Reduction = "mean") -> Loss:
+    """Negative log-likelihood of log-probabilities, ``torch.nn.functional.nll_loss``::
+
+        loss_i = -w_{y_i} input[i, y_i]      (0 for rows whose target is ``ignore_index``)
+
+    ``cross_entropy(x, y) == nll_loss(log_softmax(x, dim=1), y)``; cross_entropy computes it in
+    one pass and keeps the accuracy of tiny losses, which a rounded log_softmax has lost.
+
+    Args:
+        input: log-probabilities, (N, C), (C,) or (N, C, d1, ..., dk).
+        target: integer class indices of shape (N,), () or (N, d1, ..., dk).
+        weight: optional (C,) non-negative class weights.
+        ignore_index: the class index of entries to skip.
+        reduction: "mean" (divided by the sum of w_y over kept entries), "sum" or "none".
+
+    Returns:
+        The loss in the input's dtype.
+
+    Example:
+        >>> import numpy as np, cestudy
+        >>> logp = np.log(np.array([[0.5, 0.25, 0.25]]))
+        >>> round(float(cestudy.nll_loss(logp, np.array([1]))), 12)     # log 4
+        1.38629436112
+    """
+    return dispatch.run("nll_loss", input, target, reduction=reduction, weight=weight,
+                        ignore_index=ignore_index)
+
+
+def nll_loss_with_grad(input: ArrayLike, target: ArrayLike, *,
+                       weight: Optional[ArrayLike] = None, ignore_index: int = -100,
+                       reduction: Reduction = "mean",
+                       out: Optional[np.ndarray] = None) -> tuple[Loss, np.ndarray]:
+    """Fused :func:`nll_loss` and its gradient: -w_y (times the reduction's scale) at each
+    target, 0 elsewhere.
+
+    Args:
+        input, target, weight, ignore_index, reduction: as for :func:`nll_loss`.
+        out: optional gradient buffer of the input's shape and dtype.
+
+    Returns:
+        (loss, grad).
+
+    Example:
+        >>> import numpy as np, cestudy
+        >>> _, g = cestudy.nll_loss_with_grad(np.zeros((2, 2)), np.array([0, 1]))
+        >>> g.tolist()
+        [[-0.5, 0.0], [0.0, -0.5]]
+    """
+    return dispatch.run("nll_loss", input, target, reduction=reduction, with_grad=True, out=out,
+                        weight=weight, ignore_index=ignore_index)
+
+
+KL_DIV_MEAN_WARNING = (
+    "reduction: 'mean' divides the total loss by both the batch size and the support size. "
+    "'batchmean' divides only by the batch size, and aligns with the KL div math definition. "
+    "'mean' will be changed to behave the same as 'batchmean' in the next major release."
+)
+
+
+def kl_div(input: ArrayLike, target: ArrayLike, *, reduction: str = "mean",
+           log_target: bool = False) -> Loss:
+    """Pointwise KL divergence of log-probabilities, ``torch.nn.functional.kl_div``::
+
+        loss = target (log target - input)             (0 where target = 0)
+        loss = exp(target) (target - input)            (log_target=True)
+
+    ``input`` holds log q; summed over classes this is KL(target || q). cestudy's
+    :func:`kl_divergence` takes logits instead and is the accurate choice when logits are at
+    hand. As in torch, ``reduction="mean"`` averages over every element and warns; "batchmean"
+    divides the sum by the batch size (the first axis), which is the KL divergence per sample.
+
+    Args:
+        input: log-probabilities, any shape.
+        target: probabilities (or log-probabilities with ``log_target``) of the same shape.
+        reduction: "mean" (over elements; warns), "batchmean", "sum" or "none".
+        log_target: whether ``target`` holds log-probabilities.
+
+    Returns:
+        The loss in the input's dtype.
+
+    Example:
+        >>> import numpy as np, cestudy
+        >>> p = np.array([[0.5, 0.5]])
+        >>> round(float(cestudy.kl_div(np.log(np.array([[0.25, 0.75]])), p,
+        ...                            reduction="batchmean")), 12)
+        0.143841036226
+    """
+    _warn_kl_div_mean(reduction)
+    return dispatch.run("kl_div", input, target, reduction=reduction, log_target=bool(log_target))
+
+
+def kl_div_with_grad(input: ArrayLike, target: ArrayLike, *, reduction: str = "mean",
+                     log_target: bool = False,
+                     out: Optional[np.ndarray] = None) -> tuple[Loss, np.ndarray]:
+    """Fused :func:`kl_div` and its gradient with respect to ``input``: -target (or
+    -exp(target)), times the reduction's scale.
+
+    Args:
+        input, target, reduction, log_target: as for :func:`kl_div`.
+        out: optional gradient buffer of the input's shape and dtype.
+
+    Returns:
+        (loss, grad).
+
+    Example:
+        >>> import numpy as np, cestudy
+        >>> _, g = cestudy.kl_div_with_grad(np.zeros(2), np.array([0.25, 0.75]), reduction="sum")
+        >>> g.tolist()
+        [-0.25, -0.75]
+    """
+    _warn_kl_div_mean(reduction)
+    return dispatch.run("kl_div", input, target, reduction=reduction, with_grad=True, out=out,
+                        log_target=bool(log_target))
+
+
+def _warn_kl_div_mean(reduction):
+    if reduction == "mean":
+        warnings.warn(KL_DIV_MEAN_WARNING, UserWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,7 +627,8 @@ def sigmoid_focal_loss_with_grad(logits: ArrayLike, target: ArrayLike, *, alpha:
 # --------------------------------------------------------------------------------------------
 # logsumexp, log_softmax, softmax
 # --------------------------------------------------------------------------------------------
-def logsumexp(logits: ArrayLike) -> np.ndarray:
+def logsumexp(logits: ArrayLike, dim: Union[int, tuple[int, ...]] = -1,
+              keepdim: bool = False) -> np.ndarray:
     """log(sum_j exp(x_j)) over the last axis, computed as::
 
         m + log1p(sum_{j != k} exp(x_j - m)),   m = x_k = max_j x_j
@@ -510,10 +636,13 @@ def logsumexp(logits: ArrayLike) -> np.ndarray:
     (Blanchard, Higham & Higham 2021; the form scipy.special.logsumexp also uses).
 
     Args:
-        logits: floating array with at least one axis.
+        logits: floating array.
+        dim: the axis, or tuple of axes, to reduce (torch's ``dim``; default the last).
+        keepdim: keep the reduced axes with length 1.
 
     Returns:
-        The array without its last axis, in the logits' dtype.
+        The array without the reduced axes (or with them of length 1), in the logits' dtype;
+        -inf where the reduced axes are empty.
 
     Example:
         >>> import numpy as np, cestudy
@@ -524,19 +653,21 @@ def logsumexp(logits: ArrayLike) -> np.ndarray:
         Blanchard, Higham & Higham, "Accurately computing the log-sum-exp and softmax
         functions", IMA J. Numer. Anal. 41(4), 2021.
     """
-    return dispatch.rows("logsumexp_rows", logits, per_row=True)
+    return dispatch.rows("logsumexp_rows", logits, per_row=True, dim=dim, keepdim=keepdim)
 
 
-def log_softmax(logits: ArrayLike) -> np.ndarray:
+def log_softmax(logits: ArrayLike, dim: int = -1, dtype=None) -> np.ndarray:
     """x_j - logsumexp(x) over the last axis, computed as -((m - x_j) + log1p(S)) with the
     difference m - x_j in double-double, so that a dominant class gets its tiny
     -sum_{j != k} p_j instead of 0.
 
     Args:
-        logits: floating array with at least one axis.
+        logits: floating array.
+        dim: the axis over which to normalise (torch's ``dim``; default the last).
+        dtype: optional floating dtype to cast the input to first (torch's ``dtype``).
 
     Returns:
-        An array of the logits' shape and dtype.
+        An array of the logits' shape, in their dtype (or ``dtype``).
 
     Example:
         >>> import numpy as np, cestudy
@@ -547,18 +678,20 @@ def log_softmax(logits: ArrayLike) -> np.ndarray:
         Blanchard, Higham & Higham, "Accurately computing the log-sum-exp and softmax
         functions", IMA J. Numer. Anal. 41(4), 2021.
     """
-    return dispatch.rows("log_softmax_rows", logits, per_row=False)
+    return dispatch.rows("log_softmax_rows", logits, per_row=False, dim=dim, dtype=dtype)
 
 
-def softmax(logits: ArrayLike) -> np.ndarray:
+def softmax(logits: ArrayLike, dim: int = -1, dtype=None) -> np.ndarray:
     """exp(x_j - m) / (1 + sum_{j != k} exp(x_j - m)) over the last axis (softmax by division,
     the more accurate of the two forms Blanchard, Higham & Higham analyse).
 
     Args:
-        logits: floating array with at least one axis.
+        logits: floating array.
+        dim: the axis over which to normalise (torch's ``dim``; default the last).
+        dtype: optional floating dtype to cast the input to first (torch's ``dtype``).
 
     Returns:
-        An array of the logits' shape and dtype.
+        An array of the logits' shape, in their dtype (or ``dtype``).
 
     Example:
         >>> import numpy as np, cestudy
@@ -569,7 +702,7 @@ def softmax(logits: ArrayLike) -> np.ndarray:
         Blanchard, Higham & Higham, "Accurately computing the log-sum-exp and softmax
         functions", IMA J. Numer. Anal. 41(4), 2021.
     """
-    return dispatch.rows("softmax_rows", logits, per_row=False)
+    return dispatch.rows("softmax_rows", logits, per_row=False, dim=dim, dtype=dtype)
 
 
 __all__ = [
@@ -577,4 +710,5 @@ __all__ = [
     "binary_cross_entropy_with_logits_with_grad", "binary_cross_entropy", "kl_divergence",
     "kl_divergence_with_grad", "entropy", "softmax_focal_loss", "softmax_focal_loss_with_grad",
     "sigmoid_focal_loss", "sigmoid_focal_loss_with_grad", "logsumexp", "log_softmax", "softmax",
+    "nll_loss", "nll_loss_with_grad", "kl_div", "kl_div_with_grad",
 ]

@@ -34,6 +34,7 @@ import dataclasses
 from typing import Any, Literal
 
 TargetKind = Literal["index", "probs", "binary"]
+InputKind = Literal["logits", "probs", "log_probs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +46,8 @@ class Variant:
     function: str
     """The public function in ``cestudy.losses`` (``<function>_with_grad`` is its fused twin)."""
     target: TargetKind
-    """``index``: (N,) class indices; ``probs``: (N, C) probabilities; ``binary``: element-wise
-    targets in [0, 1] of the input's shape."""
+    """``index``: (N,) class indices; ``probs``: probabilities of the input's shape;
+    ``binary``: targets in [0, 1] of the input's shape."""
     description: str
     options: tuple[tuple[str, Any], ...] = ()
     """The keyword options with their defaults, in the kernels' argument order."""
@@ -60,19 +61,18 @@ class Variant:
     """Stem of the oracle functions: ``<oracle>(x, t, **options)`` and ``<oracle>_grad``."""
     has_grad: bool = True
     """Whether the public API offers the gradient (``<function>_with_grad``)."""
-    input: Literal["logits", "probs"] = "logits"
+    input: InputKind = "logits"
     """What the first argument holds."""
+    elementwise: bool = False
+    """One loss per input element (any shape) rather than one per row of classes."""
+    reductions: tuple[str, ...] = ("none", "mean", "sum")
+    """The ``reduction`` values the public function takes."""
     formulations: tuple[str, ...] = ("naive", "clipped", "lse", "accurate")
     """The numpy baselines of ``cestudy.reference.formulations`` this variant has."""
     peers: tuple[str, ...] = ("torch",)
     """The other libraries' implementations in ``cestudy.reference.peers``."""
     legacy_names: tuple[str, ...] = ()
     """Names this variant had before the registry; results and study files that use them load."""
-
-    @property
-    def elementwise(self) -> bool:
-        """Element-wise losses have one loss per input element, row losses one per row."""
-        return self.target == "binary"
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -113,6 +113,7 @@ VARIANTS: dict[str, Variant] = {
             name="binary_cross_entropy_with_logits",
             function="binary_cross_entropy_with_logits",
             target="binary",
+            elementwise=True,
             description="binary cross-entropy with logits",
             options=(("weight", None), ("pos_weight", None)),
             kernel="bce_with_logits",
@@ -124,6 +125,7 @@ VARIANTS: dict[str, Variant] = {
             name="binary_cross_entropy",
             function="binary_cross_entropy",
             target="binary",
+            elementwise=True,
             input="probs",
             description="binary cross-entropy on probabilities (sigmoid applied first)",
             options=(("weight", None),),
@@ -156,11 +158,38 @@ VARIANTS: dict[str, Variant] = {
             name="sigmoid_focal_loss",
             function="sigmoid_focal_loss",
             target="binary",
+            elementwise=True,
             description="sigmoid focal loss (torchvision)",
             options=(("alpha", 0.25), ("gamma", 2.0)),
             kernel="sigmoid_focal",
             oracle="sigmoid_focal_loss",
             legacy_names=("focal_sigmoid", "sigmoid_focal"),
+        ),
+        Variant(
+            name="nll_loss",
+            function="nll_loss",
+            target="index",
+            input="log_probs",
+            description="negative log-likelihood of log-probabilities (torch's nll_loss)",
+            options=(("weight", None), ("ignore_index", -100)),
+            kernel="nll",
+            cuda=False,
+            oracle="nll_loss",
+            formulations=(),
+        ),
+        Variant(
+            name="kl_div",
+            function="kl_div",
+            target="probs",
+            input="log_probs",
+            elementwise=True,
+            description="torch's kl_div: pointwise p (log p - input) on log-probabilities",
+            options=(("log_target", False),),
+            kernel="kl_div",
+            cuda=False,
+            oracle="kl_div",
+            formulations=(),
+            reductions=("none", "mean", "sum", "batchmean"),
         ),
     )
 }

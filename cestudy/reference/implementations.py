@@ -64,8 +64,8 @@ def for_variant(name: str) -> dict[str, Implementation]:
     ``IMPLEMENTATION_NAMES``."""
     v = variants.get(name)
     impls = {}
-    factory = getattr(formulations, v.name)
     for form in v.formulations:
+        factory = getattr(formulations, v.name)
         impls[form] = Implementation(form, v.name, "formulation", factory(form),
                                      formulations.DESCRIPTIONS[form])
     impls["numba"] = Implementation("numba", v.name, "kernel", _kernel(v, "cpu"),

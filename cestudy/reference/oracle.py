@@ -234,6 +234,47 @@ def entropy(p):
 
 
 # --------------------------------------------------------------------------------------------
+# Losses on log-probabilities (torch's nll_loss and kl_div)
+# --------------------------------------------------------------------------------------------
+def nll_loss(log_probs, target, weight=None, ignore_index=-100):
+    """Per-row -w_y x_y (0 for ignored rows), longdouble."""
+    x = _as2d(log_probs).astype(np.float64).astype(LD)
+    n, c = x.shape
+    y = np.asarray(target, dtype=np.int64).reshape(n)
+    keep = y != ignore_index
+    ys = np.where(keep, y, 0)
+    loss = -_weights(weight, c)[ys] * x[np.arange(n), ys]
+    loss[~keep] = 0
+    return loss
+
+
+def nll_loss_grad(log_probs, target, weight=None, ignore_index=-100):
+    x = _as2d(log_probs)
+    n, c = x.shape
+    y = np.asarray(target, dtype=np.int64).reshape(n)
+    keep = y != ignore_index
+    ys = np.where(keep, y, 0)
+    g = np.zeros((n, c), dtype=LD)
+    g[np.arange(n)[keep], ys[keep]] = -_weights(weight, c)[ys[keep]]
+    return g
+
+
+def kl_div(log_probs, target, log_target=False):
+    """Element-wise t (log t - x) (0 log 0 = 0), or exp(t) (t - x) for log-space targets."""
+    x, t = _ld(log_probs), _ld(target)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if log_target:
+            return np.exp(t) * (t - x)
+        return np.where(t == 0, -(t * x), t * (np.log(np.where(t == 0, LD(1), t)) - x))
+
+
+def kl_div_grad(log_probs, target, log_target=False):
+    t = _ld(target)
+    with np.errstate(over="ignore"):
+        return -(np.exp(t) if log_target else t) * np.ones_like(_ld(log_probs))
+
+
+# --------------------------------------------------------------------------------------------
 # Focal losses
 # --------------------------------------------------------------------------------------------
 def softmax_focal_loss(logits, target, gamma=2.0, weight=None, ignore_index=-100):

@@ -167,3 +167,21 @@ def scipy_cross_entropy(x, target, **_):
         grad = special.softmax(x, axis=-1)
         grad[rows, target] -= 1
     return np.asarray(loss), np.asarray(grad)
+
+
+def torch_nll_loss(log_probs, target, weight=None, ignore_index=-100, **_):
+    import torch.nn.functional as F
+
+    def fn(xt, tt, wt):
+        return F.nll_loss(xt, tt, weight=wt, ignore_index=ignore_index, reduction="none")
+
+    return _torch_call(fn, log_probs, target, True, weight)
+
+
+def torch_kl_div(log_probs, target, log_target=False, **_):
+    import torch.nn.functional as F
+
+    def fn(xt, tt, wt):
+        return F.kl_div(xt, tt, reduction="none", log_target=log_target)
+
+    return _torch_call(fn, log_probs, target, False)
