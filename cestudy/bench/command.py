@@ -17,8 +17,10 @@ import time
 
 import numpy as np
 
+from .. import variants as registry
+from ..study import manifest as info
+from . import ceiling
 from . import cpu as bench
-from .. import info
 
 FULL_SHAPES = "256x10,256x1000,2048x1000,2048x32768,4096x131072"
 QUICK_SHAPES = "256x10,256x1000,512x8192"
@@ -27,6 +29,25 @@ NUMPY_LIMIT = 1 << 26
 # float64 beyond 2^28 elements (2 GiB of logits, as much again for the gradient, more inside
 # torch's autograd) does not fit a 24 GiB machine with torch beside it
 FLOAT64_LIMIT = 1 << 28
+
+
+def add_arguments(parser, default_results: str = "") -> None:
+    """The ``bench`` subcommand's arguments (``cestudy.cli`` builds the parser)."""
+    b = parser
+    b.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    b.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
+    b.add_argument("--shapes", help="comma-separated NxC list, e.g. 256x10,2048x32768")
+    b.add_argument("--variants", default="cross_entropy,cross_entropy_probs,"
+                   "binary_cross_entropy_with_logits",
+                   help="registry names (cestudy.variants); old names are migrated")
+    b.add_argument("--dtypes", default="float32,float64")
+    b.add_argument("--modes", default="forward,forward_grad")
+    b.add_argument("--repeats", type=int, default=7)
+    b.add_argument("--json", help="also write the table as JSON here")
+    b.add_argument("--validate-only", action="store_true",
+                   help="--backend cuda: run the correctness checks, time nothing")
+    b.add_argument("--results", default=default_results,
+                   help="store the bench cells here (study 'bench'); '' to skip")
 
 
 def _shapes(text):
@@ -41,7 +62,7 @@ def _impls(variant, n, c):
     impls = ["numba", "torch"]
     if n * c <= NUMPY_LIMIT:
         impls += ["lse", "accurate"]
-        if variant == "ce_index":
+        if variant == bench.CE:
             impls.append("scipy")
     return impls
 
@@ -49,14 +70,14 @@ def _impls(variant, n, c):
 def _row(res, variant, impl, mode, n, c, dtype):
     r = res
     ratio = r.get("speedup_vs_torch")
-    return (f"{variant:10s} {impl:9s} {mode:12s} {n:>5d}x{c:<7d} {dtype:8s} "
+    return (f"{variant:32s} {impl:9s} {mode:12s} {n:>5d}x{c:<7d} {dtype:8s} "
             f"{1e3 * r['median_s']:9.3f} {r['gb_per_s']:7.2f} {100 * r['frac_bandwidth']:6.1f}% "
             f"{'' if ratio is None else f'{ratio:7.2f}x':>8s} "
             f"{r.get('check_ulp', float('nan')):8.3g}")
 
 
-HEADER = (f"{'variant':10s} {'kernel':9s} {'mode':12s} {'shape':13s} {'dtype':8s} "
-          f"{'ms':>9s} {'GB/s':>7s} {'of bw':>7s} {'vs torch':>8s} {'ulp':>8s}")
+HEADER = (f"{'variant':32s} {'kernel':9s} {'mode':12s} {'shape':13s} {'dtype':8s} "
+          f"{'ms':>9s} {'GB/s':>7s} {'of ceil':>7s} {'vs torch':>8s} {'ulp':>8s}")
 
 
 def cold_start(repeats=1):
@@ -82,11 +103,17 @@ def main(args):
 
         return bench_cuda.main(args)
     shapes = _shapes(args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES))
-    variants = args.variants.split(",")
+    variants = [registry.get(v).name for v in args.variants.split(",")]
     dtypes = args.dtypes.split(",")
     modes = args.modes.split(",")
-    bw = bench.stream_read_bandwidth()
-    print(f"streaming-read bandwidth: {bw:.2f} GB/s (Numba parallel sum over 1 GiB, best of 5)")
+    mib = ceiling.buffer_bytes() >> 20
+    bw = {}
+    for dtype in dtypes:
+        bw[dtype] = {"read": ceiling.read_bandwidth(dtype),
+                     "read_write": ceiling.read_write_bandwidth(dtype)}
+        print(f"ceiling, {dtype}: read {bw[dtype]['read']:.2f} GB/s, read+write "
+              f"{bw[dtype]['read_write']:.2f} GB/s (vectorised parallel loops over {mib} MiB; "
+              f"forward is judged against read, fused against read+write)")
     store = run_id = None
     if args.results:
         from ..study.runner import code_version
@@ -97,7 +124,8 @@ def main(args):
         manifest["study_description"] = (
             "python -m cestudy bench: interleaved timings of cestudy's CPU kernels against torch, "
             "the numpy formulations and scipy, with cold start, scaling and the worst case.")
-        manifest["bandwidth_gbs"] = bw
+        manifest["bandwidth_gbs"] = bw[dtypes[0]]["read"]
+        manifest["ceiling_gbs"] = bw
         run_id = store.start_run("bench", manifest)
         version = code_version()
     table = []
@@ -114,7 +142,7 @@ def main(args):
                 for n, c in shapes:
                     if dtype == "float64" and n * c > FLOAT64_LIMIT:
                         continue
-                    if variant != "ce_index" and n * c > NUMPY_LIMIT:
+                    if variant != bench.CE and n * c > NUMPY_LIMIT:
                         continue  # the largest shape is for the headline kernel only
                     impls = _impls(variant, n, c)
                     res = bench.time_group(variant, dtype, mode, n, c, impls,
@@ -131,15 +159,15 @@ def main(args):
                         table.append({**params, **{k: v for k, v in r.items()
                                                    if k != "samples_s"}})
     extras = {}
-    if not args.quick and "ce_index" in variants and "float32" in dtypes:
+    if not args.quick and bench.CE in variants and "float32" in dtypes:
         extras = extra_measurements(args.repeats, put)
     if store is not None:
         store.finish_run(run_id)
         store.close()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"bandwidth_gbs": bw, "rows": table, "extras": extras,
-                       "machine": info.manifest()}, f, indent=1, sort_keys=True)
+            json.dump({"bandwidth_gbs": bw[dtypes[0]]["read"], "ceiling_gbs": bw, "rows": table,
+                       "extras": extras, "machine": info.manifest()}, f, indent=1, sort_keys=True)
     return 0
 
 
@@ -151,7 +179,7 @@ def extra_measurements(repeats, put):
     cs = cold_start()
     print(f"cold start (import + first forward and fused call): {cs['cold_s']:.2f} s with an "
           f"empty compile cache, {cs['warm_cache_s']:.2f} s with a warm one")
-    put({"kind": "coldstart", "variant": "ce_index", "dtype": "float32"}, cs)
+    put({"kind": "coldstart", "variant": bench.CE, "dtype": "float32"}, cs)
     out["cold_start"] = cs
     n, c = 2048, 32768
     threads = numba.get_num_threads()
@@ -165,13 +193,13 @@ def extra_measurements(repeats, put):
         except ImportError:
             torch = None
         for mode in ("forward", "forward_grad"):
-            res = bench.time_group("ce_index", "float32", mode, n, c, ["numba", "torch"],
+            res = bench.time_group(bench.CE, "float32", mode, n, c, ["numba", "torch"],
                                    repeats=repeats)
             for impl, r in res.items():
                 if "skipped" in r:
                     continue
-                print(f"threads={t}: " + _row(r, "ce_index", impl, mode, n, c, "float32"))
-                put({"kind": "scaling", "variant": "ce_index", "implementation": impl,
+                print(f"threads={t}: " + _row(r, bench.CE, impl, mode, n, c, "float32"))
+                put({"kind": "scaling", "variant": bench.CE, "implementation": impl,
                      "dtype": "float32", "mode": mode, "batch": n, "classes": c, "threads": t},
                     r)
                 out[f"threads{t}_{impl}_{mode}"] = r["median_s"]
@@ -179,7 +207,7 @@ def extra_measurements(repeats, put):
             torch.set_num_threads(torch_threads)
     numba.set_num_threads(threads)
     # worst case: every row confident-correct (the true logit 50 above the rest)
-    x, y = bench.make_inputs("ce_index", "float32", n, c)
+    x, y = bench.make_inputs(bench.CE, "float32", n, c)
     x[np.arange(n), y] += 50
     import cestudy as cs_
 
@@ -193,7 +221,7 @@ def extra_measurements(repeats, put):
             ts.append(time.perf_counter() - t0)
         med = float(np.median(ts))
         print(f"all rows confident, numba {mode}: {1e3 * med:.2f} ms")
-        put({"kind": "worstcase", "variant": "ce_index", "implementation": "numba",
+        put({"kind": "worstcase", "variant": bench.CE, "implementation": "numba",
              "dtype": "float32", "mode": mode, "batch": n, "classes": c},
             {"median_s": med, "samples_s": ts})
         out[f"confident_{mode}_s"] = med

@@ -2,10 +2,11 @@
 
 ``python -m cestudy bench`` times, in one process and interleaved (round r runs every
 implementation once before round r + 1, so machine drift hits all alike), the forward and fused
-forward+gradient of softmax CE with class indices, soft-target CE and BCE with logits. It measures
-this machine's streaming-read bandwidth in the same run (a Numba parallel sum over a buffer far
-larger than the caches), checks each timed result against the oracle before it counts, and
-reports ms, GB/s, the fraction of the bandwidth and the ratio to torch. The ``performance`` study
+forward+gradient of softmax CE with class indices, soft-target CE and BCE with logits. It
+measures this machine's memory ceiling in the same run (``bench.ceiling``: vectorised read, and
+read + write, of the kernel's dtype over buffers far larger than the caches), checks each timed
+result against the oracle before it counts, and reports ms, GB/s, the fraction of the ceiling
+(read for forward, read + write for fused) and the ratio to torch. The ``performance`` study
 uses the same machinery cell by cell.
 
 No test asserts a timing: speed is measured here and reported, never tested.
@@ -16,54 +17,27 @@ import time
 import zlib
 
 import numpy as np
-from numba import njit, prange
 
-from .. import dtypes
+from .. import dtypes, variants
 from ..reference import oracle
-
-_BANDWIDTH = {}
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _stream_sum(a):
-    n = a.shape[0]
-    nchunks = 64
-    partial = np.zeros(nchunks)
-    step = (n + nchunks - 1) // nchunks
-    for c in prange(nchunks):
-        s = 0.0
-        for i in range(c * step, min(n, (c + 1) * step)):
-            s += a[i]
-        partial[c] = s
-    return partial.sum()
-
-
-def stream_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Streaming-read bandwidth in GB/s (1e9 bytes/s): best of ``repeats`` parallel sums over a
-    float64 buffer of ``nbytes`` (1 GiB, far beyond any cache). Cached per process and size."""
-    if nbytes in _BANDWIDTH:
-        return _BANDWIDTH[nbytes]
-    a = np.ones(nbytes // 8)
-    _stream_sum(a[:1024])
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _stream_sum(a)
-        best = min(best, time.perf_counter() - t0)
-    _BANDWIDTH[nbytes] = a.nbytes / best / 1e9
-    return _BANDWIDTH[nbytes]
-
+from . import ceiling
 
 # --------------------------------------------------------------------------------------------
 # Inputs and callables
 # --------------------------------------------------------------------------------------------
+CE = "cross_entropy"
+CE_PROBS = "cross_entropy_probs"
+BCE = "binary_cross_entropy_with_logits"
+
+
 def make_inputs(variant, dtype, n, c, seed=0):
+    variant = variants.canonical_name(variant)
     rng = np.random.default_rng([seed, zlib.crc32(f"{variant}|{n}|{c}".encode())])
     dt = dtypes.dtype_from_name(dtype) if isinstance(dtype, str) else np.dtype(dtype)
     x = (rng.standard_normal((n, c), dtype=np.float32) * 3).astype(dt)
-    if variant == "ce_index":
+    if variant == CE:
         t = rng.integers(0, c, n)
-    elif variant == "ce_prob":
+    elif variant == CE_PROBS:
         t = rng.random((n, c), dtype=np.float32).astype(dt)
         t /= t.sum(axis=1, keepdims=True)
     else:
@@ -75,13 +49,12 @@ def make_callable(variant, impl, mode, x, t):
     """A zero-argument function computing the mean loss (and its gradient for
     mode='forward_grad'), returning (loss, grad or None)."""
     grad = mode == "forward_grad"
+    variant = variants.canonical_name(variant)
     if impl == "numba":
         import cestudy as cs
 
-        fn = {"ce_index": (cs.cross_entropy, cs.cross_entropy_with_grad),
-              "ce_prob": (cs.cross_entropy, cs.cross_entropy_with_grad),
-              "bce_logits": (cs.binary_cross_entropy_with_logits,
-                             cs.binary_cross_entropy_with_logits_with_grad)}[variant][grad]
+        function = variants.get(variant).function
+        fn = getattr(cs, function + "_with_grad" if grad else function)
         if grad:
             return lambda: fn(x, t)
         return lambda: (fn(x, t), None)
@@ -91,7 +64,7 @@ def make_callable(variant, impl, mode, x, t):
 
         xt = torch.from_numpy(x)
         tt = torch.from_numpy(t)
-        f = F.binary_cross_entropy_with_logits if variant == "bce_logits" else F.cross_entropy
+        f = F.binary_cross_entropy_with_logits if variant == BCE else F.cross_entropy
         if not grad:
             def run():
                 with torch.no_grad():
@@ -108,8 +81,8 @@ def make_callable(variant, impl, mode, x, t):
     if impl == "scipy":
         from scipy import special
 
-        if variant != "ce_index":
-            raise KeyError("scipy implements only ce_index here")
+        if variant != CE:
+            raise KeyError("scipy implements only cross_entropy here")
         rows = np.arange(x.shape[0])
 
         def run_scipy():
@@ -125,7 +98,7 @@ def make_callable(variant, impl, mode, x, t):
 
     f = implementations.get(variant, impl).fn
 
-    denom = x.size if variant == "bce_logits" else x.shape[0]
+    denom = x.size if variant == BCE else x.shape[0]
 
     def run_numpy():
         loss, g = f(x, t)
@@ -136,23 +109,25 @@ def make_callable(variant, impl, mode, x, t):
 
 def _oracle_mean(variant, x, t, chunk=256):
     """Exact mean loss, in row chunks so that extended precision fits in memory."""
+    variant = variants.canonical_name(variant)
     total = oracle.LD(0)
     for i in range(0, x.shape[0], chunk):
         xs, ts = x[i:i + chunk], t[i:i + chunk]
-        if variant == "ce_index":
+        if variant == CE:
             total += oracle.cross_entropy(xs, ts).sum()
-        elif variant == "ce_prob":
+        elif variant == CE_PROBS:
             total += oracle.cross_entropy_probs(xs, ts).sum()
         else:
             total += oracle.binary_cross_entropy_with_logits(xs, ts).sum()
-    return total / (x.shape[0] if variant != "bce_logits" else x.size)
+    return total / (x.shape[0] if variant != BCE else x.size)
 
 
 def _oracle_grad_rows(variant, x, t, rows=8):
+    variant = variants.canonical_name(variant)
     xs, ts = x[:rows], t[:rows]
-    if variant == "ce_index":
+    if variant == CE:
         return oracle.cross_entropy_grad(xs, ts) / x.shape[0]
-    if variant == "ce_prob":
+    if variant == CE_PROBS:
         return oracle.cross_entropy_probs_grad(xs, ts) / x.shape[0]
     return oracle.binary_cross_entropy_with_logits_grad(xs, ts) / x.size
 
@@ -213,7 +188,7 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
             t0 = time.perf_counter()
             f()
             samples[impl].append(time.perf_counter() - t0)
-    bw = stream_read_bandwidth()
+    bw = ceiling.ceiling(mode, dt)
     moved = bytes_moved(variant, mode, x, t)
     for impl, s in samples.items():
         q1, med, q3 = np.quantile(s, [0.25, 0.5, 0.75])
@@ -236,8 +211,8 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
 
 def performance_cell(cell):
     """One cell of the performance study (timed on its own; ``bench`` interleaves groups)."""
+    from ..backends import Skip
     from ..reference.implementations import get
-    from ..study.compute import Skip
 
     impl = cell["implementation"]
     ok, why = get(cell["variant"], impl).availability()
