@@ -60,7 +60,24 @@ def test_inputs_are_never_modified_and_odd_layouts_work():
     strided = np.random.default_rng(2).normal(size=(6, 18))[:, ::2]
     np.testing.assert_array_equal(cs.cross_entropy(strided, y, reduction="none"),
                                   cs.cross_entropy(strided.copy(), y, reduction="none"))
+    # read-only probability targets and element-wise weights, Fortran-ordered logits: the
+    # results equal those of contiguous writable copies, and nothing is written
     p = np.full((6, 9), 1 / 9)
     p.setflags(write=False)
-    cs.cross_entropy(x, p)
-    cs.binary_cross_entropy_with_logits(x, np.zeros_like(x), weight=np.ones(9))
+    ref = cs.cross_entropy_with_grad(np.ascontiguousarray(x), p.copy(), reduction="none")
+    got = cs.cross_entropy_with_grad(x, p, reduction="none")
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(p, np.full((6, 9), 1 / 9))
+    t = np.zeros_like(x)
+    t.setflags(write=False)
+    w = np.linspace(0.5, 2, 9)
+    w.setflags(write=False)
+    got = cs.binary_cross_entropy_with_logits_with_grad(x, t, weight=w, reduction="none")
+    ref = cs.binary_cross_entropy_with_logits_with_grad(np.ascontiguousarray(x), t.copy(),
+                                                        weight=w.copy(), reduction="none")
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
+    np.testing.assert_array_equal(x, x_copy)
+    np.testing.assert_array_equal(w, np.linspace(0.5, 2, 9))
+    assert got[0].shape == x.shape and np.all(got[0] > 0) and np.all(got[1] * w > 0)
