@@ -11,6 +11,15 @@ import functools
 import os
 
 
+class Skip(Exception):
+    """A computation cannot run here: a missing package, no GPU, no data.
+
+    The one "skip" exception of the package: study cells and benchmarks raise it with a message
+    that says what is missing and the command that would provide it. A skipped study cell is not
+    a result; the runner records it apart and retries it on a later run.
+    """
+
+
 def simulator_enabled() -> bool:
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 

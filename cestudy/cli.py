@@ -1,7 +1,16 @@
-"""Sub-commands run, list, export, report and bench (``info`` lives in ``__main__``)."""
+"""The command line: ``python -m cestudy {run,report,list,export,bench,info}``.
+
+Every command lives here (``__main__`` only calls ``main``); the benchmark's arguments and run
+logic are ``cestudy.bench.command``'s. This is the top layer: it may import anything, nothing
+imports it.
+"""
 from __future__ import annotations
 
+import argparse
+import csv
+import io
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -10,12 +19,30 @@ DEFAULT_RESULTS = ROOT / "results" / "cestudy.sqlite"
 DEFAULT_REPORTS = ROOT / "reports"
 
 
-def add_commands(sub):
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .bench import command as bench_command
+
+    p = argparse.ArgumentParser(prog="cestudy", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"cestudy {__version__}")
+    sub = p.add_subparsers(dest="command")
+
     r = sub.add_parser("run", help="run studies (default: 'default') and regenerate the reports")
     r.add_argument("studies", nargs="*", metavar="STUDY",
                    help="study names from studies/ or paths of TOML files")
     r.add_argument("--results", default=str(DEFAULT_RESULTS), help="SQLite results store")
-    r.add_argument("--jobs", type=int, default=1, help="worker processes (default 1: serial)")
+    r.add_argument("--jobs", type=_positive_int, default=1,
+                   help="worker processes, >= 1 (default 1: serial)")
     r.add_argument("--executor", choices=("local", "dask", "dask-local"), default="local")
     r.add_argument("--scheduler", help="dask scheduler address for --executor dask")
     r.add_argument("--force", action="store_true", help="recompute finished cells")
@@ -30,34 +57,41 @@ def add_commands(sub):
     e.add_argument("--format", choices=("csv", "json"), default="json")
     e.add_argument("--results", default=str(DEFAULT_RESULTS))
     e.add_argument("--study", help="only this study")
+    e.add_argument("--kind", help="only cells of this kind (accuracy, imbalance, ...), so that "
+                                  "the columns fit")
     e.add_argument("--output", "-o", help="file to write (default: standard output)")
 
-    p = sub.add_parser("report", help="regenerate every report from stored results")
-    p.add_argument("--results", default=None,
-                   help="SQLite store or exported JSON (default: results/cestudy.sqlite if it "
-                        "exists, else reports/data/results.json)")
-    p.add_argument("--out", default=str(DEFAULT_REPORTS))
+    rp = sub.add_parser("report", help="regenerate every report from stored results")
+    rp.add_argument("--results", default=None,
+                    help="SQLite store or exported JSON (default: results/cestudy.sqlite if it "
+                         "exists, else reports/data/results.json)")
+    rp.add_argument("--out", default=str(DEFAULT_REPORTS))
 
     b = sub.add_parser("bench", help="time the kernels against torch, numpy and scipy")
-    b.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
-    b.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
-    b.add_argument("--shapes", help="comma-separated NxC list, e.g. 256x10,2048x32768")
-    b.add_argument("--variants", default="ce_index,ce_prob,bce_logits")
-    b.add_argument("--dtypes", default="float32,float64")
-    b.add_argument("--modes", default="forward,forward_grad")
-    b.add_argument("--repeats", type=int, default=7)
-    b.add_argument("--json", help="also write the table as JSON here")
-    b.add_argument("--validate-only", action="store_true",
-                   help="--backend cuda: run the correctness checks, time nothing")
-    b.add_argument("--results", default=str(DEFAULT_RESULTS),
-                   help="store the bench cells here (study 'bench'); '' to skip")
+    bench_command.add_arguments(b, default_results=str(DEFAULT_RESULTS))
+
+    sub.add_parser("info", help="print versions, CPU, threading and CUDA for bug reports")
+    return p
 
 
-def dispatch(args):
-    return {"run": cmd_run, "list": cmd_list, "export": cmd_export, "report": cmd_report,
-            "bench": cmd_bench}[args.command](args)
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from .study.store import StoreError
+
+    try:
+        return COMMANDS[args.command](args)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
 def _load_studies(names):
     from .study import spec
 
@@ -97,7 +131,7 @@ def cmd_run(args):
             summary = runner.run_study(s, store, jobs=args.jobs, executor=args.executor,
                                        scheduler=args.scheduler, force=args.force,
                                        quiet=args.quiet)
-            print(summary.format())
+            print(summary.format(), flush=True)
     if not args.no_report:
         from .report import build
 
@@ -119,31 +153,84 @@ def cmd_list(args):
         except spec.StudyError as exc:
             print(f"  {name:12s} INVALID: {exc}")
     print("variants:")
-    for v, d in ((k, x.description) for k, x in variants.VARIANTS.items()):
-        print(f"  {v:14s} {d}")
+    for name, v in variants.VARIANTS.items():
+        print(f"  {name:34s} {v.description}")
     print("implementations:")
     seen = {}
-    for v, impls in ((k, implementations.for_variant(k)) for k in variants.VARIANTS):
-        for name, impl in impls.items():
-            seen.setdefault(name, (impl, []))[1].append(v)
-    for name, (impl, variants) in seen.items():
+    for name in variants.VARIANTS:
+        for impl_name, impl in implementations.for_variant(name).items():
+            seen.setdefault(impl_name, (impl, []))[1].append(name)
+    for impl_name, (impl, _) in seen.items():
         ok, why = impl.availability()
         state = "available" if ok else f"unavailable: {why}"
-        print(f"  {name:9s} {impl.description} [{state}]")
+        print(f"  {impl_name:9s} {impl.description} [{state}]")
     return 0
 
 
+def _csv_value(v):
+    """NaN as CSV readers (pandas, R, spreadsheets) read it; None as an empty field."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "NaN"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    return v
+
+
+def rows_to_csv(rows) -> tuple[str, list[str]]:
+    """(CSV text, the list-valued columns left out). Columns: the row fields, then parameters,
+    then metrics, each in first-seen order; list-valued metrics (curves, histograms) are left
+    to the JSON export."""
+    cols, lists = [], []
+    for r in rows:
+        for k, v in r.items():
+            if isinstance(v, (list, dict)):
+                if k not in lists:
+                    lists.append(k)
+            elif k not in cols:
+                cols.append(k)
+    cols = [k for k in cols if k not in lists]
+    head = [k for k in cols if not k.startswith("p_")][:6]
+    cols = head + [k for k in cols if k.startswith("p_")] + [k for k in cols if k not in head
+                                                             and not k.startswith("p_")]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _csv_value(r.get(k)) for k in cols})
+    return buf.getvalue(), lists
+
+
 def cmd_export(args):
-    from .report.data import export_rows, rows_to_csv
-    from .study.store import Store
+    from .report.data import export_rows
+    from .study.store import Store, json_safe
 
     if not Path(args.results).exists():
         print(f"error: no results store at {args.results}", file=sys.stderr)
         return 2
     with Store(args.results) as store:
         rows = export_rows(store, study=args.study)
-    text = rows_to_csv(rows) if args.format == "csv" else json.dumps(rows, indent=1,
-                                                                      sort_keys=True)
+    if args.kind:
+        rows = [r for r in rows if r["kind"] == args.kind]
+    if not rows:
+        print(f"error: no stored cells in {args.results}"
+              + (f" for study {args.study!r}" if args.study else "")
+              + (f" of kind {args.kind!r}" if args.kind else ""), file=sys.stderr)
+        return 2
+    if args.format == "csv":
+        text, left_out = rows_to_csv(rows)
+        if left_out:
+            print(f"note: list-valued columns left out of the CSV (use --format json): "
+                  f"{', '.join(left_out)}", file=sys.stderr)
+        kinds = sorted({r["kind"] for r in rows})
+        if len(kinds) > 1:
+            print(f"note: {len(kinds)} kinds in one table ({', '.join(kinds)}); --kind selects "
+                  f"one so that the columns fit", file=sys.stderr)
+    else:  # standard JSON: non-finite numbers as the strings "nan", "inf", "-inf"
+        text = json.dumps(json_safe(rows), indent=1, sort_keys=True, allow_nan=False) + "\n"
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -168,6 +255,19 @@ def cmd_report(args):
 
 
 def cmd_bench(args):
-    from .bench import command as bench_cli
+    from .bench import command as bench_command
 
-    return bench_cli.main(args)
+    return bench_command.main(args)
+
+
+def cmd_info(args):
+    from .study.manifest import manifest
+
+    m = manifest()
+    width = max(map(len, m))
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in m.items()))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "export": cmd_export, "report": cmd_report,
+            "bench": cmd_bench, "info": cmd_info}

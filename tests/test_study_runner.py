@@ -23,7 +23,7 @@ description = "tiny test study"
 
 [[part]]
 kind = "accuracy"
-variant = ["ce_index", "bce_logits"]
+variant = ["cross_entropy", "binary_cross_entropy_with_logits"]
 implementation = ["lse", "numba", "scipy"]
 dtype = ["float32", "float16"]
 family = ["gaussian"]
@@ -55,10 +55,11 @@ def test_grid_expansion_drops_inapplicable_combinations(tmp_path):
     s = spec.load(str(write(tmp_path, TINY)))
     cells = s.cells()
     acc = [c for c in cells if c["kind"] == "accuracy"]
-    # scipy only implements ce_index; label smoothing only applies to ce_index
-    assert not any(c["implementation"] == "scipy" and c["variant"] == "bce_logits" for c in acc)
-    assert all(c["label_smoothing"] == 0.0 for c in acc if c["variant"] == "bce_logits")
-    # ce_index: 3 impls x 2 dtypes x 2 scales x 2 smoothing; bce_logits: 2 x 2 x 2
+    # scipy only implements cross_entropy; label smoothing only applies to cross_entropy
+    bce = "binary_cross_entropy_with_logits"
+    assert not any(c["implementation"] == "scipy" and c["variant"] == bce for c in acc)
+    assert all(c["label_smoothing"] == 0.0 for c in acc if c["variant"] == bce)
+    # cross_entropy: 3 impls x 2 dtypes x 2 scales x 2 smoothing; bce: 2 x 2 x 2
     assert len(acc) == 3 * 2 * 2 * 2 + 2 * 2 * 2
     assert len([c for c in cells if c["kind"] == "imbalance"]) == 2
     keys = [json.dumps(c, sort_keys=True) for c in cells]
@@ -66,7 +67,7 @@ def test_grid_expansion_drops_inapplicable_combinations(tmp_path):
 
 
 @pytest.mark.parametrize("text,words", [
-    ("name='x'\n[[part]]\nkind='accuracy'\nvariantt=['ce_index']\n", "part[0].variantt"),
+    ("name='x'\n[[part]]\nkind='accuracy'\nvariantt=['cross_entropy']\n", "part[0].variantt"),
     ("name='x'\n[[part]]\nkind='accuracy'\nclasses=['ten']\n", "expected a number"),
     ("name='x'\n[[part]]\nkind='accuracy'\nclasses=[]\n", "empty list"),
     ("name='x'\n[[part]]\nkind='accuracy'\nimplementation=['fast']\n", "allowed: naive"),
@@ -75,7 +76,8 @@ def test_grid_expansion_drops_inapplicable_combinations(tmp_path):
     ("name='x'\n[[part]]\nkind='trianing'\n", "unknown kind"),
     ("name='x'\n", "at least one [[part]]"),
     ("name='x'\nextra=1\n[[part]]\nkind='accuracy'\n", "unknown top-level key"),
-    ("name='x'\n[[part]]\nkind='accuracy'\nvariant=['bce_probs']\nimplementation=['scipy']\n",
+    ("name='x'\n[[part]]\nkind='accuracy'\nvariant=['binary_cross_entropy']\n"
+     "implementation=['scipy']\n",
      "no applicable cells"),
     ("this is not toml [", "not valid TOML"),
 ])
@@ -149,7 +151,7 @@ SLOW = """
 name = "slow"
 [[part]]
 kind = "accuracy"
-variant = ["ce_index"]
+variant = ["cross_entropy"]
 implementation = ["lse", "accurate", "naive", "clipped"]
 dtype = ["float32", "float64"]
 family = ["gaussian"]
@@ -246,7 +248,7 @@ def test_list_and_dry_run():
     out = run_cli("list")
     assert out.returncode == 0
     for word in ("default", "stability", "precision", "imbalance", "performance", "higham",
-                 "ce_index", "numba", "torch"):
+                 "cross_entropy", "numba", "torch"):
         assert word in out.stdout
     dry = run_cli("run", "--dry-run")
     assert dry.returncode == 0 and "default:" in dry.stdout and "estimated" in dry.stdout

@@ -19,9 +19,28 @@ number of samples"): ``step`` (half the classes have 1/rho of the others' freque
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
-from .. import dtypes
+from .. import dtypes, variants
+
+
+def rng(cell: dict, fields) -> np.random.Generator:
+    """Generator seeded by the cell's ``seed`` and the ``fields`` that shape its data (each kind
+    declares them: never the implementation or the dtype, so that every implementation and dtype
+    sees the same float64 draw)."""
+    key = "|".join(_seed_text(f, cell.get(f)) for f in fields)
+    return np.random.default_rng([int(cell.get("seed", 0)), zlib.crc32(key.encode())])
+
+
+def _seed_text(field, value) -> str:
+    # A variant seeds its inputs with the first name it had (ce_index, bce_logits, ...): the
+    # rename to the registry's names kept every input, so results stay comparable across it.
+    if field == "variant" and value is not None:
+        v = variants.get(value)
+        return v.legacy_names[0] if v.legacy_names else v.name
+    return str(value)
 
 
 def class_prior(classes: int, imbalance: float, profile: str) -> np.ndarray:

@@ -2,44 +2,82 @@
 
 Execution is serial in-process by default; ``jobs > 1`` uses a local process pool and
 ``executor="dask"`` (or ``"dask-local"``) a dask.distributed cluster through
-``Client.get_executor()``. In every mode results come back to this process, the only one that
-writes the store, one committed cell at a time.
+``Client.get_executor()``. In every mode results come back to this process, which writes them to
+the store one committed cell at a time.
+
+Several runners may share one store: each claims a cell (``Store.claim``) before it computes it,
+so that they split the remaining cells; a heartbeat thread renews this runner's claims, and a
+claim whose runner died (kill -9) expires after ``LEASE_S`` seconds and is taken over. A runner
+returns once every cell of its study is stored, whoever computed it.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import hashlib
 import multiprocessing
 import os
+import socket
 import sys
+import threading
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import info
-from . import compute, spec
-from .store import Store, cell_key
+from . import compute, kinds, manifest, spec
+from .store import Store, cell_key, now
 
-# Source files whose change changes results: the cell key includes their hash, so a resumed run
-# after such a change recomputes, and one after a report-only change does not.
-RESULT_SOURCES = ("api.py", "dtypes.py", "oracle.py", "formulations.py", "bench.py",
-                  "kernels/cpu.py", "kernels/scalar.py", "kernels/cuda.py",
-                  "study/compute.py", "study/inputs.py", "study/metrics.py", "study/higham.py",
-                  "study/training.py", "kernels/cpu_fast.py")
+PACKAGE = Path(__file__).resolve().parents[1]
+# What does not change results: the reports and the command line (and caches).
+NOT_RESULT_SOURCES = ("report", "cli.py", "__main__.py")
+LEASE_S = float(os.environ.get("CESTUDY_LEASE_S", "60"))
+"""Seconds a claim lives without renewal (the heartbeat renews every LEASE_S / 4)."""
 
 
-def code_version() -> str:
+def result_sources(package: Path = PACKAGE) -> list[Path]:
+    """Every file of the package that produces results: its Python sources and shipped data,
+    found by walking the package (the reports, the command line and caches excluded)."""
+    out = []
+    for p in sorted(package.rglob("*")):
+        rel = p.relative_to(package)
+        if (p.is_dir() or "__pycache__" in rel.parts or rel.parts[0] in NOT_RESULT_SOURCES
+                or p.name.startswith(".") or p.suffix in (".pyc", ".nbi", ".nbc")):
+            continue
+        if p.suffix == ".py" or "data" in rel.parts[:1]:
+            out.append(p)
+    return out
+
+
+def code_version(package: Path = PACKAGE) -> str:
+    """A hash of every result-producing file of the package (``result_sources``): the cell key
+    includes it, so a resumed run after such a change recomputes, and one after a report-only
+    change does not. A file that cannot be read is an error, never skipped."""
     from .. import __version__
 
-    root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256(__version__.encode())
-    for rel in RESULT_SOURCES:
-        p = root / rel
-        if p.exists():
-            h.update(rel.encode())
-            h.update(p.read_bytes())
+    files = result_sources(package)
+    if not files:
+        raise RuntimeError(f"code version: no source files found under {package}")
+    for p in files:
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise RuntimeError(f"code version: cannot read {p.relative_to(package)}: {exc}") \
+                from exc
+        h.update(p.relative_to(package).as_posix().encode())
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
     return h.hexdigest()[:16]
+
+
+def _relative_paths(text: str) -> str:
+    """A message without this machine's paths (it may end up in a tracked report)."""
+    for root, name in ((str(PACKAGE.parent), "."), (str(Path.home()), "~"),
+                       (sys.prefix, "<python>")):
+        text = text.replace(root + os.sep, name + "/")
+    return text
 
 
 def _guarded(cell):
@@ -47,10 +85,10 @@ def _guarded(cell):
     try:
         return "ok", None, compute.compute_cell(cell)
     except compute.Skip as exc:
-        return "skipped", str(exc), None
+        return "skipped", _relative_paths(str(exc)), None
     except Exception as exc:  # noqa: BLE001 - a cell's failure is data for the report
         tb = traceback.format_exc(limit=3)
-        return "error", f"{type(exc).__name__}: {exc}\n{tb}", None
+        return "error", _relative_paths(f"{type(exc).__name__}: {exc}\n{tb}"), None
 
 
 @dataclass
@@ -59,15 +97,23 @@ class Summary:
     total: int = 0
     done: int = 0
     skipped_existing: int = 0
+    by_others: int = 0
     skipped: int = 0
     failed: int = 0
     seconds: float = 0.0
     worst: dict = field(default_factory=dict)
+    skip_reasons: collections.Counter = field(default_factory=collections.Counter)
 
     def format(self) -> str:
         lines = [f"study {self.study}: {self.total} cells, {self.done} computed, "
-                 f"{self.skipped_existing} already stored, {self.skipped} skipped "
-                 f"(unavailable), {self.failed} failed, {self.seconds:.1f} s"]
+                 f"{self.skipped_existing} already stored, "
+                 + (f"{self.by_others} computed by another runner, " if self.by_others else "")
+                 + f"{self.skipped} skipped (unavailable here), {self.failed} failed, "
+                 f"{self.seconds:.1f} s"]
+        if self.skip_reasons:
+            lines.append("  skipped, and retried by the next run once what is missing is there:")
+            for reason, n in self.skip_reasons.most_common():
+                lines.append(f"    {n:5d} cells: {reason}")
         if self.worst:
             lines.append("  worst formulation per dtype (max forward ulp error, accuracy cells):")
             for dt, (impl, err) in sorted(self.worst.items()):
@@ -77,26 +123,12 @@ class Summary:
 
 def estimate_seconds(cells) -> float:
     """A rough time estimate for --dry-run, from per-kind costs measured on a 2-core machine."""
-    t = 0.0
-    for c in cells:
-        if c["kind"] == "accuracy":
-            t += 0.004 + 2.5e-7 * c["batch"] * c["classes"] * (
-                4 if c["implementation"] in ("naive", "clipped", "lse", "accurate") else 2)
-        elif c["kind"] == "performance":
-            t += 0.3 + 2.5e-9 * c["batch"] * c["classes"] * (c["repeats"] + 3) * 3
-        elif c["kind"] == "imbalance":
-            t += 0.01 + 2e-7 * c["batch"] * c["classes"]
-        elif c["kind"] == "training":
-            t += 0.3 if c["optimizer"] == "lbfgs" else 0.02 * c["epochs"]
-        else:
-            t += 0.5
-    return t
+    return sum(kinds.get(c["kind"]).estimate_seconds(c) for c in cells)
 
 
 def _exit_with_parent(parent_pid, interval=1.0):
     """Pool-worker initializer: a daemon thread ends the worker when its parent is gone (a
     killed runner would otherwise leave its spawned workers running)."""
-    import threading
 
     def watch():
         while os.getppid() == parent_pid:
@@ -117,7 +149,8 @@ def _executor(executor, jobs, scheduler):
             if not scheduler:
                 raise SystemExit("--executor dask needs --scheduler ADDRESS")
             client = Client(scheduler)
-            return client.get_executor(), client.close
+            return client.get_executor(), client.close, max(jobs, len(
+                client.scheduler_info().get("workers", {})), 1)
         cluster = LocalCluster(n_workers=max(jobs, 1), threads_per_worker=1, processes=True,
                                dashboard_address=None)
         client = Client(cluster)
@@ -125,17 +158,43 @@ def _executor(executor, jobs, scheduler):
         def close():
             client.close()
             cluster.close()
-        return client.get_executor(), close
+        return client.get_executor(), close, max(jobs, 1)
     if jobs > 1:
         pool = cf.ProcessPoolExecutor(max_workers=jobs,
                                       mp_context=multiprocessing.get_context("spawn"),
                                       initializer=_exit_with_parent, initargs=(os.getpid(),))
-        return pool, pool.shutdown
-    return None, lambda: None
+        return pool, pool.shutdown, jobs
+    return None, lambda: None, 1
+
+
+class _Heartbeat:
+    """Renews this runner's claims every lease / 4 seconds, on its own connection."""
+
+    def __init__(self, path, owner, lease_s):
+        self.path, self.owner, self.lease_s = path, owner, lease_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        store = Store(self.path)
+        try:
+            while not self.stop.wait(self.lease_s / 4):
+                store.renew(self.owner, self.lease_s)
+        finally:
+            store.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
 
 
 def run_study(study: spec.Study, store: Store, *, jobs=1, executor="local", scheduler=None,
-              force=False, quiet=False) -> Summary:
+              force=False, quiet=False, lease_s: float | None = None) -> Summary:
+    lease_s = LEASE_S if lease_s is None else lease_s
     cells = study.cells()
     version = code_version()
     keys = [cell_key(study.name, c, version) for c in cells]
@@ -144,11 +203,18 @@ def run_study(study: spec.Study, store: Store, *, jobs=1, executor="local", sche
     summary = Summary(study=study.name, total=len(cells), skipped_existing=len(cells) - len(todo))
     t0 = time.perf_counter()
     if todo:
-        manifest = info.manifest()
-        manifest["study_description"] = " ".join(study.description.split())
-        manifest["study_file"] = Path(study.path).name
-        run_id = store.start_run(study.name, manifest)
-        _execute(study, store, todo, version, run_id, summary, jobs, executor, scheduler, quiet)
+        m = manifest.manifest()
+        m["study_description"] = " ".join(study.description.split())
+        m["study_file"] = Path(study.path).name
+        run_id = store.start_run(study.name, m)
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        since = now()
+        try:
+            with _Heartbeat(store.path, owner, lease_s):
+                _execute(study, store, todo, version, run_id, summary, jobs, executor,
+                         scheduler, quiet, owner, lease_s, force, since)
+        finally:
+            store.release(owner)
         store.finish_run(run_id)
     summary.seconds = time.perf_counter() - t0
     summary.worst = _worst(store, study.name, version)
@@ -162,35 +228,72 @@ def _progress(total, quiet, desc):
                 dynamic_ncols=True, smoothing=0.05)
 
 
-def _record(store, study, key, cell, version, run_id, result, summary):
+def _record(store, study, key, cell, version, run_id, result, summary, owner):
     status, message, metrics = result
-    store.put(key, study.name, cell, version, status, message, metrics, run_id)
+    store.put(key, study.name, cell, version, status, message, metrics, run_id, owner=owner)
     if status == "ok":
         summary.done += 1
     elif status == "skipped":
         summary.skipped += 1
+        summary.skip_reasons[message.splitlines()[0] if message else "no reason given"] += 1
     else:
         summary.failed += 1
 
 
-def _execute(study, store, todo, version, run_id, summary, jobs, executor, scheduler, quiet):
-    pool, close = _executor(executor, jobs, scheduler)
+def _execute(study, store, todo, version, run_id, summary, jobs, executor, scheduler, quiet,
+             owner, lease_s, force, since):
+    """Claim, compute and store the cells of ``todo`` until every one has an outcome (from this
+    runner or another), keeping at most two cells per worker in flight."""
+    pool, close, width = _executor(executor, jobs, scheduler)
     bar = _progress(len(todo), quiet, study.name)
+    pending = collections.deque(todo)  # cells this runner has not claimed
+    held = []  # cells another live runner holds: looked at again later
+    futures = {}
+
+    def claim_next():
+        """The next cell this runner may compute, claimed; None if none is free now."""
+        while pending:
+            key, cell = pending.popleft()
+            if store.claim(key, owner, lease_s, since, force):
+                return key, cell
+            if store.settled_keys([key], since, force):
+                summary.by_others += 1  # another runner stored it meanwhile
+                bar.update()
+            else:
+                held.append((key, cell))
+        return None
+
     try:
-        if pool is None:
-            for key, cell in todo:
-                _record(store, study, key, cell, version, run_id, _guarded(cell), summary)
-                bar.update()
-        else:
-            futures = {pool.submit(_guarded, cell): (key, cell) for key, cell in todo}
-            for fut in cf.as_completed(futures):
-                key, cell = futures[fut]
-                try:
-                    result = fut.result()
-                except Exception as exc:  # a worker died: record and go on
-                    result = ("error", f"worker failure: {type(exc).__name__}: {exc}", None)
-                _record(store, study, key, cell, version, run_id, result, summary)
-                bar.update()
+        while True:
+            while len(futures) < (2 * width if pool is not None else 1):
+                nxt = claim_next()
+                if nxt is None:
+                    break
+                key, cell = nxt
+                if pool is None:
+                    _record(store, study, key, cell, version, run_id, _guarded(cell), summary,
+                            owner)
+                    bar.update()
+                else:
+                    futures[pool.submit(_guarded, cell)] = (key, cell)
+            if futures:
+                finished, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    key, cell = futures.pop(fut)
+                    try:
+                        result = fut.result()
+                    except Exception as exc:  # a worker died: record and go on
+                        result = ("error", f"worker failure: {type(exc).__name__}: {exc}", None)
+                    _record(store, study, key, cell, version, run_id, result, summary, owner)
+                    bar.update()
+            elif not held:
+                break
+            else:
+                # only cells other runners hold are left: wait until they store them, or until
+                # their leases expire (their runner died) and they can be claimed here
+                time.sleep(min(1.0, lease_s / 10))
+            pending.extend(held)
+            held.clear()
     finally:
         bar.close()
         close()

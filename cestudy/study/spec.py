@@ -6,8 +6,8 @@ A study file is data (read with ``tomllib``; nothing in it is executed)::
     description = "what is swept and why"
 
     [[part]]
-    kind = "accuracy"                 # accuracy | imbalance | performance | higham
-    variant = ["ce_index", "bce_logits"]
+    kind = "accuracy"                 # accuracy | imbalance | performance | training | higham
+    variant = ["cross_entropy", "binary_cross_entropy_with_logits"]
     implementation = ["lse", "numba", "torch"]
     dtype = ["float32"]
     family = ["gaussian"]
@@ -17,8 +17,10 @@ A study file is data (read with ``tomllib``; nothing in it is executed)::
 Every key of a part is a list (a scalar means a one-element list) and the part's cells are the
 Cartesian product of its lists, minus combinations that do not apply (an implementation the
 registry lacks for a variant; options a variant does not take are reset to their default and the
-duplicates dropped). Any unknown key, wrong type, empty list or unknown name is a ``StudyError``
-naming the file, the key and what is allowed.
+duplicates dropped). The keys of each kind, and what applies, are declared by its module in
+``cestudy.study.kinds``. Variant names used before the registry (``ce_index``, ``bce_logits``,
+...) are migrated to today's (``cestudy.variants.canonical_name``). Any unknown key, wrong type,
+empty list or unknown name is a ``StudyError`` naming the file, the key and what is allowed.
 """
 from __future__ import annotations
 
@@ -34,114 +36,17 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .. import dtypes
-from ..reference.implementations import IMPLEMENTATION_NAMES, for_variant
-from ..variants import LEGACY_NAMES, canonical_name
-
-VARIANTS = tuple(LEGACY_NAMES)  # migrated to the registry names by the study rewrite
+from . import kinds
+from .keys import Key
 
 STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
-FAMILIES = ("gaussian", "equal_offset", "dominant", "masked", "near_overflow", "nan_inf")
-PROFILES = ("step", "exp")
-CLASS_WEIGHTS = ("none", "inverse", "effective")
-MODES = ("forward", "forward_grad")
-HIGHAM_FORMULATIONS = ("basic", "shifted")
+KINDS = {name: module.KEYS for name, module in kinds.KINDS.items()}
+"""The keys of each kind, as the kind modules declare them."""
+TOP_KEYS = {"name", "description", "part"}
 
 
 class StudyError(ValueError):
     """A study file is malformed; the message names the file, the key and what is allowed."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Key:
-    """One allowed key of a part: its element type, allowed values and default."""
-
-    kind: type
-    default: object
-    choices: tuple | None = None
-    minimum: float | None = None
-
-
-def _num(default, minimum=None):
-    return Key(float, default, None, minimum)
-
-
-def _int(default, minimum=1):
-    return Key(int, default, None, minimum)
-
-
-COMMON = {"seed": _int(0, 0)}
-KINDS = {
-    "accuracy": {
-        "variant": Key(str, "ce_index", tuple(VARIANTS)),
-        "implementation": Key(str, "numba", IMPLEMENTATION_NAMES),
-        "dtype": Key(str, "float32", dtypes.DTYPE_NAMES),
-        "family": Key(str, "gaussian", FAMILIES),
-        "scale": _num(1.0, 0.0),
-        "classes": _int(10, 2),
-        "batch": _int(64),
-        "label_smoothing": _num(0.0, 0.0),
-        "class_weight": Key(str, "none", CLASS_WEIGHTS),
-        "clip_eps": _num(1e-7, 0.0),
-        "gamma": _num(2.0, 0.0),
-        "imbalance": _num(1.0, 1.0),
-        "profile": Key(str, "step", PROFILES),
-        "ignore_fraction": _num(0.0, 0.0),
-        **COMMON,
-    },
-    "imbalance": {
-        "variant": Key(str, "ce_index", ("ce_index", "focal_softmax")),
-        "class_weight": Key(str, "none", CLASS_WEIGHTS),
-        "classes": _int(10, 2),
-        "imbalance": _num(1.0, 1.0),
-        "profile": Key(str, "step", PROFILES),
-        "gamma": _num(2.0, 0.0),
-        "beta": _num(0.999, 0.0),
-        "batch": _int(4096),
-        **COMMON,
-    },
-    "performance": {
-        "variant": Key(str, "ce_index", ("ce_index", "ce_prob", "bce_logits")),
-        "implementation": Key(str, "numba", IMPLEMENTATION_NAMES),
-        "dtype": Key(str, "float32", ("float32", "float64")),
-        "mode": Key(str, "forward", MODES),
-        "batch": _int(256),
-        "classes": _int(1000, 2),
-        "repeats": _int(5),
-        **COMMON,
-    },
-    "training": {
-        "dataset": Key(str, "digits", ("digits", "breast_cancer")),
-        "model": Key(str, "logreg", ("logreg", "mlp")),
-        "optimizer": Key(str, "lbfgs", ("gd", "lbfgs")),
-        "loss": Key(str, "ce", ("ce", "ce_inverse", "ce_effective", "focal1", "focal2", "smooth",
-                                "naive", "clipped", "sklearn", "sklearn_balanced")),
-        "dtype": Key(str, "float32", dtypes.DTYPE_NAMES),
-        "imbalance": _num(1.0, 1.0),
-        "profile": Key(str, "step", PROFILES),
-        "epochs": _int(30),
-        "lr": _num(0.5, 0.0),
-        "batch": _int(64),
-        "C": _num(1.0, 0.0),
-        **COMMON,
-    },
-    "higham": {
-        "dtype": Key(str, "float16", ("float16", "bfloat16")),
-        "formulation": Key(str, "basic", HIGHAM_FORMULATIONS),
-        "data": Key(str, "", None),
-        **COMMON,
-    },
-}
-TOP_KEYS = {"name", "description", "part"}
-# options that only some variants take; elsewhere they are reset to their default
-VARIANT_OPTIONS = {
-    "label_smoothing": ("ce_index", "ce_prob"),
-    "class_weight": ("ce_index", "ce_prob", "focal_softmax"),
-    "gamma": ("focal_softmax", "focal_sigmoid"),
-    "ignore_fraction": ("ce_index", "focal_softmax"),
-    "imbalance": ("ce_index", "focal_softmax", "bce_logits", "focal_sigmoid"),
-    "profile": ("ce_index", "focal_softmax", "bce_logits", "focal_sigmoid"),
-}
 
 
 @dataclasses.dataclass
@@ -170,30 +75,9 @@ class Study:
 
 
 def _normalise(cell):
-    """Drop combinations that do not apply; reset options the variant does not take."""
-    kind = cell["kind"]
-    if kind in ("accuracy", "performance"):
-        if cell["implementation"] not in for_variant(canonical_name(cell["variant"])):
-            return None
-    if kind == "accuracy":
-        for opt, variants in VARIANT_OPTIONS.items():
-            if cell["variant"] not in variants:
-                cell[opt] = KINDS["accuracy"][opt].default
-        if cell["implementation"] != "clipped":
-            cell["clip_eps"] = KINDS["accuracy"]["clip_eps"].default
-        if cell["family"] in ("near_overflow", "nan_inf", "masked"):
-            cell["scale"] = cell["scale"] if cell["family"] == "masked" else 1.0
-    if kind == "training":
-        if cell["loss"].startswith("sklearn"):
-            cell.update(model="logreg", optimizer="lbfgs", dtype="float64")
-        if cell["model"] == "mlp" and cell["optimizer"] == "lbfgs":
-            return None
-        if cell["optimizer"] == "lbfgs":
-            cell.update(lr=KINDS["training"]["lr"].default,
-                        batch=KINDS["training"]["batch"].default)
-    if kind in ("training", "imbalance") and cell["imbalance"] == 1.0:
-        cell["profile"] = "step"  # with no imbalance the profiles coincide
-    return cell
+    """Drop combinations that do not apply; reset options the variant does not take (each kind
+    says how)."""
+    return kinds.get(cell["kind"]).normalise(cell)
 
 
 def _err(path, key, msg):
@@ -204,6 +88,8 @@ def _check_value(path, key, spec: Key, v):
     if spec.kind is str:
         if not isinstance(v, str):
             raise _err(path, key, f"expected a string, got {type(v).__name__} {v!r}")
+        if spec.migrate is not None:
+            v = spec.migrate(v)  # names used before a rename (ce_index -> cross_entropy)
         if spec.choices is not None and v not in spec.choices:
             raise _err(path, key, f"unknown value {v!r}; allowed: {', '.join(spec.choices)}")
         return v

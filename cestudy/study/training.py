@@ -30,6 +30,7 @@ import math
 import numpy as np
 
 from .. import dtypes
+from ..backends import Skip
 from . import inputs
 
 LOSSES = ("ce", "ce_inverse", "ce_effective", "focal1", "focal2", "smooth", "naive", "clipped",
@@ -40,10 +41,6 @@ OPTIMIZERS = ("gd", "lbfgs")
 HIDDEN = 32
 
 
-class SkipTraining(Exception):
-    pass
-
-
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
@@ -51,7 +48,7 @@ def load(dataset):
     try:
         from sklearn import datasets
     except ImportError:
-        raise SkipTraining("scikit-learn is not installed (pip install 'cestudy[train]')") from None
+        raise Skip("scikit-learn is not installed (pip install 'cestudy[train]')") from None
     loader = {"digits": datasets.load_digits,
               "breast_cancer": datasets.load_breast_cancer}[dataset]
     d = loader()

@@ -1,4 +1,5 @@
-"""What a bug report needs: versions, CPU, Numba threading, CUDA. Also the run manifest."""
+"""The run manifest stored with every result (asv/pyperf style): versions, CPU, Numba threading,
+CUDA, commit and date. ``python -m cestudy info`` prints it for bug reports."""
 from __future__ import annotations
 
 import datetime
@@ -45,7 +46,7 @@ def git_commit() -> str:
     (as on the lent GPU machines)."""
     if os.environ.get("CESTUDY_GIT_COMMIT"):
         return os.environ["CESTUDY_GIT_COMMIT"]
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
                              text=True, timeout=5)
@@ -62,7 +63,7 @@ def manifest() -> dict:
     """The run manifest stored with every result (asv/pyperf style)."""
     import numba
 
-    from . import __version__, backends
+    from .. import __version__, backends
 
     cuda_ok, cuda_desc = backends.cuda_status()
     return {
@@ -90,7 +91,7 @@ def _threading_layer() -> str:
     import numba
     import numpy as np
 
-    from .kernels import cpu
+    from ..kernels import cpu
 
     # the layer is chosen at the first parallel launch
     cpu.logsumexp_rows(np.zeros((2, 2)), np.empty(2))
@@ -98,9 +99,3 @@ def _threading_layer() -> str:
         return numba.threading_layer()
     except ValueError:
         return "not initialised"
-
-
-def format_info() -> str:
-    m = manifest()
-    width = max(map(len, m))
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in m.items())

@@ -1,0 +1,39 @@
+"""Performance cells: one implementation of one variant timed at one shape, by
+``cestudy.bench.cpu.performance_cell`` (the same machinery as ``python -m cestudy bench``)."""
+from __future__ import annotations
+
+from ... import variants
+from ...bench import cpu as bench_cpu
+from ...reference import implementations
+from ..keys import SEED, choice, integer
+
+NAME = "performance"
+MODES = ("forward", "forward_grad")
+# the variants the CPU benchmark times: those with fast float32 kernels
+VARIANTS = tuple(name for name, v in variants.VARIANTS.items() if v.fast_cpu)
+KEYS = {
+    "variant": choice("cross_entropy", VARIANTS, migrate=variants.canonical_name),
+    "implementation": choice("numba", implementations.IMPLEMENTATION_NAMES),
+    "dtype": choice("float32", ("float32", "float64")),
+    "mode": choice("forward", MODES),
+    "batch": integer(256),
+    "classes": integer(1000, 2),
+    "repeats": integer(5),
+    **SEED,
+}
+SEED_FIELDS = ("variant", "batch", "classes")  # bench.cpu.make_inputs seeds with these
+
+
+def normalise(cell: dict) -> dict | None:
+    cell["variant"] = variants.canonical_name(cell["variant"])
+    if cell["implementation"] not in implementations.for_variant(cell["variant"]):
+        return None
+    return cell
+
+
+def estimate_seconds(cell: dict) -> float:
+    return 0.3 + 2.5e-9 * cell["batch"] * cell["classes"] * (cell["repeats"] + 3) * 3
+
+
+def compute(cell: dict) -> dict:
+    return bench_cpu.performance_cell(cell)
