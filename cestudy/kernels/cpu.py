@@ -148,16 +148,17 @@ def compensated_sum(a):
 compensated_sum_cast = compensated_sum  # the name it had when it took only non-float64 arrays
 
 
-def loss_row(out_loss, i, spare):
+def loss_row(out_loss, i):
     """For element-wise kernels: the row of ``out_loss`` to write per-element losses into when
-    it is (N, C), else ``spare`` (never written: ``out_loss`` is (N,) and takes row sums)."""
+    it is (N, C), else None (``out_loss`` is (N,) and takes row sums): the row functions test
+    ``is not None``, a branch numba prunes at compile time, so the loop stays vectorised."""
 
 
 @overload(loss_row, jit_options=_OPTS)
-def _loss_row(out_loss, i, spare):
+def _loss_row(out_loss, i):
     if out_loss.ndim == 2:
-        return lambda out_loss, i, spare: out_loss[i]
-    return lambda out_loss, i, spare: spare
+        return lambda out_loss, i: out_loss[i]
+    return lambda out_loss, i: None
 
 
 def store_row_sum(out_loss, i, total):
@@ -414,16 +415,16 @@ def softmax_focal_fwd_grad(logits, target, weight, ignore_index, gamma, grad_sca
 # Element-wise sigmoid losses: binary cross-entropy with logits, sigmoid focal loss
 # --------------------------------------------------------------------------------------------
 @njit(**_OPTS)
-def _bce_row(x, t, w, pw, grad_scale, with_grad, per_elem, lrow, g):
+def _bce_row(x, t, w, pw, grad_scale, with_grad, lrow, g):
     """One row of BCE with logits (:func:`scalar.bce_logits`): per-element losses into ``lrow``
-    when ``per_elem``; returns the row's compensated sum."""
+    unless it is None; returns the row's compensated sum."""
     s = 0.0
     c = 0.0
     for j in range(x.shape[0]):
         v = np.float64(x[j])
         tj = np.float64(t[j])
         loss = w[j] * bce_logits(v, tj, pw[j])
-        if per_elem:
+        if lrow is not None:  # pruned at compile time when None
             lrow[j] = loss
         s, c = neumaier_add(s, c, loss)
         if with_grad:
@@ -436,33 +437,31 @@ def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
     """Element-wise BCE with logits. ``weight`` and ``pos_weight`` float64, (N, C) or (1, C)
     (broadcast views with zero strides work too, slower). ``out_loss`` float64: (N, C) for
     per-element losses, (N,) for row sums."""
-    per_elem = out_loss.ndim == 2
     for i in prange(logits.shape[0]):
         x = logits[i]
         total = _bce_row(x, target[i], bcast_row(weight, i), bcast_row(pos_weight, i), 1.0,
-                         False, per_elem, loss_row(out_loss, i, x), x)
+                         False, loss_row(out_loss, i), x)
         store_row_sum(out_loss, i, total)
 
 
 @njit(parallel=True, **_OPTS)
 def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out_loss, out_grad):
     """Fused BCE with logits and gradient: d/dx = w (-pw t s(-x) + (1 - t) s(x))."""
-    per_elem = out_loss.ndim == 2
     for i in prange(logits.shape[0]):
         total = _bce_row(logits[i], target[i], bcast_row(weight, i), bcast_row(pos_weight, i),
-                         grad_scale, True, per_elem, loss_row(out_loss, i, logits[i]),
+                         grad_scale, True, loss_row(out_loss, i),
                          out_grad[i])
         store_row_sum(out_loss, i, total)
 
 
 @njit(**_OPTS)
-def _sigmoid_focal_row(x, t, alpha, gamma, grad_scale, with_grad, per_elem, lrow, g):
+def _sigmoid_focal_row(x, t, alpha, gamma, grad_scale, with_grad, lrow, g):
     """One row of the sigmoid focal loss (:func:`scalar.sigmoid_focal`), as :func:`_bce_row`."""
     s = 0.0
     c = 0.0
     for j in range(x.shape[0]):
         loss, gj = sigmoid_focal(np.float64(x[j]), np.float64(t[j]), alpha, gamma)
-        if per_elem:
+        if lrow is not None:  # pruned at compile time when None
             lrow[j] = loss
         s, c = neumaier_add(s, c, loss)
         if with_grad:
@@ -474,21 +473,19 @@ def _sigmoid_focal_row(x, t, alpha, gamma, grad_scale, with_grad, per_elem, lrow
 def sigmoid_focal_fwd(logits, target, alpha, gamma, out_loss):
     """Element-wise sigmoid focal loss (torchvision semantics); out_loss as in
     :func:`bce_with_logits_fwd`."""
-    per_elem = out_loss.ndim == 2
     for i in prange(logits.shape[0]):
         x = logits[i]
-        total = _sigmoid_focal_row(x, target[i], alpha, gamma, 1.0, False, per_elem,
-                                   loss_row(out_loss, i, x), x)
+        total = _sigmoid_focal_row(x, target[i], alpha, gamma, 1.0, False,
+                                   loss_row(out_loss, i), x)
         store_row_sum(out_loss, i, total)
 
 
 @njit(parallel=True, **_OPTS)
 def sigmoid_focal_fwd_grad(logits, target, alpha, gamma, grad_scale, out_loss, out_grad):
     """Fused sigmoid focal loss and gradient."""
-    per_elem = out_loss.ndim == 2
     for i in prange(logits.shape[0]):
         total = _sigmoid_focal_row(logits[i], target[i], alpha, gamma, grad_scale, True,
-                                   per_elem, loss_row(out_loss, i, logits[i]), out_grad[i])
+                                   loss_row(out_loss, i), out_grad[i])
         store_row_sum(out_loss, i, total)
 
 
@@ -579,13 +576,13 @@ def _kl_div_elem(x, t, log_target):
 
 
 @njit(**_OPTS)
-def _kl_div_row(x, t, log_target, grad_scale, with_grad, per_elem, lrow, g):
+def _kl_div_row(x, t, log_target, grad_scale, with_grad, lrow, g):
     s = 0.0
     c = 0.0
     for j in range(x.shape[0]):
         tj = np.float64(t[j])
         loss = _kl_div_elem(np.float64(x[j]), tj, log_target)
-        if per_elem:
+        if lrow is not None:  # pruned at compile time when None
             lrow[j] = loss
         s, c = neumaier_add(s, c, loss)
         if with_grad:
@@ -597,20 +594,17 @@ def _kl_div_row(x, t, log_target, grad_scale, with_grad, per_elem, lrow, g):
 def kl_div_fwd(log_probs, target, log_target, out_loss):
     """Element-wise KL terms of ``torch.nn.functional.kl_div`` (input = log q). ``out_loss``
     float64: (N, C) per element, or (N,) for row sums."""
-    per_elem = out_loss.ndim == 2
     for i in prange(log_probs.shape[0]):
         x = log_probs[i]
-        total = _kl_div_row(x, target[i], log_target, 1.0, False, per_elem,
-                            loss_row(out_loss, i, x), x)
+        total = _kl_div_row(x, target[i], log_target, 1.0, False, loss_row(out_loss, i), x)
         store_row_sum(out_loss, i, total)
 
 
 @njit(parallel=True, **_OPTS)
 def kl_div_fwd_grad(log_probs, target, log_target, grad_scale, out_loss, out_grad):
     """Fused :func:`kl_div_fwd` and its gradient d/dx = -t (or -exp(t)), times grad_scale."""
-    per_elem = out_loss.ndim == 2
     for i in prange(log_probs.shape[0]):
         x = log_probs[i]
-        total = _kl_div_row(x, target[i], log_target, grad_scale, True, per_elem,
-                            loss_row(out_loss, i, x), out_grad[i])
+        total = _kl_div_row(x, target[i], log_target, grad_scale, True, loss_row(out_loss, i),
+                            out_grad[i])
         store_row_sum(out_loss, i, total)

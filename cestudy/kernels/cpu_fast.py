@@ -285,10 +285,10 @@ def log1p_unit(e):
 
 
 @njit(**_SUM)
-def _bce_row(x, t, w, pw, grad_scale, with_grad, per_elem, lrow, g):
+def _bce_row(x, t, w, pw, grad_scale, with_grad, lrow, g):
     """One row of BCE with logits: loss_j = w (pw t softplus(-x) + (1 - t) softplus(x)) with
     softplus(+-x) = max(+-x, 0) + log1p(exp(-|x|)); one exp and one log1p per element. Losses
-    into ``lrow`` when ``per_elem``; returns the row sum (float64 partial sums of non-negative
+    into ``lrow`` unless it is None; returns the row sum (float64 partial sums of non-negative
     terms: relative error <= C 2^-53, far below a float32 ulp)."""
     total = 0.0
     for j in range(x.shape[0]):
@@ -300,7 +300,7 @@ def _bce_row(x, t, w, pw, grad_scale, with_grad, per_elem, lrow, g):
         sp_neg = max(-v, 0.0) + lp
         loss = w[j] * (pw[j] * tj * sp_neg + (1.0 - tj) * sp_pos)
         total += loss
-        if per_elem:
+        if lrow is not None:  # pruned at compile time when None
             lrow[j] = loss
         if with_grad:
             r = 1.0 / (1.0 + e)
@@ -316,11 +316,10 @@ def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
     ``pos_weight`` are (N, C) or, when the same for every row, (1, C): contiguous rows keep the
     loop vectorised (zero-stride broadcast views made it 6x slower). ``out_loss`` (N, C) for
     per-element losses, (N,) for row sums."""
-    per_elem = out_loss.ndim == 2
     for i in prange(logits.shape[0]):
         x = logits[i]
         total = _bce_row(x, target[i], bcast_row(weight, i), bcast_row(pos_weight, i), 1.0,
-                         False, per_elem, loss_row(out_loss, i, x), x)
+                         False, loss_row(out_loss, i), x)
         store_row_sum(out_loss, i, total)
 
 
@@ -328,9 +327,8 @@ def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
 def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out_loss, out_grad):
     """float32 version of :func:`cestudy.kernels.cpu.bce_with_logits_fwd_grad` (weights and
     ``out_loss`` as in :func:`bce_with_logits_fwd`)."""
-    per_elem = out_loss.ndim == 2
     for i in prange(logits.shape[0]):
         total = _bce_row(logits[i], target[i], bcast_row(weight, i), bcast_row(pos_weight, i),
-                         grad_scale, True, per_elem, loss_row(out_loss, i, logits[i]),
+                         grad_scale, True, loss_row(out_loss, i),
                          out_grad[i])
         store_row_sum(out_loss, i, total)
