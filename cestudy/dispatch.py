@@ -86,18 +86,19 @@ def class_rows(name: str, logits: Any) -> tuple[np.ndarray, np.ndarray, tuple[in
     return arr, np.ascontiguousarray(x2, dtype=work), lead
 
 
-def to_input_layout(g2: np.ndarray, arr: np.ndarray) -> np.ndarray:
+def to_input_layout(g2: np.ndarray, arr: np.ndarray, elementwise: bool) -> np.ndarray:
     """A (rows, C) gradient back in the layout of ``arr`` (classes on axis 1 for K-d input)."""
-    if arr.ndim <= 2:
+    if elementwise or arr.ndim <= 2:
         return g2.reshape(arr.shape)
     return np.moveaxis(g2.reshape((arr.shape[0],) + arr.shape[2:] + (arr.shape[1],)), -1, 1)
 
 
 def shape_2d(shape: tuple[int, ...]) -> tuple[int, int]:
     """The (rows, last axis) view of an element-wise loss's input shape; () is (1, 1)."""
+    shape = tuple(shape)  # device arrays of the CUDA simulator do not take negative indices
     if len(shape) == 0:
         return (1, 1)
-    return (int(np.prod(shape[:-1], dtype=np.int64)), shape[-1])
+    return (int(np.prod(shape[:-1], dtype=np.int64)), shape[len(shape) - 1])
 
 
 def class_weight(weight: Any, n_classes: int) -> np.ndarray:
@@ -345,7 +346,7 @@ def run(name: str, logits: Any, target: Any, *, reduction: str = "mean",
     if not with_grad:
         getattr(module, v.kernel + "_fwd")(x, t, *args, loss)
         return finish_loss(loss, reduction, denom, arr.dtype, loss_shape)
-    grad = _grad_buffer(out, arr, x)
+    grad = _grad_buffer(out, arr, x, v.elementwise)
     if module is cpu_fast and np.shares_memory(grad, x):
         grad = np.empty_like(x)  # the fast float32 kernels read the row after writing it
     getattr(module, v.kernel + "_fwd_grad")(x, t, *args, grad_scale(reduction, denom), loss,
@@ -353,21 +354,21 @@ def run(name: str, logits: Any, target: Any, *, reduction: str = "mean",
     result = finish_loss(loss, reduction, denom, arr.dtype, loss_shape)
     if out is not None:
         if not np.shares_memory(grad, out):
-            out[...] = to_input_layout(grad, arr)
+            out[...] = to_input_layout(grad, arr, v.elementwise)
         return result, out
-    return result, to_input_layout(grad, arr).astype(arr.dtype, copy=False)
+    return result, to_input_layout(grad, arr, v.elementwise).astype(arr.dtype, copy=False)
 
 
 INPUT_NAMES = {"logits": "logits", "probs": "probs", "log_probs": "input"}
 
 
-def _grad_buffer(out: Any, arr: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _grad_buffer(out: Any, arr: np.ndarray, x: np.ndarray, elementwise: bool) -> np.ndarray:
     """Where the kernel writes the gradient: ``out`` itself when it has the working dtype (no
     new pages per call), else a new array of the working dtype."""
     if out is None:
         return np.empty_like(x)
     check_grad_out(out, arr.shape, arr.dtype)
-    if out.dtype == x.dtype and arr.ndim <= 2:
+    if out.dtype == x.dtype and (elementwise or arr.ndim <= 2):
         return out.reshape(x.shape)
     return np.empty_like(x)
 
