@@ -1,13 +1,16 @@
 """Reports: generation from a store built here, determinism, every figure kind, link checking,
 and the committed reports/ rebuilt byte-for-byte from the committed results."""
 import filecmp
+import json
 import re
+import shutil
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
 
-from cestudy.report import build
+from cestudy import variants
+from cestudy.report import build, data, headline, sections
 from cestudy.study import higham, runner, spec
 from cestudy.study.store import Store
 
@@ -19,7 +22,7 @@ description = "every figure kind from a small store"
 
 [[part]]
 kind = "accuracy"
-variant = ["ce_index"]
+variant = ["cross_entropy"]
 implementation = ["naive", "lse", "numba", "torch"]
 dtype = ["float32", "float16"]
 family = ["gaussian"]
@@ -29,7 +32,7 @@ batch = 8
 
 [[part]]
 kind = "accuracy"
-variant = ["ce_index"]
+variant = ["cross_entropy"]
 implementation = ["clipped", "lse", "numba"]
 dtype = ["float32"]
 family = ["dominant"]
@@ -40,7 +43,7 @@ clip_eps = [1e-7, 1e-3]
 
 [[part]]
 kind = "imbalance"
-variant = ["ce_index", "focal_softmax"]
+variant = ["cross_entropy", "softmax_focal_loss"]
 class_weight = ["none", "inverse"]
 classes = [4]
 imbalance = [1.0, 100.0]
@@ -49,7 +52,7 @@ batch = 512
 
 [[part]]
 kind = "performance"
-variant = ["ce_index"]
+variant = ["cross_entropy"]
 implementation = ["numba", "torch", "lse"]
 dtype = ["float32"]
 mode = ["forward", "forward_grad"]
@@ -101,9 +104,7 @@ def test_reports_have_every_figure_kind_and_resolve(store_path, tmp_path):
     for kind in ("error-vs-scale", "atlas-float32", "nonfinite", "clipping",
                  "true-class-gradient", "imbalance", "throughput"):
         assert any(kind in f for f in figs), (kind, figs)
-    if higham.data_path().exists():
-        assert "mini-higham.png" in figs
-        assert "475" in (out / "mini.md").read_text()
+    assert "mini-higham.png" in figs
     check_links(out)
     text = (out / "mini.md").read_text()
     assert "## Machine and versions" in text and "### Findings" in text
@@ -119,6 +120,92 @@ def test_reports_are_deterministic_and_rebuild_from_the_export(store_path, tmp_p
     for md in a.glob("*.md"):
         assert md.read_bytes() == (b / md.name).read_bytes()
         assert md.read_bytes() == (c / md.name).read_bytes()
+
+
+def test_higham_count_in_the_report_is_the_computed_one(store_path, tmp_path):
+    """The data ships with the package, so the reproduction always runs; the page quotes the
+    stored count (475 as published), and a different stored count shows as that count."""
+    assert higham.data_path().exists(), "the Blanchard-Higham data ships in cestudy/data/"
+    out = tmp_path / "reports"
+    build.build_reports(store_path, out)
+    doc = json.loads((out / "data" / "results.json").read_text())
+    basic16 = next(r for r in doc["cells"] if r["kind"] == "higham"
+                   and r["p_dtype"] == "float16" and r["p_formulation"] == "basic")
+    assert basic16["overflow"] == basic16["published_overflow"] == 475
+    md = (out / "mini.md").read_text()
+    assert f"on {basic16['overflow']} of {basic16['n_vectors']} (as published)" in md
+    basic16["overflow"] = 474
+    (tmp_path / "edited.json").write_text(json.dumps(doc))
+    build.build_reports(tmp_path / "edited.json", tmp_path / "edited", export=False)
+    md = (tmp_path / "edited" / "mini.md").read_text()
+    assert "on 474 of 2500 (published: 475)" in md
+    assert "1 of 4 overflow counts differ" in md
+
+
+def test_pages_show_their_code_version_and_flag_stale_results(store_path, tmp_path):
+    with Store(store_path) as st:
+        version = {c["code_version"] for c in st.cells()}
+    assert len(version) == 1
+    current = build.build_reports(store_path, tmp_path / "a", code_version=version.pop())
+    md = (tmp_path / "a" / "mini.md").read_text()
+    assert "That is the current code version." in md and "has changed since" not in md
+    assert current
+    build.build_reports(store_path, tmp_path / "b", code_version="0123456789abcdef")
+    md = (tmp_path / "b" / "mini.md").read_text()
+    assert "**The code that produces them has changed since**" in md
+    assert "older than the current code" in (tmp_path / "b" / "README.md").read_text()
+
+
+def test_pages_hold_no_run_ids_local_paths_or_legacy_variant_names(store_path, tmp_path):
+    out = tmp_path / "reports"
+    build.build_reports(store_path, out)
+    legacy = set(variants.LEGACY_NAMES)
+    for md in out.glob("*.md"):
+        text = md.read_text()
+        assert "manifest of run" not in text and str(tmp_path) not in text, md.name
+        assert "NaN/inf" not in text, md.name
+        words = set(re.findall(r"[a-z_]+", text))
+        assert not (words & legacy), (md.name, words & legacy)
+
+
+def test_legacy_variant_names_in_results_are_canonicalised(tmp_path):
+    rows = [{"study": "s", "kind": "accuracy", "p_variant": old} for old in variants.LEGACY_NAMES]
+    assert [data.canonical_row(r)["p_variant"] for r in rows] == [
+        variants.canonical_name(old) for old in variants.LEGACY_NAMES]
+    assert {data.canonical_row(r)["p_variant"] for r in rows} <= set(variants.VARIANTS)
+
+
+def test_every_study_kind_has_a_section_module():
+    from cestudy.study import spec as study_spec
+
+    assert set(study_spec.KINDS) <= sections.known_kinds()
+
+
+def test_committed_readme_findings_are_what_the_reports_generate(tmp_path):
+    """The README's headline section equals what the report code writes from the committed
+    results (it is regenerated by `python -m cestudy report`); the index opens with at most six
+    findings, each linking its figure and its page."""
+    readme = (ROOT / "README.md").read_text()
+    assert headline.README_START in readme and headline.README_END in readme
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    (tmp_path / "README.md").write_text(headline.replace_readme_section(
+        readme, f"{headline.README_START}\n{headline.README_END}"))
+    (tmp_path / "reports" / "data").mkdir(parents=True)
+    for f in (ROOT / "reports" / "data").glob("*.json"):
+        shutil.copy(f, tmp_path / "reports" / "data" / f.name)
+    out = tmp_path / "reports"
+    build.build_reports(out / "data" / "results.json", out, export=False)
+    assert (tmp_path / "README.md").read_text() == readme
+    text = (out / "README.md").read_text()
+    block = text.split("## Headline findings\n", 1)[1].split("\n## ", 1)[0]
+    items = [line for line in block.splitlines() if line.startswith("- ")]
+    assert 1 <= len(items) <= headline.MAX_FINDINGS
+    for item in items:
+        links = LINK.findall(item)
+        figs = [k for k in links if k.startswith("figures/")]
+        assert figs and (out / figs[0]).exists(), item
+        assert any(k.endswith(".md") and (out / k).exists() for k in links), item
+    assert "## Which formulation to use" in text
 
 
 def test_committed_reports_resolve_and_rebuild_byte_for_byte(tmp_path):

@@ -11,7 +11,17 @@ import io
 import json
 from pathlib import Path
 
+from .. import variants
 from ..study.store import Store, canonical, json_safe
+
+
+def canonical_row(row: dict) -> dict:
+    """``row`` with its variant under the registry's name (results stored before the registry
+    existed call ``cross_entropy`` ``ce_index``, and so on)."""
+    v = row.get("p_variant")
+    if isinstance(v, str) and variants.canonical_name(v) != v:
+        row = dict(row, p_variant=variants.canonical_name(v))
+    return row
 
 
 def export_rows(store: Store, study=None) -> list[dict]:
@@ -48,6 +58,7 @@ def merge_documents(previous: dict, local: dict) -> dict:
     ids = {r["run_id"]: r["run_id"] + offset for r in previous.get("runs", [])}
 
     def key(row):
+        row = canonical_row(row)
         return (row["study"], canonical({k: v for k, v in row.items() if k.startswith("p_")}),
                 row["kind"])
 
@@ -79,7 +90,8 @@ def write_export(store: Store, path) -> Path:
 
 
 def load_document(source) -> dict:
-    """Load rows and runs from a SQLite store or a JSON export."""
+    """Load rows and runs from a SQLite store or a JSON export, variants under their registry
+    names."""
     source = Path(source)
     if source.suffix == ".json":
         doc = json.loads(source.read_text())
@@ -87,9 +99,11 @@ def load_document(source) -> dict:
             for k, v in list(row.items()):
                 if v in ("inf", "-inf", "nan") and not k.startswith("p_"):
                     row[k] = float(v)
-        return doc
-    with Store(source) as store:
-        return export_document(store)
+    else:
+        with Store(source) as store:
+            doc = export_document(store)
+    doc["cells"] = [canonical_row(r) for r in doc["cells"]]
+    return doc
 
 
 def rows_to_csv(rows) -> str:

@@ -20,8 +20,12 @@ COLOURS = {
 }
 IMPL_ORDER = ["naive", "clipped", "lse", "accurate", "scipy", "torch", "numba", "cuda"]
 DTYPE_ORDER = ["float64", "float32", "float16", "bfloat16"]
-# A value drawn for an infinite ulp error (NaN/inf where the exact value is finite)
+# A value drawn for an infinite ulp error (NaN/inf where the exact value is finite); figures draw
+# a grey line labelled "non-finite" there and captions say so
 INF_ULP = 1e12
+# The colour range of the stability atlas, in ulp: it saturates outside it
+ATLAS_RANGE = (1e-2, 1e8)
+WEIGHT_LABELS = {"inverse": "inverse-frequency weights", "effective": "effective-number weights"}
 
 
 def _save(fig, path):
@@ -73,14 +77,30 @@ def _agg(rows, key_fields, metric, how=max):
     return {k: how(v) for k, v in groups.items()}
 
 
-def _clip_inf(v):
-    return INF_ULP if math.isinf(v) else max(v, 1e-3)
+def _clip_inf(v, cap=INF_ULP):
+    """The value drawn for an error: ``cap`` where it is infinite, at least 1e-3 (exact)."""
+    return cap if math.isinf(v) else max(v, 1e-3)
+
+
+def _cap(*dicts):
+    """Where to draw infinite errors: INF_ULP, or two decades above the largest finite error."""
+    finite = [v for d in dicts for v in d.values() if math.isfinite(v) and v > 0]
+    top = max(finite, default=1.0)
+    return max(INF_ULP, 10.0 ** (math.ceil(math.log10(top)) + 2))
+
+
+def _cap_line(ax, cap=INF_ULP):
+    """The grey line at ``cap`` where non-finite results are drawn, labelled on the axes."""
+    ax.axhline(cap, color="0.6", lw=1.5, zorder=0)
+    ax.text(0.98, cap, "non-finite ", transform=ax.get_yaxis_transform(), fontsize=7,
+            color="0.35", va="top", ha="right")
+    ax.set_ylim(1e-3 / 3, cap * 30)
 
 
 # --------------------------------------------------------------------------------------------
 # 1. forward error vs logit scale
 # --------------------------------------------------------------------------------------------
-def fig_error_vs_scale(rows, path, variant="ce_index"):
+def fig_error_vs_scale(rows, path, variant="cross_entropy"):
     rows = _acc(rows, plain=True, variant=variant, family="gaussian")
     dtypes = _ordered({r["p_dtype"] for r in rows}, DTYPE_ORDER)
     if not rows or not dtypes:
@@ -89,32 +109,34 @@ def fig_error_vs_scale(rows, path, variant="ce_index"):
                              sharey=True)
     mx = _agg(rows, ("dtype", "implementation", "scale"), "fwd_max_ulp")
     p99 = _agg(rows, ("dtype", "implementation", "scale"), "fwd_p99_ulp")
+    cap = _cap(mx, p99)
     for ax, dt in zip(axes[0], dtypes):
         impls = _ordered({k[1] for k in mx if k[0] == dt}, IMPL_ORDER)
         for impl in impls:
             scales = sorted(k[2] for k in mx if k[0] == dt and k[1] == impl)
             c = COLOURS.get(impl, "k")
-            ax.plot(scales, [_clip_inf(mx[(dt, impl, s)]) for s in scales], "-o", color=c,
-                    label=f"{impl} max", ms=3)
-            ax.plot(scales, [_clip_inf(p99[(dt, impl, s)]) for s in scales], ":", color=c,
-                    label=f"{impl} p99")
+            ax.plot(scales, [_clip_inf(mx[(dt, impl, s)], cap) for s in scales], "-o",
+                    color=c, label=f"{impl} max", ms=3)
+            ax.plot(scales, [_clip_inf(p99[(dt, impl, s)], cap) for s in scales], ":",
+                    color=c, label=f"{impl} p99")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.axhline(4, color="k", lw=0.8, ls="--")
+        _cap_line(ax, cap)
         ax.set_title(f"{dt}")
         ax.set_xlabel("logit scale (standard deviation)")
         ax.grid(True, which="major", alpha=0.3)
-    axes[0][0].set_ylabel(f"forward error (ulp); {INF_ULP:.0e} = NaN/inf")
+    axes[0][0].set_ylabel("forward error (ulp)")
     handles, labels = axes[0][-1].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
-    fig.suptitle(f"{variant}: forward error against the oracle (dashed line: 4 ulp)")
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.9, 0.5), fontsize=7)
+    fig.suptitle(f"{variant}: forward error against the oracle (dashed line: 4 ulp)", y=1.03)
     return _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
 # 2. stability atlas
 # --------------------------------------------------------------------------------------------
-def fig_atlas(rows, path, variant="ce_index", dtype="float32"):
+def fig_atlas(rows, path, variant="cross_entropy", dtype="float32"):
     rows = _acc(rows, plain=True, variant=variant, family="gaussian", dtype=dtype)
     impls = _ordered({r["p_implementation"] for r in rows}, IMPL_ORDER)
     scales = sorted({r["p_scale"] for r in rows})
@@ -126,17 +148,19 @@ def fig_atlas(rows, path, variant="ce_index", dtype="float32"):
     inf = _agg(rows, ("implementation", "scale", "classes"), "fwd_frac_inf")
     ncol = min(4, len(impls))
     nrow = math.ceil(len(impls) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.0 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol + 1.2, 3.3 * nrow), squeeze=False,
+                             sharex=True, sharey=True, constrained_layout=True)
     cmap = plt.get_cmap("viridis").copy()
+    lo, hi = (math.log10(v) for v in ATLAS_RANGE)
     im = None
-    for ax, impl in zip(axes.ravel(), impls):
+    for k, (ax, impl) in enumerate(zip(axes.ravel(), impls)):
         grid = np.full((len(classes), len(scales)), np.nan)
         for i, c in enumerate(classes):
             for j, s in enumerate(scales):
                 v = mx.get((impl, s, c))
                 if v is not None and math.isfinite(v):
-                    grid[i, j] = np.log10(max(v, 1e-2))
-        im = ax.imshow(grid, origin="lower", cmap=cmap, vmin=-2, vmax=8, aspect="auto")
+                    grid[i, j] = np.log10(max(v, 1e-30))
+        im = ax.imshow(grid, origin="lower", cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
         for i, c in enumerate(classes):
             for j, s in enumerate(scales):
                 n = nonfin.get((impl, s, c), 0.0) or 0.0
@@ -146,15 +170,21 @@ def fig_atlas(rows, path, variant="ce_index", dtype="float32"):
                     ax.text(j, i, "NaN" if n >= f else "inf", ha="center", va="center",
                             fontsize=6, color="white")
         ax.set_title(impl, fontsize=9)
-        ax.set_xticks(range(len(scales)), [f"{s:g}" for s in scales], fontsize=6, rotation=45)
+        ax.set_xticks(range(len(scales)), [f"{s:g}" for s in scales], fontsize=6, rotation=90)
         ax.set_yticks(range(len(classes)), [str(c) for c in classes], fontsize=6)
-        ax.set_xlabel("logit scale", fontsize=7)
-        ax.set_ylabel("classes", fontsize=7)
+        if k // ncol == nrow - 1 or k + ncol >= len(impls):
+            ax.set_xlabel("logit scale", fontsize=7)
+            ax.tick_params(axis="x", labelbottom=True)
+        if k % ncol == 0:
+            ax.set_ylabel("classes", fontsize=7)
     for ax in axes.ravel()[len(impls):]:
         ax.axis("off")
     if im is not None:
-        cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
-        cb.set_label("log10 max forward error (ulp); red: NaN/inf")
+        cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, extend="both")
+        cb.set_ticks(range(int(lo), int(hi) + 1, 2))
+        cb.set_ticklabels([f"1e{t}" for t in range(int(lo), int(hi) + 1, 2)])
+        cb.set_label(f"max forward error (ulp); saturates below {ATLAS_RANGE[0]:g} and above "
+                     f"{ATLAS_RANGE[1]:g}\nred: NaN or inf", fontsize=8)
     fig.suptitle(f"Stability atlas, {variant}, {dtype}")
     return _save(fig, path)
 
@@ -162,7 +192,7 @@ def fig_atlas(rows, path, variant="ce_index", dtype="float32"):
 # --------------------------------------------------------------------------------------------
 # 3. non-finite fraction vs scale
 # --------------------------------------------------------------------------------------------
-def fig_nonfinite(rows, path, variant="ce_index"):
+def fig_nonfinite(rows, path, variant="cross_entropy"):
     rows = _acc(rows, plain=True, variant=variant, family="gaussian")
     dtypes = _ordered({r["p_dtype"] for r in rows}, DTYPE_ORDER)
     if not rows:
@@ -191,9 +221,9 @@ def fig_nonfinite(rows, path, variant="ce_index"):
 # --------------------------------------------------------------------------------------------
 # 4. epsilon clipping
 # --------------------------------------------------------------------------------------------
-def fig_clipping(rows, path):
+def fig_clipping(rows, path, variant="cross_entropy"):
     rows = [r for r in _acc(rows, implementation="clipped", family="dominant",
-                            variant="ce_index") if r.get("clip_bias_nats") is not None]
+                            variant=variant) if r.get("clip_bias_nats") is not None]
     if not rows:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -205,10 +235,12 @@ def fig_clipping(rows, path):
     for i, (dt, eps) in enumerate(sorted({k[:2] for k in bias})):
         margins = sorted(k[2] for k in bias if k[:2] == (dt, eps))
         col = plt.get_cmap("tab10")(i % 10)
+        # float32 and float64 often coincide: hollow, larger markers keep both visible
+        mk = dict(marker="o", ms=3 + 4 * i, mfc="none", lw=1 + 1.5 * (i == 0), alpha=0.85)
         a1.plot(margins, [bias[(dt, eps, m)] for m in margins], styles.get(dt, "-"),
-                marker="o", ms=3, color=col, label=f"{dt}, eps={eps:.3g}")
+                color=col, label=f"{dt}, eps={eps:.3g}", **mk)
         a2.plot(margins, [100 * zero.get((dt, eps, m), 0.0) for m in margins],
-                styles.get(dt, "-"), marker="o", ms=3, color=col, label=f"{dt}, eps={eps:.3g}")
+                styles.get(dt, "-"), color=col, label=f"{dt}, eps={eps:.3g}", **mk)
     a1.set_xlabel("logit margin of the dominant class")
     a1.set_ylabel("mean loss bias where the clip engages (nats)")
     a1.set_xscale("log")
@@ -218,14 +250,15 @@ def fig_clipping(rows, path):
     a2.set_xscale("log")
     a2.grid(True, alpha=0.3)
     a2.legend(fontsize=7)
-    fig.suptitle("Epsilon clipping of probabilities (ce_index, confident-correct and -wrong rows)")
+    fig.suptitle(f"Epsilon clipping of probabilities ({variant}, confident-correct and -wrong "
+                 "rows)")
     return _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
 # 5. true-class gradient vs margin
 # --------------------------------------------------------------------------------------------
-def fig_true_class_gradient(rows, path, variant="ce_index"):
+def fig_true_class_gradient(rows, path, variant="cross_entropy"):
     rows = _acc(rows, plain=True, variant=variant, family="dominant")
     rows = [r for r in rows if r.get("grad_true_max_ulp") is not None
             and r["p_implementation"] != "clipped"]
@@ -236,22 +269,24 @@ def fig_true_class_gradient(rows, path, variant="ce_index"):
                              sharex=True)
     err = _agg(rows, ("dtype", "implementation", "scale"), "grad_true_max_ulp")
     van = _agg(rows, ("dtype", "implementation", "scale"), "grad_true_frac_vanished")
+    cap = _cap(err)
     for j, dt in enumerate(dtypes):
         for impl in _ordered({k[1] for k in err if k[0] == dt}, IMPL_ORDER):
             ms = sorted(k[2] for k in err if k[0] == dt and k[1] == impl)
             c = COLOURS.get(impl, "k")
-            axes[0][j].plot(ms, [_clip_inf(err[(dt, impl, m)]) for m in ms], "-o", ms=3,
+            axes[0][j].plot(ms, [_clip_inf(err[(dt, impl, m)], cap) for m in ms], "-o", ms=3,
                             color=c, label=impl)
             axes[1][j].plot(ms, [100 * van.get((dt, impl, m), 0) for m in ms], "-o", ms=3,
                             color=c, label=impl)
         axes[0][j].set_yscale("log")
         axes[0][j].set_xscale("log")
         axes[0][j].axhline(4, color="k", lw=0.8, ls="--")
+        _cap_line(axes[0][j], cap)
         axes[0][j].set_title(dt)
         axes[0][j].grid(True, alpha=0.3)
         axes[1][j].grid(True, alpha=0.3)
         axes[1][j].set_xlabel("logit margin of the dominant class")
-    axes[0][0].set_ylabel("true-class gradient, max error (ulp)")
+    axes[0][0].set_ylabel("true-class gradient, max error (ulp)\n(dashed: 4 ulp)")
     axes[1][0].set_ylabel("true-class gradients wrongly 0 (%)")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{variant}: the true-class gradient p_y - 1 on confident rows")
@@ -261,19 +296,25 @@ def fig_true_class_gradient(rows, path, variant="ce_index"):
 # --------------------------------------------------------------------------------------------
 # 6. imbalance
 # --------------------------------------------------------------------------------------------
+def imbalance_label(r):
+    """A loss as the imbalance study ran it: the variant's registry name, its gamma where it
+    has one, and its class weights."""
+    label = r["p_variant"]
+    opts = []
+    if r.get("p_gamma") is not None and "focal" in label:
+        opts.append(f"gamma {r['p_gamma']:g}")
+    if r.get("p_class_weight", "none") != "none":
+        opts.append(WEIGHT_LABELS.get(r["p_class_weight"], f"{r['p_class_weight']} weights"))
+    return label + (f" ({', '.join(opts)})" if opts else "")
+
+
 def imbalance_series(rows):
     """{(label, profile, classes): {ratio: (loss share, grad share, sample share)}} (seed mean)."""
     acc = {}
     for r in rows:
         if r["kind"] != "imbalance" or r["status"] != "ok":
             continue
-        label = r["p_class_weight"] if r["p_variant"] == "ce_index" else \
-            f"focal g={r['p_gamma']:g}" + ("" if r["p_class_weight"] == "none"
-                                           else f" + {r['p_class_weight']}")
-        if r["p_variant"] == "ce_index":
-            label = {"none": "plain CE", "inverse": "CE, inverse-frequency weights",
-                     "effective": "CE, effective-number weights"}[label]
-        key = (label, r["p_profile"], r["p_classes"])
+        key = (imbalance_label(r), r["p_profile"], r["p_classes"])
         acc.setdefault(key, {}).setdefault(r["p_imbalance"], []).append(
             (r["minority_loss_share"], r["minority_grad_share"], r["minority_sample_share"]))
     return {k: {ratio: tuple(np.mean(v, axis=0)) for ratio, v in d.items()}
@@ -296,11 +337,12 @@ def fig_imbalance(rows, path):
             d = series.get((lab, prof, classes))
             if not d:
                 continue
-            ratios = sorted(d)
+            # no minority sample drawn: the shares are not applicable there
+            ratios = [x for x in sorted(d) if d[x][2] > 0]
             axes[0][j].plot(ratios, [100 * d[x][0] for x in ratios], "-o", ms=3,
-                            color=cmap(i), label=lab)
+                            color=cmap(i % 10), label=lab)
             axes[1][j].plot(ratios, [100 * d[x][1] for x in ratios], "-o", ms=3,
-                            color=cmap(i), label=lab)
+                            color=cmap(i % 10), label=lab)
             sample = [(x, 100 * d[x][2]) for x in ratios]
         for ax in axes[:, j]:
             if sample:
@@ -311,7 +353,9 @@ def fig_imbalance(rows, path):
         axes[1][j].set_xlabel("imbalance ratio (largest / smallest class)")
     axes[0][0].set_ylabel("minority share of the loss (%)")
     axes[1][0].set_ylabel("minority share of gradient norms (%)")
-    axes[0][-1].legend(fontsize=7)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2,
+               fontsize=8, frameon=False)
     fig.suptitle("What the minority classes get under each loss")
     return _save(fig, path)
 
@@ -319,41 +363,83 @@ def fig_imbalance(rows, path):
 # --------------------------------------------------------------------------------------------
 # 7. performance
 # --------------------------------------------------------------------------------------------
-def fig_performance(rows, path, variant="ce_index", dtype="float32"):
+def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
+    """Throughput over class counts, one line per (implementation, batch size), and the speed-up
+    over torch; a bar chart where only one shape was timed."""
     rows = [r for r in rows if r["kind"] == "performance" and r["status"] == "ok"
             and r["p_variant"] == variant and r["p_dtype"] == dtype]
     if not rows:
         return False
     modes = _ordered({r["p_mode"] for r in rows}, ["forward", "forward_grad"])
-    batch = max(r["p_batch"] for r in rows)
-    rows = [r for r in rows if r["p_batch"] == batch]
-    fig, axes = plt.subplots(2, len(modes), figsize=(5.2 * len(modes), 7), squeeze=False)
+    shapes = sorted({(r["p_batch"], r["p_classes"]) for r in rows})
+    batches = sorted({b for b, _ in shapes})
+    markers = dict(zip(batches, ["o", "s", "^", "D", "v", "P"] * 4))
+    styles = dict(zip(batches, ["-", "--", ":", "-."] * 6))
+    fig, axes = plt.subplots(2, len(modes), figsize=(5.6 * len(modes), 7.4), squeeze=False)
     for j, mode in enumerate(modes):
         sel = [r for r in rows if r["p_mode"] == mode]
         bw = float(np.median([r["bandwidth_gbs"] for r in sel]))
-        torch_t = {r["p_classes"]: r["median_s"] for r in sel if r["p_implementation"] == "torch"}
-        for impl in _ordered({r["p_implementation"] for r in sel}, IMPL_ORDER):
-            pts = sorted((r["p_classes"], r["gb_per_s"], r["median_s"]) for r in sel
-                         if r["p_implementation"] == impl)
-            c = COLOURS.get(impl, "k")
-            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=3, color=c,
-                            label=impl)
-            rat = [(p[0], torch_t[p[0]] / p[2]) for p in pts if p[0] in torch_t]
-            if rat and impl != "torch":
-                axes[1][j].plot(*zip(*rat), "-o", ms=3, color=c, label=impl)
-        axes[0][j].axhline(bw, color="k", ls="--", lw=1,
-                           label=f"streaming-read bandwidth {bw:.1f} GB/s")
-        axes[0][j].set_title(f"{mode}, {batch} rows, {dtype}")
-        axes[0][j].set_ylabel("throughput (GB/s of logits moved)")
+        torch_t = {(r["p_batch"], r["p_classes"]): r["median_s"] for r in sel
+                   if r["p_implementation"] == "torch"}
+        impls = _ordered({r["p_implementation"] for r in sel}, IMPL_ORDER)
+        if len(shapes) == 1:
+            xs = np.arange(len(impls))
+            gb = [next(r["gb_per_s"] for r in sel if r["p_implementation"] == i) for i in impls]
+            axes[0][j].bar(xs, gb, color=[COLOURS.get(i, "k") for i in impls])
+            axes[0][j].set_xticks(xs, impls, fontsize=8)
+            sp = [(i, torch_t[shapes[0]] / next(r["median_s"] for r in sel
+                                                 if r["p_implementation"] == i))
+                  for i in impls if shapes[0] in torch_t and i != "torch"]
+            axes[1][j].bar(np.arange(len(sp)), [v for _, v in sp],
+                           color=[COLOURS.get(i, "k") for i, _ in sp])
+            axes[1][j].set_xticks(np.arange(len(sp)), [i for i, _ in sp], fontsize=8)
+            n, c = shapes[0]
+            axes[0][j].set_title(f"{mode}, {n} x {c}, {dtype}")
+        else:
+            for impl in impls:
+                col = COLOURS.get(impl, "k")
+                for b in batches:
+                    pts = sorted((r["p_classes"], r["gb_per_s"], r["median_s"]) for r in sel
+                                 if r["p_implementation"] == impl and r["p_batch"] == b)
+                    if not pts:
+                        continue
+                    axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], styles[b],
+                                    marker=markers[b], ms=4, color=col)
+                    rat = [(p[0], torch_t[(b, p[0])] / p[2]) for p in pts
+                           if (b, p[0]) in torch_t]
+                    if rat and impl != "torch":
+                        axes[1][j].plot(*zip(*rat), styles[b], marker=markers[b], ms=4,
+                                        color=col)
+            for ax in axes[:, j]:
+                ax.set_xscale("log")
+                ax.set_xlabel("classes")
+            axes[0][j].set_title(f"{mode}, {dtype}")
+        axes[0][j].axhline(bw, color="k", ls="--", lw=1)
+        axes[0][j].text(0.01, bw, f"streaming-read bandwidth {bw:.1f} GB/s", fontsize=7,
+                        va="bottom", transform=axes[0][j].get_yaxis_transform())
+        axes[0][j].set_ylim(0, bw * 1.15)
+        axes[0][j].set_ylabel("throughput (GB/s moved)")
         axes[1][j].axhline(1, color="k", lw=0.8)
         axes[1][j].set_ylabel("speed-up over torch (x)")
-        for ax in axes[:, j]:
-            ax.set_xscale("log")
-            ax.set_xlabel("classes")
-            ax.grid(True, alpha=0.3)
         axes[1][j].set_yscale("log")
-        axes[0][j].legend(fontsize=7)
+        axes[1][j].yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axes[1][j].yaxis.set_major_formatter(
+            matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axes[1][j].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        for ax in axes[:, j]:
+            ax.grid(True, alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    impls = _ordered({r["p_implementation"] for r in rows}, IMPL_ORDER)
+    handles = [Line2D([], [], color=COLOURS.get(i, "k"), lw=6 if len(shapes) == 1 else 1.5,
+                      label=i) for i in impls]
+    if len(shapes) > 1:
+        handles += [Line2D([], [], color="0.3", ls=styles[b], marker=markers[b],
+                           label=f"batch {b}") for b in batches]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(handles), 6), fontsize=8, frameon=False)
     fig.suptitle(f"CPU throughput, {variant} (same run, medians of repeats)")
+    fig.tight_layout()
     return _save(fig, path)
 
 
