@@ -107,8 +107,9 @@ def migrate_params(kind: str, params: dict) -> dict:
 
 
 def now() -> str:
-    """The time stored with rows (UTC, ISO 8601, seconds)."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    """The time stored with rows (UTC, ISO 8601, microseconds: runs of one second are told
+    apart)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
 
 class Store:
@@ -129,6 +130,9 @@ class Store:
             self.db.executescript(SCHEMA)
             self.db.commit()
             self._migrate()
+        except sqlite3.OperationalError as exc:
+            why = "locked by another process" if "locked" in str(exc) else "cannot be opened"
+            raise StoreError(f"{self.path}: {why} ({exc})") from None
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: not a readable cestudy results store ({exc}); "
                              f"left unchanged: move it away or pass another --results") from None
