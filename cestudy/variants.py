@@ -37,14 +37,15 @@ TargetKind = Literal["index", "probs", "binary"]
 InputKind = Literal["logits", "probs", "log_probs"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Variant:
     """One loss: its public name and everything the other layers need to find for it."""
 
     name: str
     """The one name of this variant in results, study files, reports and code."""
-    function: str
-    """The public function in ``cestudy.losses`` (``<function>_with_grad`` is its fused twin)."""
+    function: str = ""
+    """The public function in ``cestudy.losses`` (``<function>_with_grad`` is its fused twin);
+    defaults to ``name``."""
     target: TargetKind
     """``index``: (N,) class indices; ``probs``: probabilities of the input's shape;
     ``binary``: targets in [0, 1] of the input's shape."""
@@ -58,13 +59,15 @@ class Variant:
     cuda: bool = True
     """``cestudy.kernels.cuda`` has the kernel."""
     oracle: str = ""
-    """Stem of the oracle functions: ``<oracle>(x, t, **options)`` and ``<oracle>_grad``."""
+    """Stem of the oracle functions: ``<oracle>(x, t, **options)`` and ``<oracle>_grad``;
+    defaults to ``name``."""
     has_grad: bool = True
     """Whether the public API offers the gradient (``<function>_with_grad``)."""
     input: InputKind = "logits"
     """What the first argument holds."""
-    elementwise: bool = False
-    """One loss per input element (any shape) rather than one per row of classes."""
+    elementwise: bool | None = None
+    """One loss per input element (any shape) rather than one per row of classes; defaults to
+    ``target == "binary"``."""
     reductions: tuple[str, ...] = ("none", "mean", "sum")
     """The ``reduction`` values the public function takes."""
     formulations: tuple[str, ...] = ("naive", "clipped", "lse", "accurate")
@@ -73,6 +76,13 @@ class Variant:
     """The other libraries' implementations in ``cestudy.reference.peers``."""
     legacy_names: tuple[str, ...] = ()
     """Names this variant had before the registry; results and study files that use them load."""
+
+    def __post_init__(self):
+        for field in ("function", "oracle"):
+            if not getattr(self, field):
+                object.__setattr__(self, field, self.name)
+        if self.elementwise is None:
+            object.__setattr__(self, "elementwise", self.target == "binary")
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -83,116 +93,45 @@ class Variant:
         return tuple(name for name, _ in self.options)
 
 
-VARIANTS: dict[str, Variant] = {
-    v.name: v
-    for v in (
-        Variant(
-            name="cross_entropy",
-            function="cross_entropy",
-            target="index",
+# One entry per variant, laid out as a table.
+# fmt: off
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant(name="cross_entropy", target="index", kernel="cross_entropy_index", fast_cpu=True,
             description="softmax cross-entropy with class-index targets",
             options=(("weight", None), ("ignore_index", -100), ("label_smoothing", 0.0)),
-            kernel="cross_entropy_index",
-            fast_cpu=True,
-            oracle="cross_entropy",
-            peers=("torch", "scipy"),
-            legacy_names=("ce_index",),
-        ),
-        Variant(
-            name="cross_entropy_probs",
-            function="cross_entropy",
-            target="probs",
+            peers=("torch", "scipy"), legacy_names=("ce_index",)),
+    Variant(name="cross_entropy_probs", function="cross_entropy", target="probs",
+            kernel="cross_entropy_prob", fast_cpu=True,
             description="softmax cross-entropy with probability targets, H(p, q)",
-            options=(("weight", None), ("label_smoothing", 0.0)),
-            kernel="cross_entropy_prob",
-            fast_cpu=True,
-            oracle="cross_entropy_probs",
-            legacy_names=("ce_prob",),
-        ),
-        Variant(
-            name="binary_cross_entropy_with_logits",
-            function="binary_cross_entropy_with_logits",
-            target="binary",
-            elementwise=True,
-            description="binary cross-entropy with logits",
-            options=(("weight", None), ("pos_weight", None)),
-            kernel="bce_with_logits",
-            fast_cpu=True,
-            oracle="binary_cross_entropy_with_logits",
-            legacy_names=("bce_logits",),
-        ),
-        Variant(
-            name="binary_cross_entropy",
-            function="binary_cross_entropy",
-            target="binary",
-            elementwise=True,
-            input="probs",
+            options=(("weight", None), ("label_smoothing", 0.0)), legacy_names=("ce_prob",)),
+    Variant(name="binary_cross_entropy_with_logits", target="binary", kernel="bce_with_logits",
+            fast_cpu=True, description="binary cross-entropy with logits",
+            options=(("weight", None), ("pos_weight", None)), legacy_names=("bce_logits",)),
+    Variant(name="binary_cross_entropy", target="binary", input="probs", cuda=False,
+            has_grad=False, formulations=("naive", "clipped", "accurate"),
             description="binary cross-entropy on probabilities (sigmoid applied first)",
-            options=(("weight", None),),
-            cuda=False,
-            oracle="binary_cross_entropy",
-            has_grad=False,
-            formulations=("naive", "clipped", "accurate"),
-            legacy_names=("bce_probs",),
-        ),
-        Variant(
-            name="kl_divergence",
-            function="kl_divergence",
-            target="probs",
-            description="KL(p || softmax(x))",
-            kernel="kl_divergence",
-            oracle="kl_divergence",
-            legacy_names=("kl",),
-        ),
-        Variant(
-            name="softmax_focal_loss",
-            function="softmax_focal_loss",
-            target="index",
+            options=(("weight", None),), legacy_names=("bce_probs",)),
+    Variant(name="kl_divergence", target="probs", kernel="kl_divergence",
+            description="KL(p || softmax(x))", legacy_names=("kl",)),
+    Variant(name="softmax_focal_loss", target="index", kernel="softmax_focal",
             description="softmax focal loss",
             options=(("weight", None), ("ignore_index", -100), ("gamma", 2.0)),
-            kernel="softmax_focal",
-            oracle="softmax_focal_loss",
-            legacy_names=("focal_softmax",),
-        ),
-        Variant(
-            name="sigmoid_focal_loss",
-            function="sigmoid_focal_loss",
-            target="binary",
-            elementwise=True,
+            legacy_names=("focal_softmax",)),
+    Variant(name="sigmoid_focal_loss", target="binary", kernel="sigmoid_focal",
             description="sigmoid focal loss (torchvision)",
             options=(("alpha", 0.25), ("gamma", 2.0)),
-            kernel="sigmoid_focal",
-            oracle="sigmoid_focal_loss",
-            legacy_names=("focal_sigmoid", "sigmoid_focal"),
-        ),
-        Variant(
-            name="nll_loss",
-            function="nll_loss",
-            target="index",
-            input="log_probs",
+            legacy_names=("focal_sigmoid", "sigmoid_focal")),
+    Variant(name="nll_loss", target="index", input="log_probs", kernel="nll", cuda=False,
+            formulations=(),
             description="negative log-likelihood of log-probabilities (torch's nll_loss)",
-            options=(("weight", None), ("ignore_index", -100)),
-            kernel="nll",
-            cuda=False,
-            oracle="nll_loss",
-            formulations=(),
-        ),
-        Variant(
-            name="kl_div",
-            function="kl_div",
-            target="probs",
-            input="log_probs",
-            elementwise=True,
-            description="torch's kl_div: pointwise p (log p - input) on log-probabilities",
-            options=(("log_target", False),),
-            kernel="kl_div",
-            cuda=False,
-            oracle="kl_div",
-            formulations=(),
+            options=(("weight", None), ("ignore_index", -100))),
+    Variant(name="kl_div", target="probs", input="log_probs", elementwise=True,
+            kernel="kl_div", cuda=False, formulations=(),
             reductions=("none", "mean", "sum", "batchmean"),
-        ),
-    )
-}
+            description="torch's kl_div: pointwise p (log p - input) on log-probabilities",
+            options=(("log_target", False),)),
+)}
+# fmt: on
 
 LEGACY_NAMES: dict[str, str] = {old: v.name for v in VARIANTS.values() for old in v.legacy_names}
 
