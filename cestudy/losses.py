@@ -431,7 +431,8 @@ def binary_cross_entropy_with_logits_with_grad(
         out: optional gradient buffer of the logits' shape and dtype.
 
     Returns:
-        (loss, grad).
+        (loss, grad): the loss as the forward function returns it, and its gradient (divided
+        by the number of elements for "mean").
 
     Example:
         >>> import numpy as np, cestudy
@@ -540,11 +541,10 @@ def softmax_focal_loss_with_grad(logits: ArrayLike, target: ArrayLike, *, gamma:
 
     Args:
         logits, target, gamma, weight, ignore_index, reduction, backend: as for
-            :func:`softmax_focal_loss`.
-        out: optional gradient buffer of the logits' shape and dtype.
+            :func:`softmax_focal_loss`; ``out``: an optional gradient buffer.
 
     Returns:
-        (loss, grad).
+        (loss, grad), grad divided by the sum of w_y over kept rows for "mean".
 
     Example:
         >>> import numpy as np, cestudy
@@ -686,9 +686,7 @@ def softmax(logits: ArrayLike, dim: int = -1, dtype=None) -> np.ndarray:
     the more accurate of the two forms Blanchard, Higham & Higham analyse).
 
     Args:
-        logits: floating array.
-        dim: the axis over which to normalise (torch's ``dim``; default the last).
-        dtype: optional floating dtype to cast the input to first (torch's ``dtype``).
+        logits, dim, dtype: as for :func:`log_softmax`.
 
     Returns:
         An array of the logits' shape, in their dtype (or ``dtype``).

@@ -143,15 +143,18 @@ def _weights(weight, c):
 # --------------------------------------------------------------------------------------------
 # Softmax cross-entropy
 # --------------------------------------------------------------------------------------------
-def cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0):
-    """Per-row loss (N,) for class-index targets (torch semantics), longdouble."""
+def _index_rows(logits, target, weight, ignore_index):
+    """(rows, c, kept rows, targets with ignored ones set to 0, class weights, row numbers)."""
     r = _Rows(logits)
     n, c = r.x.shape
     y = np.asarray(target, dtype=np.int64).reshape(n)
     keep = y != ignore_index
-    ys = np.where(keep, y, 0)
-    w = _weights(weight, c)
-    rows = np.arange(n)
+    return r, c, keep, np.where(keep, y, 0), _weights(weight, c), np.arange(n)
+
+
+def cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0):
+    """Per-row loss (N,) for class-index targets (torch semantics), longdouble."""
+    r, c, keep, ys, w, rows = _index_rows(logits, target, weight, ignore_index)
     eps = LD(label_smoothing)
     with np.errstate(invalid="ignore"):
         loss = w[ys] * r.nlp[rows, ys]
@@ -165,13 +168,7 @@ def cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothin
 
 def cross_entropy_grad(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0):
     """Per-row gradient (N, C) of :func:`cross_entropy` (grad_scale 1), longdouble."""
-    r = _Rows(logits)
-    n, c = r.x.shape
-    y = np.asarray(target, dtype=np.int64).reshape(n)
-    keep = y != ignore_index
-    ys = np.where(keep, y, 0)
-    w = _weights(weight, c)
-    rows = np.arange(n)
+    r, c, keep, ys, w, rows = _index_rows(logits, target, weight, ignore_index)
     p = r.softmax()
     eps = LD(label_smoothing)
     pm1 = np.where(ys == r.k, -r.s / r.z, p[rows, ys] - 1)
@@ -288,13 +285,8 @@ def softmax_focal_loss_grad(logits, target, gamma=2.0, weight=None, ignore_index
 
 
 def _softmax_focal(logits, target, gamma, weight, ignore_index, grad):
-    r = _Rows(logits)
-    n, c = r.x.shape
-    y = np.asarray(target, dtype=np.int64).reshape(n)
-    keep = y != ignore_index
-    ys = np.where(keep, y, 0)
-    rows = np.arange(n)
-    w = _weights(weight, c)[ys]
+    r, c, keep, ys, w, rows = _index_rows(logits, target, weight, ignore_index)
+    w = w[ys]
     gamma = LD(gamma)
     ce = r.nlp[rows, ys]
     e_y = r.e[rows, ys]
