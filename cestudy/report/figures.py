@@ -34,6 +34,20 @@ def _save(fig, path):
     return True
 
 
+def _log_x_panels(fig, axes, titles, xlabel, ylabel, suptitle, path):
+    """Finish a row of panels that share a log x axis: titles, labels, grid, a legend in the
+    last panel, the figure title; save."""
+    for ax, title in zip(axes[0], titles):
+        ax.set_xscale("log")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(suptitle)
+    return _save(fig, path)
+
+
 def _ordered(values, order):
     return [v for v in order if v in values] + sorted(v for v in values if v not in order)
 
@@ -208,14 +222,8 @@ def fig_nonfinite(rows, path, variant="cross_entropy"):
             scales = sorted(k[2] for k in frac if k[0] == dt and k[1] == impl)
             ax.plot(scales, [100 * frac[(dt, impl, s)] for s in scales], "-o", ms=3,
                     color=COLOURS.get(impl, "k"), label=impl)
-        ax.set_xscale("log")
-        ax.set_title(dt)
-        ax.set_xlabel("logit scale")
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("non-finite results (% of samples)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"{variant}: NaN or inf where the exact loss is finite")
-    return _save(fig, path)
+    return _log_x_panels(fig, axes, dtypes, "logit scale", "non-finite results (% of samples)",
+                         f"{variant}: NaN or inf where the exact loss is finite", path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -574,11 +582,6 @@ def fig_training_bacc(rows, path):
             xs = sorted(pts)
             ax.plot(xs, [np.nanmean(pts[x]) for x in xs], "-o", ms=3,
                     color=LOSS_COLOURS.get(loss, "k"), label=loss)
-        ax.set_xscale("log")
-        ax.set_title(ds)
-        ax.set_xlabel("imbalance ratio of the training split")
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("balanced accuracy on the balanced test split")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Logistic regression by L-BFGS: which loss copes with imbalance")
-    return _save(fig, path)
+    return _log_x_panels(fig, axes, datasets, "imbalance ratio of the training split",
+                         "balanced accuracy on the balanced test split",
+                         "Logistic regression by L-BFGS: which loss copes with imbalance", path)

@@ -44,15 +44,17 @@ def share_sentence(rows, profile="step", labels=None):
             f"classes are {fmt_pct(samp)} of the samples and carry {desc}.")
 
 
+INTRO = ("A classifier that has learned the class prior (logits log prior + N(0, 1) noise + a "
+         "margin of 2 on the true class) scored under each loss. Shares are means over seeds; "
+         "the minority classes are the rarer half. A share of the loss is not applicable "
+         "(`n/a`) where no minority sample was drawn.\n")
+
+
 def render(ctx: Context, rows) -> Part:
     s = series(rows)
     if not s:
         return Part("")
-    parts = [f"## {TITLE}\n",
-             "A classifier that has learned the class prior (logits log prior + N(0, 1) noise + "
-             "a margin of 2 on the true class) scored under each loss. Shares are means over "
-             "seeds; the minority classes are the rarer half. A share of the loss is not "
-             "applicable (`n/a`) where no minority sample was drawn.\n"]
+    parts = [f"## {TITLE}\n", INTRO]
     out_rows = []
     for (label, prof, classes), d in sorted(s.items()):
         for ratio in sorted(d):
