@@ -32,12 +32,6 @@ def ulp_phrase(v) -> str:
     return text if text in ("non-finite", "n/a") else f"{text} ulp"
 
 
-def up_to(v) -> str:
-    """"up to 0.5 ulp", or "non-finite results" where the worst error is infinite."""
-    text = ulp_phrase(v)
-    return "non-finite results" if text == "non-finite" else f"up to {text}"
-
-
 def fmt_pct(v) -> str:
     v = _num(v)
     if math.isnan(v):
