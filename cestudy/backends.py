@@ -39,7 +39,8 @@ def cuda_status() -> tuple[bool, str]:
                            "(pip install 'cestudy[cuda]')")
     try:
         if not cuda.is_available():
-            return False, "no CUDA GPU is available (cuda.is_available() is False)"
+            return False, ("no CUDA GPU is available here (cuda.is_available() is False): run "
+                           "on a machine with an NVIDIA GPU and pip install 'cestudy[cuda]'")
         if simulator_enabled():
             return True, "CUDA simulator (NUMBA_ENABLE_CUDASIM=1; timings are meaningless)"
         dev = cuda.get_current_device()

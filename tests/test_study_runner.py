@@ -377,3 +377,41 @@ def test_two_runners_and_kill_9_of_one_lose_and_duplicate_nothing(tmp_path, vict
     # the survivor computed exactly the cells the killed runner had not stored
     assert done == by_survivor and by_killed + by_survivor == total
     assert by_killed > 0 and by_survivor > 0
+
+
+def test_kinds_declare_keys_normalisation_seed_fields_and_compute():
+    from cestudy.study import kinds
+    from cestudy.study.keys import Key
+
+    assert set(kinds.KINDS) == {"accuracy", "imbalance", "performance", "training", "higham"}
+    for name, kind in kinds.KINDS.items():
+        assert kind.NAME == name and "seed" in kind.KEYS
+        assert all(isinstance(k, Key) for k in kind.KEYS.values())
+        assert set(kind.SEED_FIELDS) <= set(kind.KEYS)
+        for attr in ("normalise", "compute", "estimate_seconds"):
+            assert callable(getattr(kind, attr))
+    assert spec.KINDS == {n: k.KEYS for n, k in kinds.KINDS.items()}
+
+
+def test_accuracy_cells_exist_for_every_registry_variant(tmp_path):
+    from cestudy import variants
+
+    text = ("name='all'\n[[part]]\nkind='accuracy'\nvariant=[%s]\nimplementation=['numba']\n"
+            % ", ".join(f"'{v}'" for v in variants.VARIANTS))
+    cells = spec.load(str(write(tmp_path, text))).cells()
+    assert {c["variant"] for c in cells} == set(variants.VARIANTS)
+    from cestudy.study import compute
+
+    for cell in cells:  # each is computed and scored (logits, probabilities, log-probabilities)
+        out = compute.compute_cell(dict(cell))
+        assert out["n_samples"] > 0 and np.isfinite(out["fwd_max_ulp"]), cell
+        if variants.get(cell["variant"]).input != "probs":
+            assert out["fwd_max_ulp"] <= 4, (cell["variant"], out["fwd_max_ulp"])
+
+
+def test_study_files_with_legacy_variant_names_load_under_todays_names(tmp_path):
+    old = TINY.replace('"cross_entropy", "binary_cross_entropy_with_logits"',
+                       '"ce_index", "bce_logits"')
+    assert "ce_index" in old
+    new_cells = spec.load(str(write(tmp_path, TINY, "new.toml"))).cells()
+    assert spec.load(str(write(tmp_path, old, "old.toml"))).cells() == new_cells
