@@ -4,30 +4,112 @@ For a variant ``name`` whose registry entry lists peer ``P``, this module has ``
 target, **options) -> (loss, grad)`` with the conventions of ``cestudy.reference.formulations``:
 per-sample loss in the dtype under test and the gradient of the summed loss from the peer's own
 autodiff (None where it has none). Each peer is imported when first called, so that cestudy
-imports without it; ``AVAILABLE`` says how to find out whether it is installed.
+imports without it; ``available(peer)`` says whether it is installed and how to install it.
+
+The peers: ``torch`` (torch.nn.functional and autograd), ``scipy`` (scipy.special), ``jax``
+(optax's losses and ``jax.nn``, under ``jax.jit`` on the CPU, gradients by ``jax.vjp``),
+``tensorflow`` (``tf.nn`` and the Keras 3 losses, eager on the CPU, gradients by
+``tf.GradientTape``) and ``sklearn`` (``sklearn.metrics.log_loss`` per sample; no gradient).
+jax, tensorflow and sklearn come with ``pip install 'cestudy[peers]'``.
+
+Each peer computes what its library computes, in the library's own way; where a library has no
+equivalent of an option (optax and ``tf.nn`` have no class weights; ``log_loss`` has no logits,
+label smoothing or ignored rows) the function raises :class:`Unsupported`, a
+``cestudy.backends.Skip`` (the study records the cell as skipped, with the reason) that is also a
+``NotImplementedError``. ``limitation(peer, variant, **options)`` gives that reason without
+computing anything.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 
 import numpy as np
 
 from .. import dtypes
+from ..backends import Skip
 
-PACKAGES = {"torch": "torch", "scipy": "scipy"}
+# peer -> the module whose presence makes it available (what ``available`` looks for)
+PACKAGES = {"torch": "torch", "scipy": "scipy", "jax": "optax", "tensorflow": "tensorflow",
+            "sklearn": "sklearn"}
 DESCRIPTIONS = {
     "torch": "torch.nn.functional (CPU) and autograd",
     "scipy": "scipy.special.log_softmax / softmax",
+    "jax": "optax losses and jax.nn under jax.jit (CPU, x64 on), gradients by jax.vjp",
+    "tensorflow": "tf.nn and Keras 3 losses (CPU, eager), gradients by tf.GradientTape",
+    "sklearn": "sklearn.metrics.log_loss per sample (clipped at finfo(dtype).eps), no gradient",
 }
+# every module a peer imports, and the distributions whose versions describe it
+_MODULES = {"jax": ("jax", "optax"), "tensorflow": ("tensorflow", "keras")}
+DISTRIBUTIONS = {"torch": ("torch",), "scipy": ("scipy",), "jax": ("jax", "jaxlib", "optax"),
+                 "tensorflow": ("tensorflow", "tensorflow-cpu", "keras"),
+                 "sklearn": ("scikit-learn",)}
+_INSTALL = {"torch": "pip install torch==2.13.0 (CPU build)",
+            "jax": "pip install 'cestudy[peers]'", "tensorflow": "pip install 'cestudy[peers]'",
+            "sklearn": "pip install 'cestudy[peers]'"}
 
 
 def available(peer: str) -> tuple[bool, str]:
     """(installed, reason when not) for ``peer``, with the command that would install it."""
-    package = PACKAGES[peer]
-    if importlib.util.find_spec(package) is None:
-        hint = "pip install torch==2.13.0 (CPU build)" if peer == "torch" else f"pip install {package}"
-        return False, f"{package} is not installed ({hint})"
+    for module in _MODULES.get(peer, (PACKAGES[peer],)):
+        if importlib.util.find_spec(module) is None:
+            hint = _INSTALL.get(peer, f"pip install {module}")
+            return False, f"{module} is not installed ({hint})"
     return True, ""
+
+
+def versions() -> dict[str, str]:
+    """{distribution: version} of every installed peer package (for a run's manifest)."""
+    from importlib import metadata
+
+    out = {}
+    for dists in DISTRIBUTIONS.values():
+        for dist in dists:
+            try:
+                out[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                pass
+    return out
+
+
+class Unsupported(Skip, NotImplementedError):
+    """The peer's library has no equivalent of an option or input of the call (class weights in
+    optax, label smoothing in ``log_loss``, ...). A ``Skip``, so that a study records the cell as
+    skipped with this reason rather than as a result, and a ``NotImplementedError``."""
+
+
+# (peer, option) -> what the library lacks, for the variants where the option means something
+_LACKS = {
+    ("jax", "weight"): "optax has no class or element weights",
+    ("jax", "pos_weight"): "optax has no pos_weight",
+    ("tensorflow", "weight"): "tf.nn / Keras losses have no class or element weights",
+    ("sklearn", "weight"): "sklearn.metrics.log_loss has no class weights",
+    ("sklearn", "label_smoothing"): "sklearn.metrics.log_loss has no label smoothing",
+}
+# where the peer's own code path takes the option after all
+_TAKES = {("jax", "softmax_focal_loss", "weight"), ("tensorflow", "softmax_focal_loss", "weight")}
+
+
+def limitation(peer: str, variant: str, **options) -> str:
+    """Why ``peer`` cannot compute ``variant`` with these options ("" when it can).
+
+    Only the options are looked at; what depends on the data (ignored rows or soft targets for
+    ``log_loss``) is checked when the function runs. The peer functions raise
+    :class:`Unsupported` with this reason."""
+    for name, value in options.items():
+        if value is None or (name == "label_smoothing" and value == 0):
+            continue
+        why = _LACKS.get((peer, name))
+        if why and (peer, variant, name) not in _TAKES:
+            return f"{why} ({variant} with {name})"
+    return ""
+
+
+def _refuse(peer, variant, **options):
+    why = limitation(peer, variant, **options)
+    if why:
+        raise Unsupported(why)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,3 +267,382 @@ def torch_kl_div(log_probs, target, log_target=False, **_):
         return F.kl_div(xt, tt, reduction="none", log_target=log_target)
 
     return _torch_call(fn, log_probs, target, False)
+
+
+# --------------------------------------------------------------------------------------------
+# jax / optax
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _jax():
+    """(jax, jax.numpy, optax, the CPU device), with 64-bit types enabled: without x64 JAX
+    silently computes float64 inputs in float32."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import optax
+
+    return jax, jnp, optax, jax.devices("cpu")[0]
+
+
+_JAX_JIT: dict = {}
+
+
+def _jax_call(key, loss_fn, x, target, *arrays, with_grad=True):
+    """``loss_fn(x, target, *arrays)`` under ``jax.jit`` on the CPU, and the gradient of its sum
+    by ``jax.vjp`` (cotangent ones), as a jitted training step computes them. ``key`` names the
+    function and its static options: one jitted function per key (jit itself caches per shape
+    and dtype)."""
+    jax, jnp, _, cpu = _jax()
+    f = _JAX_JIT.get((key, with_grad))
+    if f is None:
+        if with_grad:
+            def fwd_grad(xj, tj, *aj):
+                loss, vjp = jax.vjp(lambda a: loss_fn(a, tj, *aj), xj)
+                return loss, vjp(jnp.ones_like(loss))[0]
+            f = jax.jit(fwd_grad)
+        else:
+            f = jax.jit(loss_fn)
+        _JAX_JIT[(key, with_grad)] = f
+    x = np.asarray(x)
+    args = [jax.device_put(np.asarray(a), cpu) for a in (x, target, *arrays)]
+    out = f(*args)
+    loss, grad = out if with_grad else (out, None)
+    loss = np.asarray(loss)
+    if loss.dtype != x.dtype:  # x64 switched off by someone else after our first call
+        raise RuntimeError(f"jax computed {x.dtype} input in {loss.dtype}: jax_enable_x64 is off")
+    return loss, (None if grad is None else np.asarray(grad).astype(x.dtype, copy=False))
+
+
+def jax_cross_entropy(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, **_):
+    """``optax.softmax_cross_entropy_with_integer_labels``: ``logsumexp(x) - x_y``, which rounds
+    the loss of a confident row to 0 (and its true-class gradient with it) in float32.
+
+    Ignored rows go through optax's ``where`` (a row mask: loss 0, gradient 0). Label smoothing
+    is optax's recipe, ``softmax_cross_entropy(x, smooth_labels(one_hot(y), eps))``, the same
+    targets as torch's ``(1 - eps) onehot + eps / C``. optax has no class weights: a weighted
+    call raises :class:`Unsupported`."""
+    _refuse("jax", "cross_entropy", weight=weight, label_smoothing=label_smoothing)
+    jax, jnp, optax, _ = _jax()
+    ls = float(label_smoothing)
+
+    def fn(xj, tj):
+        keep = tj != ignore_index
+        if ls == 0:
+            return optax.softmax_cross_entropy_with_integer_labels(xj, tj, where=keep)
+        onehot = jax.nn.one_hot(jnp.where(keep, tj, 0), xj.shape[-1], dtype=xj.dtype)
+        loss = optax.softmax_cross_entropy(xj, optax.smooth_labels(onehot, ls), where=keep)
+        return jnp.where(keep, loss, 0)
+
+    return _jax_call(("cross_entropy", ignore_index, ls), fn, x, np.asarray(target, np.int64))
+
+
+def jax_cross_entropy_probs(x, target, weight=None, label_smoothing=0.0, **_):
+    """``optax.softmax_cross_entropy``: ``-sum(p * log_softmax(x))``; label smoothing by
+    ``optax.smooth_labels`` (torch's ``(1 - eps) p + eps / C``); no class weights
+    (:class:`Unsupported`)."""
+    _refuse("jax", "cross_entropy_probs", weight=weight, label_smoothing=label_smoothing)
+    _, _, optax, _ = _jax()
+    ls = float(label_smoothing)
+
+    def fn(xj, tj):
+        return optax.softmax_cross_entropy(xj, optax.smooth_labels(tj, ls) if ls else tj)
+
+    return _jax_call(("cross_entropy_probs", ls), fn, x, target)
+
+
+def jax_kl_divergence(x, target, **_):
+    """``optax.kl_divergence(jax.nn.log_softmax(x), p)``: ``sum(p (log p - log q))`` with the
+    ``p = 0`` terms set to 0."""
+    jax, _, optax, _ = _jax()
+
+    def fn(xj, tj):
+        return optax.kl_divergence(jax.nn.log_softmax(xj, axis=-1), tj)
+
+    return _jax_call(("kl_divergence",), fn, x, target)
+
+
+def jax_softmax_focal_loss(x, target, gamma=2.0, weight=None, ignore_index=-100, **_):
+    """``-w_y (1 - p_y)^gamma log p_y`` written with ``jax.nn.log_softmax`` (optax has no softmax
+    focal loss; the torch peer is written the same way): ``p_y = exp(log p_y)`` and
+    ``1 - p_y`` in the working dtype, so confident rows lose the loss as the lse form does."""
+    jax, jnp, _, _ = _jax()
+    g = float(gamma)
+    w = np.ones(np.shape(x)[-1]) if weight is None else np.asarray(weight, np.float64)
+
+    def fn(xj, tj, wj):
+        keep = tj != ignore_index
+        ys = jnp.where(keep, tj, 0)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(xj, axis=-1), ys[:, None], axis=-1)[:, 0]
+        loss = -wj.astype(xj.dtype)[ys] * (1 - jnp.exp(lp)) ** g * lp
+        return jnp.where(keep, loss, 0)
+
+    return _jax_call(("softmax_focal_loss", ignore_index, g), fn, x,
+                     np.asarray(target, np.int64), w)
+
+
+def jax_binary_cross_entropy_with_logits(x, target, weight=None, pos_weight=None, **_):
+    """``optax.sigmoid_binary_cross_entropy``: ``-t log_sigmoid(x) - (1 - t) log_sigmoid(-x)``;
+    no element weights or pos_weight (:class:`Unsupported`)."""
+    _refuse("jax", "binary_cross_entropy_with_logits", weight=weight, pos_weight=pos_weight)
+    _, _, optax, _ = _jax()
+    return _jax_call(("binary_cross_entropy_with_logits",), optax.sigmoid_binary_cross_entropy,
+                     x, target)
+
+
+def jax_sigmoid_focal_loss(x, target, alpha=0.25, gamma=2.0, **_):
+    """``optax.sigmoid_focal_loss`` (optax >= 0.2.5 computes ``(1 - p_t)^gamma`` in log space);
+    torchvision's ``alpha < 0`` (no class balancing) is optax's ``alpha=None``."""
+    _, _, optax, _ = _jax()
+    a = None if alpha is None or alpha < 0 else float(alpha)
+    g = float(gamma)
+
+    def fn(xj, tj):
+        return optax.sigmoid_focal_loss(xj, tj, alpha=a, gamma=g)
+
+    return _jax_call(("sigmoid_focal_loss", a, g), fn, x, target)
+
+
+# --------------------------------------------------------------------------------------------
+# tensorflow / keras
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _tf():
+    """(tensorflow, keras) with Keras on its TensorFlow backend and TF's C++ info logs off."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+    import tensorflow as tf
+
+    if keras.backend.backend() != "tensorflow":
+        raise Skip(f"keras runs on its {keras.backend.backend()} backend (KERAS_BACKEND); the "
+                   "tensorflow peer needs KERAS_BACKEND=tensorflow")
+    return tf, keras
+
+
+def _tf_call(op, loss_fn, x, with_grad=True):
+    """``loss_fn(x)`` eagerly on the CPU, and the gradient of its sum by ``tf.GradientTape``
+    (output gradient ones). A dtype with no kernel for ``op`` raises :class:`Unsupported`."""
+    tf, _ = _tf()
+    x = np.asarray(x)
+    try:
+        with tf.device("/CPU:0"):
+            xt = tf.constant(x)
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(xt)
+                loss = loss_fn(xt)
+            grad = None
+            if with_grad:
+                grad = tape.gradient(loss, xt, output_gradients=tf.ones_like(loss))
+    except tf.errors.NotFoundError as exc:  # no kernel registered for this dtype
+        raise Unsupported(f"TensorFlow has no {dtypes.dtype_name(x.dtype)} CPU kernel for "
+                          f"{op}: {str(exc).splitlines()[0][:200]}") from None
+    loss = loss.numpy()
+    if grad is not None:
+        grad = grad.numpy().astype(x.dtype, copy=False)
+    return loss.astype(x.dtype, copy=False), grad
+
+
+def tensorflow_cross_entropy(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
+                             **_):
+    """``tf.nn.sparse_softmax_cross_entropy_with_logits`` (``lse - x_y``).
+
+    The sparse op has no label smoothing and no ignored rows (it rejects a label outside
+    [0, C)), so those calls take Keras' routes, which end in the same kernels: ignored rows
+    ``keras.losses.sparse_categorical_crossentropy(..., ignore_class=ignore_index)`` (loss and
+    gradient 0), label smoothing ``keras.losses.categorical_crossentropy`` on one-hot targets
+    with ``label_smoothing`` (``tf.nn.softmax_cross_entropy_with_logits`` on torch's targets).
+    Both at once has no Keras route, nor do class weights: :class:`Unsupported`."""
+    _refuse("tensorflow", "cross_entropy", weight=weight, label_smoothing=label_smoothing)
+    tf, keras = _tf()
+    t = np.asarray(target, np.int64)
+    ignored = bool((t == ignore_index).any())
+    ls = float(label_smoothing)
+    if ls and ignored:
+        raise Unsupported("TensorFlow/Keras has no cross-entropy with both label smoothing and "
+                          "ignored rows (cross_entropy with label_smoothing and ignore_index)")
+    if ls:
+        op = "keras.losses.categorical_crossentropy(label_smoothing)"
+
+        def fn(xt):
+            onehot = tf.one_hot(t, xt.shape[-1], dtype=xt.dtype)
+            return keras.losses.categorical_crossentropy(onehot, xt, from_logits=True,
+                                                         label_smoothing=ls)
+    elif ignored:
+        op = "keras.losses.sparse_categorical_crossentropy(ignore_class)"
+
+        def fn(xt):
+            return keras.losses.sparse_categorical_crossentropy(t, xt, from_logits=True,
+                                                                ignore_class=ignore_index)
+    else:
+        op = "tf.nn.sparse_softmax_cross_entropy_with_logits"
+
+        def fn(xt):
+            return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=t, logits=xt)
+
+    return _tf_call(op, fn, x)
+
+
+def tensorflow_cross_entropy_probs(x, target, weight=None, label_smoothing=0.0, **_):
+    """``tf.nn.softmax_cross_entropy_with_logits``; with label smoothing,
+    ``keras.losses.categorical_crossentropy(..., from_logits=True, label_smoothing=eps)``
+    (targets ``(1 - eps) p + eps / C``, as torch). No class weights (:class:`Unsupported`)."""
+    _refuse("tensorflow", "cross_entropy_probs", weight=weight, label_smoothing=label_smoothing)
+    tf, keras = _tf()
+    ls = float(label_smoothing)
+    t = np.asarray(target)
+
+    def fn(xt):
+        if ls:
+            return keras.losses.categorical_crossentropy(t, xt, from_logits=True,
+                                                         label_smoothing=ls)
+        return tf.nn.softmax_cross_entropy_with_logits(labels=t, logits=xt)
+
+    return _tf_call("tf.nn.softmax_cross_entropy_with_logits", fn, x)
+
+
+def tensorflow_kl_divergence(x, target, **_):
+    """``keras.losses.kl_divergence(p, tf.nn.softmax(x))``: Keras' KL takes probabilities and
+    clips both arguments to [1e-7, 1] (``keras.config.epsilon()``), so a loss below the clip's
+    bias is lost and classes with p = 0 contribute ``1e-7 log(1e-7 / q)``."""
+    tf, keras = _tf()
+    t = np.asarray(target)
+
+    def fn(xt):
+        return keras.losses.kl_divergence(t, tf.nn.softmax(xt, axis=-1))
+
+    return _tf_call("keras.losses.kl_divergence", fn, x)
+
+
+def tensorflow_softmax_focal_loss(x, target, gamma=2.0, weight=None, ignore_index=-100, **_):
+    """``keras.losses.categorical_focal_crossentropy(one_hot(y), x, alpha=w, gamma,
+    from_logits=True)``: softmax, then probabilities clipped to [1e-7, 1 - 1e-7], so the loss
+    never falls below ``1e-7^gamma * -log(1 - 1e-7)`` nor exceeds ``-log(1e-7)``.
+
+    Keras' ``alpha`` (a scalar or one weight per class) plays torch's class weights (1 when
+    none). Ignored rows get the all-zero one-hot row that ``tf.one_hot`` gives an out-of-range
+    index: loss and gradient 0."""
+    tf, keras = _tf()
+    t = np.asarray(target, np.int64)
+    alpha = 1.0 if weight is None else np.asarray(weight, np.float64)
+
+    def fn(xt):
+        onehot = tf.one_hot(np.where(t == ignore_index, -1, t), xt.shape[-1], dtype=xt.dtype)
+        a = alpha if np.ndim(alpha) == 0 else tf.constant(alpha, dtype=xt.dtype)
+        return keras.losses.categorical_focal_crossentropy(onehot, xt, alpha=a, gamma=gamma,
+                                                           from_logits=True)
+
+    return _tf_call("keras.losses.categorical_focal_crossentropy", fn, x)
+
+
+def tensorflow_binary_cross_entropy_with_logits(x, target, weight=None, pos_weight=None, **_):
+    """``tf.nn.sigmoid_cross_entropy_with_logits``: ``max(x, 0) - x t + log1p(exp(-|x|))``;
+    with ``pos_weight``, ``tf.nn.weighted_cross_entropy_with_logits`` (torch's pos_weight: the
+    positive term scaled). No element weights (:class:`Unsupported`)."""
+    _refuse("tensorflow", "binary_cross_entropy_with_logits", weight=weight)
+    tf, _ = _tf()
+    t = np.asarray(target)
+
+    def fn(xt):
+        if pos_weight is None:
+            return tf.nn.sigmoid_cross_entropy_with_logits(labels=t, logits=xt)
+        pw = tf.constant(np.asarray(pos_weight, np.float64), dtype=xt.dtype)
+        return tf.nn.weighted_cross_entropy_with_logits(labels=t, logits=xt, pos_weight=pw)
+
+    return _tf_call("tf.nn.sigmoid_cross_entropy_with_logits", fn, x)
+
+
+def tensorflow_binary_cross_entropy(probs, target, weight=None, **_):
+    """``keras.losses.binary_crossentropy`` element by element: probabilities clipped to
+    [1e-7, 1 - 1e-7] (``keras.config.epsilon()``), so the loss is capped: at ``-log(1e-7)`` =
+    16.12 for p -> 0 and, in float32, where ``1 - 1e-7`` rounds to ``1 - 2^-23``, at 15.94 for
+    p -> 1. In float16 and bfloat16 ``1 - 1e-7`` rounds to 1: the clip leaves p = 1 alone and
+    p = 1 with t = 1, the right answer, gives ``0 * log(0)`` = NaN. No weights
+    (:class:`Unsupported`); no gradient (the variant has none)."""
+    _refuse("tensorflow", "binary_cross_entropy", weight=weight)
+    _, keras = _tf()
+    t = np.asarray(target)
+
+    def fn(pt):
+        # Keras means over the last axis: a trailing axis of 1 keeps it element-wise
+        return keras.losses.binary_crossentropy(t[..., None], pt[..., None])
+
+    return _tf_call("keras.losses.binary_crossentropy", fn, probs, with_grad=False)
+
+
+def tensorflow_sigmoid_focal_loss(x, target, alpha=0.25, gamma=2.0, **_):
+    """``keras.losses.binary_focal_crossentropy(t, x, apply_class_balancing=alpha >= 0, alpha,
+    gamma, from_logits=True)`` element by element: torchvision's formula. Keras applies
+    ``ops.sigmoid`` and its BCE recovers the logits the sigmoid recorded (``_keras_logits``), so
+    the cross-entropy is ``tf.nn.sigmoid_cross_entropy_with_logits`` (no 1e-7 clip), times
+    ``(1 - p_t)^gamma`` from the rounded probabilities."""
+    _, keras = _tf()
+    t = np.asarray(target)
+    balance = alpha is not None and alpha >= 0
+
+    def fn(xt):
+        return keras.losses.binary_focal_crossentropy(
+            t[..., None], xt[..., None], apply_class_balancing=balance,
+            alpha=float(alpha) if balance else 0.25, gamma=float(gamma), from_logits=True)
+
+    return _tf_call("keras.losses.binary_focal_crossentropy", fn, x)
+
+
+# --------------------------------------------------------------------------------------------
+# scikit-learn
+# --------------------------------------------------------------------------------------------
+def _log_loss_dtype(dtype):
+    """The dtype ``log_loss`` computes in: its ``check_array`` keeps float64, float32 and
+    float16 and converts anything else (bfloat16) to float64."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype in (dtypes.float64, dtypes.float32, dtypes.float16) else dtypes.float64
+
+
+def _log_loss_rows(prob_of_target):
+    """``-log(clip(p, eps, 1 - eps))`` per sample with eps = finfo(dtype).eps, in p's dtype:
+    ``sklearn.metrics._classification._log_loss`` before its average (its ``xlogy`` of a one-hot
+    row keeps only the target's term)."""
+    eps = np.finfo(prob_of_target.dtype).eps
+    one = prob_of_target.dtype.type(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.log(np.clip(prob_of_target, eps, one - eps))
+
+
+def sklearn_cross_entropy(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, **_):
+    """``log_loss(y, softmax(x))`` per sample, as scikit-learn scores a multinomial model:
+    ``sklearn.utils.extmath.softmax`` (``predict_proba``'s) in the dtype under test, then
+    ``log_loss``'s clip of the probabilities to [eps, 1 - eps] with eps = finfo(dtype).eps
+    (float64 for bfloat16, which ``log_loss`` converts), so the loss is capped at
+    ``-log(eps)`` (36.0 in float64, 15.9 in float32) and is at least ``-log(1 - eps)``, never
+    below ``eps``. ``log_loss`` itself averages (this is its sum term by term) and raises on
+    non-finite probabilities, where this gives NaN. No gradient, class weights, label smoothing
+    or ignored rows (:class:`Unsupported`)."""
+    _refuse("sklearn", "cross_entropy", weight=weight, label_smoothing=label_smoothing)
+    from sklearn.utils.extmath import softmax
+
+    t = np.asarray(target, np.int64)
+    if (t == ignore_index).any():
+        raise Unsupported("sklearn.metrics.log_loss has no ignored rows (cross_entropy with "
+                          "ignore_index)")
+    x = np.asarray(x)
+    with np.errstate(all="ignore"):
+        p = softmax(x, copy=True)
+    py = p[np.arange(len(t)), t].astype(_log_loss_dtype(x.dtype))
+    return _log_loss_rows(py).astype(x.dtype), None
+
+
+def sklearn_binary_cross_entropy(probs, target, weight=None, **_):
+    """``log_loss`` on each element as a binary sample: ``log_loss`` forms ``[1 - p, p]`` in the
+    dtype (float64 for bfloat16), clips both to [eps, 1 - eps] with eps = finfo(dtype).eps and
+    takes ``-log`` of the target's column. So p = 1 with t = 0 gives ``-log(eps)`` (15.9 in
+    float32, 6.9 in float16), where torch's clamp gives 100 and Keras' 16.1. Targets must be
+    labels 0 or 1; weights (:class:`Unsupported`) and gradients are not offered."""
+    _refuse("sklearn", "binary_cross_entropy", weight=weight)
+    probs = np.asarray(probs)
+    t = np.asarray(target)
+    if not np.isin(t, (0, 1)).all():
+        raise Unsupported("sklearn.metrics.log_loss takes class labels, not soft targets "
+                          "(binary_cross_entropy with targets other than 0 and 1)")
+    p = probs.astype(_log_loss_dtype(probs.dtype))
+    q = np.where(t == 1, p, p.dtype.type(1) - p)
+    return _log_loss_rows(q).astype(probs.dtype), None
