@@ -35,11 +35,15 @@ How tensors reach the kernels:
   bfloat16 CUDA tensors are widened to float32 on the device first (one copy) and the results
   rounded back. Element-wise ``weight`` / ``pos_weight`` are expanded to a dense float64 tensor of
   the input's shape on the device (the CUDA kernels' calling convention). The kernels run on
-  numba's default stream; when torch's current stream is another one, each waits for the other
-  through events. ``nll_loss`` and ``kl_div`` have no CUDA kernel: CUDA tensors are copied to
-  the host and back (with a warning). No GPU was available where this module was written: the
-  CUDA route is tested in numba's CUDA simulator with the tensor hand-over replaced by host
-  copies (``tests/test_torch_module.py``); the ``__cuda_array_interface__`` hand-over itself is
+  the tensors' GPU (``numba.cuda.gpus[index]``), on numba's default stream. numba synchronises
+  the stream a tensor names in its ``__cuda_array_interface__`` (torch's current stream) when it
+  imports it, a host wait per tensor (``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0`` turns it off); when
+  torch's current stream is not its default stream, the two streams also wait for each other
+  through events, before the kernels and after them. ``nll_loss`` and ``kl_div`` have no CUDA
+  kernel: CUDA tensors are copied to the host and back (with a warning). No GPU was available
+  where this module was written: the CUDA route is tested in numba's CUDA simulator with the
+  tensor hand-over replaced by host copies (``tests/test_torch_module.py``); the
+  ``__cuda_array_interface__`` hand-over itself, the device choice and the stream handling are
   untested.
 
 Gradients: when the input requires a gradient (and grad mode is on), the forward pass runs the
@@ -65,6 +69,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Optional
 
@@ -129,20 +134,24 @@ def _from_cuda_array(a: Any, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(a, device=device)
 
 
-def _stream_fences(device: torch.device):
-    """(before, after): make numba's default stream wait for torch's current stream before the
-    kernels run, and torch's current stream wait for numba's after, when they differ."""
-    if not _is_cuda_device(device):
-        return (lambda: None), (lambda: None)
+@contextlib.contextmanager
+def _on_device(device: torch.device):
+    """Run numba's kernels on the tensors' GPU, ordered with torch's current stream: numba's
+    default stream waits for torch's current stream before the kernels, and torch's current
+    stream for numba's after them, when the two differ (events, no host wait)."""
+    if device.type != "cuda":
+        yield
+        return
+    from numba import cuda
+
     current = torch.cuda.current_stream(device)
     default = torch.cuda.default_stream(device)
-    if current == default:
-        return (lambda: None), (lambda: None)
-    return (lambda: default.wait_stream(current)), (lambda: current.wait_stream(default))
-
-
-def _is_cuda_device(device: torch.device) -> bool:
-    return device.type == "cuda"
+    if current != default:
+        default.wait_stream(current)
+    with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
+        yield
+    if current != default:
+        current.wait_stream(default)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,11 +285,9 @@ def _compute_cuda(function, input, target, reduction, with_grad, options):
                 raise ValueError(f"weight must have shape ({n_classes},) (one entry per class); "
                                  f"got shape {tuple(w.shape)}")
             opts["weight"] = _to_cuda_array(w.detach().to(torch.float64).contiguous())
-    before, after = _stream_fences(input.device)
-    before()
-    loss, grad = _call(function, with_grad, _to_cuda_array(x), _to_cuda_array(t), reduction,
-                       opts, backend="cuda")
-    after()
+    with _on_device(input.device):
+        loss, grad = _call(function, with_grad, _to_cuda_array(x), _to_cuda_array(t), reduction,
+                           opts, backend="cuda")
     loss = _from_cuda_array(loss, input.device)
     if reduction == "none":
         loss_shape = shape if _ELEMENTWISE[function] else (
