@@ -12,7 +12,7 @@ LAYERS = [
     ("registry", ["dtypes", "variants"]),
     ("kernels", ["kernels", "kernels.*"]),
     ("dispatch", ["backends", "dispatch"]),
-    ("losses", ["losses", "torch", "__init__"]),
+    ("losses", ["losses", "linear", "torch", "__init__"]),
     ("reference", ["reference", "reference.*"]),
     ("bench, study", ["bench", "bench.*", "study", "study.*"]),
     ("report", ["report", "report.*"]),
