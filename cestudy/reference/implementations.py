@@ -50,9 +50,11 @@ def _kernel(variant: variants.Variant, backend: str) -> Callable:
         from .. import losses
 
         kwargs = {k: options[k] for k in variant.option_names if k in options}
+        if variant.cuda:  # the functions with a CUDA kernel take backend=
+            kwargs["backend"] = backend
         if variant.has_grad:
             f = getattr(losses, variant.function + "_with_grad")
-            return f(x, target, reduction="none", backend=backend, **kwargs)
+            return f(x, target, reduction="none", **kwargs)
         return getattr(losses, variant.function)(x, target, reduction="none", **kwargs), None
 
     return fn
