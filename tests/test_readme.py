@@ -130,15 +130,14 @@ def test_readme_loss_example_claims():
     assert clamped[0, 0] == pytest.approx(100.0)
 
 
-def test_readme_opens_with_the_two_set_up_commands_and_ci_runs_the_test_command():
+def test_readme_opens_with_the_two_set_up_commands_and_ci_runs_both():
     text = (ROOT / "README.md").read_text()
     first_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
     commands = [line for line in first_block.splitlines() if line and not line.startswith("#")]
     assert commands[0].endswith("python -m cestudy run")
     assert commands[1].endswith("python -m pytest")
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert commands[1].replace("pip install", "python3 -m pip install").replace(
-        "python -m pytest", "python3 -m pytest") in ci
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[0] in ci and commands[1] in ci, "CI runs the README's commands verbatim"
 
 
 def test_value_comments_are_parsed_and_compared_at_their_printed_precision():
