@@ -18,6 +18,9 @@ projects may call from their own jitted code. Conventions shared by all kernels:
   N x C float64 array).
 - Gradients are written into ``out_grad`` (same shape and dtype as ``logits``), already multiplied
   by ``grad_scale`` (1 for "sum"/"none", 1/denominator for "mean").
+  ``out_grad`` may be ``logits`` itself (the gradient written over the logits): every kernel reads
+  what a row needs from the logits before it writes that row, or writes each element after the
+  last read of it.
 - A row containing NaN, or whose maximum is +inf or -inf (all classes masked), yields NaN loss and
   NaN gradient, as ``torch.nn.functional`` does. -inf logits of other classes contribute exactly 0.
 
@@ -36,6 +39,7 @@ The plain ``lse - x_y`` form returns 0 for a confident-correct row whose true lo
 100% error; the form above returns it to within 1 ulp.
 """
 import math
+import types
 
 import numpy as np
 from numba import njit, prange
@@ -64,6 +68,28 @@ bce_logits_grad = _S.bce_logits_grad
 sigmoid_focal = _S.sigmoid_focal
 _neg_log_prob_value = _S.neg_log_prob
 EXP_UNDERFLOW = scalar.EXP_UNDERFLOW
+
+# Calls on fewer elements (N * C) than this run the ``<kernel>_serial`` twin: starting the
+# threads of a parallel loop costs more than a second core gives back below it.
+SERIAL_BELOW = 1 << 15
+
+
+def serial_twin(kernel):
+    """``<kernel>_serial``: the same code compiled without ``parallel`` (``prange`` runs as
+    ``range``), for calls too small to pay for starting threads. It gets its own name so that
+    numba's on-disk cache (keyed by module and qualified name) keeps the two compilations apart."""
+    f = kernel.py_func
+    name = f.__name__ + "_serial"
+    g = types.FunctionType(f.__code__, f.__globals__, name, f.__defaults__, f.__closure__)
+    g.__qualname__ = name
+    g.__doc__ = f"Serial twin of :func:`{f.__name__}`: same arguments and results, no threads."
+    return njit(**_OPTS)(g)
+
+
+def kernel_for(module, name, size):
+    """The kernel ``name`` of ``module`` (``cpu`` or ``cpu_fast``) to run on ``size`` elements:
+    its serial twin below :data:`SERIAL_BELOW`, else the parallel kernel."""
+    return getattr(module, name + "_serial" if size < SERIAL_BELOW else name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,16 +576,16 @@ def nll_fwd(log_probs, target, weight, ignore_index, out_loss):
 
 @njit(parallel=True, **_OPTS)
 def nll_fwd_grad(log_probs, target, weight, ignore_index, grad_scale, out_loss, out_grad):
-    """Fused :func:`nll_fwd` and its gradient: -w_y grad_scale at the target, 0 elsewhere."""
+    """Fused :func:`nll_fwd` and its gradient: -w_y grad_scale at the target, 0 elsewhere.
+    ``out_grad`` may be ``log_probs`` (x_y is read before the row is zeroed)."""
     for i in prange(log_probs.shape[0]):
         y = target[i]
+        ignored = y == ignore_index
+        out_loss[i] = 0.0 if ignored else -weight[y] * np.float64(log_probs[i, y])
         for j in range(log_probs.shape[1]):
             out_grad[i, j] = 0.0
-        if y == ignore_index:
-            out_loss[i] = 0.0
-            continue
-        out_loss[i] = -weight[y] * np.float64(log_probs[i, y])
-        out_grad[i, y] = -weight[y] * grad_scale
+        if not ignored:
+            out_grad[i, y] = -weight[y] * grad_scale
 
 
 @njit(**_OPTS)
@@ -608,3 +634,34 @@ def kl_div_fwd_grad(log_probs, target, log_target, grad_scale, out_loss, out_gra
         total = _kl_div_row(x, target[i], log_target, grad_scale, True, loss_row(out_loss, i),
                             out_grad[i])
         store_row_sum(out_loss, i, total)
+
+
+# --------------------------------------------------------------------------------------------
+# Serial twins (see SERIAL_BELOW)
+# --------------------------------------------------------------------------------------------
+KERNELS = ("cross_entropy_index_fwd", "cross_entropy_index_fwd_grad", "cross_entropy_prob_fwd",
+           "cross_entropy_prob_fwd_grad", "kl_divergence_fwd", "kl_divergence_fwd_grad",
+           "entropy_fwd", "softmax_focal_fwd", "softmax_focal_fwd_grad", "bce_with_logits_fwd",
+           "bce_with_logits_fwd_grad", "sigmoid_focal_fwd", "sigmoid_focal_fwd_grad",
+           "logsumexp_rows", "log_softmax_rows", "softmax_rows", "nll_fwd", "nll_fwd_grad",
+           "kl_div_fwd", "kl_div_fwd_grad")
+cross_entropy_index_fwd_serial = serial_twin(cross_entropy_index_fwd)
+cross_entropy_index_fwd_grad_serial = serial_twin(cross_entropy_index_fwd_grad)
+cross_entropy_prob_fwd_serial = serial_twin(cross_entropy_prob_fwd)
+cross_entropy_prob_fwd_grad_serial = serial_twin(cross_entropy_prob_fwd_grad)
+kl_divergence_fwd_serial = serial_twin(kl_divergence_fwd)
+kl_divergence_fwd_grad_serial = serial_twin(kl_divergence_fwd_grad)
+entropy_fwd_serial = serial_twin(entropy_fwd)
+softmax_focal_fwd_serial = serial_twin(softmax_focal_fwd)
+softmax_focal_fwd_grad_serial = serial_twin(softmax_focal_fwd_grad)
+bce_with_logits_fwd_serial = serial_twin(bce_with_logits_fwd)
+bce_with_logits_fwd_grad_serial = serial_twin(bce_with_logits_fwd_grad)
+sigmoid_focal_fwd_serial = serial_twin(sigmoid_focal_fwd)
+sigmoid_focal_fwd_grad_serial = serial_twin(sigmoid_focal_fwd_grad)
+logsumexp_rows_serial = serial_twin(logsumexp_rows)
+log_softmax_rows_serial = serial_twin(log_softmax_rows)
+softmax_rows_serial = serial_twin(softmax_rows)
+nll_fwd_serial = serial_twin(nll_fwd)
+nll_fwd_grad_serial = serial_twin(nll_fwd_grad)
+kl_div_fwd_serial = serial_twin(kl_div_fwd)
+kl_div_fwd_grad_serial = serial_twin(kl_div_fwd_grad)
