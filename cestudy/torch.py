@@ -67,6 +67,7 @@ Example:
     >>> x.grad[0, 0].item()        # -(1 - p_0) / 2: torch's own softmax - onehot gives 0
     -2.229...e-18
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,16 +80,26 @@ import numpy as np
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - torch is installed wherever the tests run
-    raise ImportError("cestudy.torch needs PyTorch (pip install torch); the rest of cestudy "
-                      "does not") from exc
+    raise ImportError(
+        "cestudy.torch needs PyTorch (pip install torch); the rest of cestudy does not"
+    ) from exc
 from torch.autograd.function import once_differentiable
 
 from . import dtypes, losses, variants
 
 __all__ = [
-    "cross_entropy", "CrossEntropyLoss", "binary_cross_entropy_with_logits", "BCEWithLogitsLoss",
-    "softmax_focal_loss", "SoftmaxFocalLoss", "sigmoid_focal_loss", "SigmoidFocalLoss",
-    "kl_div", "KLDivLoss", "nll_loss", "NLLLoss",
+    "cross_entropy",
+    "CrossEntropyLoss",
+    "binary_cross_entropy_with_logits",
+    "BCEWithLogitsLoss",
+    "softmax_focal_loss",
+    "SoftmaxFocalLoss",
+    "sigmoid_focal_loss",
+    "SigmoidFocalLoss",
+    "kl_div",
+    "KLDivLoss",
+    "nll_loss",
+    "NLLLoss",
 ]
 
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -161,15 +172,20 @@ def _check_input(function: str, input: Any) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor; got {type(input).__name__}")
     if input.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"input must be a floating-point tensor (float64, float32, float16 or "
-                        f"bfloat16); got {input.dtype}")
+        raise TypeError(
+            f"input must be a floating-point tensor (float64, float32, float16 or "
+            f"bfloat16); got {input.dtype}"
+        )
     if not _ELEMENTWISE[function]:
         if input.dim() == 0:
-            raise ValueError("input must have a class axis: shape (C,), (N, C) or "
-                             "(N, C, d1, ..., dk); got a 0-d tensor")
+            raise ValueError(
+                "input must have a class axis: shape (C,), (N, C) or "
+                "(N, C, d1, ..., dk); got a 0-d tensor"
+            )
     if input.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"input is on device {input.device}; cestudy.torch takes CPU and "
-                         f"CUDA tensors")
+        raise ValueError(
+            f"input is on device {input.device}; cestudy.torch takes CPU and CUDA tensors"
+        )
 
 
 def _check_companion(name: str, t: Any, input: torch.Tensor) -> None:
@@ -179,15 +195,18 @@ def _check_companion(name: str, t: Any, input: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if t.device != input.device:
-        raise ValueError(f"{name} is on device {t.device} but input is on {input.device}; "
-                         f"move them to one device")
+        raise ValueError(
+            f"{name} is on device {t.device} but input is on {input.device}; "
+            f"move them to one device"
+        )
     if t.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{name} requires a gradient, but cestudy.torch computes gradients "
-                         f"with respect to input only; pass {name}.detach()")
+        raise ValueError(
+            f"{name} requires a gradient, but cestudy.torch computes gradients "
+            f"with respect to input only; pass {name}.detach()"
+        )
 
 
-def _legacy_reduction(size_average: Optional[bool], reduce: Optional[bool],
-                      reduction: str) -> str:
+def _legacy_reduction(size_average: Optional[bool], reduce: Optional[bool], reduction: str) -> str:
     """torch's reading of the deprecated ``size_average`` / ``reduce`` arguments (they win over
     ``reduction`` when given, with torch's warning)."""
     if size_average is None and reduce is None:
@@ -195,40 +214,54 @@ def _legacy_reduction(size_average: Optional[bool], reduce: Optional[bool],
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce
     ret = "mean" if size_average and reduce else "sum" if reduce else "none"
-    warnings.warn(f"size_average and reduce args will be deprecated, please use "
-                  f"reduction='{ret}' instead.", UserWarning, stacklevel=3)
+    warnings.warn(
+        f"size_average and reduce args will be deprecated, please use reduction='{ret}' instead.",
+        UserWarning,
+        stacklevel=3,
+    )
     return ret
 
 
 # --------------------------------------------------------------------------------------------
 # Computing: CPU through numpy views, CUDA through device arrays
 # --------------------------------------------------------------------------------------------
-def _compute(function: str, input: torch.Tensor, target: torch.Tensor, reduction: str,
-             with_grad: bool, options: dict):
+def _compute(
+    function: str,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str,
+    with_grad: bool,
+    options: dict,
+):
     """(loss, grad or None) as tensors on the input's device, in torch's layout."""
     if _is_cuda(input):
         if _HAS_CUDA[function]:
             return _compute_cuda(function, input, target, reduction, with_grad, options)
-        warnings.warn(f"cestudy has no CUDA kernel for {function}: CUDA tensors are copied to "
-                      f"the host and back", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"cestudy has no CUDA kernel for {function}: CUDA tensors are copied to "
+            f"the host and back",
+            UserWarning,
+            stacklevel=4,
+        )
         host = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in options.items()}
-        loss, grad = _compute_cpu(function, input.detach().cpu(), target.detach().cpu(),
-                                  reduction, with_grad, host)
+        loss, grad = _compute_cpu(
+            function, input.detach().cpu(), target.detach().cpu(), reduction, with_grad, host
+        )
         return loss.to(input.device), None if grad is None else grad.to(input.device)
     return _compute_cpu(function, input, target, reduction, with_grad, options)
 
 
 def _call(function: str, with_grad: bool, x, t, reduction: str, options: dict, **kw):
     if with_grad:
-        return getattr(losses, function + "_with_grad")(x, t, reduction=reduction, **options,
-                                                        **kw)
+        return getattr(losses, function + "_with_grad")(x, t, reduction=reduction, **options, **kw)
     return getattr(losses, function)(x, t, reduction=reduction, **options, **kw), None
 
 
 def _compute_cpu(function, input, target, reduction, with_grad, options):
     opts = {k: _numpy_view(v) if isinstance(v, torch.Tensor) else v for k, v in options.items()}
-    loss, grad = _call(function, with_grad, _numpy_view(input), _numpy_view(target), reduction,
-                       opts)
+    loss, grad = _call(
+        function, with_grad, _numpy_view(input), _numpy_view(target), reduction, opts
+    )
     return _from_numpy(loss), None if grad is None else _from_numpy(grad)
 
 
@@ -250,8 +283,9 @@ def _compute_cuda(function, input, target, reduction, with_grad, options):
     if _ELEMENTWISE[function]:
         s2 = (1, 1) if not shape else (int(np.prod(shape[:-1], dtype=np.int64)), shape[-1])
         if tuple(target.shape) != shape:
-            raise ValueError(f"target must have the shape of input {shape}; got shape "
-                             f"{tuple(target.shape)}")
+            raise ValueError(
+                f"target must have the shape of input {shape}; got shape {tuple(target.shape)}"
+            )
         x = work.reshape(s2).contiguous()
         t = target.detach().to(work.dtype).reshape(s2).contiguous()
         for key in ("weight", "pos_weight"):
@@ -260,38 +294,59 @@ def _compute_cuda(function, input, target, reduction, with_grad, options):
                 try:
                     w = torch.broadcast_to(w.detach().to(torch.float64), shape)
                 except RuntimeError:
-                    raise ValueError(f"{key} of shape {tuple(w.shape)} cannot be broadcast to "
-                                     f"the input's shape {shape}") from None
+                    raise ValueError(
+                        f"{key} of shape {tuple(w.shape)} cannot be broadcast to "
+                        f"the input's shape {shape}"
+                    ) from None
                 opts[key] = _to_cuda_array(w.reshape(s2).contiguous())
     else:
         n_classes = shape[0] if len(shape) == 1 else shape[1]
         x = _rows(work)
         if target.dtype.is_floating_point:
             if tuple(target.shape) != shape:
-                raise ValueError(f"target of probabilities must have the input's shape {shape}; "
-                                 f"got shape {tuple(target.shape)}")
+                raise ValueError(
+                    f"target of probabilities must have the input's shape {shape}; "
+                    f"got shape {tuple(target.shape)}"
+                )
             t = _rows(target.detach().to(work.dtype))
         else:
             lead = () if len(shape) == 1 else (shape[0],) + shape[2:]
-            if tuple(target.shape) != lead or target.dtype in (torch.bool, torch.complex64,
-                                                                torch.complex128):
-                raise ValueError(f"target of class indices must be an integer tensor of shape "
-                                 f"{lead} to match input; got {target.dtype} of shape "
-                                 f"{tuple(target.shape)}")
+            if tuple(target.shape) != lead or target.dtype in (
+                torch.bool,
+                torch.complex64,
+                torch.complex128,
+            ):
+                raise ValueError(
+                    f"target of class indices must be an integer tensor of shape "
+                    f"{lead} to match input; got {target.dtype} of shape "
+                    f"{tuple(target.shape)}"
+                )
             t = target.detach().reshape(-1).to(torch.int64).contiguous()
         w = opts.get("weight")
         if w is not None:
             if tuple(w.shape) != (n_classes,):
-                raise ValueError(f"weight must have shape ({n_classes},) (one entry per class); "
-                                 f"got shape {tuple(w.shape)}")
+                raise ValueError(
+                    f"weight must have shape ({n_classes},) (one entry per class); "
+                    f"got shape {tuple(w.shape)}"
+                )
             opts["weight"] = _to_cuda_array(w.detach().to(torch.float64).contiguous())
     with _on_device(input.device):
-        loss, grad = _call(function, with_grad, _to_cuda_array(x), _to_cuda_array(t), reduction,
-                           opts, backend="cuda")
+        loss, grad = _call(
+            function,
+            with_grad,
+            _to_cuda_array(x),
+            _to_cuda_array(t),
+            reduction,
+            opts,
+            backend="cuda",
+        )
     loss = _from_cuda_array(loss, input.device)
     if reduction == "none":
-        loss_shape = shape if _ELEMENTWISE[function] else (
-            () if len(shape) == 1 else (shape[0],) + shape[2:])
+        loss_shape = (
+            shape
+            if _ELEMENTWISE[function]
+            else (() if len(shape) == 1 else (shape[0],) + shape[2:])
+        )
         loss = loss.reshape(loss_shape)
     else:
         loss = loss.reshape(())
@@ -332,7 +387,8 @@ class _FusedLoss(torch.autograd.Function):
                 f"cestudy.torch.{ctx.function} does not support double backward "
                 f"(create_graph=True): its gradient comes from a fused kernel, not from "
                 f"differentiable torch operations; use torch's own loss for higher-order "
-                f"gradients")
+                f"gradients"
+            )
         return _FusedLoss._first_order(ctx, grad_output)
 
     @staticmethod
@@ -358,10 +414,16 @@ def _apply(function: str, input: Any, target: Any, reduction: str, **options) ->
 # --------------------------------------------------------------------------------------------
 # Functions
 # --------------------------------------------------------------------------------------------
-def cross_entropy(input: torch.Tensor, target: torch.Tensor,
-                  weight: Optional[torch.Tensor] = None, size_average: Optional[bool] = None,
-                  ignore_index: int = -100, reduce: Optional[bool] = None,
-                  reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """``torch.nn.functional.cross_entropy`` computed by :func:`cestudy.cross_entropy` (class
     indices or probabilities as targets, (C,), (N, C) or (N, C, d1, ..., dk) input).
 
@@ -372,15 +434,26 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor,
         3.78...e-44
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    return _apply("cross_entropy", input, target, reduction, weight=weight,
-                  ignore_index=ignore_index, label_smoothing=label_smoothing)
+    return _apply(
+        "cross_entropy",
+        input,
+        target,
+        reduction,
+        weight=weight,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
 
 
-def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor,
-                                     weight: Optional[torch.Tensor] = None,
-                                     size_average: Optional[bool] = None,
-                                     reduce: Optional[bool] = None, reduction: str = "mean",
-                                     pos_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def binary_cross_entropy_with_logits(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """``torch.nn.functional.binary_cross_entropy_with_logits`` computed by
     :func:`cestudy.binary_cross_entropy_with_logits` (any shape; ``weight`` and ``pos_weight``
     broadcast to the input's shape).
@@ -391,13 +464,25 @@ def binary_cross_entropy_with_logits(input: torch.Tensor, target: torch.Tensor,
         1.522997...e-08
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    return _apply("binary_cross_entropy_with_logits", input, target, reduction, weight=weight,
-                  pos_weight=pos_weight)
+    return _apply(
+        "binary_cross_entropy_with_logits",
+        input,
+        target,
+        reduction,
+        weight=weight,
+        pos_weight=pos_weight,
+    )
 
 
-def nll_loss(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
-             size_average: Optional[bool] = None, ignore_index: int = -100,
-             reduce: Optional[bool] = None, reduction: str = "mean") -> torch.Tensor:
+def nll_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """``torch.nn.functional.nll_loss`` (input holds log-probabilities) computed by
     :func:`cestudy.nll_loss`.
 
@@ -407,13 +492,17 @@ def nll_loss(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
         2.0
     """
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    return _apply("nll_loss", input, target, reduction, weight=weight,
-                  ignore_index=ignore_index)
+    return _apply("nll_loss", input, target, reduction, weight=weight, ignore_index=ignore_index)
 
 
-def kl_div(input: torch.Tensor, target: torch.Tensor, size_average: Optional[bool] = None,
-           reduce: Optional[bool] = None, reduction: str = "mean",
-           log_target: bool = False) -> torch.Tensor:
+def kl_div(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    log_target: bool = False,
+) -> torch.Tensor:
     """``torch.nn.functional.kl_div`` (input holds log-probabilities; "batchmean" divides by the
     batch size, "mean" by the element count, with torch's warning) computed by
     :func:`cestudy.kl_div`.
@@ -428,9 +517,14 @@ def kl_div(input: torch.Tensor, target: torch.Tensor, size_average: Optional[boo
     return _apply("kl_div", input, target, reduction, log_target=log_target)
 
 
-def softmax_focal_loss(input: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
-                       weight: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                       reduction: str = "mean") -> torch.Tensor:
+def softmax_focal_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float = 2.0,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """The multiclass focal loss ``-w_y (1 - p_y)^gamma log p_y`` computed by
     :func:`cestudy.softmax_focal_loss` ("mean": the weighted mean over non-ignored targets, as
     for :func:`cross_entropy`; gamma = 0 is cross-entropy).
@@ -440,12 +534,24 @@ def softmax_focal_loss(input: torch.Tensor, target: torch.Tensor, gamma: float =
         >>> round(ct.softmax_focal_loss(torch.zeros(1, 2), torch.tensor([0])).item(), 6)
         0.173287
     """
-    return _apply("softmax_focal_loss", input, target, reduction, gamma=gamma, weight=weight,
-                  ignore_index=ignore_index)
+    return _apply(
+        "softmax_focal_loss",
+        input,
+        target,
+        reduction,
+        gamma=gamma,
+        weight=weight,
+        ignore_index=ignore_index,
+    )
 
 
-def sigmoid_focal_loss(input: torch.Tensor, target: torch.Tensor, alpha: float = 0.25,
-                       gamma: float = 2.0, reduction: str = "none") -> torch.Tensor:
+def sigmoid_focal_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> torch.Tensor:
     """``torchvision.ops.sigmoid_focal_loss`` (same signature and defaults, reduction="none"
     included) computed by :func:`cestudy.sigmoid_focal_loss`.
 
@@ -464,9 +570,15 @@ class CrossEntropyLoss(torch.nn.Module):
     """``torch.nn.CrossEntropyLoss`` computed by cestudy (see :func:`cross_entropy`); ``weight``
     is a buffer, so ``.to(device)`` moves it."""
 
-    def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None,
-                 ignore_index: int = -100, reduce=None, reduction: str = "mean",
-                 label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        weight: Optional[torch.Tensor] = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
@@ -474,47 +586,71 @@ class CrossEntropyLoss(torch.nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                             reduction=self.reduction, label_smoothing=self.label_smoothing)
+        return cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
 
 
 class BCEWithLogitsLoss(torch.nn.Module):
     """``torch.nn.BCEWithLogitsLoss`` computed by cestudy (see
     :func:`binary_cross_entropy_with_logits`); ``weight`` and ``pos_weight`` are buffers."""
 
-    def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None, reduce=None,
-                 reduction: str = "mean", pos_weight: Optional[torch.Tensor] = None) -> None:
+    def __init__(
+        self,
+        weight: Optional[torch.Tensor] = None,
+        size_average=None,
+        reduce=None,
+        reduction: str = "mean",
+        pos_weight: Optional[torch.Tensor] = None,
+    ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)
         self.reduction = _legacy_reduction(size_average, reduce, reduction)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return binary_cross_entropy_with_logits(input, target, weight=self.weight,
-                                                reduction=self.reduction,
-                                                pos_weight=self.pos_weight)
+        return binary_cross_entropy_with_logits(
+            input, target, weight=self.weight, reduction=self.reduction, pos_weight=self.pos_weight
+        )
 
 
 class NLLLoss(torch.nn.Module):
     """``torch.nn.NLLLoss`` computed by cestudy (see :func:`nll_loss`)."""
 
-    def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None,
-                 ignore_index: int = -100, reduce=None, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        weight: Optional[torch.Tensor] = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+    ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = _legacy_reduction(size_average, reduce, reduction)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                        reduction=self.reduction)
+        return nll_loss(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
 
 
 class KLDivLoss(torch.nn.Module):
     """``torch.nn.KLDivLoss`` computed by cestudy (see :func:`kl_div`)."""
 
-    def __init__(self, size_average=None, reduce=None, reduction: str = "mean",
-                 log_target: bool = False) -> None:
+    def __init__(
+        self, size_average=None, reduce=None, reduction: str = "mean", log_target: bool = False
+    ) -> None:
         super().__init__()
         self.reduction = _legacy_reduction(size_average, reduce, reduction)
         self.log_target = log_target
@@ -526,8 +662,13 @@ class KLDivLoss(torch.nn.Module):
 class SoftmaxFocalLoss(torch.nn.Module):
     """The multiclass focal loss as a Module (see :func:`softmax_focal_loss`)."""
 
-    def __init__(self, gamma: float = 2.0, weight: Optional[torch.Tensor] = None,
-                 ignore_index: int = -100, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        weight: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:
         super().__init__()
         self.gamma = gamma
         self.register_buffer("weight", weight)
@@ -535,8 +676,14 @@ class SoftmaxFocalLoss(torch.nn.Module):
         self.reduction = reduction
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return softmax_focal_loss(input, target, gamma=self.gamma, weight=self.weight,
-                                  ignore_index=self.ignore_index, reduction=self.reduction)
+        return softmax_focal_loss(
+            input,
+            target,
+            gamma=self.gamma,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
 
 
 class SigmoidFocalLoss(torch.nn.Module):
@@ -550,5 +697,6 @@ class SigmoidFocalLoss(torch.nn.Module):
         self.reduction = reduction
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return sigmoid_focal_loss(input, target, alpha=self.alpha, gamma=self.gamma,
-                                  reduction=self.reduction)
+        return sigmoid_focal_loss(
+            input, target, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction
+        )

@@ -21,6 +21,7 @@ within 8 float32 eps of it (relative, or relative to the largest entry for gradi
 cancel); in float64, where torch itself is off by tens of ulp with label smoothing, within 256
 float64 eps.
 """
+
 import os
 import subprocess
 import sys
@@ -46,8 +47,13 @@ KL_MEAN = "ignore:reduction. 'mean' divides"
 def softmax_focal_ref(x, y, gamma=2.0, weight=None, ignore_index=-100, reduction="mean"):
     """-w_y (1 - p_y)^gamma log p_y; nll_loss picks entry y and applies torch's weighted mean."""
     logp = F.log_softmax(x, dim=0 if x.dim() == 1 else 1)
-    return F.nll_loss((1 - logp.exp()) ** gamma * logp, y, weight=weight,
-                      ignore_index=ignore_index, reduction=reduction)
+    return F.nll_loss(
+        (1 - logp.exp()) ** gamma * logp,
+        y,
+        weight=weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
 
 
 def sigmoid_focal_ref(x, t, alpha=0.25, gamma=2.0, reduction="none"):
@@ -75,6 +81,7 @@ def _probs(rng, shape, class_dim):
 
 def _case_inputs(name, dtype, rng):
     """(ours, reference, x, target, keyword arguments) for case ``name``; x in ``dtype``."""
+
     def x_of(shape, scale=3.0):
         return torch.from_numpy(np.asarray(rng.normal(size=shape) * scale)).to(dtype)
 
@@ -84,69 +91,163 @@ def _case_inputs(name, dtype, rng):
     if name == "ce_index_2d":
         return ct.cross_entropy, F.cross_entropy, x_of((5, 7)), _indices(rng, 5, 7), {}
     if name == "ce_index_2d_options":
-        return (ct.cross_entropy, F.cross_entropy, x_of((6, 7)), _indices(rng, 6, 7, ignore=2),
-                {"weight": w_of(7), "ignore_index": 2, "label_smoothing": 0.1})
+        return (
+            ct.cross_entropy,
+            F.cross_entropy,
+            x_of((6, 7)),
+            _indices(rng, 6, 7, ignore=2),
+            {"weight": w_of(7), "ignore_index": 2, "label_smoothing": 0.1},
+        )
     if name == "ce_index_1d":
         return ct.cross_entropy, F.cross_entropy, x_of(7), _indices(rng, (), 7), {}
     if name == "ce_index_kd":
-        return (ct.cross_entropy, F.cross_entropy, x_of((3, 4, 2, 3)),
-                _indices(rng, (3, 2, 3), 4, ignore=-100),
-                {"weight": w_of(4), "label_smoothing": 0.2})
+        return (
+            ct.cross_entropy,
+            F.cross_entropy,
+            x_of((3, 4, 2, 3)),
+            _indices(rng, (3, 2, 3), 4, ignore=-100),
+            {"weight": w_of(4), "label_smoothing": 0.2},
+        )
     if name == "ce_probs_2d":
-        return (ct.cross_entropy, F.cross_entropy, x_of((5, 6)), _probs(rng, (5, 6), 1).to(dtype),
-                {"weight": w_of(6), "label_smoothing": 0.1})
+        return (
+            ct.cross_entropy,
+            F.cross_entropy,
+            x_of((5, 6)),
+            _probs(rng, (5, 6), 1).to(dtype),
+            {"weight": w_of(6), "label_smoothing": 0.1},
+        )
     if name == "ce_probs_kd":
-        return (ct.cross_entropy, F.cross_entropy, x_of((2, 5, 3)),
-                _probs(rng, (2, 5, 3), 1).to(dtype), {})
+        return (
+            ct.cross_entropy,
+            F.cross_entropy,
+            x_of((2, 5, 3)),
+            _probs(rng, (2, 5, 3), 1).to(dtype),
+            {},
+        )
     if name == "bce_0d":
-        return (ct.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits,
-                x_of(()), torch.tensor(0.3, dtype=dtype), {})
+        return (
+            ct.binary_cross_entropy_with_logits,
+            F.binary_cross_entropy_with_logits,
+            x_of(()),
+            torch.tensor(0.3, dtype=dtype),
+            {},
+        )
     if name == "bce_2d_weights":
         t = torch.from_numpy(rng.uniform(size=(4, 5))).to(dtype)
         t[:2] = t[:2].round()
-        return (ct.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits,
-                x_of((4, 5), 5.0), t, {"weight": w_of(5), "pos_weight": w_of(5)})
+        return (
+            ct.binary_cross_entropy_with_logits,
+            F.binary_cross_entropy_with_logits,
+            x_of((4, 5), 5.0),
+            t,
+            {"weight": w_of(5), "pos_weight": w_of(5)},
+        )
     if name == "bce_3d_weight":
-        return (ct.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits,
-                x_of((2, 3, 4)), torch.from_numpy(rng.uniform(size=(2, 3, 4))).to(dtype),
-                {"weight": w_of((3, 1))})
+        return (
+            ct.binary_cross_entropy_with_logits,
+            F.binary_cross_entropy_with_logits,
+            x_of((2, 3, 4)),
+            torch.from_numpy(rng.uniform(size=(2, 3, 4))).to(dtype),
+            {"weight": w_of((3, 1))},
+        )
     if name == "nll_2d":
-        return (ct.nll_loss, F.nll_loss, F.log_softmax(x_of((5, 6)), 1),
-                _indices(rng, 5, 6, ignore=3), {"weight": w_of(6), "ignore_index": 3})
+        return (
+            ct.nll_loss,
+            F.nll_loss,
+            F.log_softmax(x_of((5, 6)), 1),
+            _indices(rng, 5, 6, ignore=3),
+            {"weight": w_of(6), "ignore_index": 3},
+        )
     if name == "nll_kd":
-        return (ct.nll_loss, F.nll_loss, F.log_softmax(x_of((2, 4, 3, 2)), 1),
-                _indices(rng, (2, 3, 2), 4), {})
+        return (
+            ct.nll_loss,
+            F.nll_loss,
+            F.log_softmax(x_of((2, 4, 3, 2)), 1),
+            _indices(rng, (2, 3, 2), 4),
+            {},
+        )
     if name == "nll_1d":
         return ct.nll_loss, F.nll_loss, F.log_softmax(x_of(5), 0), _indices(rng, (), 5), {}
     if name == "kl_div_2d":
-        return (ct.kl_div, F.kl_div, F.log_softmax(x_of((4, 5)), 1),
-                _probs(rng, (4, 5), 1).to(dtype), {})
+        return (
+            ct.kl_div,
+            F.kl_div,
+            F.log_softmax(x_of((4, 5)), 1),
+            _probs(rng, (4, 5), 1).to(dtype),
+            {},
+        )
     if name == "kl_div_3d_log_target":
-        return (ct.kl_div, F.kl_div, F.log_softmax(x_of((2, 3, 4)), -1),
-                _probs(rng, (2, 3, 4), -1).log().to(dtype), {"log_target": True})
+        return (
+            ct.kl_div,
+            F.kl_div,
+            F.log_softmax(x_of((2, 3, 4)), -1),
+            _probs(rng, (2, 3, 4), -1).log().to(dtype),
+            {"log_target": True},
+        )
     if name == "softmax_focal_2d":
-        return (ct.softmax_focal_loss, softmax_focal_ref, x_of((6, 5)),
-                _indices(rng, 6, 5, ignore=-100), {"weight": w_of(5)})
+        return (
+            ct.softmax_focal_loss,
+            softmax_focal_ref,
+            x_of((6, 5)),
+            _indices(rng, 6, 5, ignore=-100),
+            {"weight": w_of(5)},
+        )
     if name == "softmax_focal_kd":
-        return (ct.softmax_focal_loss, softmax_focal_ref, x_of((2, 4, 3)),
-                _indices(rng, (2, 3), 4), {"gamma": 3.5})
+        return (
+            ct.softmax_focal_loss,
+            softmax_focal_ref,
+            x_of((2, 4, 3)),
+            _indices(rng, (2, 3), 4),
+            {"gamma": 3.5},
+        )
     if name == "softmax_focal_1d":
-        return (ct.softmax_focal_loss, softmax_focal_ref, x_of(4), _indices(rng, (), 4),
-                {"gamma": 0.0})
+        return (
+            ct.softmax_focal_loss,
+            softmax_focal_ref,
+            x_of(4),
+            _indices(rng, (), 4),
+            {"gamma": 0.0},
+        )
     if name == "sigmoid_focal_2d":
-        return (ct.sigmoid_focal_loss, sigmoid_focal_ref, x_of((4, 5)),
-                torch.from_numpy(rng.integers(0, 2, (4, 5))).to(dtype), {})
+        return (
+            ct.sigmoid_focal_loss,
+            sigmoid_focal_ref,
+            x_of((4, 5)),
+            torch.from_numpy(rng.integers(0, 2, (4, 5))).to(dtype),
+            {},
+        )
     if name == "sigmoid_focal_3d":
-        return (ct.sigmoid_focal_loss, sigmoid_focal_ref, x_of((2, 3, 4)),
-                torch.from_numpy(rng.uniform(size=(2, 3, 4))).to(dtype),
-                {"alpha": -1.0, "gamma": 1.0})
+        return (
+            ct.sigmoid_focal_loss,
+            sigmoid_focal_ref,
+            x_of((2, 3, 4)),
+            torch.from_numpy(rng.uniform(size=(2, 3, 4))).to(dtype),
+            {"alpha": -1.0, "gamma": 1.0},
+        )
     raise KeyError(name)
 
 
-CASES = ["ce_index_2d", "ce_index_2d_options", "ce_index_1d", "ce_index_kd", "ce_probs_2d",
-         "ce_probs_kd", "bce_0d", "bce_2d_weights", "bce_3d_weight", "nll_2d", "nll_kd",
-         "nll_1d", "kl_div_2d", "kl_div_3d_log_target", "softmax_focal_2d", "softmax_focal_kd",
-         "softmax_focal_1d", "sigmoid_focal_2d", "sigmoid_focal_3d"]
+CASES = [
+    "ce_index_2d",
+    "ce_index_2d_options",
+    "ce_index_1d",
+    "ce_index_kd",
+    "ce_probs_2d",
+    "ce_probs_kd",
+    "bce_0d",
+    "bce_2d_weights",
+    "bce_3d_weight",
+    "nll_2d",
+    "nll_kd",
+    "nll_1d",
+    "kl_div_2d",
+    "kl_div_3d_log_target",
+    "softmax_focal_2d",
+    "softmax_focal_kd",
+    "softmax_focal_1d",
+    "sigmoid_focal_2d",
+    "sigmoid_focal_3d",
+]
 
 
 def _reductions(case):
@@ -203,8 +304,13 @@ def test_gradcheck(case, reduction):
     rng = np.random.default_rng(100 + CASES.index(case))
     ours_fn, _, x, target, kw = _case_inputs(case, torch.float64, rng)
     x = x.detach().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda z: ours_fn(z, target, reduction=reduction, **kw),
-                                    (x,), eps=1e-6, atol=1e-7, rtol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda z: ours_fn(z, target, reduction=reduction, **kw),
+        (x,),
+        eps=1e-6,
+        atol=1e-7,
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("upstream_needs_grad", [False, True])
@@ -250,8 +356,8 @@ def test_the_input_and_target_are_not_modified():
 
 def test_non_contiguous_and_expanded_inputs():
     base = torch.randn(7, 5, dtype=torch.float64)
-    x = base.t().requires_grad_(True)         # (5, 7), column-major
-    y = torch.tensor([1]).expand(5)            # stride 0
+    x = base.t().requires_grad_(True)  # (5, 7), column-major
+    y = torch.tensor([1]).expand(5)  # stride 0
     loss = ct.cross_entropy(x, y, reduction="sum")
     loss.backward()
     x64 = x.detach().clone().requires_grad_(True)
@@ -269,16 +375,26 @@ def test_cpu_tensors_reach_the_kernels_as_views_and_come_back_without_copies(dty
     t = torch.randn(3, 4).to(dtype)
     a = ct._numpy_view(t)
     assert a.__array_interface__["data"][0] == t.data_ptr() and a.shape == (3, 4)
-    assert a.dtype == (cs.dtypes.bfloat16 if dtype == torch.bfloat16
-                       else torch.empty(0, dtype=dtype).numpy().dtype)
+    assert a.dtype == (
+        cs.dtypes.bfloat16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+    )
     np.testing.assert_array_equal(np.asarray(a, np.float64), t.double().numpy())
     back = ct._from_numpy(a)
     assert back.dtype == dtype and back.data_ptr() == t.data_ptr()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", ["ce_index_2d_options", "ce_probs_kd", "bce_2d_weights",
-                                  "softmax_focal_2d", "sigmoid_focal_2d", "nll_2d"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "ce_index_2d_options",
+        "ce_probs_kd",
+        "bce_2d_weights",
+        "softmax_focal_2d",
+        "sigmoid_focal_2d",
+        "nll_2d",
+    ],
+)
 def test_low_precision_is_the_float32_result_rounded(case, dtype):
     rng = np.random.default_rng(7)
     ours_fn, _, x, target, kw = _case_inputs(case, dtype, rng)
@@ -295,18 +411,18 @@ def test_low_precision_is_the_float32_result_rounded(case, dtype):
     # the float32 result rounded once (the loss) or twice (the gradient, then its product with
     # the upstream gradient); the smallest subnormal for values below the dtype's normal range
     fi = torch.finfo(dtype)
-    torch.testing.assert_close(loss.float(), loss32.detach(), rtol=fi.eps,
-                               atol=fi.tiny * fi.eps)
-    torch.testing.assert_close(grad.float(), grad32, rtol=2 * fi.eps,
-                               atol=2 * fi.eps * grad32.abs().max().item())
+    torch.testing.assert_close(loss.float(), loss32.detach(), rtol=fi.eps, atol=fi.tiny * fi.eps)
+    torch.testing.assert_close(
+        grad.float(), grad32, rtol=2 * fi.eps, atol=2 * fi.eps * grad32.abs().max().item()
+    )
 
 
 def test_bfloat16_loss_of_a_confident_row_is_not_zero():
     x = torch.tensor([[30.0, 0.0]], dtype=torch.bfloat16, requires_grad=True)
     loss = ct.cross_entropy(x, torch.tensor([0]))
     loss.backward()
-    assert loss.item() == pytest.approx(np.exp(-30.0), rel=2 ** -8)
-    assert x.grad[0, 0].item() == pytest.approx(-np.exp(-30.0), rel=2 ** -7)
+    assert loss.item() == pytest.approx(np.exp(-30.0), rel=2**-8)
+    assert x.grad[0, 0].item() == pytest.approx(-np.exp(-30.0), rel=2**-7)
     assert F.cross_entropy(x.detach(), torch.tensor([0])).item() == 0.0  # torch's
 
 
@@ -316,16 +432,27 @@ def test_bfloat16_loss_of_a_confident_row_is_not_zero():
 def _module_pairs():
     w = torch.tensor([0.5, 2.0, 1.0, 1.5])
     return [
-        (ct.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1),
-         torch.nn.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1), "index"),
-        (ct.CrossEntropyLoss(reduction="none"), torch.nn.CrossEntropyLoss(reduction="none"),
-         "index"),
-        (ct.NLLLoss(weight=w, reduction="sum"), torch.nn.NLLLoss(weight=w, reduction="sum"),
-         "index"),
-        (ct.BCEWithLogitsLoss(pos_weight=w), torch.nn.BCEWithLogitsLoss(pos_weight=w),
-         "binary"),
-        (ct.KLDivLoss(reduction="batchmean", log_target=True),
-         torch.nn.KLDivLoss(reduction="batchmean", log_target=True), "log_probs"),
+        (
+            ct.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1),
+            torch.nn.CrossEntropyLoss(weight=w, ignore_index=1, label_smoothing=0.1),
+            "index",
+        ),
+        (
+            ct.CrossEntropyLoss(reduction="none"),
+            torch.nn.CrossEntropyLoss(reduction="none"),
+            "index",
+        ),
+        (
+            ct.NLLLoss(weight=w, reduction="sum"),
+            torch.nn.NLLLoss(weight=w, reduction="sum"),
+            "index",
+        ),
+        (ct.BCEWithLogitsLoss(pos_weight=w), torch.nn.BCEWithLogitsLoss(pos_weight=w), "binary"),
+        (
+            ct.KLDivLoss(reduction="batchmean", log_target=True),
+            torch.nn.KLDivLoss(reduction="batchmean", log_target=True),
+            "log_probs",
+        ),
     ]
 
 
@@ -334,16 +461,17 @@ def test_modules_equal_torch_nn(i):
     ours, ref, kind = _module_pairs()[i]
     torch.manual_seed(i)
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    target = {"index": torch.tensor([0, 1, 2, 3, 1, 0]), "binary": torch.rand(6, 4,
-                                                                               dtype=torch.float64),
-              "log_probs": F.log_softmax(torch.randn(6, 4, dtype=torch.float64), 1)}[kind]
+    target = {
+        "index": torch.tensor([0, 1, 2, 3, 1, 0]),
+        "binary": torch.rand(6, 4, dtype=torch.float64),
+        "log_probs": F.log_softmax(torch.randn(6, 4, dtype=torch.float64), 1),
+    }[kind]
     ours, ref = ours.double(), ref.double()
     a = ours(x, target)
     b = ref(x, target)
     _assert_close(a.detach(), b.detach(), torch.float64)
     g = _upstream(a, np.random.default_rng(i))
-    _assert_close(torch.autograd.grad(a, x, g)[0], torch.autograd.grad(b, x, g)[0],
-                  torch.float64)
+    _assert_close(torch.autograd.grad(a, x, g)[0], torch.autograd.grad(b, x, g)[0], torch.float64)
 
 
 def test_module_weights_are_buffers():
@@ -359,12 +487,12 @@ def test_focal_modules_equal_their_functions():
     y = torch.tensor([0, 2, 1, 1, 0])
     w = torch.tensor([1.0, 0.5, 2.0])
     m = ct.SoftmaxFocalLoss(gamma=1.5, weight=w, reduction="sum")
-    assert torch.equal(m(x, y), ct.softmax_focal_loss(x, y, gamma=1.5, weight=w,
-                                                      reduction="sum"))
+    assert torch.equal(m(x, y), ct.softmax_focal_loss(x, y, gamma=1.5, weight=w, reduction="sum"))
     t = torch.rand(5, 3)
-    assert ct.SigmoidFocalLoss()(x, t).shape == (5, 3)   # torchvision's default: "none"
-    assert torch.equal(ct.SigmoidFocalLoss(0.5, 1.0, "mean")(x, t),
-                       ct.sigmoid_focal_loss(x, t, 0.5, 1.0, "mean"))
+    assert ct.SigmoidFocalLoss()(x, t).shape == (5, 3)  # torchvision's default: "none"
+    assert torch.equal(
+        ct.SigmoidFocalLoss(0.5, 1.0, "mean")(x, t), ct.sigmoid_focal_loss(x, t, 0.5, 1.0, "mean")
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,53 +520,109 @@ def test_kl_div_mean_warns_as_torch():
         ct.kl_div(x, p, reduction="batchmean")
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda: ct.cross_entropy(torch.randn(2, 3).numpy(), torch.tensor([0, 1])), TypeError,
-     "input must be a torch.Tensor"),
-    (lambda: ct.cross_entropy(torch.ones(2, 3, dtype=torch.int64), torch.tensor([0, 1])),
-     TypeError, "input must be a floating-point tensor"),
-    (lambda: ct.cross_entropy(torch.tensor(1.0), torch.tensor(0)), ValueError,
-     "input must have a class axis"),
-    (lambda: ct.cross_entropy(torch.randn(2, 3), [0, 1]), TypeError,
-     "target must be a torch.Tensor"),
-    (lambda: ct.cross_entropy(torch.randn(2, 3), torch.tensor([0, 3])), ValueError,
-     r"target\[1\] = 3 is out of range"),
-    (lambda: ct.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), reduction="avg"),
-     ValueError, "reduction must be one of"),
-    (lambda: ct.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), weight=torch.ones(4)),
-     ValueError, r"weight must have shape \(3,\)"),
-    (lambda: ct.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]),
-                              weight=-torch.ones(3)), ValueError, "weight must be non-negative"),
-    (lambda: ct.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), label_smoothing=2.0),
-     ValueError, "label_smoothing must be in"),
-    (lambda: ct.cross_entropy(torch.randn(2, 3, requires_grad=True),
-                              torch.rand(2, 3, requires_grad=True)), ValueError,
-     r"target requires a gradient.*target.detach\(\)"),
-    (lambda: ct.binary_cross_entropy_with_logits(torch.randn(2, 3), torch.rand(2, 3),
-                                                 pos_weight=torch.ones(3, requires_grad=True)),
-     ValueError, "pos_weight requires a gradient"),
-    (lambda: ct.binary_cross_entropy_with_logits(torch.randn(2, 3), torch.rand(2, 3),
-                                                 weight=torch.ones(4)), ValueError,
-     "weight of shape"),
-    (lambda: ct.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1], device="meta")),
-     ValueError, "target is on device meta but input is on cpu"),
-    (lambda: ct.kl_div(torch.randn(2, 3), torch.rand(2, 3), reduction="avg"), ValueError,
-     "reduction must be one of"),
-    (lambda: ct.softmax_focal_loss(torch.randn(2, 3), torch.tensor([0, 1]), gamma=-1.0),
-     ValueError, "gamma must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (
+            lambda: ct.cross_entropy(torch.randn(2, 3).numpy(), torch.tensor([0, 1])),
+            TypeError,
+            "input must be a torch.Tensor",
+        ),
+        (
+            lambda: ct.cross_entropy(torch.ones(2, 3, dtype=torch.int64), torch.tensor([0, 1])),
+            TypeError,
+            "input must be a floating-point tensor",
+        ),
+        (
+            lambda: ct.cross_entropy(torch.tensor(1.0), torch.tensor(0)),
+            ValueError,
+            "input must have a class axis",
+        ),
+        (
+            lambda: ct.cross_entropy(torch.randn(2, 3), [0, 1]),
+            TypeError,
+            "target must be a torch.Tensor",
+        ),
+        (
+            lambda: ct.cross_entropy(torch.randn(2, 3), torch.tensor([0, 3])),
+            ValueError,
+            r"target\[1\] = 3 is out of range",
+        ),
+        (
+            lambda: ct.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), reduction="avg"),
+            ValueError,
+            "reduction must be one of",
+        ),
+        (
+            lambda: ct.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), weight=torch.ones(4)),
+            ValueError,
+            r"weight must have shape \(3,\)",
+        ),
+        (
+            lambda: ct.cross_entropy(
+                torch.randn(2, 3), torch.tensor([0, 1]), weight=-torch.ones(3)
+            ),
+            ValueError,
+            "weight must be non-negative",
+        ),
+        (
+            lambda: ct.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), label_smoothing=2.0),
+            ValueError,
+            "label_smoothing must be in",
+        ),
+        (
+            lambda: ct.cross_entropy(
+                torch.randn(2, 3, requires_grad=True), torch.rand(2, 3, requires_grad=True)
+            ),
+            ValueError,
+            r"target requires a gradient.*target.detach\(\)",
+        ),
+        (
+            lambda: ct.binary_cross_entropy_with_logits(
+                torch.randn(2, 3), torch.rand(2, 3), pos_weight=torch.ones(3, requires_grad=True)
+            ),
+            ValueError,
+            "pos_weight requires a gradient",
+        ),
+        (
+            lambda: ct.binary_cross_entropy_with_logits(
+                torch.randn(2, 3), torch.rand(2, 3), weight=torch.ones(4)
+            ),
+            ValueError,
+            "weight of shape",
+        ),
+        (
+            lambda: ct.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1], device="meta")),
+            ValueError,
+            "target is on device meta but input is on cpu",
+        ),
+        (
+            lambda: ct.kl_div(torch.randn(2, 3), torch.rand(2, 3), reduction="avg"),
+            ValueError,
+            "reduction must be one of",
+        ),
+        (
+            lambda: ct.softmax_focal_loss(torch.randn(2, 3), torch.tensor([0, 1]), gamma=-1.0),
+            ValueError,
+            "gamma must be >= 0",
+        ),
+    ],
+)
 def test_errors_name_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
 
 def test_import_cestudy_does_not_import_torch():
-    code = ("import sys, cestudy, cestudy.losses, cestudy.dispatch\n"
-            "assert 'torch' not in sys.modules, 'import cestudy imported torch'\n"
-            "import cestudy.torch\n"
-            "assert 'torch' in sys.modules\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=HERE.parent, timeout=300)
+    code = (
+        "import sys, cestudy, cestudy.losses, cestudy.dispatch\n"
+        "assert 'torch' not in sys.modules, 'import cestudy imported torch'\n"
+        "import cestudy.torch\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE.parent, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -450,19 +634,45 @@ def test_cuda_route_in_the_simulator():
     weights, device reductions, the host round trip of nll_loss and kl_div), run in numba's CUDA
     simulator in a process of its own; the ``__cuda_array_interface__`` hand-over is replaced by
     host copies, since the simulator cannot read torch CUDA tensors and there is no GPU here."""
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", CESTUDY_CUDA_THREADS="8",
-               CESTUDY_TORCH_SIM="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-k", "in_sim", str(Path(__file__))], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=HERE.parent)
+    env = dict(
+        os.environ, NUMBA_ENABLE_CUDASIM="1", CESTUDY_CUDA_THREADS="8", CESTUDY_TORCH_SIM="1"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "in_sim",
+            str(Path(__file__)),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=HERE.parent,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout
 
 
 if os.environ.get("CESTUDY_TORCH_SIM") == "1":
-    SIM_CASES = ["ce_index_2d_options", "ce_index_1d", "ce_index_kd", "ce_probs_kd",
-                 "bce_0d", "bce_2d_weights", "bce_3d_weight", "softmax_focal_kd",
-                 "sigmoid_focal_3d", "nll_2d", "kl_div_2d"]
+    SIM_CASES = [
+        "ce_index_2d_options",
+        "ce_index_1d",
+        "ce_index_kd",
+        "ce_probs_kd",
+        "bce_0d",
+        "bce_2d_weights",
+        "bce_3d_weight",
+        "softmax_focal_kd",
+        "sigmoid_focal_3d",
+        "nll_2d",
+        "kl_div_2d",
+    ]
 
     @pytest.fixture
     def simulated_cuda(monkeypatch):
@@ -470,15 +680,19 @@ if os.environ.get("CESTUDY_TORCH_SIM") == "1":
 
         assert cuda.is_available()
         monkeypatch.setattr(ct, "_is_cuda", lambda t: True)
-        monkeypatch.setattr(ct, "_to_cuda_array",
-                            lambda t: cuda.to_device(np.ascontiguousarray(ct._numpy_view(t))))
-        monkeypatch.setattr(ct, "_from_cuda_array",
-                            lambda a, device: ct._from_numpy(a.copy_to_host()))
+        monkeypatch.setattr(
+            ct, "_to_cuda_array", lambda t: cuda.to_device(np.ascontiguousarray(ct._numpy_view(t)))
+        )
+        monkeypatch.setattr(
+            ct, "_from_cuda_array", lambda a, device: ct._from_numpy(a.copy_to_host())
+        )
 
     # every case in float32; float64 and the widened bfloat16 on a few (the simulator is slow)
-    SIM_PARAMS = ([(c, torch.float32) for c in SIM_CASES]
-                  + [(c, torch.bfloat16) for c in ("ce_index_kd", "bce_2d_weights")]
-                  + [("ce_probs_kd", torch.float64)])
+    SIM_PARAMS = (
+        [(c, torch.float32) for c in SIM_CASES]
+        + [(c, torch.bfloat16) for c in ("ce_index_kd", "bce_2d_weights")]
+        + [("ce_probs_kd", torch.float64)]
+    )
 
     @pytest.mark.filterwarnings(KL_MEAN)
     @pytest.mark.filterwarnings("ignore:cestudy has no CUDA kernel")
@@ -486,8 +700,9 @@ if os.environ.get("CESTUDY_TORCH_SIM") == "1":
     def test_route_in_sim(case, dtype, simulated_cuda, monkeypatch):
         device_calls = []
         run_device = cs.dispatch._run_device
-        monkeypatch.setattr(cs.dispatch, "_run_device",
-                            lambda *a: device_calls.append(a) or run_device(*a))
+        monkeypatch.setattr(
+            cs.dispatch, "_run_device", lambda *a: device_calls.append(a) or run_device(*a)
+        )
         for reduction in _reductions(case):
             rng = np.random.default_rng(CASES.index(case))
             ours_fn, _, x, target, kw = _case_inputs(case, dtype, rng)
@@ -502,10 +717,12 @@ if os.environ.get("CESTUDY_TORCH_SIM") == "1":
             assert loss.dtype == dtype and loss.shape == ref.shape, (case, reduction)
             assert grad.dtype == dtype and grad.shape == x.shape, (case, reduction)
             tol = 8 * torch.finfo(dtype).eps
-            torch.testing.assert_close(loss.double(), ref.detach().double(), rtol=tol,
-                                       atol=tol * ref.abs().max().item())
-            torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=tol,
-                                       atol=tol * ref_grad.abs().max().item())
+            torch.testing.assert_close(
+                loss.double(), ref.detach().double(), rtol=tol, atol=tol * ref.abs().max().item()
+            )
+            torch.testing.assert_close(
+                grad.double(), ref_grad.double(), rtol=tol, atol=tol * ref_grad.abs().max().item()
+            )
         # the kernels ran on the (simulated) device, except where there is no CUDA kernel
         assert bool(device_calls) == (case.split("_")[0] not in ("nll", "kl"))
 
@@ -528,15 +745,14 @@ def test_readme_example_trains_a_small_mlp():
     X, y = load_digits(return_X_y=True)
     X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
-                                torch.nn.Linear(32, 10))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
     loss_fn = ct.CrossEntropyLoss(label_smoothing=0.05)  # drop-in for torch.nn.CrossEntropyLoss
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     history = []
     for step in range(20):
         opt.zero_grad()
-        loss = loss_fn(model(X), y)   # the fused kernel writes loss and gradient in one pass
-        loss.backward()               # hands that gradient to autograd
+        loss = loss_fn(model(X), y)  # the fused kernel writes loss and gradient in one pass
+        loss.backward()  # hands that gradient to autograd
         opt.step()
         history.append(loss.item())
     assert history[-1] < 0.5 * history[0]
@@ -544,8 +760,9 @@ def test_readme_example_trains_a_small_mlp():
 
     # the same run with torch's own loss takes the same steps
     torch.manual_seed(0)
-    ref_model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
-                                    torch.nn.Linear(32, 10))
+    ref_model = torch.nn.Sequential(
+        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+    )
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.5, momentum=0.9)
     ref_loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
     ref_history = []
