@@ -345,3 +345,41 @@ def test_sigmoid_focal_loss_at_extreme_logits_is_finite_and_torchvisions(peer):
     assert np.isfinite(loss).all() and np.isfinite(grad).all()
     np.testing.assert_allclose(loss[0, :3], ours[0, :3], rtol=1e-6)
     np.testing.assert_allclose(grad[0, :3], our_grad[0, :3], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing callables and the reports' colours
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("peer,name", [(p, v) for p, vs in peers.TIMED.items() for v in vs])
+@pytest.mark.parametrize("mode", ["forward", "forward_grad"])
+def test_timed_callable_computes_the_mean_loss_and_its_gradient(peer, name, mode):
+    need(peer)
+    x, t = _inputs(variants.get(name), "float32", n=16, c=7)
+    if peer == "sklearn" and mode == "forward_grad":
+        with pytest.raises(KeyError, match="no gradient"):
+            peers.timed_callable(name, peer, mode, x, t)
+        return
+    f = peers.timed_callable(name, peer, mode, x, t)
+    loss, grad = f()
+    assert f()[0] == loss  # a second call (compiled) gives the same
+    ours, our_grad = implementations.get(name, "numba").fn(x, t)
+    count = ours.size
+    assert loss == pytest.approx(float(np.sum(ours.astype(np.float64))) / count, rel=1e-5)
+    if mode == "forward":
+        assert grad is None
+    else:
+        _close(grad, our_grad / count, 1e-5, f"{peer} {name} timed gradient")
+
+
+def test_timed_callable_refuses_what_it_does_not_time():
+    x, t = _inputs(variants.get("kl_divergence"), "float32")
+    with pytest.raises(KeyError, match="not timed"):
+        peers.timed_callable("kl_divergence", "jax", "forward", x, t)
+
+
+def test_every_implementation_has_a_fixed_colour_and_place():
+    from cestudy.report import figures
+
+    for name in implementations.IMPLEMENTATION_NAMES:
+        assert name in figures.COLOURS and name in figures.IMPL_ORDER, name
+    assert len(set(figures.COLOURS.values())) == len(figures.COLOURS)

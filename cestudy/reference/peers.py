@@ -646,3 +646,85 @@ def sklearn_binary_cross_entropy(probs, target, weight=None, **_):
     p = probs.astype(_log_loss_dtype(probs.dtype))
     q = np.where(t == 1, p, p.dtype.type(1) - p)
     return _log_loss_rows(q).astype(probs.dtype), None
+
+
+# --------------------------------------------------------------------------------------------
+# Timing: each framework run the way its users run it
+# --------------------------------------------------------------------------------------------
+# the library call each peer is timed with, per variant (the forms the accuracy cells measure)
+TIMED = {
+    "jax": {"cross_entropy": "optax.softmax_cross_entropy_with_integer_labels",
+            "cross_entropy_probs": "optax.softmax_cross_entropy",
+            "binary_cross_entropy_with_logits": "optax.sigmoid_binary_cross_entropy"},
+    "tensorflow": {"cross_entropy": "tf.nn.sparse_softmax_cross_entropy_with_logits",
+                   "cross_entropy_probs": "tf.nn.softmax_cross_entropy_with_logits",
+                   "binary_cross_entropy_with_logits": "tf.nn.sigmoid_cross_entropy_with_logits"},
+    "sklearn": {"cross_entropy": "sklearn.metrics.log_loss(y, softmax(x))"},
+}
+
+
+def timed_callable(variant: str, peer: str, mode: str, x, t):
+    """A zero-argument function computing the mean loss of ``peer`` (and, for
+    ``mode="forward_grad"``, its gradient), returning ``(loss, grad or None)`` as
+    ``cestudy.bench.cpu.make_callable`` does; KeyError where the peer has no such timing.
+
+    jax: one ``jax.jit`` function (``jax.value_and_grad`` of the mean for the gradient), inputs
+    placed on the CPU once, each call ended by ``block_until_ready()``; the first call compiles
+    (the bench times it apart). tensorflow: one ``tf.function`` (graph mode, as Keras' ``fit``
+    runs, without XLA), the gradient by a ``GradientTape`` inside it. sklearn: ``log_loss`` of
+    ``sklearn.utils.extmath.softmax(x)``, its input validation included; no gradient."""
+    if variant not in TIMED.get(peer, {}):
+        raise KeyError(f"{peer} is not timed for {variant}")
+    ok, why = available(peer)
+    if not ok:
+        raise ImportError(why)
+    grad = mode == "forward_grad"
+    if peer == "sklearn":
+        if grad:
+            raise KeyError("sklearn.metrics.log_loss has no gradient")
+        from sklearn.metrics import log_loss
+        from sklearn.utils.extmath import softmax
+
+        labels = np.arange(x.shape[1])
+        return lambda: (float(log_loss(t, softmax(x, copy=True), labels=labels)), None)
+    if peer == "jax":
+        jax, jnp, optax, cpu = _jax()
+        fn = {"cross_entropy": optax.softmax_cross_entropy_with_integer_labels,
+              "cross_entropy_probs": optax.softmax_cross_entropy,
+              "binary_cross_entropy_with_logits": optax.sigmoid_binary_cross_entropy}[variant]
+
+        def mean_loss(xj, tj):
+            return jnp.mean(fn(xj, tj))
+
+        f = jax.jit(jax.value_and_grad(mean_loss) if grad else mean_loss)
+        xj, tj = jax.device_put(x, cpu), jax.device_put(t, cpu)
+
+        def run_jax():
+            out = jax.block_until_ready(f(xj, tj))
+            return (float(out[0]), np.asarray(out[1])) if grad else (float(out), None)
+        return run_jax
+    tf, _ = _tf()
+    op = {"cross_entropy": tf.nn.sparse_softmax_cross_entropy_with_logits,
+          "cross_entropy_probs": tf.nn.softmax_cross_entropy_with_logits,
+          "binary_cross_entropy_with_logits": tf.nn.sigmoid_cross_entropy_with_logits}[variant]
+    with tf.device("/CPU:0"):
+        xt, tt = tf.constant(x), tf.constant(t)
+
+    @tf.function
+    def forward(xv, tv):
+        return tf.reduce_mean(op(labels=tv, logits=xv))
+
+    @tf.function
+    def forward_grad(xv, tv):
+        with tf.GradientTape() as tape:
+            tape.watch(xv)
+            loss = tf.reduce_mean(op(labels=tv, logits=xv))
+        return loss, tape.gradient(loss, xv)
+
+    def run_tf():
+        with tf.device("/CPU:0"):
+            if grad:
+                loss, g = forward_grad(xt, tt)
+                return float(loss), g.numpy()
+            return float(forward(xt, tt)), None
+    return run_tf

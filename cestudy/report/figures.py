@@ -17,8 +17,10 @@ import numpy as np  # noqa: E402
 COLOURS = {
     "naive": "#d62728", "clipped": "#ff7f0e", "lse": "#9467bd", "accurate": "#8c564b",
     "numba": "#2ca02c", "cuda": "#17becf", "torch": "#1f77b4", "scipy": "#7f7f7f",
+    "jax": "#e377c2", "tensorflow": "#bcbd22", "sklearn": "#393b79",
 }
-IMPL_ORDER = ["naive", "clipped", "lse", "accurate", "scipy", "torch", "numba", "cuda"]
+IMPL_ORDER = ["naive", "clipped", "lse", "accurate", "scipy", "sklearn", "torch", "jax",
+              "tensorflow", "numba", "cuda"]
 DTYPE_ORDER = ["float64", "float32", "float16", "bfloat16"]
 # A value drawn for an infinite ulp error (NaN/inf where the exact value is finite); figures draw
 # a grey line labelled "non-finite" there and captions say so
