@@ -316,7 +316,9 @@ def _jax_call(key, loss_fn, x, target, *arrays, with_grad=True):
 
 def jax_cross_entropy(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, **_):
     """``optax.softmax_cross_entropy_with_integer_labels``: ``logsumexp(x) - x_y``, which rounds
-    the loss of a confident row to 0 (and its true-class gradient with it) in float32.
+    the loss of a confident row to 0 (and its true-class gradient with it) in float32, and the
+    loss of equal logits at a large offset (log C at 1e8 in float32) to 0, where torch and
+    TensorFlow, which subtract the maximum before the log, keep log C.
 
     Ignored rows go through optax's ``where`` (a row mask: loss 0, gradient 0). Label smoothing
     is optax's recipe, ``softmax_cross_entropy(x, smooth_labels(one_hot(y), eps))``, the same
