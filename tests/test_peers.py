@@ -9,6 +9,7 @@ studies measure, pinned here so that a change of library version that fixes or m
 seen. Every test that needs a peer is skipped, with the reason and the install command, where
 the peer is not installed (``pip install 'cestudy[peers]'``).
 """
+
 import math
 
 import numpy as np
@@ -20,8 +21,9 @@ from cestudy.backends import Skip
 from cestudy.reference import implementations, peers
 
 NEW_PEERS = ("jax", "tensorflow", "sklearn")
-PAIRS = [(peer, v.name) for v in variants.VARIANTS.values() for peer in v.peers
-         if peer in NEW_PEERS]
+PAIRS = [
+    (peer, v.name) for v in variants.VARIANTS.values() for peer in v.peers if peer in NEW_PEERS
+]
 # loose relative tolerances on benign inputs (several ulp of each dtype, and more for the
 # low precisions, where peers and cestudy round intermediate results differently)
 RTOL = {"float64": 1e-9, "float32": 2e-5, "float16": 1e-2, "bfloat16": 5e-2}
@@ -62,8 +64,9 @@ def _close(got, ref, rtol, what):
     scale = np.max(np.abs(ref), axis=-1, keepdims=True) if ref.ndim == 2 else np.abs(ref)
     gap = np.abs(got - ref) / np.maximum(scale, np.finfo(np.float64).tiny)
     bad = gap > rtol
-    assert not bad.any(), (f"{what}: relative gap {gap.max():.3g} > {rtol} at "
-                           f"{np.argwhere(bad)[:5].tolist()}")
+    assert not bad.any(), (
+        f"{what}: relative gap {gap.max():.3g} > {rtol} at {np.argwhere(bad)[:5].tolist()}"
+    )
 
 
 def _compare(peer, name, dtype, **options):
@@ -93,17 +96,25 @@ def test_every_registered_peer_has_its_function():
 
 def test_which_variants_each_peer_has():
     has = {p: {name for q, name in PAIRS if q == p} for p in NEW_PEERS}
-    assert has["jax"] == {"cross_entropy", "cross_entropy_probs", "kl_divergence",
-                          "softmax_focal_loss", "binary_cross_entropy_with_logits",
-                          "sigmoid_focal_loss"}
+    assert has["jax"] == {
+        "cross_entropy",
+        "cross_entropy_probs",
+        "kl_divergence",
+        "softmax_focal_loss",
+        "binary_cross_entropy_with_logits",
+        "sigmoid_focal_loss",
+    }
     assert has["tensorflow"] == has["jax"] | {"binary_cross_entropy"}
     assert has["sklearn"] == {"cross_entropy", "binary_cross_entropy"}
 
 
 def test_unavailable_peer_is_a_skip_with_the_install_command(monkeypatch):
     real = peers.importlib.util.find_spec
-    monkeypatch.setattr(peers.importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("jax", "optax") else real(name, *a))
+    monkeypatch.setattr(
+        peers.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("jax", "optax") else real(name, *a),
+    )
     ok, why = peers.available("jax")
     assert not ok and why == "jax is not installed (pip install 'cestudy[peers]')"
     from cestudy.study import compute
@@ -121,16 +132,18 @@ def test_limitations_are_stated_without_computing():
     assert peers.limitation("jax", "cross_entropy", label_smoothing=0.1) == ""
     assert "optax has no class" in peers.limitation("jax", "cross_entropy", weight=w)
     assert "optax has no pos_weight" in peers.limitation(
-        "jax", "binary_cross_entropy_with_logits", pos_weight=w)
+        "jax", "binary_cross_entropy_with_logits", pos_weight=w
+    )
     assert peers.limitation("jax", "softmax_focal_loss", weight=w) == ""
     assert peers.limitation("tensorflow", "softmax_focal_loss", weight=w) == ""
     assert peers.limitation("tensorflow", "binary_cross_entropy_with_logits", pos_weight=w) == ""
-    assert "no class or element weights" in peers.limitation("tensorflow", "cross_entropy",
-                                                             weight=w)
-    assert "no label smoothing" in peers.limitation("sklearn", "cross_entropy",
-                                                    label_smoothing=0.1)
-    assert issubclass(peers.Unsupported, Skip) and issubclass(peers.Unsupported,
-                                                               NotImplementedError)
+    assert "no class or element weights" in peers.limitation(
+        "tensorflow", "cross_entropy", weight=w
+    )
+    assert "no label smoothing" in peers.limitation("sklearn", "cross_entropy", label_smoothing=0.1)
+    assert issubclass(peers.Unsupported, Skip) and issubclass(
+        peers.Unsupported, NotImplementedError
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,13 +158,16 @@ def test_peer_agrees_with_cestudy_on_benign_inputs(peer, name, dtype):
 
 @pytest.mark.parametrize("peer", ["jax", "tensorflow"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("name,options", [
-    ("cross_entropy", {"label_smoothing": 0.1}),
-    ("cross_entropy_probs", {"label_smoothing": 0.2}),
-    ("softmax_focal_loss", {"gamma": 1.5, "weight": np.array([0.5, 1.0, 2.0, 1.5, 0.25])}),
-    ("sigmoid_focal_loss", {"alpha": -1.0, "gamma": 1.0}),
-    ("sigmoid_focal_loss", {"alpha": 0.75, "gamma": 3.0}),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("cross_entropy", {"label_smoothing": 0.1}),
+        ("cross_entropy_probs", {"label_smoothing": 0.2}),
+        ("softmax_focal_loss", {"gamma": 1.5, "weight": np.array([0.5, 1.0, 2.0, 1.5, 0.25])}),
+        ("sigmoid_focal_loss", {"alpha": -1.0, "gamma": 1.0}),
+        ("sigmoid_focal_loss", {"alpha": 0.75, "gamma": 3.0}),
+    ],
+)
 def test_peer_options_agree_with_cestudy(peer, dtype, name, options):
     need(peer)
     _compare(peer, name, dtype, **options)
@@ -177,14 +193,17 @@ def test_tensorflow_pos_weight_is_torchs():
         _compare("tensorflow", name, dtype, pos_weight=np.array([3.0, 1.0, 0.5, 2.0, 1.0]))
 
 
-@pytest.mark.parametrize("peer,name,options", [
-    ("jax", "cross_entropy", {"weight": np.ones(5)}),
-    ("jax", "cross_entropy_probs", {"weight": np.ones(5)}),
-    ("jax", "binary_cross_entropy_with_logits", {"pos_weight": np.ones(5)}),
-    ("tensorflow", "cross_entropy", {"weight": np.ones(5)}),
-    ("tensorflow", "binary_cross_entropy", {"weight": np.ones((6, 5))}),
-    ("sklearn", "cross_entropy", {"label_smoothing": 0.1}),
-])
+@pytest.mark.parametrize(
+    "peer,name,options",
+    [
+        ("jax", "cross_entropy", {"weight": np.ones(5)}),
+        ("jax", "cross_entropy_probs", {"weight": np.ones(5)}),
+        ("jax", "binary_cross_entropy_with_logits", {"pos_weight": np.ones(5)}),
+        ("tensorflow", "cross_entropy", {"weight": np.ones(5)}),
+        ("tensorflow", "binary_cross_entropy", {"weight": np.ones((6, 5))}),
+        ("sklearn", "cross_entropy", {"label_smoothing": 0.1}),
+    ],
+)
 def test_options_a_library_lacks_raise_unsupported(peer, name, options):
     need(peer)
     x, t = _inputs(variants.get(name), "float32")
@@ -214,8 +233,13 @@ def test_a_weighted_cell_is_recorded_as_skipped_with_the_reason():
     from cestudy.study.kinds import accuracy
 
     cell = {k: key.default for k, key in accuracy.KEYS.items()}
-    cell.update(kind="accuracy", variant="cross_entropy", implementation="jax",
-                class_weight="inverse", imbalance=10.0)
+    cell.update(
+        kind="accuracy",
+        variant="cross_entropy",
+        implementation="jax",
+        class_weight="inverse",
+        imbalance=10.0,
+    )
     with pytest.raises(Skip, match="optax has no class"):
         compute.compute_cell(accuracy.normalise(cell))
     cell.update(class_weight="none")
@@ -269,17 +293,22 @@ def test_keras_binary_cross_entropy_clips_probabilities_at_1e_7():
     t = np.array([[1.0, 0.0, 1.0]], np.float32)
     loss, grad = peers.tensorflow_binary_cross_entropy(p, t)
     assert grad is None
-    assert loss[0, 0] == pytest.approx(-math.log(np.float32(1e-7)), rel=1e-6)   # 16.12
-    assert loss[0, 1] == pytest.approx(-math.log(2.0 ** -23), rel=1e-6)         # 15.94
-    assert loss[0, 2] == pytest.approx(-math.log1p(-1e-7), rel=0.3)             # ~1e-7
+    assert loss[0, 0] == pytest.approx(-math.log(np.float32(1e-7)), rel=1e-6)  # 16.12
+    assert loss[0, 1] == pytest.approx(-math.log(2.0**-23), rel=1e-6)  # 15.94
+    assert loss[0, 2] == pytest.approx(-math.log1p(-1e-7), rel=0.3)  # ~1e-7
     # in float16, 1 - 1e-7 rounds to 1: the right answer p = 1, t = 1 gives 0 * log(0) = NaN
     loss16, _ = peers.tensorflow_binary_cross_entropy(p.astype(np.float16), t.astype(np.float16))
     assert np.isnan(loss16[0, 2])
 
 
-@pytest.mark.parametrize("dtype,cap", [("float64", -math.log(2.0 ** -52)),
-                                       ("float32", -math.log(2.0 ** -23)),
-                                       ("float16", -math.log(2.0 ** -10))])
+@pytest.mark.parametrize(
+    "dtype,cap",
+    [
+        ("float64", -math.log(2.0**-52)),
+        ("float32", -math.log(2.0**-23)),
+        ("float16", -math.log(2.0**-10)),
+    ],
+)
 def test_sklearn_log_loss_clips_at_the_dtype_eps(dtype, cap):
     need("sklearn")
     from sklearn.metrics import log_loss
@@ -289,8 +318,7 @@ def test_sklearn_log_loss_clips_at_the_dtype_eps(dtype, cap):
     t = np.array([[0.0, 1.0, 1.0, 0.0]], dt)
     loss, grad = peers.sklearn_binary_cross_entropy(p, t)
     assert grad is None and loss.dtype == dt
-    assert loss[0, 0] == pytest.approx(cap, rel=1e-3) and loss[0, 1] == pytest.approx(cap,
-                                                                                        rel=1e-3)
+    assert loss[0, 0] == pytest.approx(cap, rel=1e-3) and loss[0, 1] == pytest.approx(cap, rel=1e-3)
     # the per-sample terms are log_loss's own, before it averages them
     whole = log_loss(t.ravel(), p.ravel(), labels=[0, 1], normalize=False)
     assert float(np.sum(loss.astype(np.float64))) == pytest.approx(whole, rel=1e-3)

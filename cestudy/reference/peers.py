@@ -19,6 +19,7 @@ label smoothing or ignored rows) the function raises :class:`Unsupported`, a
 ``NotImplementedError``. ``limitation(peer, variant, **options)`` gives that reason without
 computing anything.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,13 @@ from .. import dtypes
 from ..backends import Skip
 
 # peer -> the module whose presence makes it available (what ``available`` looks for)
-PACKAGES = {"torch": "torch", "scipy": "scipy", "jax": "optax", "tensorflow": "tensorflow",
-            "sklearn": "sklearn"}
+PACKAGES = {
+    "torch": "torch",
+    "scipy": "scipy",
+    "jax": "optax",
+    "tensorflow": "tensorflow",
+    "sklearn": "sklearn",
+}
 DESCRIPTIONS = {
     "torch": "torch.nn.functional (CPU) and autograd",
     "scipy": "scipy.special.log_softmax / softmax",
@@ -42,12 +48,19 @@ DESCRIPTIONS = {
 }
 # every module a peer imports, and the distributions whose versions describe it
 _MODULES = {"jax": ("jax", "optax"), "tensorflow": ("tensorflow", "keras")}
-DISTRIBUTIONS = {"torch": ("torch",), "scipy": ("scipy",), "jax": ("jax", "jaxlib", "optax"),
-                 "tensorflow": ("tensorflow", "tensorflow-cpu", "keras"),
-                 "sklearn": ("scikit-learn",)}
-_INSTALL = {"torch": "pip install torch==2.13.0 (CPU build)",
-            "jax": "pip install 'cestudy[peers]'", "tensorflow": "pip install 'cestudy[peers]'",
-            "sklearn": "pip install 'cestudy[peers]'"}
+DISTRIBUTIONS = {
+    "torch": ("torch",),
+    "scipy": ("scipy",),
+    "jax": ("jax", "jaxlib", "optax"),
+    "tensorflow": ("tensorflow", "tensorflow-cpu", "keras"),
+    "sklearn": ("scikit-learn",),
+}
+_INSTALL = {
+    "torch": "pip install torch==2.13.0 (CPU build)",
+    "jax": "pip install 'cestudy[peers]'",
+    "tensorflow": "pip install 'cestudy[peers]'",
+    "sklearn": "pip install 'cestudy[peers]'",
+}
 
 
 def available(peer: str) -> tuple[bool, str]:
@@ -156,8 +169,14 @@ def torch_cross_entropy(x, target, weight=None, ignore_index=-100, label_smoothi
     import torch.nn.functional as F
 
     def fn(xt, tt, wt):
-        return F.cross_entropy(xt, tt, weight=wt, ignore_index=ignore_index,
-                               label_smoothing=label_smoothing, reduction="none")
+        return F.cross_entropy(
+            xt,
+            tt,
+            weight=wt,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            reduction="none",
+        )
 
     return _torch_call(fn, x, target, True, weight)
 
@@ -166,8 +185,7 @@ def torch_cross_entropy_probs(x, target, weight=None, label_smoothing=0.0, **_):
     import torch.nn.functional as F
 
     def fn(xt, tt, wt):
-        return F.cross_entropy(xt, tt, weight=wt, label_smoothing=label_smoothing,
-                               reduction="none")
+        return F.cross_entropy(xt, tt, weight=wt, label_smoothing=label_smoothing, reduction="none")
 
     return _torch_call(fn, x, target, False, weight)
 
@@ -203,8 +221,9 @@ def torch_binary_cross_entropy_with_logits(x, target, weight=None, pos_weight=No
 
     def fn(xt, tt, wt):
         pwt = None if pos_weight is None else torch.as_tensor(np.asarray(pos_weight)).to(xt.dtype)
-        return F.binary_cross_entropy_with_logits(xt, tt, weight=wt, pos_weight=pwt,
-                                                  reduction="none")
+        return F.binary_cross_entropy_with_logits(
+            xt, tt, weight=wt, pos_weight=pwt, reduction="none"
+        )
 
     return _torch_call(fn, x, target, False, weight)
 
@@ -297,9 +316,11 @@ def _jax_call(key, loss_fn, x, target, *arrays, with_grad=True):
     f = _JAX_JIT.get((key, with_grad))
     if f is None:
         if with_grad:
+
             def fwd_grad(xj, tj, *aj):
                 loss, vjp = jax.vjp(lambda a: loss_fn(a, tj, *aj), xj)
                 return loss, vjp(jnp.ones_like(loss))[0]
+
             f = jax.jit(fwd_grad)
         else:
             f = jax.jit(loss_fn)
@@ -379,8 +400,9 @@ def jax_softmax_focal_loss(x, target, gamma=2.0, weight=None, ignore_index=-100,
         loss = -wj.astype(xj.dtype)[ys] * (1 - jnp.exp(lp)) ** g * lp
         return jnp.where(keep, loss, 0)
 
-    return _jax_call(("softmax_focal_loss", ignore_index, g), fn, x,
-                     np.asarray(target, np.int64), w)
+    return _jax_call(
+        ("softmax_focal_loss", ignore_index, g), fn, x, np.asarray(target, np.int64), w
+    )
 
 
 def jax_binary_cross_entropy_with_logits(x, target, weight=None, pos_weight=None, **_):
@@ -388,8 +410,9 @@ def jax_binary_cross_entropy_with_logits(x, target, weight=None, pos_weight=None
     no element weights or pos_weight (:class:`Unsupported`)."""
     _refuse("jax", "binary_cross_entropy_with_logits", weight=weight, pos_weight=pos_weight)
     _, _, optax, _ = _jax()
-    return _jax_call(("binary_cross_entropy_with_logits",), optax.sigmoid_binary_cross_entropy,
-                     x, target)
+    return _jax_call(
+        ("binary_cross_entropy_with_logits",), optax.sigmoid_binary_cross_entropy, x, target
+    )
 
 
 def jax_sigmoid_focal_loss(x, target, alpha=0.25, gamma=2.0, **_):
@@ -417,8 +440,10 @@ def _tf():
     import tensorflow as tf
 
     if keras.backend.backend() != "tensorflow":
-        raise Skip(f"keras runs on its {keras.backend.backend()} backend (KERAS_BACKEND); the "
-                   "tensorflow peer needs KERAS_BACKEND=tensorflow")
+        raise Skip(
+            f"keras runs on its {keras.backend.backend()} backend (KERAS_BACKEND); the "
+            "tensorflow peer needs KERAS_BACKEND=tensorflow"
+        )
     return tf, keras
 
 
@@ -437,16 +462,17 @@ def _tf_call(op, loss_fn, x, with_grad=True):
             if with_grad:
                 grad = tape.gradient(loss, xt, output_gradients=tf.ones_like(loss))
     except tf.errors.NotFoundError as exc:  # no kernel registered for this dtype
-        raise Unsupported(f"TensorFlow has no {dtypes.dtype_name(x.dtype)} CPU kernel for "
-                          f"{op}: {str(exc).splitlines()[0][:200]}") from None
+        raise Unsupported(
+            f"TensorFlow has no {dtypes.dtype_name(x.dtype)} CPU kernel for "
+            f"{op}: {str(exc).splitlines()[0][:200]}"
+        ) from None
     loss = loss.numpy()
     if grad is not None:
         grad = grad.numpy().astype(x.dtype, copy=False)
     return loss.astype(x.dtype, copy=False), grad
 
 
-def tensorflow_cross_entropy(x, target, weight=None, ignore_index=-100, label_smoothing=0.0,
-                             **_):
+def tensorflow_cross_entropy(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, **_):
     """``tf.nn.sparse_softmax_cross_entropy_with_logits`` (``lse - x_y``).
 
     The sparse op has no label smoothing and no ignored rows (it rejects a label outside
@@ -461,21 +487,25 @@ def tensorflow_cross_entropy(x, target, weight=None, ignore_index=-100, label_sm
     ignored = bool((t == ignore_index).any())
     ls = float(label_smoothing)
     if ls and ignored:
-        raise Unsupported("TensorFlow/Keras has no cross-entropy with both label smoothing and "
-                          "ignored rows (cross_entropy with label_smoothing and ignore_index)")
+        raise Unsupported(
+            "TensorFlow/Keras has no cross-entropy with both label smoothing and "
+            "ignored rows (cross_entropy with label_smoothing and ignore_index)"
+        )
     if ls:
         op = "keras.losses.categorical_crossentropy(label_smoothing)"
 
         def fn(xt):
             onehot = tf.one_hot(t, xt.shape[-1], dtype=xt.dtype)
-            return keras.losses.categorical_crossentropy(onehot, xt, from_logits=True,
-                                                         label_smoothing=ls)
+            return keras.losses.categorical_crossentropy(
+                onehot, xt, from_logits=True, label_smoothing=ls
+            )
     elif ignored:
         op = "keras.losses.sparse_categorical_crossentropy(ignore_class)"
 
         def fn(xt):
-            return keras.losses.sparse_categorical_crossentropy(t, xt, from_logits=True,
-                                                                ignore_class=ignore_index)
+            return keras.losses.sparse_categorical_crossentropy(
+                t, xt, from_logits=True, ignore_class=ignore_index
+            )
     else:
         op = "tf.nn.sparse_softmax_cross_entropy_with_logits"
 
@@ -496,8 +526,9 @@ def tensorflow_cross_entropy_probs(x, target, weight=None, label_smoothing=0.0, 
 
     def fn(xt):
         if ls:
-            return keras.losses.categorical_crossentropy(t, xt, from_logits=True,
-                                                         label_smoothing=ls)
+            return keras.losses.categorical_crossentropy(
+                t, xt, from_logits=True, label_smoothing=ls
+            )
         return tf.nn.softmax_cross_entropy_with_logits(labels=t, logits=xt)
 
     return _tf_call("tf.nn.softmax_cross_entropy_with_logits", fn, x)
@@ -531,8 +562,9 @@ def tensorflow_softmax_focal_loss(x, target, gamma=2.0, weight=None, ignore_inde
     def fn(xt):
         onehot = tf.one_hot(np.where(t == ignore_index, -1, t), xt.shape[-1], dtype=xt.dtype)
         a = alpha if np.ndim(alpha) == 0 else tf.constant(alpha, dtype=xt.dtype)
-        return keras.losses.categorical_focal_crossentropy(onehot, xt, alpha=a, gamma=gamma,
-                                                           from_logits=True)
+        return keras.losses.categorical_focal_crossentropy(
+            onehot, xt, alpha=a, gamma=gamma, from_logits=True
+        )
 
     return _tf_call("keras.losses.categorical_focal_crossentropy", fn, x)
 
@@ -584,8 +616,13 @@ def tensorflow_sigmoid_focal_loss(x, target, alpha=0.25, gamma=2.0, **_):
 
     def fn(xt):
         return keras.losses.binary_focal_crossentropy(
-            t[..., None], xt[..., None], apply_class_balancing=balance,
-            alpha=float(alpha) if balance else 0.25, gamma=float(gamma), from_logits=True)
+            t[..., None],
+            xt[..., None],
+            apply_class_balancing=balance,
+            alpha=float(alpha) if balance else 0.25,
+            gamma=float(gamma),
+            from_logits=True,
+        )
 
     return _tf_call("keras.losses.binary_focal_crossentropy", fn, x)
 
@@ -624,8 +661,9 @@ def sklearn_cross_entropy(x, target, weight=None, ignore_index=-100, label_smoot
 
     t = np.asarray(target, np.int64)
     if (t == ignore_index).any():
-        raise Unsupported("sklearn.metrics.log_loss has no ignored rows (cross_entropy with "
-                          "ignore_index)")
+        raise Unsupported(
+            "sklearn.metrics.log_loss has no ignored rows (cross_entropy with ignore_index)"
+        )
     x = np.asarray(x)
     with np.errstate(all="ignore"):
         p = softmax(x, copy=True)
@@ -643,8 +681,10 @@ def sklearn_binary_cross_entropy(probs, target, weight=None, **_):
     probs = np.asarray(probs)
     t = np.asarray(target)
     if not np.isin(t, (0, 1)).all():
-        raise Unsupported("sklearn.metrics.log_loss takes class labels, not soft targets "
-                          "(binary_cross_entropy with targets other than 0 and 1)")
+        raise Unsupported(
+            "sklearn.metrics.log_loss takes class labels, not soft targets "
+            "(binary_cross_entropy with targets other than 0 and 1)"
+        )
     p = probs.astype(_log_loss_dtype(probs.dtype))
     q = np.where(t == 1, p, p.dtype.type(1) - p)
     return _log_loss_rows(q).astype(probs.dtype), None
@@ -655,12 +695,16 @@ def sklearn_binary_cross_entropy(probs, target, weight=None, **_):
 # --------------------------------------------------------------------------------------------
 # the library call each peer is timed with, per variant (the forms the accuracy cells measure)
 TIMED = {
-    "jax": {"cross_entropy": "optax.softmax_cross_entropy_with_integer_labels",
-            "cross_entropy_probs": "optax.softmax_cross_entropy",
-            "binary_cross_entropy_with_logits": "optax.sigmoid_binary_cross_entropy"},
-    "tensorflow": {"cross_entropy": "tf.nn.sparse_softmax_cross_entropy_with_logits",
-                   "cross_entropy_probs": "tf.nn.softmax_cross_entropy_with_logits",
-                   "binary_cross_entropy_with_logits": "tf.nn.sigmoid_cross_entropy_with_logits"},
+    "jax": {
+        "cross_entropy": "optax.softmax_cross_entropy_with_integer_labels",
+        "cross_entropy_probs": "optax.softmax_cross_entropy",
+        "binary_cross_entropy_with_logits": "optax.sigmoid_binary_cross_entropy",
+    },
+    "tensorflow": {
+        "cross_entropy": "tf.nn.sparse_softmax_cross_entropy_with_logits",
+        "cross_entropy_probs": "tf.nn.softmax_cross_entropy_with_logits",
+        "binary_cross_entropy_with_logits": "tf.nn.sigmoid_cross_entropy_with_logits",
+    },
     "sklearn": {"cross_entropy": "sklearn.metrics.log_loss(y, softmax(x))"},
 }
 
@@ -691,9 +735,11 @@ def timed_callable(variant: str, peer: str, mode: str, x, t):
         return lambda: (float(log_loss(t, softmax(x, copy=True), labels=labels)), None)
     if peer == "jax":
         jax, jnp, optax, cpu = _jax()
-        fn = {"cross_entropy": optax.softmax_cross_entropy_with_integer_labels,
-              "cross_entropy_probs": optax.softmax_cross_entropy,
-              "binary_cross_entropy_with_logits": optax.sigmoid_binary_cross_entropy}[variant]
+        fn = {
+            "cross_entropy": optax.softmax_cross_entropy_with_integer_labels,
+            "cross_entropy_probs": optax.softmax_cross_entropy,
+            "binary_cross_entropy_with_logits": optax.sigmoid_binary_cross_entropy,
+        }[variant]
 
         def mean_loss(xj, tj):
             return jnp.mean(fn(xj, tj))
@@ -704,11 +750,14 @@ def timed_callable(variant: str, peer: str, mode: str, x, t):
         def run_jax():
             out = jax.block_until_ready(f(xj, tj))
             return (float(out[0]), np.asarray(out[1])) if grad else (float(out), None)
+
         return run_jax
     tf, _ = _tf()
-    op = {"cross_entropy": tf.nn.sparse_softmax_cross_entropy_with_logits,
-          "cross_entropy_probs": tf.nn.softmax_cross_entropy_with_logits,
-          "binary_cross_entropy_with_logits": tf.nn.sigmoid_cross_entropy_with_logits}[variant]
+    op = {
+        "cross_entropy": tf.nn.sparse_softmax_cross_entropy_with_logits,
+        "cross_entropy_probs": tf.nn.softmax_cross_entropy_with_logits,
+        "binary_cross_entropy_with_logits": tf.nn.sigmoid_cross_entropy_with_logits,
+    }[variant]
     with tf.device("/CPU:0"):
         xt, tt = tf.constant(x), tf.constant(t)
 
@@ -729,4 +778,5 @@ def timed_callable(variant: str, peer: str, mode: str, x, t):
                 loss, g = forward_grad(xt, tt)
                 return float(loss), g.numpy()
             return float(forward(xt, tt)), None
+
     return run_tf
