@@ -429,68 +429,64 @@ def rows(kernel: str, logits: Any, per_row: bool, dim: Any = -1, keepdim: bool =
 # --------------------------------------------------------------------------------------------
 # Device arrays in, device arrays out
 # --------------------------------------------------------------------------------------------
-DEVICE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+DEVICE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), dtypes.float16, dtypes.bfloat16)
 
 
 def _run_device(v, logits, target, reduction, with_grad, out, opts):
-    """Device arrays (``__cuda_array_interface__``: numba, CuPy, torch CUDA tensors) in, device
-    arrays out, with no host round trip of the data. The same checks as for host arrays run on
-    the device (a count of bad entries comes back), before any kernel reads a target."""
+    """Device arrays in, device arrays out, with no host round trip and no host synchronisation.
+
+    Logits: anything with ``__cuda_array_interface__`` (numba, CuPy, torch CUDA tensors) of
+    float32, float64 or float16, and bfloat16 as torch tensors, ``__dlpack__`` objects or the
+    bits wrapped by ``cestudy.kernels.cuda.bfloat16_bits``; 16-bit logits are computed in
+    float32, their loss is float32 and their gradient has their dtype. Shapes, dtypes and host
+    weights are checked here. Values on the device are checked by the kernels, which never read
+    out of bounds: a target out of range, or a negative device weight or target probability,
+    makes its row (element) NaN and is counted on the device; with $CESTUDY_CUDA_CHECKS=sync
+    each call reads the counts and raises ValueError (a synchronisation), otherwise
+    ``cestudy.kernels.cuda.raise_device_errors()`` does when asked."""
     ck = backends.require_cuda()
-    x = ck.as_device(logits)
+    x = ck.as_device_logits(logits)
     if x.dtype not in DEVICE_DTYPES:
         raise TypeError(f"logits: device arrays of dtype {x.dtype} are not supported by "
-                        f"backend='cuda'; use float32 or float64")
-    t = ck.as_device(target)
-    if v.elementwise:
-        if x.ndim != 2:
-            raise ValueError(f"logits must be a 2-D device array; got shape {x.shape}")
-        if t.shape != x.shape:
-            raise ValueError(f"target must have the logits' shape {x.shape}; got {t.shape}")
-    else:
-        if x.ndim != 2:
-            raise ValueError(f"logits must be a 2-D (N, C) device array; got shape {x.shape}")
+                        f"backend='cuda'; use float32, float64, float16 or bfloat16")
+    if x.ndim != 2:
+        raise ValueError(f"logits must be a 2-D (N, C) device array; got shape {x.shape}")
     n, c = x.shape
     if v.target == "index":
-        if t.shape != (n,) or t.dtype.kind not in "iu":
+        t = ck.as_device(target)
+        if tuple(t.shape) != (n,) or t.dtype.kind not in "iu":
             raise ValueError(f"target must be an integer (N,) = ({n},) device array of class "
-                             f"indices; got {t.dtype} {t.shape}")
-        bad = ck.count_invalid_targets(t, c, opts["ignore_index"])
-        if bad:
-            raise ValueError(f"target holds {bad} class indices out of range for {c} classes "
-                             f"(expected 0 <= target < {c} or "
-                             f"ignore_index={opts['ignore_index']})")
-    elif t.shape != x.shape:
-        raise ValueError(f"target must have the logits' shape {x.shape}; got {t.shape}")
-    elif v.target == "probs" and ck.count_negative(t):
-        raise ValueError("target probabilities must be non-negative; got a negative entry")
-
+                             f"indices; got {t.dtype} {tuple(t.shape)}")
+    else:
+        t = ck.as_device_logits(target)
+        if tuple(t.shape) != (n, c):
+            raise ValueError(f"target must have the logits' shape {(n, c)}; got "
+                             f"{tuple(t.shape)}")
     args = []
     for key in v.option_names:
         value = opts[key]
-        if key in ("weight", "pos_weight"):
+        if key in ("weight", "pos_weight") and value is not None:
             if _is_device(value):
-                if ck.count_negative(value):
-                    raise ValueError(f"{key} must be non-negative; got a negative entry")
+                value = ck.as_device_logits(value)
+                wshape = tuple(value.shape)
+                ok = (wshape in ((c,), (1, c), (n, c), (n, 1), (1, 1), (1,)) if v.elementwise
+                      else wshape == (c,))
+                if not ok:
+                    raise ValueError(f"{key} of shape {wshape} does not fit logits of shape "
+                                     f"{(n, c)}")
             elif v.elementwise:
-                value = elementwise_weights(key, value, x.shape)
+                value = contiguous_rows(elementwise_weights(key, value, (n, c)))
             else:
                 value = class_weight(value, c)
         args.append(value)
-
-    if v.target == "index":
-        denom = ck.index_weight_sum(t, args[0], opts["ignore_index"]) if n else 0.0
-    elif v.target == "probs":
-        denom = float(n)
-    else:
-        denom = float(n * c)
-    per_sample = ck.device_array(x.shape if v.elementwise else (n,), np.float64)
+    grad = None
+    if with_grad and out is not None:
+        grad = ck.as_device_logits(out)
+        if tuple(grad.shape) != (n, c) or grad.dtype != x.dtype:
+            raise ValueError(f"out must have the logits' shape {(n, c)} and dtype {x.dtype}")
+    loss, g = ck.compute(v.kernel, x, t, args, reduction, with_grad, grad)
+    if ck.sync_checks():
+        ck.raise_device_errors()
     if not with_grad:
-        getattr(ck, v.kernel + "_fwd")(x, t, *args, per_sample)
-        return ck.reduce_loss(per_sample, reduction, denom, x.dtype)
-    grad = ck.device_array(x.shape, x.dtype) if out is None else ck.as_device(out)
-    if grad.shape != x.shape or grad.dtype != x.dtype:
-        raise ValueError(f"out must have the logits' shape {x.shape} and dtype {x.dtype}")
-    getattr(ck, v.kernel + "_fwd_grad")(x, t, *args, grad_scale(reduction, denom), per_sample,
-                                        grad)
-    return ck.reduce_loss(per_sample, reduction, denom, x.dtype), grad
+        return loss
+    return loss, (out if out is not None else g)
