@@ -4,20 +4,21 @@ One run measures, on the same device:
 
 - the ceilings: the read bandwidth (a numba kernel that sums a 4 GiB float32 buffer, and torch's
   ``sum`` of it when torch is there; the larger counts) and the device-to-device copy bandwidth
-  (bytes read + written);
+  (bytes read + written), each the best of five;
 - for float32 and bfloat16 logits at each shape (``SHAPES``): cestudy's public functions on
   device arrays (``cross_entropy`` forward, ``cross_entropy_with_grad`` into a gradient buffer
   and into the logits themselves), at 256, 512 and 1024 threads per block, beside torch's eager
   ``F.cross_entropy`` forward and forward+backward. Each kernel is first checked against the
   oracle in the input's precision (per-sample losses of the first rows, gradients of the first
-  four rows; ``ulp``/``grad_ulp``), then timed with CUDA events after warm-up (median of many
-  repeats, inputs rotated over buffers at least three times the L2 so that they do not sit in
-  it). Each row records GB/s (the logits read, plus the gradient written for the fused calls),
-  ``frac_read_bw`` and ``frac_copy_bw`` (those bytes per second over each ceiling) and
-  ``vs_torch`` (torch's time over cestudy's);
+  four rows; ``ulp``/``grad_ulp``), then timed with CUDA events after warm-up: the median over
+  21 batches of 10 calls issued back to back (the host's launch work overlapping the GPU's, as
+  in a training loop), inputs rotated over buffers at least three times the L2 so that they do
+  not sit in it. Each row records GB/s (the logits read, plus the gradient written for the
+  fused calls, which read the logits twice), ``frac_read_bw`` and ``frac_copy_bw`` (those bytes
+  per second over each ceiling) and ``vs_torch`` (torch's time over cestudy's);
 - what a call costs on the host (``call_overhead``): microseconds per call issued back to back
   without synchronisation at a small shape, where the GPU work is shorter than the launch, for
-  cestudy's forward and fused calls and torch's forward.
+  cestudy's forward and fused calls and torch's forward and forward+backward.
 
 It prints one table and writes everything as JSON (``--json``; the committed results are
 ``reports/data/cuda_bench.json``). In the CUDA simulator it runs the checks alone at small shapes
@@ -57,22 +58,25 @@ def _events():
     return cuda.event(timing=True), cuda.event(timing=True)
 
 
-def _time(fn, repeats, warmup=3):
-    """Median seconds of ``fn(i)`` over ``repeats`` calls, each between two CUDA events on the
-    default stream (torch's eager ops run on it too)."""
+def _time(fn, repeats, warmup=3, batch=10):
+    """Median seconds per call of ``fn(i)``: ``repeats`` batches of ``batch`` calls issued back to
+    back between two CUDA events on the default stream (torch's eager ops run on it too), so
+    that the host's launch work overlaps the GPU's as in a training loop; ``call_overhead``
+    reports the host's share apart."""
     from numba import cuda
 
     for i in range(warmup):
         fn(i)
     cuda.synchronize()
     times = []
-    for i in range(repeats):
+    for r in range(repeats):
         a, b = _events()
         a.record()
-        fn(i)
+        for i in range(batch):
+            fn(r * batch + i)
         b.record()
         b.synchronize()
-        times.append(cuda.event_elapsed_time(a, b) / 1e3)
+        times.append(cuda.event_elapsed_time(a, b) / 1e3 / batch)
     return float(np.median(times))
 
 
@@ -82,7 +86,8 @@ def copy_bandwidth(nbytes=4 << 30, repeats=5):
 
     src = cuda.device_array(nbytes // 4, np.float32)
     dst = cuda.device_array(nbytes // 4, np.float32)
-    best = min(_time(lambda i: dst.copy_to_device(src), 1, warmup=1) for _ in range(repeats))
+    best = min(_time(lambda i: dst.copy_to_device(src), 1, warmup=1, batch=1)
+               for _ in range(repeats))
     return 2 * nbytes / best / 1e9
 
 
@@ -126,14 +131,15 @@ def read_bandwidth(nbytes=4 << 30, repeats=5):
     out = cuda.device_array(1, np.float32)
     sms = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 132)
     kernel = _read_kernel()
-    t = min(_time(lambda i: kernel[sms * 8, 256](buf, out), 1, warmup=1) for _ in range(repeats))
+    t = min(_time(lambda i: kernel[sms * 8, 256](buf, out), 1, warmup=1, batch=1)
+            for _ in range(repeats))
     numba_bw = nbytes / t / 1e9
     torch_bw = None
     try:
         import torch
 
         x = torch.as_tensor(buf, device="cuda")
-        t = min(_time(lambda i: x.sum(), 1, warmup=1) for _ in range(repeats))
+        t = min(_time(lambda i: x.sum(), 1, warmup=1, batch=1) for _ in range(repeats))
         torch_bw = nbytes / t / 1e9
     except ImportError:
         pass

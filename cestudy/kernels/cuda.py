@@ -151,10 +151,6 @@ def row_config(n_classes: int, nt: int, ept: int) -> tuple[int, int]:
     return tpr, nt // tpr
 
 
-def threads_per_row(n_classes: int, nt: int) -> int:
-    return row_config(n_classes, nt, elements_per_thread())[0]
-
-
 # --------------------------------------------------------------------------------------------
 # Bits: bfloat16 widening and rounding, 2^n (libdevice on a GPU, numpy in the simulator)
 # --------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_cross_entropy_index(dtype, opts):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c", [2, 5, 200])
 def test_rows_packed_several_to_a_block_and_rows_wider_than_the_block(dtype, c):
-    """c = 2 and 5 pack several rows into a block (threads_per_row < threads), with idle rows
+    """c = 2 and 5 pack several rows into a block (threads per row < threads), with idle rows
     in the last block; c = 200 spreads a row over the whole block."""
     rng = np.random.default_rng(c)
     n = 11
