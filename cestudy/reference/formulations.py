@@ -18,7 +18,7 @@ import numpy as np
 DESCRIPTIONS = {
     "naive": "softmax (or sigmoid) first, then log, in the working dtype",
     "clipped": "probabilities clipped to [eps, 1 - eps] before the log (Keras, sklearn)",
-    "lse": "max-shifted log-sum-exp, lse - x_y (torch, optax, TensorFlow)",
+    "lse": "max-shifted log-sum-exp, (m + log s) - x_y (optax's form)",
     "accurate": "m + log1p(sum_{j != k} e^(x_j - m)) in numpy, the working dtype",
 }
 

@@ -64,6 +64,7 @@ def manifest() -> dict:
     import numba
 
     from .. import __version__, backends
+    from ..reference import peers
 
     cuda_ok, cuda_desc = backends.cuda_status()
     return {
@@ -76,6 +77,7 @@ def manifest() -> dict:
         "scipy": _version("scipy"),
         "torch": _version("torch"),
         "numba_cuda": _version("numba-cuda"),
+        **peers.versions(),
         "platform": platform.platform(),
         "cpu_model": cpu_model(),
         "cpu_features": cpu_features(),

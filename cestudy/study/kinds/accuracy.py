@@ -21,7 +21,7 @@ import numpy as np
 
 from ... import dtypes, variants
 from ...backends import Skip
-from ...reference import implementations, oracle
+from ...reference import implementations, oracle, peers
 from .. import inputs, metrics
 from ..keys import SEED, choice, integer, number
 
@@ -75,6 +75,8 @@ def normalise(cell: dict) -> dict | None:
     cell["variant"] = v.name
     if cell["implementation"] not in implementations.for_variant(v.name):
         return None
+    if cell["implementation"] in peers.PACKAGES and _peer_cannot(v, cell):
+        return None  # a permanent limitation of the library, not something missing here
     for key in (*OPTION_KEYS, "imbalance", "profile"):
         if not _takes(v, key):
             cell[key] = KEYS[key].default
@@ -83,6 +85,16 @@ def normalise(cell: dict) -> dict | None:
     if cell["family"] in ("near_overflow", "nan_inf"):
         cell["scale"] = 1.0
     return cell
+
+
+def _peer_cannot(v, cell) -> bool:
+    """Whether the peer lacks an option this cell sets (e.g. optax has no class weights)."""
+    options = {}
+    if _takes(v, "class_weight") and cell["class_weight"] != "none":
+        options["weight"] = cell["class_weight"]
+    if _takes(v, "label_smoothing"):
+        options["label_smoothing"] = cell["label_smoothing"]
+    return bool(peers.limitation(cell["implementation"], v.name, **options))
 
 
 def estimate_seconds(cell: dict) -> float:
