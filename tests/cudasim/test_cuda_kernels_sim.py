@@ -223,16 +223,21 @@ def extreme_rows(c=200):
     return x.astype(np.float32), y
 
 
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("c", [29, 200])
-def test_extreme_rows_on_device_arrays_within_the_contract(method, c):
-    """float32 device arrays: per-row losses and every gradient entry (hard targets) within
-    4 ulp of the oracle, confident rows with subnormal losses and moving maxima included."""
+def test_extreme_rows_on_device_arrays_within_the_contract(method, c, dtype):
+    """Device arrays: per-row losses and every gradient entry (hard targets) within 4 ulp of
+    the oracle (float32) or 1 ulp (bfloat16, computed in float32 and rounded once), confident
+    rows with subnormal losses and moving maxima included."""
     x, y = extreme_rows(c)
-    loss, grad = cs.cross_entropy_with_grad(cuda.to_device(x), cuda.to_device(y),
-                                            reduction="none", backend="cuda")
-    assert loss.dtype == np.float32 and grad.dtype == np.float32
-    assert_ulp(loss.copy_to_host(), oracle.cross_entropy(x, y), np.float32)
-    assert_ulp(grad.copy_to_host(), oracle.cross_entropy_grad(x, y), np.float32, what="grad")
+    x = x.astype(dtype)
+    tol = 4 if dtype == np.float32 else 1
+    loss, grad = cs.cross_entropy_with_grad(to_device(x), cuda.to_device(y), reduction="none",
+                                            backend="cuda")
+    assert loss.dtype == np.float32 and grad.dtype == dtype
+    assert_ulp(loss.copy_to_host().astype(dtype), oracle.cross_entropy(x, y), dtype, tol=tol)
+    assert_ulp(grad.copy_to_host(), oracle.cross_entropy_grad(x, y), dtype, tol=tol,
+               what="grad")
 
 
 # --------------------------------------------------------------------------------------------
