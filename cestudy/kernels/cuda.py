@@ -747,6 +747,15 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
         emit_row(mode, writer, i, fill if skip else loss, 0.0 if ignored else w, out_loss, ws)
 
     @cuda.jit(device=True)
+    def soft_row_start(x, tpr):
+        """The soft-target kernels' start: the thread's place (``locate``), the class count and
+        the row's (m, S, k). (The class-index kernels read x_y before the row statistics: with
+        the gradient written in place, no read of the row may follow the group reduction.)"""
+        tid, lane, base, i, active, r = locate(x.shape[0], tpr)
+        m, tot, ties, k = row_stats(x, r, tid, lane, tpr, base)
+        return tid, lane, base, i, active, r, x.shape[1], m, stats_s(tot, ties), k
+
+    @cuda.jit(device=True)
     def soft_row_end(x, r, i, target, weight, eps, weighted, m, s, k, a_sum, neg, active, lane,
                      tpr, gscale, use_denom, with_grad, out_grad, ws):
         """The soft-target kernels' ending: the row guard (NaN for a NaN row or a negative
@@ -774,14 +783,8 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
 
     def ce_prob(x, target, weight, eps, gscale, use_denom, with_grad, tpr, mode, out_loss,
                 out_grad, ws):
-        tid, lane, base, i, active, r = locate(x.shape[0], tpr)
-        nc = x.shape[1]
-        m, tot, ties, k = row_stats(x, r, tid, lane, tpr, base)
-        s = stats_s(tot, ties)
-        sa = 0.0
-        ca = 0.0
-        st = 0.0
-        ct = 0.0
+        tid, lane, base, i, active, r, nc, m, s, k = soft_row_start(x, tpr)
+        sa = ca = st = ct = 0.0  # compensated sums of a_j and of a_j (m - x_j)
         neg = 0
         for j in range(lane, nc, tpr):
             tj = float64(target[r, j])
@@ -799,15 +802,9 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
         emit_row(mode, active and lane == 0, i, loss, 1.0, out_loss, ws)
 
     def kl(x, target, gscale, use_denom, with_grad, tpr, mode, out_loss, out_grad, ws):
-        tid, lane, base, i, active, r = locate(x.shape[0], tpr)
-        nc = x.shape[1]
-        m, tot, ties, k = row_stats(x, r, tid, lane, tpr, base)
-        s = stats_s(tot, ties)
+        tid, lane, base, i, active, r, nc, m, s, k = soft_row_start(x, tpr)
         L = math.log1p(s) if s == s else math.nan
-        ks = 0.0
-        kc = 0.0
-        ps = 0.0
-        pc = 0.0
+        ks = kc = ps = pc = 0.0  # compensated sums of the KL terms and of p_j
         neg = 0
         for j in range(lane, nc, tpr):
             p = float64(target[r, j])
