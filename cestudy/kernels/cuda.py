@@ -35,10 +35,13 @@ Design of the softmax-family (row) kernels:
   thread sums its terms in float32 with Kahan's compensation. Never ``__expf``/fastmath (2 +
   1.17|x| ulp: 100 ulp at -87). For 16-bit inputs the difference x_j - m is used as rounded: its
   error (< 2^-17 relative) is far below a 16-bit ulp.
-- float64 only per row: the merge of the threads' states, the loss (m - x_y) + log1p(S) (m - x_y
-  is exact in float64), the scale of the gradient row and the entries that need cancellation-free
-  forms (p_y - 1 = -S / (1 + S) when y is the argmax). float64 inputs keep the float64-exact path
-  (TwoSum differences, libdevice exp).
+- float64 per row: the merge of the threads' states, the loss (m - x_y) + log1p(S) (m - x_y is
+  exact in float64), the scale of the gradient row and the entries that need cancellation-free
+  forms (p_y - 1 = -S / (1 + S) when y is the argmax). The per-element work of the statistics
+  pass (every row kernel) and of the class-index gradient without label smoothing is float32;
+  the soft-target sums (probability targets, KL divergence, label smoothing) and the gradients
+  of those and of the focal loss still evaluate each element's formula in float64, from the
+  float32 exp. float64 inputs keep the float64-exact path (TwoSum differences, libdevice exp).
 - Group reductions use warp shuffles (``shfl_xor`` butterflies, then one shared-memory exchange
   between the warps of a group wider than a warp). The CUDA simulator has no shuffles: there the
   kernels reduce with shared-memory trees, and tests also run the shuffle code on emulated
