@@ -2,8 +2,11 @@
 the raw kernels.
 
 This layer holds no numerical formula. For a variant of ``cestudy.variants`` it
-- checks every argument, for host arrays and device arrays alike, with errors that name the
-  argument (out-of-range targets and negative weights raise before any kernel reads them);
+- checks every argument, with errors that name the argument: for host arrays before any kernel
+  runs (out-of-range targets and negative weights raise); for device arrays the kernels check
+  the same conditions on the device, without a host synchronisation: a bad row gets a NaN loss
+  and is counted, never read out of bounds, and ``cestudy.kernels.cuda.raise_device_errors()``
+  raises the error (at once on every call with ``CESTUDY_CUDA_CHECKS=sync``);
 - converts host inputs to the working dtype (float16 and bfloat16 are computed in float32);
 - picks the kernel: ``cestudy.kernels.cpu_fast`` for float32 where the variant has one, else
   ``cestudy.kernels.cpu``, or ``cestudy.kernels.cuda`` for ``backend="cuda"``;
@@ -275,9 +278,18 @@ def _kernel_module(variant: variants.Variant, backend: str, work: np.dtype):
 
 
 def _is_device(a: Any) -> bool:
+    """Whether ``a`` is a device array: it exports ``__cuda_array_interface__`` (numba, CuPy,
+    torch CUDA tensors), or it is a device array of the CUDA simulator."""
     if a is None or isinstance(a, np.ndarray):
         return False
-    return hasattr(a, "__cuda_array_interface__") or type(a).__name__ == "FakeCUDAArray"
+    try:
+        getattr(a, "__cuda_array_interface__")
+    except AttributeError:
+        return type(a).__name__ == "FakeCUDAArray"
+    except RuntimeError as exc:  # torch: a CUDA tensor that requires grad
+        raise TypeError(f"a device array that requires grad cannot be read ({exc}); pass "
+                        f"tensor.detach(), or use cestudy.torch for autograd") from None
+    return True
 
 
 def run(name: str, logits: Any, target: Any, *, reduction: str = "mean",
