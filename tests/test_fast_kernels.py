@@ -97,6 +97,59 @@ def test_row_max_f32_orders_like_floats_and_flags_nan_of_either_sign(row, expect
         assert m == np.float64(np.float32(expected[0]))
 
 
+@njit
+def _exp_f64_of_differences(x, m, out):
+    for i in range(x.shape[0]):
+        hi, lo = cpu_fast.two_diff_f64(x[i], m[i])
+        out[i] = cpu_fast.exp_f64_biased(hi, lo)
+
+
+def test_float64_exp_of_an_exact_difference_within_0_65_ulp_down_to_the_flush():
+    """exp(x - m) 2^96 from the float64 two-sum pair against mpmath at 40 digits (long double's
+    exp is itself off by a quarter of a float64 ulp at -500): <= 0.65 ulp down to -770."""
+    import mpmath
+
+    rng = np.random.default_rng(1)
+    k = 4000
+    m = rng.normal(size=k) * 10.0 ** rng.uniform(-3, 12, k)
+    d = np.concatenate([-rng.uniform(0, 780, k // 2), -np.abs(rng.normal(size=k // 2)) * 3])
+    x = m + d
+    out = np.empty(k)
+    _exp_f64_of_differences(x, m, out)
+    worst = 0.0
+    with mpmath.workdps(40):
+        for xi, mi, got in zip(x.tolist(), m.tolist(), out.tolist()):
+            di = mpmath.mpf(xi) - mpmath.mpf(mi)  # exact: both are float64
+            if di < -770:
+                assert got == 0.0
+                continue
+            exact = mpmath.exp(di) * mpmath.mpf(2) ** cpu_fast.EXP_BIAS
+            worst = max(worst, float(abs(mpmath.mpf(got) - exact)) / np.spacing(float(exact)))
+    assert worst <= 0.65, worst
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e-300])
+def test_float64_block_sum_is_compensated(scale):
+    """The split sum of a block (high parts exact, low parts tiny) is within an ulp of the exact
+    sum for terms spanning 30 binades, where a plain sum in lanes loses several."""
+    rng = np.random.default_rng(2)
+    e = np.exp(rng.uniform(-70, 0, cpu_fast.BLOCK)) * scale * 2.0 ** 96
+    e[::97] = 2.0 ** 96  # ties are left out of the sum
+    top = int(np.max(e[e < 2.0 ** 96]).view(np.int64))
+    got = cpu_fast._sum_below_f64(e, top)
+    import math
+    exact = math.fsum(e[e < 2.0 ** 96].tolist())
+    assert abs(got - exact) <= 0.5 * np.spacing(exact)
+
+
+def test_row_max_f64_orders_like_floats_and_flags_nan():
+    for row, m, bad in (([1.0, np.inf], np.inf, False), ([-np.nan, 2.0], None, True),
+                        ([np.nan], None, True), ([-0.0, -1e-300], -0.0, False),
+                        ([-np.inf, -np.inf], -np.inf, False)):
+        got, got_bad = cpu_fast.row_max_f64(np.array(row))
+        assert got_bad == bad and (bad or got == m)
+
+
 def test_first_index_of_finds_the_first_match_beyond_the_first_chunk():
     x = np.zeros(1000, np.float32)
     x[[700, 900]] = 5.0
@@ -215,6 +268,49 @@ def test_rows_of_several_blocks_match_the_oracle(eps):
     assert np.isnan(loss[6:]).all() and np.isnan(grad[6:]).all()
 
 
+@pytest.mark.parametrize("c", [3, 1000, 3 * BLOCK + 17])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_float64_rows_match_the_oracle(c, eps):
+    """The float64 kernels of cpu_fast (double-double differences, the float64 exp, split block
+    sums): within the contract's 4 ulp on mixed rows (scales 1e-2..1e4, confident rows, -inf
+    classes, equal logits at 1e15), one block and several."""
+    rng = np.random.default_rng(c)
+    n = 24
+    x = rng.normal(size=(n, c)) * 10.0 ** rng.uniform(-2, 4, (n, 1))
+    x[3] = 0.0
+    x[3, c // 2] = 700.0  # S = (C - 1) e^-700
+    x[4, ::3] = -np.inf
+    x[5] = 1e15
+    y = np.where(np.arange(n) % 2 == 0, np.argmax(x, 1), rng.integers(0, c, n))
+    y[4] = np.argmax(x[4])
+    w = rng.uniform(0.3, 3, c)
+    loss = np.empty(n)
+    fused = np.empty(n)
+    grad = np.empty_like(x)
+    cpu_fast.cross_entropy_index_fwd(x, y, w, -100, eps, loss)
+    cpu_fast.cross_entropy_index_fwd_grad(x, y, w, -100, eps, 1.0, fused, grad)
+    np.testing.assert_array_equal(loss, fused)
+    exact = oracle.cross_entropy(x, y, w, label_smoothing=eps)
+    assert_ulp(loss, exact, np.float64)
+    exact_g = oracle.cross_entropy_grad(x, y, w, label_smoothing=eps)
+    ok = np.isfinite(exact)
+    if eps == 0.0:
+        assert_ulp(grad, exact_g, np.float64)
+    else:
+        a = smoothed_index_target(y, c, w, eps)
+        assert_ulp_of_scale(grad[ok], exact_g[ok], soft_grad_scale(x, a)[ok], np.float64)
+    p = rng.dirichlet(np.full(c, 0.3), n)
+    p[np.isinf(x)] = 0.0
+    p /= p.sum(axis=1, keepdims=True)
+    cpu_fast.cross_entropy_prob_fwd(x, p, w, eps, loss)
+    cpu_fast.cross_entropy_prob_fwd_grad(x, p, w, eps, 1.0, fused, grad)
+    np.testing.assert_array_equal(loss, fused)
+    exact = oracle.cross_entropy_probs(x, p, w, eps)
+    assert_ulp(loss, exact, np.float64)
+    assert_ulp_of_scale(grad, oracle.cross_entropy_probs_grad(x, p, w, eps),
+                        soft_grad_scale(x, probs_target(p, w, eps)), np.float64)
+
+
 # --------------------------------------------------------------------------------------------
 # Soft-target cross-entropy and BCE
 # --------------------------------------------------------------------------------------------
@@ -321,8 +417,8 @@ def test_fast_bce_accepts_one_weight_row_for_all_rows():
 # Every fused kernel in place, every kernel's serial twin
 # --------------------------------------------------------------------------------------------
 def _kernel_cases():
-    """(module, variant, dtype) for every kernel the registry names: cpu in float32 and
-    float64, cpu_fast in float32 where the variant has it."""
+    """(module, variant, dtype) for every kernel the registry names: cpu, and cpu_fast where
+    the variant has it, in float32 and float64."""
     out = []
     for v in variants.VARIANTS.values():
         if v.kernel is None:
@@ -330,7 +426,9 @@ def _kernel_cases():
         for dtype in (np.float32, np.float64):
             out.append(pytest.param(cpu, v.name, dtype, id=f"cpu-{v.name}-{dtype.__name__}"))
         if v.fast_cpu:
-            out.append(pytest.param(cpu_fast, v.name, np.float32, id=f"cpu_fast-{v.name}"))
+            for dtype in (np.float32, np.float64):
+                out.append(pytest.param(cpu_fast, v.name, dtype,
+                                        id=f"cpu_fast-{v.name}-{dtype.__name__}"))
     return out
 
 

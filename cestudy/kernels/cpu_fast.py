@@ -58,10 +58,11 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from . import scalar
 from .cpu import argmax_grad, bcast_row, compensated_sum, loss_row, row_guard, serial_twin
+from .cpu import _bce_row as _bce_row_ref
 from .cpu import store_row_sum
 
 _OPTS = dict(cache=True, error_model="numpy", nogil=True)
@@ -71,6 +72,9 @@ _SUM = dict(fastmath={"reassoc", "contract"}, **_OPTS)
 # cached compilation of the same source with other flags would share cpu.py's cache entries)
 _F = scalar.compiled(njit(fastmath={"contract"}, error_model="numpy", nogil=True))
 soft_target = _F.soft_target
+exp_diff = _F.exp_diff
+two_diff = _F.two_diff
+neg_log_prob = _F.neg_log_prob
 _exp_parts = _F.exp_parts
 EXP_FLUSH = scalar.EXP_FLUSH
 
@@ -239,8 +243,8 @@ def _count_equal(x, m):
 
 @njit(**_OPTS)
 def first_index_of(x, m):
-    """The first j with x_j == m (0 if none), found 256 elements at a time by a vectorised count,
-    then a scan of the 256 that hold it."""
+    """The first j with x_j == m (-1 if none), found 256 elements at a time by a vectorised
+    count, then a scan of the 256 that hold it."""
     n = x.shape[0]
     for c0 in range(0, n, 256):
         c1 = min(c0 + 256, n)
@@ -248,11 +252,11 @@ def first_index_of(x, m):
             for j in range(c0, c1):
                 if x[j] == m:
                     return j
-    return 0
+    return -1
 
 
 @njit(**_SUM)
-def _exp_block(x, m, out):
+def _exp_block_f32(x, m, out):
     """out_j = exp(x_j - m) 2^96 (float32, from the exact difference) for x_j <= m; returns the
     number of terms equal to 2^96 (x_j == m, or so close that exp rounds to 1)."""
     ties = _ZERO
@@ -265,8 +269,8 @@ def _exp_block(x, m, out):
 
 
 @njit(**_SUM)
-def _exp_block_inplace(x, m):
-    """:func:`_exp_block` writing over ``x`` itself. A separate loop because LLVM guards a loop
+def _exp_block_inplace_f32(x, m):
+    """:func:`_exp_block_f32` writing over ``x`` itself. A separate loop because LLVM guards a loop
     that reads one array and writes another with a runtime overlap check and, when they are the
     same memory, runs it scalar (5x slower); reading and writing one array it vectorises."""
     ties = _ZERO
@@ -279,13 +283,285 @@ def _exp_block_inplace(x, m):
 
 
 @njit(**_SUM)
-def _sum_below(e):
+def _sum_below_f32(e):
     """sum of the terms e_j < 2^96 in float64 (vectorised partial sums of exact conversions)."""
     s = 0.0
     for j in range(e.shape[0]):
         v = e[j]
         s += np.float64(v) if v < BIASED_ONE else 0.0
     return s
+
+
+
+# --------------------------------------------------------------------------------------------
+# float64: the same primitives (exp to 0.55 ulp, int64 keys, compensated block sums)
+# --------------------------------------------------------------------------------------------
+EXP64_FLUSH = -770.0  # exp(-770) 2^96 is normal; C e^-770 < 2^-1080 for C < 2^31
+_SHIFTER64 = 6755399441055744.0  # 1.5 * 2^52
+_LN2_HI64 = scalar.LN2_HI  # 32 significant bits: n * _LN2_HI64 is exact for |n| < 2^21
+_LN2_LO64 = scalar.LN2_LO
+_LOG2E64 = scalar.LOG2E
+# q(r) ~ (exp(r) - 1 - r) / r^2 on |r| <= ln2 / 2 + 1e-3: minimax for the relative error of exp
+# (Lawson's iteration at 50 digits; 0.009 ulp after rounding the coefficients to float64)
+_P = (0.5, 0.16666666666666685, 0.04166666666666638, 0.00833333333331668, 0.0013888888889020035,
+      0.00019841269897289941, 2.4801587073322537e-05, 2.7557233934438916e-06,
+      2.755747686386953e-07, 2.511236667514622e-08, 2.0855090711960965e-09)
+_P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7, _P8, _P9, _P10 = _P
+_BIASED_ONE64 = 2.0 ** EXP_BIAS
+
+
+@njit(**_FMA)
+def two_diff_f64(a, b):
+    """``(hi, lo)`` with ``hi = fl(a - b)`` and ``hi + lo = a - b`` exactly (TwoSum, no branch,
+    so that loops over it vectorise; non-finite ``hi`` gives a meaningless ``lo``)."""
+    s = a - b
+    bb = s - a
+    err = (a - (s - bb)) + (-b - bb)
+    return s, err
+
+
+@intrinsic
+def _pow2_biased64(typingctx, t):
+    """2^(n + EXP_BIAS) as float64 for t = fl(v + 1.5 * 2^52), n = t - 1.5 * 2^52 in
+    [-1118, 927] (see :func:`_pow2_biased`)."""
+    if t != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        b = builder.shl(builder.bitcast(args[0], i64), ir.Constant(i64, 52))
+        return builder.bitcast(builder.add(b, ir.Constant(i64, (1023 + EXP_BIAS) << 52)),
+                               ir.DoubleType())
+
+    return types.float64(types.float64), codegen
+
+
+@njit(**_FMA)
+def exp_f64_biased(hi, lo):
+    """exp(hi + lo) * 2^96 in float64 for hi <= 0 and |lo| <= ulp(hi): within 0.55 ulp down to
+    hi = -770, 0 below (and for -inf / NaN). The scheme of :func:`exp_f32_biased`: r1 exact,
+    the small rest c apart, the rounding error of 1 + r1 kept, a degree-12 polynomial."""
+    t = hi * _LOG2E64 + _SHIFTER64
+    n = t - _SHIFTER64
+    r1 = hi - n * _LN2_HI64
+    c = lo - n * _LN2_LO64
+    r = r1 + c
+    q = _P10
+    q = q * r + _P9
+    q = q * r + _P8
+    q = q * r + _P7
+    q = q * r + _P6
+    q = q * r + _P5
+    q = q * r + _P4
+    q = q * r + _P3
+    q = q * r + _P2
+    q = q * r + _P1
+    q = q * r + _P0
+    s1 = 1.0 + r1
+    es = (1.0 - s1) + r1
+    p = s1 + ((r * r) * q + (es + c))
+    return p * _pow2_biased64(t) if hi >= EXP64_FLUSH else 0.0
+
+
+@intrinsic
+def _order_key64(typingctx, x):
+    """:func:`_order_key` for float64: an int64 key that orders as the float does."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        b = builder.bitcast(args[0], i64)
+        sign = builder.and_(builder.ashr(b, ir.Constant(i64, 63)),
+                            ir.Constant(i64, 0x7FFFFFFFFFFFFFFF))
+        return builder.xor(b, sign)
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _key_value64(typingctx, k):
+    """The float64 whose :func:`_order_key64` is ``k``."""
+    if k != types.int64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        sign = builder.and_(builder.ashr(args[0], ir.Constant(i64, 63)),
+                            ir.Constant(i64, 0x7FFFFFFFFFFFFFFF))
+        return builder.bitcast(builder.xor(args[0], sign), ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _bits64(typingctx, x):
+    """The bits of a float64 as int64 (for x >= 0 they order as x does)."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+_BITS_ONE64 = np.int64(0x45F0000000000000)  # the bits of 2^96
+
+
+@njit(**_OPTS)
+def _bits_below(e):
+    """The bits of e >= 0 if e < 2^96, else 0, without a branch: (bits - bits(2^96)) >> 63 is
+    all ones exactly when e < 2^96. (A second select on ``e < 2^96`` beside the tie count
+    stopped LLVM from vectorising the loop.)"""
+    b = _bits64(e)
+    return b & ((b - _BITS_ONE64) >> 63)
+
+
+_KEY64_POSINF = np.int64(0x7FF0000000000000)
+_KEY64_NEGINF = np.int64(-0x7FF0000000000001)
+
+
+@njit(**_OPTS)
+def row_max_f64(x):
+    """:func:`row_max_f32` for a float64 row (int64 keys, 8 lanes)."""
+    hi = np.int64(-9223372036854775808)
+    lo = np.int64(9223372036854775807)
+    for j in range(x.shape[0]):
+        key = _order_key64(x[j])
+        hi = max(hi, key)
+        lo = min(lo, key)
+    return _key_value64(hi), hi > _KEY64_POSINF or lo < _KEY64_NEGINF
+
+
+@njit(**_SUM)
+def _exp_block_f64(x, m, out):
+    """out_j = exp(x_j - m) 2^96 (float64, from the exact difference); returns the number of
+    terms equal to 2^96 and the bits of the largest term below it (see :func:`_sum_below_f64`)."""
+    ties = 0.0
+    top = np.int64(0)
+    for j in range(x.shape[0]):
+        hi, lo = two_diff_f64(x[j], m)
+        e = exp_f64_biased(hi, lo)
+        out[j] = e
+        ties += 1.0 if e >= _BIASED_ONE64 else 0.0
+        top = max(top, _bits_below(e))
+    return ties, top
+
+
+@njit(**_SUM)
+def _exp_block_inplace_f64(x, m):
+    """:func:`_exp_block_f64` writing over ``x`` (see :func:`_exp_block_inplace_f32`)."""
+    ties = 0.0
+    top = np.int64(0)
+    for j in range(x.shape[0]):
+        hi, lo = two_diff_f64(x[j], m)
+        e = exp_f64_biased(hi, lo)
+        x[j] = e
+        ties += 1.0 if e >= _BIASED_ONE64 else 0.0
+        top = max(top, _bits_below(e))
+    return ties, top
+
+
+@njit(**_FMA)
+def _split(v, sigma):
+    """(q, v - q) with q = (sigma + v) - sigma: v's bits above ulp(sigma), exactly (no
+    ``reassoc`` here: it would fold q to v)."""
+    q = (sigma + v) - sigma
+    return q, v - q
+
+
+@njit(**_SUM)
+def _sum_below_f64(e, top):
+    """The sum of the terms e_j < 2^96 of a block, to 2^-70 relative, vectorised.
+
+    A float64 sum with partial sums in lanes has a worst-case relative error of (C / lanes) u,
+    more than the contract allows. Instead each term is split (Rump, Ogita & Oishi's
+    ExtractScalar) at sigma = 2^(E + 14), E the exponent of the largest term (``top``, its bits):
+    the high parts are multiples of ulp(sigma) = 2^(E - 38) whose total stays below sigma, so
+    their sum is exact in any order; the low parts are below 2^(E - 39) each, so their plain sum
+    is off by at most (4096 / 8 + 5) u 4096 2^(E - 39) < 2^(E - 70), while the block's sum is
+    at least 2^E. Blocks hold at most 4096 terms (BLOCK)."""
+    if top == 0:
+        return 0.0
+    sigma = _key_value64(((top >> 52) + 14) << 52)  # a positive float's key is its bits
+    hi = 0.0
+    lo = 0.0
+    for j in range(e.shape[0]):
+        v = e[j]
+        q, r = _split(v if v < _BIASED_ONE64 else 0.0, sigma)
+        hi += q
+        lo += r
+    return hi + lo
+
+
+# --------------------------------------------------------------------------------------------
+# The same names for both dtypes (chosen when a kernel is compiled for its logits' dtype)
+# --------------------------------------------------------------------------------------------
+def row_max(x):
+    """(m as float64, whether the row holds a NaN): :func:`row_max_f32` / :func:`row_max_f64`."""
+
+
+def exp_block(x, m, out):
+    """(ties, hint) of :func:`_exp_block_f32` / :func:`_exp_block_f64`."""
+
+
+def exp_block_inplace(x, m):
+    """(ties, hint) of the in-place versions."""
+
+
+def sum_below(e, hint):
+    """:func:`_sum_below_f32` / :func:`_sum_below_f64` (``hint`` from :func:`exp_block`)."""
+
+
+def elem(x, v):
+    """``v`` in the dtype of ``x``'s elements."""
+
+
+def wide(x):
+    """Whether ``x`` holds float64 (a compile-time constant)."""
+
+
+@overload(wide, jit_options=_OPTS)
+def _ov_wide(x):
+    if x.dtype == types.float64:
+        return lambda x: True
+    return lambda x: False
+
+
+@overload(row_max, jit_options=_OPTS)
+def _ov_row_max(x):
+    if x.dtype == types.float32:
+        return lambda x: row_max_f32(x)
+    return lambda x: row_max_f64(x)
+
+
+@overload(exp_block, jit_options=_OPTS)
+def _ov_exp_block(x, m, out):
+    if x.dtype == types.float32:
+        return lambda x, m, out: (_exp_block_f32(x, m, out), np.int64(0))
+    return lambda x, m, out: _exp_block_f64(x, m, out)
+
+
+@overload(exp_block_inplace, jit_options=_OPTS)
+def _ov_exp_block_inplace(x, m):
+    if x.dtype == types.float32:
+        return lambda x, m: (_exp_block_inplace_f32(x, m), np.int64(0))
+    return lambda x, m: _exp_block_inplace_f64(x, m)
+
+
+@overload(sum_below, jit_options=_OPTS)
+def _ov_sum_below(e, hint):
+    if e.dtype == types.float32:
+        return lambda e, hint: _sum_below_f32(e)
+    return lambda e, hint: _sum_below_f64(e, hint)
+
+
+@overload(elem, jit_options=_OPTS)
+def _ov_elem(x, v):
+    if x.dtype == types.float32:
+        return lambda x, v: np.float32(v)
+    return lambda x, v: np.float64(v)
 
 
 @njit(**_SUM)
@@ -313,26 +589,154 @@ def _soft_target_sums(x, t, w, m, eps, nc):
     return a_sum, t_sum
 
 
-@njit(**_SUM)
-def _scale_block(g, f):
-    """g_j = float32(f * e_j) for the stored terms e_j (one rounding, from a float64 product)."""
-    for j in range(g.shape[0]):
-        g[j] = np.float32(f * np.float64(g[j]))
+_BITS_INF64 = np.int64(0x7FF0000000000000)
+
+
+@njit(**_OPTS)
+def _split_scale(top):
+    """sigma = 2^(E + 14) for the largest term's bits ``top`` (see :func:`_sum_below_f64`)."""
+    return _key_value64(((top >> 52) + 14) << 52)
 
 
 @njit(**_SUM)
-def _scale_sub_block(g, f, b, w):
-    """g_j = float32(f * e_j - b * w_j)."""
-    for j in range(g.shape[0]):
-        g[j] = np.float32(f * np.float64(g[j]) - b * w[j])
+def _weighted_shift_tops(x, w, m):
+    a_top = np.int64(0)
+    t_top = np.int64(0)
+    for j in range(x.shape[0]):
+        a_top = max(a_top, _bits64(w[j]))
+        t_top = max(t_top, _bits64(w[j] * (m - x[j])))
+    return a_top, t_top
 
 
 @njit(**_SUM)
-def _scale_soft_block(g, f, b, t, w, eps, nc):
-    """g_j = float32(f * e_j - b * a_j), a_j the smoothed, weighted soft target."""
+def _weighted_shift_split(x, w, m, sig_a, sig_t):
+    a_hi = 0.0
+    a_lo = 0.0
+    t_hi = 0.0
+    t_lo = 0.0
+    for j in range(x.shape[0]):
+        q, r = _split(w[j], sig_a)
+        a_hi += q
+        a_lo += r
+        q, r = _split(w[j] * (m - x[j]), sig_t)
+        t_hi += q
+        t_lo += r
+    return a_hi + a_lo, t_hi + t_lo
+
+
+@njit(**_OPTS)
+def _weighted_shift_sums_f64(x, w, m):
+    """:func:`_weighted_shift_sums` for float64 rows, each sum split at its largest term as in
+    :func:`_sum_below_f64` (a plain sum in lanes could cost float64 ulps); a non-finite term
+    (a -inf logit) makes the plain sum's inf or NaN the answer."""
+    a_top, t_top = _weighted_shift_tops(x, w, m)
+    if a_top >= _BITS_INF64 or t_top >= _BITS_INF64:
+        return _weighted_shift_sums(x, w, m)
+    if a_top == 0 or t_top == 0:  # all weights 0, or every x_c == m: no split needed
+        return _weighted_shift_sums(x, w, m)
+    return _weighted_shift_split(x, w, m, _split_scale(a_top), _split_scale(t_top))
+
+
+@njit(**_SUM)
+def _soft_target_tops(x, t, w, m, eps, nc):
+    a_top = np.int64(0)
+    t_top = np.int64(0)
+    for j in range(x.shape[0]):
+        a = soft_target(w[j], t[j], eps, nc)
+        a_top = max(a_top, _bits64(a))
+        t_top = max(t_top, _bits64(a * (m - x[j]) if a != 0.0 else 0.0))
+    return a_top, t_top
+
+
+@njit(**_SUM)
+def _soft_target_split(x, t, w, m, eps, nc, sig_a, sig_t):
+    a_hi = 0.0
+    a_lo = 0.0
+    t_hi = 0.0
+    t_lo = 0.0
+    for j in range(x.shape[0]):
+        a = soft_target(w[j], t[j], eps, nc)
+        q, r = _split(a, sig_a)
+        a_hi += q
+        a_lo += r
+        q, r = _split(a * (m - x[j]) if a != 0.0 else 0.0, sig_t)
+        t_hi += q
+        t_lo += r
+    return a_hi + a_lo, t_hi + t_lo
+
+
+@njit(**_OPTS)
+def _soft_target_sums_f64(x, t, w, m, eps, nc):
+    """:func:`_soft_target_sums` for float64 rows, split as :func:`_weighted_shift_sums_f64`."""
+    a_top, t_top = _soft_target_tops(x, t, w, m, eps, nc)
+    if a_top >= _BITS_INF64 or t_top >= _BITS_INF64 or a_top == 0 or t_top == 0:
+        return _soft_target_sums(x, t, w, m, eps, nc)
+    return _soft_target_split(x, t, w, m, eps, nc, _split_scale(a_top), _split_scale(t_top))
+
+
+def weighted_shift_sums(x, w, m):
+    """:func:`_weighted_shift_sums` (float32 rows) / :func:`_weighted_shift_sums_f64`."""
+
+
+def soft_target_sums(x, t, w, m, eps, nc):
+    """:func:`_soft_target_sums` (float32 rows) / :func:`_soft_target_sums_f64`."""
+
+
+@overload(weighted_shift_sums, jit_options=_OPTS)
+def _ov_weighted_shift_sums(x, w, m):
+    if x.dtype == types.float32:
+        return lambda x, w, m: _weighted_shift_sums(x, w, m)
+    return lambda x, w, m: _weighted_shift_sums_f64(x, w, m)
+
+
+@overload(soft_target_sums, jit_options=_OPTS)
+def _ov_soft_target_sums(x, t, w, m, eps, nc):
+    if x.dtype == types.float32:
+        return lambda x, t, w, m, eps, nc: _soft_target_sums(x, t, w, m, eps, nc)
+    return lambda x, t, w, m, eps, nc: _soft_target_sums_f64(x, t, w, m, eps, nc)
+
+
+@njit(**_SUM)
+def _scale_block(g, f, f_lo):
+    """g_j = (f + f_lo) e_j for the stored terms e_j: one rounding to g's dtype of an FMA, so
+    the scale f + f_lo (a double-double) adds no float64 ulp."""
     for j in range(g.shape[0]):
+        v = np.float64(g[j])
+        g[j] = v * f + v * f_lo
+
+
+@njit(**_SUM)
+def _scale_sub_block(g, f, f_lo, b, w):
+    """g_j = (f + f_lo) e_j - b w_j."""
+    for j in range(g.shape[0]):
+        v = np.float64(g[j])
+        g[j] = v * f + (v * f_lo - b * w[j])
+
+
+@njit(**_SUM)
+def _scale_soft_block(g, f, f_lo, b, t, w, eps, nc):
+    """g_j = (f + f_lo) e_j - b a_j, a_j the smoothed, weighted soft target."""
+    for j in range(g.shape[0]):
+        v = np.float64(g[j])
         a = soft_target(w[j], np.float64(t[j]), eps, nc)
-        g[j] = np.float32(f * np.float64(g[j]) - b * a)
+        g[j] = v * f + (v * f_lo - b * a)
+
+
+@njit(fastmath={"contract"}, **_OPTS)
+def scale_over(a, a_lo, s):
+    """(a + a_lo) / (1 + S) as a double-double (hi, lo), to about 2^-104 relative: 1 + S carried
+    exactly (TwoSum), the quotient corrected by its exact FMA residual. The gradient rows are
+    a e_j / (1 + S); the rounding of a plain a / (1 + s) would add a float64 ulp to each."""
+    z, z_lo = two_diff(1.0, -s)
+    f = a / z
+    return f, ((a - f * z) + (a_lo - f * z_lo)) / z
+
+
+@njit(fastmath={"contract"}, **_OPTS)
+def two_prod(a, b):
+    """(a b, its rounding error), exact with FMA."""
+    p = a * b
+    return p, a * b - p
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,35 +750,28 @@ SIDE_SOFT = 2    # (sum a_c, sum a_c (m - x_c)): soft targets
 @njit(**_OPTS)
 def _row_one_block(x, dst, inplace, block_max, side, want_k, t, w, eps):
     """:func:`row_online` for a row of one block (no slicing, no rescaling)."""
-    m, has_nan = row_max_f32(x)
+    m, has_nan = row_max(x)
     if has_nan or m == np.inf:
         return m, 0, 0.0, 0.0, 0.0, True
     block_max[0] = m
     if m == -np.inf:
         return m, 0, 0.0, 0.0, 0.0, False  # all -inf: a NaN row, nothing to compute
-    k = first_index_of(x, np.float32(m)) if want_k else 0
+    k = max(first_index_of(x, elem(x, m)), 0) if want_k else 0
     a_sum = 0.0
     t_sum = 0.0
     if side == SIDE_WEIGHT:
-        a_sum, t_sum = _weighted_shift_sums(x, w, m)
+        a_sum, t_sum = weighted_shift_sums(x, w, m)
     elif side == SIDE_SOFT:
-        a_sum, t_sum = _soft_target_sums(x, t, w, m, eps, x.shape[0])
+        a_sum, t_sum = soft_target_sums(x, t, w, m, eps, x.shape[0])
     if inplace:
-        ties = _exp_block_inplace(x, np.float32(m))
+        ties, hint = exp_block_inplace(x, elem(x, m))
     else:
-        ties = _exp_block(x, np.float32(m), dst)
-    return m, k, _sum_below(dst) * UNBIAS + (ties - 1.0), a_sum, t_sum, False
+        ties, hint = exp_block(x, elem(x, m), dst)
+    return m, k, sum_below(dst, hint) * UNBIAS + (ties - 1.0), a_sum, t_sum, False
 
 
 @njit(**_OPTS)
-def row_online(x, dst, at_offset, block_max, side, want_k, t, w, eps):
-    """:func:`row_online_` with ``inplace`` found from the arrays: ``dst`` is ``x``."""
-    inplace = at_offset and dst.ctypes.data == x.ctypes.data
-    return row_online_(x, dst, at_offset, inplace, block_max, side, want_k, t, w, eps)
-
-
-@njit(**_OPTS)
-def row_online_(x, dst, at_offset, inplace, block_max, side, want_k, t, w, eps):
+def row_online(x, dst, at_offset, inplace, block_max, side, want_k, t, w, eps):
     """The first pass over a float32 row, block by block (each block read once from memory).
 
     Writes the terms e_j = exp(x_j - m_b) 2^96 into ``dst`` (at the row's offsets when
@@ -391,7 +788,15 @@ def row_online_(x, dst, at_offset, inplace, block_max, side, want_k, t, w, eps):
     if nc <= BLOCK:
         return _row_one_block(x, dst, inplace, block_max, side, want_k, t, w, eps)
     m = -np.inf
-    k = 0
+    # float64 rows take the maximum of the whole row first: every block then uses the final m,
+    # so no term is rescaled (a rescaling by exp(m_b - m) would cost float64 ulps; for float32
+    # results it costs nothing, and the online form reads the row from memory once)
+    premax = wide(x)
+    if premax:
+        m, has_nan = row_max(x)
+        if has_nan or m == np.inf:
+            return m, 0, 0.0, 0.0, 0.0, True
+    k = -1
     s = 0.0       # sum of the terms below m, in units of 2^-96
     ties = 0.0    # number of terms equal to 1 (x_j == m)
     a_sum = 0.0
@@ -401,58 +806,63 @@ def row_online_(x, dst, at_offset, inplace, block_max, side, want_k, t, w, eps):
         b1 = min(b0 + BLOCK, nc)
         xb = x[b0:b1]
         db = dst[b0:b1] if at_offset else dst[:b1 - b0]
-        m_blk, has_nan = row_max_f32(xb)
-        if has_nan or m_blk == np.inf:
-            return m_blk, k, 0.0, a_sum, t_sum, True
-        if m_blk > m:
-            if m > -np.inf:
-                # S below the new maximum: the old terms, and the old maximum's ties, shrink
-                s = (s + ties * 2.0 ** EXP_BIAS) * math.exp(m - m_blk)  # m - m_blk exact
-                if side != SIDE_NONE and a_sum != 0.0:
-                    t_sum += (m_blk - m) * a_sum  # every earlier shift grows by m_blk - m >= 0
-            ties = 0.0
-            m = m_blk
-            if want_k:
-                k = b0 + first_index_of(xb, np.float32(m))
+        if not premax:
+            m_blk, has_nan = row_max(xb)
+            if has_nan or m_blk == np.inf:
+                return m_blk, 0, 0.0, a_sum, t_sum, True
+            if m_blk > m:
+                if m > -np.inf:
+                    # S below the new maximum: the old terms, and the old maximum's ties, shrink
+                    s = (s + ties * 2.0 ** EXP_BIAS) * exp_diff(m, m_blk)
+                    if side != SIDE_NONE and a_sum != 0.0:
+                        t_sum += (m_blk - m) * a_sum  # each earlier shift grows by m_blk - m
+                ties = 0.0
+                m = m_blk
+                k = -1
+        if want_k and k < 0 and m > -np.inf:
+            kb = first_index_of(xb, elem(x, m))
+            k = b0 + kb if kb >= 0 else -1
         # side sums before the block is overwritten; while m = -inf (a block of -inf only),
         # m_eff = +inf makes each shift +inf, as it is against the row's eventual maximum
         m_eff = m if m > -np.inf else np.inf
         if side == SIDE_WEIGHT:
-            a_b, t_b = _weighted_shift_sums(xb, w[b0:b1], m_eff)
+            a_b, t_b = weighted_shift_sums(xb, w[b0:b1], m_eff)
             a_sum += a_b
             t_sum += t_b
         elif side == SIDE_SOFT:
-            a_b, t_b = _soft_target_sums(xb, t[b0:b1], w[b0:b1], m_eff, eps, nc)
+            a_b, t_b = soft_target_sums(xb, t[b0:b1], w[b0:b1], m_eff, eps, nc)
             a_sum += a_b
             t_sum += t_b
         if m > -np.inf:
             if inplace:
-                ties += _exp_block_inplace(xb, np.float32(m))
+                ties_b, hint = exp_block_inplace(xb, elem(x, m))
             else:
-                ties += _exp_block(xb, np.float32(m), db)
-            s += _sum_below(db)
+                ties_b, hint = exp_block(xb, elem(x, m), db)
+            ties += ties_b
+            s += sum_below(db, hint)
         else:
             db[:] = 0.0  # exp(-inf) = 0 against any finite maximum
         block_max[b] = m
         b += 1
-    return m, k, s * UNBIAS + (ties - 1.0), a_sum, t_sum, False
+    return m, max(k, 0), s * UNBIAS + (ties - 1.0), a_sum, t_sum, False
 
 
 @njit(**_OPTS)
-def row_grad_pass(g, block_max, m, f, side, b, t, w, eps):
-    """Second pass: the stored terms of ``g`` become f e_j (- b w_j, or - b a_j for soft
-    targets), block by block with each block's rescaling exp(m_b - m)."""
+def row_grad_pass(g, block_max, m, f, f_lo, side, b, t, w, eps):
+    """Second pass: the stored terms of ``g`` become (f + f_lo) e_j (- b w_j, or - b a_j for
+    soft targets), block by block with each block's rescaling exp(m_b - m) (1 exactly for
+    float64 rows, whose blocks all use the row's maximum)."""
     nc = g.shape[0]
     blk = 0
     for b0 in range(0, nc, BLOCK):
         b1 = min(b0 + BLOCK, nc)
-        fb = f * math.exp(block_max[blk] - m) * UNBIAS  # exp(0) = 1 for the last maximum
+        r = exp_diff(block_max[blk], m) * UNBIAS  # 2^-96 exactly for the final maximum's blocks
         if side == SIDE_WEIGHT:
-            _scale_sub_block(g[b0:b1], fb, b, w[b0:b1])
+            _scale_sub_block(g[b0:b1], f * r, f_lo * r, b, w[b0:b1])
         elif side == SIDE_SOFT:
-            _scale_soft_block(g[b0:b1], fb, b, t[b0:b1], w[b0:b1], eps, nc)
+            _scale_soft_block(g[b0:b1], f * r, f_lo * r, b, t[b0:b1], w[b0:b1], eps, nc)
         else:
-            _scale_block(g[b0:b1], fb)
+            _scale_block(g[b0:b1], f * r, f_lo * r)
         blk += 1
 
 
@@ -480,13 +890,13 @@ def _chunk(c, chunks, n):
 
 
 # --------------------------------------------------------------------------------------------
-# Softmax cross-entropy with class indices, float32
+# Softmax cross-entropy with class indices
 # --------------------------------------------------------------------------------------------
 @njit(**_OPTS)
-def _ce_index_row(x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, g, scratch,
-                  block_max):
-    """One row of the float32 class-index cross-entropy (and its gradient into ``g``, which may
-    be ``x``): x_y is read before anything is written."""
+def _ce_index_row(x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, inplace, g,
+                  scratch, block_max):
+    """One row of the class-index cross-entropy (and its gradient into ``g``, which is ``x``
+    when ``inplace``): x_y is read before anything is written."""
     if y == ignore_index:  # the row is not read
         if with_grad:
             g[:] = 0.0
@@ -494,15 +904,16 @@ def _ce_index_row(x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, 
     nc = x.shape[0]
     x_y = np.float64(x[y])
     side = SIDE_WEIGHT if eps != 0.0 else SIDE_NONE
-    m, k, s, _, t_sum, bad = row_online(x, g if with_grad else scratch, with_grad, block_max,
-                                        side, with_grad and eps != 0.0, weight, weight, eps)
+    m, k, s, _, t_sum, bad = row_online(x, g if with_grad else scratch, with_grad, inplace,
+                                        block_max, side, with_grad and eps != 0.0, weight,
+                                        weight, eps)
     skip, fill = row_guard(False, bad, m)
     if skip:
         if with_grad:
             g[:] = fill
         return fill
     L = math.log1p(s)
-    loss = weight[y] * ((m - x_y) + L)  # m - x_y exact in float64
+    loss = weight[y] * neg_log_prob(x_y, m, L)  # (m - x_y) + L, the difference exact
     if eps != 0.0:
         loss = (1.0 - eps) * loss + (eps / nc) * (t_sum + wsum * L)
     if not with_grad:
@@ -511,42 +922,42 @@ def _ce_index_row(x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, 
     z = 1.0 + s
     c_true = (1.0 - eps) * weight[y] * grad_scale
     c_smooth = (eps / nc) * grad_scale
-    row_grad_pass(g, block_max, m, (c_true + c_smooth * wsum) / z, side, c_smooth, weight,
-                  weight, eps)
+    f, f_lo = scale_over(c_true + c_smooth * wsum, 0.0, s)
+    row_grad_pass(g, block_max, m, f, f_lo, side, c_smooth, weight, weight, eps)
     # entries that the scaled row would get by cancellation, recomputed exactly
-    e_y = 1.0 if y_top else math.exp(x_y - m)
+    e_y = 1.0 if y_top else exp_diff(x_y, m)
     p_y = e_y / z
     g_y = c_true * (-s / z if y_top else p_y - 1.0)
     if eps != 0.0:
         g_y += c_smooth * (argmax_grad(wsum, weight[y], s, z) if y_top
                            else wsum * p_y - weight[y])
         if not y_top:
-            g[k] = np.float32(c_true / z + c_smooth * argmax_grad(wsum, weight[k], s, z))
-    g[y] = np.float32(g_y)
+            g[k] = c_true / z + c_smooth * argmax_grad(wsum, weight[k], s, z)
+    g[y] = g_y
     return loss
 
 
 @njit(parallel=True, **_OPTS)
 def cross_entropy_index_fwd(logits, target, weight, ignore_index, label_smoothing, out_loss):
-    """float32 version of :func:`cestudy.kernels.cpu.cross_entropy_index_fwd` (same signature
-    and semantics); ``logits`` must be float32."""
+    """:func:`cestudy.kernels.cpu.cross_entropy_index_fwd`, vectorised (same signature and
+    semantics); ``logits`` float32 or float64."""
     n, nc = logits.shape
     wsum = compensated_sum(weight)
     chunks = n_chunks(n, nc)
     for c in prange(chunks):
-        scratch = np.empty(min(nc, BLOCK), np.float32)
+        scratch = np.empty(min(nc, BLOCK), logits.dtype)
         block_max = np.empty(n_blocks(nc))
         lo, hi = _chunk(c, chunks, n)
         for i in range(lo, hi):
             out_loss[i] = _ce_index_row(logits[i], target[i], weight, wsum, ignore_index,
-                                        label_smoothing, 1.0, False, logits[i], scratch,
+                                        label_smoothing, 1.0, False, False, logits[i], scratch,
                                         block_max)
 
 
 @njit(parallel=True, **_OPTS)
 def cross_entropy_index_fwd_grad(logits, target, weight, ignore_index, label_smoothing,
                                  grad_scale, out_loss, out_grad):
-    """float32 version of :func:`cestudy.kernels.cpu.cross_entropy_index_fwd_grad`;
+    """:func:`cestudy.kernels.cpu.cross_entropy_index_fwd_grad`, vectorised;
     ``out_grad`` may be ``logits`` (the gradient overwrites the logits).
 
     Two passes over each row: the online pass stores exp(x_j - m_b) 2^96 in the gradient row
@@ -555,25 +966,26 @@ def cross_entropy_index_fwd_grad(logits, target, weight, ignore_index, label_smo
     by the cancellation-free formulas."""
     n, nc = logits.shape
     wsum = compensated_sum(weight)
+    inplace = out_grad.ctypes.data == logits.ctypes.data
     chunks = n_chunks(n, nc)
     for c in prange(chunks):
         block_max = np.empty(n_blocks(nc))
         lo, hi = _chunk(c, chunks, n)
         for i in range(lo, hi):
             out_loss[i] = _ce_index_row(logits[i], target[i], weight, wsum, ignore_index,
-                                        label_smoothing, grad_scale, True, out_grad[i],
+                                        label_smoothing, grad_scale, True, inplace, out_grad[i],
                                         out_grad[i], block_max)
 
 
 # --------------------------------------------------------------------------------------------
-# Soft-target cross-entropy, float32
+# Soft-target cross-entropy
 # --------------------------------------------------------------------------------------------
 @njit(**_OPTS)
-def _ce_prob_row(x, t, weight, eps, grad_scale, with_grad, g, scratch, block_max):
-    """One row of the float32 soft-target cross-entropy: H = T + A log1p(S) with
+def _ce_prob_row(x, t, weight, eps, grad_scale, with_grad, inplace, g, scratch, block_max):
+    """One row of the soft-target cross-entropy: H = T + A log1p(S) with
     A = sum a_c, T = sum a_c (m - x_c); the argmax entry of the gradient is recomputed without
-    cancellation as (A - a_k - a_k S) / (1 + S). ``g`` may be ``x``."""
-    m, k, s, a_sum, t_sum, bad = row_online(x, g if with_grad else scratch, with_grad,
+    cancellation as (A - a_k - a_k S) / (1 + S). ``g`` is ``x`` when ``inplace``."""
+    m, k, s, a_sum, t_sum, bad = row_online(x, g if with_grad else scratch, with_grad, inplace,
                                             block_max, SIDE_SOFT, with_grad, t, weight, eps)
     skip, fill = row_guard(False, bad, m)
     if skip:
@@ -582,44 +994,47 @@ def _ce_prob_row(x, t, weight, eps, grad_scale, with_grad, g, scratch, block_max
         return fill
     if with_grad:
         z = 1.0 + s
-        row_grad_pass(g, block_max, m, a_sum / z * grad_scale, SIDE_SOFT, grad_scale, t, weight,
-                      eps)
+        a_gs, a_gs_lo = two_prod(a_sum, grad_scale)
+        f, f_lo = scale_over(a_gs, a_gs_lo, s)
+        row_grad_pass(g, block_max, m, f, f_lo, SIDE_SOFT, grad_scale, t, weight, eps)
         a_k = soft_target(weight[k], np.float64(t[k]), eps, x.shape[0])
-        g[k] = np.float32(argmax_grad(a_sum, a_k, s, z) * grad_scale)
+        g[k] = argmax_grad(a_sum, a_k, s, z) * grad_scale
     return t_sum + a_sum * math.log1p(s)
 
 
 @njit(parallel=True, **_OPTS)
 def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, out_loss):
-    """float32 version of :func:`cestudy.kernels.cpu.cross_entropy_prob_fwd`."""
+    """:func:`cestudy.kernels.cpu.cross_entropy_prob_fwd`, vectorised."""
     n, nc = logits.shape
     chunks = n_chunks(n, nc)
     for c in prange(chunks):
-        scratch = np.empty(min(nc, BLOCK), np.float32)
+        scratch = np.empty(min(nc, BLOCK), logits.dtype)
         block_max = np.empty(n_blocks(nc))
         lo, hi = _chunk(c, chunks, n)
         for i in range(lo, hi):
             out_loss[i] = _ce_prob_row(logits[i], target[i], weight, label_smoothing, 1.0,
-                                       False, logits[i], scratch, block_max)
+                                       False, False, logits[i], scratch, block_max)
 
 
 @njit(parallel=True, **_OPTS)
 def cross_entropy_prob_fwd_grad(logits, target, weight, label_smoothing, grad_scale, out_loss,
                                 out_grad):
-    """float32 version of :func:`cestudy.kernels.cpu.cross_entropy_prob_fwd_grad`;
+    """:func:`cestudy.kernels.cpu.cross_entropy_prob_fwd_grad`, vectorised;
     ``out_grad`` may be ``logits``."""
     n, nc = logits.shape
+    inplace = out_grad.ctypes.data == logits.ctypes.data
     chunks = n_chunks(n, nc)
     for c in prange(chunks):
         block_max = np.empty(n_blocks(nc))
         lo, hi = _chunk(c, chunks, n)
         for i in range(lo, hi):
             out_loss[i] = _ce_prob_row(logits[i], target[i], weight, label_smoothing,
-                                       grad_scale, True, out_grad[i], out_grad[i], block_max)
+                                       grad_scale, True, inplace, out_grad[i], out_grad[i],
+                                       block_max)
 
 
 # --------------------------------------------------------------------------------------------
-# Binary cross-entropy with logits, float32
+# Binary cross-entropy with logits (vectorised for float32)
 # --------------------------------------------------------------------------------------------
 @njit(fastmath={"contract"}, **_OPTS)
 def exp_neg(d):
@@ -669,7 +1084,7 @@ def _bce_elem(v, tj, wj, pwj, grad_scale):
 
 
 @njit(**_SUM)
-def _bce_row(x, t, w, pw, grad_scale, with_grad, lrow, g):
+def _bce_row_f32(x, t, w, pw, grad_scale, with_grad, lrow, g):
     """One row of BCE with logits (:func:`_bce_elem`). Losses into ``lrow`` unless it is None;
     returns the row sum (float64 partial sums of non-negative terms: relative error
     <= C 2^-53, far below a float32 ulp)."""
@@ -685,9 +1100,9 @@ def _bce_row(x, t, w, pw, grad_scale, with_grad, lrow, g):
 
 
 @njit(**_SUM)
-def _bce_row_inplace(x, t, w, pw, grad_scale, lrow):
-    """:func:`_bce_row` with the gradient written over ``x`` (one array read and written, which
-    LLVM vectorises; see :func:`_exp_block_inplace`)."""
+def _bce_row_inplace_f32(x, t, w, pw, grad_scale, lrow):
+    """:func:`_bce_row_f32` with the gradient written over ``x`` (one array read and written, which
+    LLVM vectorises; see :func:`_exp_block_inplace_f32`)."""
     total = 0.0
     for j in range(x.shape[0]):
         loss, gj = _bce_elem(np.float64(x[j]), np.float64(t[j]), w[j], pw[j], grad_scale)
@@ -698,32 +1113,60 @@ def _bce_row_inplace(x, t, w, pw, grad_scale, lrow):
     return total
 
 
+def bce_row(x, t, w, pw, grad_scale, with_grad, lrow, g):
+    """:func:`_bce_row_f32` for float32 rows; float64 rows take the reference row of
+    ``cpu.py`` (libm exp and log1p: this module's float64 exp_neg and log1p_unit are accurate to
+    1e-11, enough for float32 results only)."""
+
+
+def bce_row_inplace(x, t, w, pw, grad_scale, lrow):
+    """:func:`bce_row` with the gradient written over ``x``."""
+
+
+@overload(bce_row, jit_options=_OPTS)
+def _ov_bce_row(x, t, w, pw, grad_scale, with_grad, lrow, g):
+    if x.dtype == types.float32:
+        return lambda x, t, w, pw, grad_scale, with_grad, lrow, g: _bce_row_f32(
+            x, t, w, pw, grad_scale, with_grad, lrow, g)
+    return lambda x, t, w, pw, grad_scale, with_grad, lrow, g: _bce_row_ref(
+        x, t, w, pw, grad_scale, with_grad, lrow, g)
+
+
+@overload(bce_row_inplace, jit_options=_OPTS)
+def _ov_bce_row_inplace(x, t, w, pw, grad_scale, lrow):
+    if x.dtype == types.float32:
+        return lambda x, t, w, pw, grad_scale, lrow: _bce_row_inplace_f32(x, t, w, pw,
+                                                                          grad_scale, lrow)
+    return lambda x, t, w, pw, grad_scale, lrow: _bce_row_ref(x, t, w, pw, grad_scale, True,
+                                                              lrow, x)
+
+
 @njit(parallel=True, **_OPTS)
 def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
-    """float32 version of :func:`cestudy.kernels.cpu.bce_with_logits_fwd`. ``weight`` and
+    """:func:`cestudy.kernels.cpu.bce_with_logits_fwd` (float32: vectorised). ``weight`` and
     ``pos_weight`` are (N, C) or, when the same for every row, (1, C): contiguous rows keep the
     loop vectorised (zero-stride broadcast views made it 6x slower). ``out_loss`` (N, C) for
     per-element losses, (N,) for row sums."""
     for i in prange(logits.shape[0]):
         x = logits[i]
-        total = _bce_row(x, target[i], bcast_row(weight, i), bcast_row(pos_weight, i), 1.0,
-                         False, loss_row(out_loss, i), x)
+        total = bce_row(x, target[i], bcast_row(weight, i), bcast_row(pos_weight, i), 1.0,
+                        False, loss_row(out_loss, i), x)
         store_row_sum(out_loss, i, total)
 
 
 @njit(parallel=True, **_OPTS)
 def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out_loss, out_grad):
-    """float32 version of :func:`cestudy.kernels.cpu.bce_with_logits_fwd_grad` (weights and
+    """:func:`cestudy.kernels.cpu.bce_with_logits_fwd_grad` (weights and
     ``out_loss`` as in :func:`bce_with_logits_fwd`); ``out_grad`` may be ``logits``."""
     inplace = out_grad.ctypes.data == logits.ctypes.data
     for i in prange(logits.shape[0]):
         if inplace:
-            total = _bce_row_inplace(logits[i], target[i], bcast_row(weight, i),
-                                     bcast_row(pos_weight, i), grad_scale, loss_row(out_loss, i))
+            total = bce_row_inplace(logits[i], target[i], bcast_row(weight, i),
+                                    bcast_row(pos_weight, i), grad_scale, loss_row(out_loss, i))
         else:
-            total = _bce_row(logits[i], target[i], bcast_row(weight, i),
-                             bcast_row(pos_weight, i), grad_scale, True, loss_row(out_loss, i),
-                             out_grad[i])
+            total = bce_row(logits[i], target[i], bcast_row(weight, i),
+                            bcast_row(pos_weight, i), grad_scale, True, loss_row(out_loss, i),
+                            out_grad[i])
         store_row_sum(out_loss, i, total)
 
 
