@@ -43,6 +43,9 @@ def add_arguments(parser, default_results: str = "") -> None:
     b.add_argument("--dtypes", default="float32,float64")
     b.add_argument("--modes", default="forward,forward_grad")
     b.add_argument("--repeats", type=int, default=7)
+    b.add_argument("--threads", type=int, default=0,
+                   help="threads for cestudy (numba) and torch alike; 0 leaves both as they are "
+                        "(1 gives ratios that survive a loaded machine)")
     b.add_argument("--json", help="also write the table as JSON here")
     b.add_argument("--validate-only", action="store_true",
                    help="--backend cuda: run the correctness checks, time nothing")
@@ -59,7 +62,7 @@ def _shapes(text):
 
 
 def _impls(variant, n, c):
-    impls = ["numba", "torch"]
+    impls = ["numba", *bench.GRAD_BUFFERS, "torch"]
     if n * c <= NUMPY_LIMIT:
         impls += ["lse", "accurate"]
         if variant == bench.CE:
@@ -70,13 +73,13 @@ def _impls(variant, n, c):
 def _row(res, variant, impl, mode, n, c, dtype):
     r = res
     ratio = r.get("speedup_vs_torch")
-    return (f"{variant:32s} {impl:9s} {mode:12s} {n:>5d}x{c:<7d} {dtype:8s} "
+    return (f"{variant:32s} {impl:13s} {mode:12s} {n:>5d}x{c:<7d} {dtype:8s} "
             f"{1e3 * r['median_s']:9.3f} {r['gb_per_s']:7.2f} {100 * r['frac_bandwidth']:6.1f}% "
             f"{'' if ratio is None else f'{ratio:7.2f}x':>8s} "
             f"{r.get('check_ulp', float('nan')):8.3g}")
 
 
-HEADER = (f"{'variant':32s} {'kernel':9s} {'mode':12s} {'shape':13s} {'dtype':8s} "
+HEADER = (f"{'variant':32s} {'kernel':13s} {'mode':12s} {'shape':13s} {'dtype':8s} "
           f"{'ms':>9s} {'GB/s':>7s} {'of ceil':>7s} {'vs torch':>8s} {'ulp':>8s}")
 
 
@@ -102,6 +105,8 @@ def main(args):
         from . import cuda as bench_cuda
 
         return bench_cuda.main(args)
+    if args.threads:
+        set_threads(args.threads)
     shapes = _shapes(args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES))
     variants = [registry.get(v).name for v in args.variants.split(",")]
     dtypes = args.dtypes.split(",")
@@ -155,9 +160,12 @@ def main(args):
                         params = {"kind": "performance", "variant": variant,
                                   "implementation": impl, "dtype": dtype, "mode": mode,
                                   "batch": n, "classes": c, "repeats": args.repeats, "seed": 0}
+                        if args.threads:  # a run on fixed threads is a cell of its own
+                            params["threads"] = args.threads
                         put(params, r)
                         table.append({**params, **{k: v for k, v in r.items()
                                                    if k != "samples_s"}})
+    print_ratios(table)
     extras = {}
     if not args.quick and bench.CE in variants and "float32" in dtypes:
         extras = extra_measurements(args.repeats, put)
@@ -169,6 +177,43 @@ def main(args):
             json.dump({"bandwidth_gbs": bw[dtypes[0]]["read"], "ceiling_gbs": bw, "rows": table,
                        "extras": extras, "machine": info.manifest()}, f, indent=1, sort_keys=True)
     return 0
+
+
+def set_threads(n):
+    """numba and torch on ``n`` threads each (numba at most NUMBA_NUM_THREADS)."""
+    import numba
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+    print(f"threads: numba {numba.get_num_threads()}, torch {n}")
+
+
+def print_ratios(table):
+    """cestudy's speed relative to torch (torch's median time / cestudy's; > 1 is faster), one
+    line per variant, mode and gradient buffer, one column per dtype and shape."""
+    cells = {}
+    for r in table:
+        ratio = r.get("speedup_vs_torch")
+        if ratio is None or not r["implementation"].startswith("numba"):
+            continue
+        cells[(r["variant"], r["mode"], r["implementation"]),
+              (r["dtype"], r["batch"], r["classes"])] = ratio
+    cols = sorted({c for _, c in cells}, key=lambda c: (c[0], c[1] * c[2], c[1]))
+    rows = sorted({r for r, _ in cells})
+    if not cols:
+        return
+    print("\ncestudy / torch speed ratio (torch median time / cestudy median time):")
+    print(f"{'':56s}" + "".join(f"{d[:7]:>9s}" for d, _, _ in cols))
+    print(f"{'':56s}" + "".join(f"{f'{n}x{c}':>9s}" for _, n, c in cols))
+    for row in rows:
+        name = f"{row[0]} {row[1]} {row[2]}"
+        print(f"{name:56s}" + "".join(
+            f"{cells[row, col]:8.2f}x" if (row, col) in cells else f"{'':9s}" for col in cols))
 
 
 def extra_measurements(repeats, put):

@@ -45,11 +45,37 @@ def make_inputs(variant, dtype, n, c, seed=0):
     return x, t
 
 
+# cestudy's fused call with a gradient buffer it is given: a new array per call ("numba"), one
+# buffer reused by every call ("numba_out": no N x C pages faulted in per step), or the logits
+# themselves ("numba_inplace": the gradient written over them, restored before each timed call)
+GRAD_BUFFERS = ("numba_out", "numba_inplace")
+
+
 def make_callable(variant, impl, mode, x, t):
     """A zero-argument function computing the mean loss (and its gradient for
-    mode='forward_grad'), returning (loss, grad or None)."""
+    mode='forward_grad'), returning (loss, grad or None). A function with a ``setup``
+    attribute needs ``setup()`` run, untimed, before each call."""
     grad = mode == "forward_grad"
     variant = variants.canonical_name(variant)
+    if impl in GRAD_BUFFERS:
+        import cestudy as cs
+
+        if not grad:
+            raise KeyError(f"{impl} times the fused call only")
+        fn = getattr(cs, variants.get(variant).function + "_with_grad")
+        if impl == "numba_out":
+            buf = np.empty_like(x)
+            return lambda: fn(x, t, out=buf)
+        work = x.copy()
+
+        def run_inplace():
+            return fn(work, t, out=work)
+
+        def restore():
+            work[...] = x
+
+        run_inplace.setup = restore
+        return run_inplace
     if impl == "numba":
         import cestudy as cs
 
@@ -173,6 +199,9 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
     exact_mean = _oracle_mean(variant, x, t) if check_results and calls else None
     exact_grad = _oracle_grad_rows(variant, x, t) if check_results and calls else None
     for impl, f in calls.items():
+        setup = getattr(f, "setup", None)
+        if setup is not None:
+            setup()
         t0 = time.perf_counter()
         res = f()
         first[impl] = time.perf_counter() - t0
@@ -181,10 +210,15 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
                                  check(variant, x, t, res, dt, exact_mean, exact_grad)))
         else:
             out[impl] = {}
+        if setup is not None:
+            setup()
         f()  # warm-up
     samples = {impl: [] for impl in calls}
     for _ in range(repeats):
         for impl, f in calls.items():
+            setup = getattr(f, "setup", None)
+            if setup is not None:
+                setup()
             t0 = time.perf_counter()
             f()
             samples[impl].append(time.perf_counter() - t0)
