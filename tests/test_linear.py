@@ -428,3 +428,71 @@ def test_k_dimensional_weight_needs_a_batched_input():
 
 def test_exported():
     assert {"linear_cross_entropy", "linear_cross_entropy_with_grad"} <= set(cs.__all__)
+
+
+# --------------------------------------------------------------------------------------------
+# The study kind and its report section
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_cells():
+    from cestudy.study.kinds import linear as kind
+
+    cells = [dict(vocab=700, hidden=64, tokens=40, dtype=dt, family=fam, scale=sc, chunk=128,
+                  repeats=1, seed=0, skip="")
+             for dt, fam, sc in (("float32", "gaussian", 4.0), ("bfloat16", "confident", 30.0))]
+    return [(c, kind.compute(c)) for c in cells]
+
+
+def test_linear_kind_measures_every_formulation(tiny_cells):
+    from cestudy.study.kinds import linear as kind
+
+    for cell, out in tiny_cells:
+        u = out["unit_roundoff"]
+        for f in kind.FORMULATIONS:
+            assert f"{f}__loss_rel_err" in out, f
+            assert out[f"{f}__seconds"] > 0
+        # the cross-entropy part of the fused kernel keeps the contract on its own logits, and
+        # its logits are those the error split was computed with
+        assert out["fused__row_rel_err_max_ce"] <= 4 * u
+        assert out["fused__loss_rel_err"] <= 4 * u
+        assert out["fused__traced_peak"] > 0
+        assert out["fused_filtered__loss_rel_err"] == out["fused__loss_rel_err"]
+        if cell["family"] == "confident":
+            # every tile of a confident bfloat16 batch is below eps/32: the filter drops all,
+            # and the filtered step makes no progress
+            assert out["fused_filtered__dropped_mass"] == 1.0
+            assert out["fused_filtered__step_bias_rel"] == pytest.approx(1.0)
+            assert out["materialised_torch__rows_zero"] > 0.5
+            assert out["fused__rows_zero"] == 0
+
+
+def test_linear_report_section_renders(tiny_cells, tmp_path):
+    from cestudy.report.markdown import Context
+    from cestudy.report.sections import linear as section
+
+    rows = []
+    for cell, out in tiny_cells:
+        row = {"study": "t", "kind": "linear", "status": "ok", "message": ""}
+        row.update({f"p_{k}": v for k, v in cell.items()})
+        row.update(out)
+        rows.append(row)
+    (tmp_path / "figures").mkdir()
+    part = section.render(Context(tmp_path, "t"), rows)
+    assert "## Fused linear cross-entropy" in part.markdown
+    assert "### Where the error comes from" in part.markdown
+    assert len(part.findings) >= 3
+    assert (tmp_path / "figures" / "t-linear-memory.png").exists()
+
+
+def test_linear_study_file_parses_within_the_memory_limit():
+    from cestudy.study import spec
+    from cestudy.study.kinds import linear as kind
+
+    cells = spec.load("linear").cells()
+    assert len(cells) >= 20
+    assert all(c["vocab"] * c["hidden"] <= kind.MAX_WEIGHTS for c in cells)
+    assert {c["vocab"] for c in cells} >= {8192, 262144}
+    assert {c["hidden"] for c in cells} >= {256, 4096}
+    assert {c["dtype"] for c in cells} == {"float32", "bfloat16", "float16"}
+    with pytest.raises(ValueError, match="skip"):
+        kind.skipped({"skip": "fused, nope"})

@@ -395,7 +395,8 @@ def test_kinds_declare_keys_normalisation_seed_fields_and_compute():
     from cestudy.study import kinds
     from cestudy.study.keys import Key
 
-    assert set(kinds.KINDS) == {"accuracy", "imbalance", "performance", "training", "higham"}
+    assert set(kinds.KINDS) == {"accuracy", "imbalance", "performance", "training", "higham",
+                                "linear"}
     for name, kind in kinds.KINDS.items():
         assert kind.NAME == name and "seed" in kind.KEYS
         assert all(isinstance(k, Key) for k in kind.KEYS.values())

@@ -65,6 +65,13 @@ from . import cpu, cpu_fast
 
 _OPTS = dict(cache=True, error_model="numpy", nogil=True)
 _SUM = dict(fastmath={"reassoc", "contract"}, **_OPTS)
+PARALLEL = False
+"""Whether the row kernels run their ``prange`` loops on numba's threads. They do not: each one
+runs between two BLAS calls, and numba's OpenMP workers, spinning after their region, then
+compete with OpenBLAS's threads for the cores. Measured on this 2-core machine (under a load of
+4 to 7 from other work) with the same loop of BLAS products and kernels: at 2048 x 512 x 65536,
+serial kernels 10.3 s in all (kernels 0.5-0.7 s) against 12.8-13.1 s (kernels 0.8 s) with
+``parallel=True``; at 128 x 256 x 131072, 1.2-2.2 s against 2.5-5.3 s."""
 
 two_diff = cpu.two_diff
 exp_diff = cpu.exp_diff
@@ -149,7 +156,7 @@ def _add_shift_f64(x, a, m, st):
     st[TC] = tc
 
 
-@njit(parallel=True, **_OPTS)
+@njit(parallel=PARALLEL, **_OPTS)
 def index_chunk(z, c0, target, weight, ignore_index, smooth, weight_seen, state, kidx):
     """Fold the logits ``z`` (N, vc) of classes c0 .. c0 + vc - 1 into ``state`` (class-index
     targets; any float dtype, float64 arithmetic with exact differences and compensated sums).
@@ -197,7 +204,7 @@ def _shift_sum_f32(x, w, m):
     return s
 
 
-@njit(parallel=True, **_OPTS)
+@njit(parallel=PARALLEL, **_OPTS)
 def index_chunk_f32(z, c0, target, weight, ignore_index, smooth, weight_seen, state, kidx):
     """:func:`index_chunk` for float32 logits, vectorised: the maximum over integer keys, the
     exponentials by ``exp_neg`` and plain float64 sums (see the module docstring)."""
@@ -234,7 +241,7 @@ def index_chunk_f32(z, c0, target, weight, ignore_index, smooth, weight_seen, st
             st[T] += _shift_sum_f32(x, w, m)
 
 
-@njit(parallel=True, **_OPTS)
+@njit(parallel=PARALLEL, **_OPTS)
 def probs_chunk(z, t, c0, weight, eps, nc, state, kidx):
     """Fold the logits ``z`` (N, vc) into ``state`` for soft targets ``t`` (N, vc) (the target
     columns c0 .. c0 + vc - 1): besides (m, k, S), A = sum_j a_j and sum_j a_j (m - z_j) with
@@ -268,7 +275,7 @@ def probs_chunk(z, t, c0, weight, eps, nc, state, kidx):
 # --------------------------------------------------------------------------------------------
 # Per-row losses from the final state
 # --------------------------------------------------------------------------------------------
-@njit(parallel=True, **_OPTS)
+@njit(parallel=PARALLEL, **_OPTS)
 def index_loss(state, target, weight, ignore_index, eps, wsum, out_loss):
     """Per-row loss (1 - eps) w_y ((m - z_y) + L) + (eps / V) (T + W L), L = log1p(S):
     0 for ignored rows, NaN for rows with a NaN logit or a non-finite maximum."""
@@ -288,7 +295,7 @@ def index_loss(state, target, weight, ignore_index, eps, wsum, out_loss):
         out_loss[i] = loss
 
 
-@njit(parallel=True, **_OPTS)
+@njit(parallel=PARALLEL, **_OPTS)
 def probs_loss(state, out_loss):
     """Per-row H(a, softmax(z)) = sum_j a_j (m - z_j) + A L (NaN rows as for index targets)."""
     for i in prange(state.shape[0]):
@@ -303,7 +310,7 @@ def probs_loss(state, out_loss):
 # --------------------------------------------------------------------------------------------
 # Gradient of a chunk, written over its logits
 # --------------------------------------------------------------------------------------------
-@njit(parallel=True, **_OPTS)
+@njit(parallel=PARALLEL, **_OPTS)
 def index_grad_chunk(z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state, kidx):
     """Overwrite the logits ``z`` (N, vc) of classes c0 .. with dL/dz times ``grad_scale``:
 
@@ -349,7 +356,7 @@ def _scale_row_f32(g, m, a, b, w):
         g[j] = np.float32(a * exp_neg(np.float64(g[j]) - m) - b * w[j])
 
 
-@njit(parallel=True, **_OPTS)
+@njit(parallel=PARALLEL, **_OPTS)
 def index_grad_chunk_f32(z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state,
                          kidx):
     """:func:`index_grad_chunk` for float32 logits: one vectorised pass
@@ -386,7 +393,7 @@ def index_grad_chunk_f32(z, c0, target, weight, ignore_index, eps, wsum, grad_sc
             g[k - c0] = np.float32(c_true / zz + c_smooth * argmax_grad(wsum, weight[k], s, zz))
 
 
-@njit(parallel=True, **_OPTS)
+@njit(parallel=PARALLEL, **_OPTS)
 def probs_grad_chunk(z, t, c0, weight, eps, nc, grad_scale, state, kidx):
     """Overwrite ``z`` (N, vc) with (A p_j - a_j) * grad_scale (the argmax entry by
     ``argmax_grad``); NaN rows NaN. Any float dtype."""
@@ -416,7 +423,7 @@ def probs_grad_chunk(z, t, c0, weight, eps, nc, grad_scale, state, kidx):
 # --------------------------------------------------------------------------------------------
 # Cut Cross-Entropy's gradient filter
 # --------------------------------------------------------------------------------------------
-@njit(parallel=True, **_OPTS)
+@njit(parallel=PARALLEL, **_OPTS)
 def filter_tiles(g, threshold, tile_rows, tile_cols, out_stats):
     """Set to 0 every (tile_rows x tile_cols) tile of ``g`` whose entries are all below
     ``threshold`` in magnitude (Cut Cross-Entropy's test on |softmax - onehot|).

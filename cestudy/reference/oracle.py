@@ -477,91 +477,121 @@ LINEAR_CHUNK_ELEMENTS = 1 << 20
 """Rows x classes of the longdouble logits the linear oracle holds at a time (16 MiB each)."""
 
 
-def linear_logits(input, linear_weight, linear_bias=None, c0=0, c1=None, bound=False):
-    """The logits of classes c0 .. c1 - 1 for every row, (N, c1 - c0) longdouble; with
-    ``bound``, also an upper bound on their absolute error (float64 array).
+def linear_logits(input, linear_weight, linear_bias=None, c0=0, c1=None, bound=False,
+                  dtype=LD):
+    """The logits of classes c0 .. c1 - 1 for every row, (N, c1 - c0) of ``dtype`` (longdouble
+    or float64); with ``bound``, also an upper bound on their absolute error (float64 array).
 
     Inputs of at most 26 significand bits (float32, float16, bfloat16): every product x_h w_h is
     exact in float64 and the float64 BLAS sum errs by at most gamma_H sum_h |x_h w_h|
     (H 2^-53 of sum |x w|: 5e-13 relative for H = 4096, 1e-5 of a float32 ulp). float64
     inputs: the product is formed in longdouble (numpy's loop, not BLAS: slow, for test sizes),
-    error at most H 2^-63 sum |x w|. The bias is added in longdouble (exactly)."""
+    error at most H 2^-63 sum |x w|. The bias is added in ``dtype``."""
+    return _linear_logits_fn(input, linear_weight, linear_bias, dtype)(c0, c1, bound)
+
+
+def _f64(a):
+    """``a`` as float64; float16/bfloat16 through float32 (exact; ml_dtypes' direct bfloat16 to
+    float64 cast is 25 times slower)."""
+    a = np.asarray(a)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float32)
+    return a.astype(np.float64)
+
+
+def _linear_logits_fn(input, linear_weight, linear_bias, dtype):
+    """linear_logits as a function of (c0, c1[, bound]) with the input converted once."""
     x = np.asarray(input)
     w = np.asarray(linear_weight)
-    c1 = w.shape[0] if c1 is None else c1
     h = x.shape[-1]
     narrow = dtypes.mantissa_bits(x.dtype) <= 26 and dtypes.mantissa_bits(w.dtype) <= 26
-    if narrow:
-        x64 = x.astype(np.float64)
-        w64 = w[c0:c1].astype(np.float64)
-        z = (x64 @ w64.T).astype(LD)
-        unit = LD(2.0 ** -53)
-    else:
-        z = x.astype(np.float64).astype(LD) @ w[c0:c1].astype(np.float64).astype(LD).T
-        unit = LD(2.0 ** -63)
-    if linear_bias is not None:
-        z += _ld(np.asarray(linear_bias)[c0:c1])[None, :]
-    if not bound:
-        return z
-    absdot = np.abs(x.astype(np.float64)) @ np.abs(w[c0:c1].astype(np.float64)).T
-    gamma = h * unit / (1 - h * unit)
-    return z, (absdot * (1 + 2 * h * 2.0 ** -53) * float(gamma)).astype(np.float64)
+    x64 = _f64(x)
+    xld = None if narrow else x64.astype(LD)
+    b = None if linear_bias is None else _f64(linear_bias)
+
+    def fn(c0, c1=None, bound=False):
+        c1 = w.shape[0] if c1 is None else c1
+        w64 = _f64(w[c0:c1])
+        if narrow:
+            z = (x64 @ w64.T).astype(dtype, copy=False)
+            unit = 2.0 ** -53
+        else:
+            z = (xld @ w64.astype(LD).T).astype(dtype, copy=False)
+            unit = 2.0 ** -63
+        if b is not None:
+            z += b[c0:c1].astype(dtype)[None, :]
+        if not bound:
+            return z
+        absdot = np.abs(x64) @ np.abs(w64).T
+        gamma = h * unit / (1 - h * unit)
+        return z, absdot * (1 + 2 * h * 2.0 ** -53) * gamma
+
+    return fn
 
 
 def _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
-               logits, chunk, with_grad):
+               logits, chunk, with_grad, precision):
     """Both passes of the linear oracle (see :func:`linear_cross_entropy_and_grad`)."""
+    work = {"longdouble": LD, "float64": np.float64}[precision]
     x = np.asarray(input)
     w = np.asarray(linear_weight)
     n, v = x.shape[0], w.shape[0]
     if logits is None:
-        def logits(c0, c1):
-            return linear_logits(x, w, linear_bias, c0, c1)
+        logits = _linear_logits_fn(x, w, linear_bias, work)
     if chunk is None:
         chunk = max(1, LINEAR_CHUNK_ELEMENTS // max(n, 1))
     bounds = [(c0, min(v, c0 + chunk)) for c0 in range(0, v, chunk)]
     y = np.asarray(target, dtype=np.int64).reshape(n)
     keep = y != ignore_index
     ys = np.where(keep, y, 0)
-    wts = _weights(weight, v)
-    eps = LD(label_smoothing)
+    wts = _weights(weight, v).astype(work)
+    eps = work(label_smoothing)
     rows = np.arange(n)
 
-    # pass 1: the online log-sum-exp in longdouble (every rescaling errs by ~2^-64)
-    m = np.full(n, -np.inf, dtype=LD)
+    def chunk_logits(c0, c1):
+        z = np.asarray(logits(c0, c1))
+        return z.astype(np.float64).astype(work) if z.dtype != work else z
+
+    # pass 1: the online log-sum-exp (every rescaling errs by one rounding of ``work``)
+    m = np.full(n, -np.inf, dtype=work)
     k = np.zeros(n, dtype=np.int64)
-    s = np.zeros(n, dtype=LD)
-    zy = np.zeros(n, dtype=LD)
-    shift = np.zeros(n, dtype=LD)  # sum_j w_j (m - z_j), for label smoothing
-    seen = LD(0)
+    s = np.zeros(n, dtype=work)
+    zy = np.zeros(n, dtype=work)
+    shift = np.zeros(n, dtype=work)  # sum_j w_j (m - z_j), for label smoothing
+    seen = work(0)
     bad = np.zeros(n, dtype=bool)
     with np.errstate(invalid="ignore", over="ignore"):
         for c0, c1 in bounds:
-            z = np.asarray(logits(c0, c1))
-            z = z if z.dtype == LD else z.astype(np.float64).astype(LD)
+            z = chunk_logits(c0, c1)
             nan = np.isnan(z)
-            bad |= nan.any(axis=1)
-            zm = np.where(nan, -np.inf, z)
-            kc = np.argmax(zm, axis=1)
-            mc = zm[rows, kc]
+            if nan.any():
+                bad |= nan.any(axis=1)
+                z = np.where(nan, -np.inf, z)
+            kc = np.argmax(z, axis=1)
+            mc = z[rows, kc]
             rise = mc > m
             old = rise & np.isfinite(m)
-            s = np.where(old, (s + 1) * np.exp(np.where(old, m - mc, 0)), s)
-            if label_smoothing:
-                shift = np.where(old, shift + seen * np.where(old, mc - m, 0), shift)
+            if old.any():
+                s[old] = (s[old] + 1) * np.exp(m[old] - mc[old])
+                if label_smoothing:
+                    shift[old] += seen * (mc[old] - m[old])
             m = np.where(rise, mc, m)
             k = np.where(rise, c0 + kc, k)
             ok = np.isfinite(m)
-            e = np.where(ok[:, None], np.exp(z - np.where(ok, m, 0)[:, None]), LD(0))
+            mm = np.where(ok, m, 0)[:, None]
+            e = z - mm
+            np.exp(e, out=e)
+            e[~ok] = 0
             here = (k >= c0) & (k < c1)
             e[rows[here], k[here] - c0] = 0
-            s = s + e.sum(axis=1)
+            s += e.sum(axis=1)
             yin = keep & (ys >= c0) & (ys < c1)
             zy[yin] = z[rows[yin], ys[yin] - c0]
             if label_smoothing:
-                wc = wts[c0:c1][None, :]
-                shift = shift + np.where(ok[:, None], wc * (np.where(ok, m, 0)[:, None] - z),
-                                         LD(0)).sum(axis=1)
+                t = mm - z
+                t *= wts[c0:c1][None, :]
+                t[~ok] = 0
+                shift += t.sum(axis=1)
                 seen = seen + wts[c0:c1].sum()
         L = np.log1p(s)
         loss = wts[ys] * ((m - zy) + L)
@@ -573,70 +603,79 @@ def _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index, 
     if not with_grad:
         return loss, None, None, None
 
-    # pass 2: dL/dz per chunk in longdouble, the products with the inputs in float64
+    # pass 2: dL/dz per chunk in ``work``, the products with the inputs in float64
     zz = 1 + s
     wsum = wts.sum()
-    x64 = x.astype(np.float64)
+    mm = np.where(bad, 0, m)[:, None]
+    x64 = _f64(x)
     gx = np.zeros((n, x.shape[1]))
     gw = np.empty((v, x.shape[1]))
     gb = np.empty(v)
     c_true = ((1 - eps) * wts[ys])[:, None]
     with np.errstate(invalid="ignore", over="ignore"):
         for c0, c1 in bounds:
-            z = np.asarray(logits(c0, c1))
-            z = z if z.dtype == LD else z.astype(np.float64).astype(LD)
-            p = np.exp(z - np.where(bad, 0, m)[:, None]) / zz[:, None]
+            p = chunk_logits(c0, c1) - mm
+            np.exp(p, out=p)
+            p /= zz[:, None]
             here = (k >= c0) & (k < c1) & ~bad
             p[rows[here], k[here] - c0] = 1 / zz[here]
-            g = c_true * p
             yin = keep & (ys >= c0) & (ys < c1) & ~bad
             py = p[rows[yin], ys[yin] - c0]
+            g = p * c_true
             g[rows[yin], ys[yin] - c0] = c_true[yin, 0] * np.where(
                 ys[yin] == k[yin], -s[yin] / zz[yin], py - 1)
             if label_smoothing:
-                g = g + (eps / v) * (wsum * p - wts[c0:c1][None, :])
+                p *= wsum
+                p -= wts[c0:c1][None, :]
+                g += (eps / v) * p
                 g[rows[here], k[here] - c0] = (
                     c_true[here, 0] * np.where(ys[here] == k[here], -s[here], 1) / zz[here]
                     + (eps / v) * (wsum - wts[k[here]] - wts[k[here]] * s[here]) / zz[here])
             g[bad] = np.nan
             g[~keep] = 0
             g64 = g.astype(np.float64)
-            gx += g64 @ w[c0:c1].astype(np.float64)
+            gx += g64 @ _f64(w[c0:c1])
             gw[c0:c1] = g64.T @ x64
             gb[c0:c1] = g.sum(axis=0).astype(np.float64)
     return loss, gx, gw, gb
 
 
 def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=None,
-                         ignore_index=-100, label_smoothing=0.0, logits=None, chunk=None):
-    """Per-row cross-entropy (N,) of z = input @ linear_weight.T + linear_bias, longdouble.
+                         ignore_index=-100, label_smoothing=0.0, logits=None, chunk=None,
+                         precision="longdouble"):
+    """Per-row cross-entropy (N,) of z = input @ linear_weight.T + linear_bias.
 
     The logits come from :func:`linear_logits` (exact to about H 2^-53 of sum |x w| for
     float32/float16/bfloat16 inputs) one chunk of classes at a time, and the cross-entropy is
-    evaluated on them in longdouble with the online log-sum-exp (max, sum) merge, torch's
-    semantics (weights, ignore_index, label smoothing), NaN rows as :func:`cross_entropy`.
+    evaluated on them with the online log-sum-exp (max, sum) merge, torch's semantics (weights,
+    ignore_index, label smoothing), NaN rows as :func:`cross_entropy`.
+
+    ``precision``: "longdouble" (the default: every step to about 2^-64 relative) or "float64"
+    (about 10 times faster, for the linear study: each term exp(z_j - m) then errs by up to
+    |z_j - m| 2^-53, about 1e-13 relative for |z| < 745, 2e-6 of a float32 ulp).
     ``logits``, a function (c0, c1) -> (N, c1 - c0) array, replaces the exact logits (the exact
     cross-entropy of an implementation's own logits: the error split of the linear study);
     ``chunk`` sets the classes per chunk (so that ``logits`` can repeat an implementation's
-    calls exactly)."""
+    calls exactly). Returns an array of the ``precision``'s dtype."""
     return _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index,
-                      label_smoothing, logits, chunk, False)[0]
+                      label_smoothing, logits, chunk, False, precision)[0]
 
 
 def linear_cross_entropy_grad(input, linear_weight, target, linear_bias=None, weight=None,
-                              ignore_index=-100, label_smoothing=0.0, logits=None, chunk=None):
+                              ignore_index=-100, label_smoothing=0.0, logits=None, chunk=None,
+                              precision="longdouble"):
     """(grad_input, grad_weight, grad_bias) of the summed loss of :func:`linear_cross_entropy`,
-    float64: dL/dz in longdouble, rounded to float64, and the products G @ W, G.T @ input in
-    float64 BLAS (error at most V 2^-53 of (|G| @ |W|) and N 2^-53 of (|G|.T @ |input|):
-    2.9e-11 relative for V = 262144, 5e-4 of a float32 ulp)."""
+    float64: dL/dz in the ``precision``, rounded to float64, and the products G @ W,
+    G.T @ input in float64 BLAS (error at most V 2^-53 of (|G| @ |W|) and N 2^-53 of
+    (|G|.T @ |input|): 2.9e-11 relative for V = 262144, 5e-4 of a float32 ulp)."""
     return _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index,
-                      label_smoothing, logits, chunk, True)[1:]
+                      label_smoothing, logits, chunk, True, precision)[1:]
 
 
 def linear_cross_entropy_and_grad(input, linear_weight, target, linear_bias=None, weight=None,
                                   ignore_index=-100, label_smoothing=0.0, logits=None,
-                                  chunk=None):
+                                  chunk=None, precision="longdouble"):
     """(per-row loss, grad_input, grad_weight, grad_bias) in one call (two passes over the
     classes instead of three)."""
     return _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index,
-                      label_smoothing, logits, chunk, True)
+                      label_smoothing, logits, chunk, True, precision)

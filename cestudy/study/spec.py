@@ -6,7 +6,7 @@ A study file is data (read with ``tomllib``; nothing in it is executed)::
     description = "what is swept and why"
 
     [[part]]
-    kind = "accuracy"                 # accuracy | imbalance | performance | training | higham
+    kind = "accuracy"        # accuracy | imbalance | performance | training | higham | linear
     variant = ["cross_entropy", "binary_cross_entropy_with_logits"]
     implementation = ["lse", "numba", "torch"]
     dtype = ["float32"]

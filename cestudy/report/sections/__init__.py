@@ -5,9 +5,9 @@ Each study-kind module declares ``KINDS`` (the kinds of rows it reports) and
 this order for every study page. ``cuda`` renders a page of its own from the GPU benchmark's JSON.
 A section reads result rows only: it never imports the study runner's compute code or the CLI.
 """
-from . import accuracy, cuda, higham, imbalance, performance, training
+from . import accuracy, cuda, higham, imbalance, linear, performance, training
 
-SECTIONS = (accuracy, imbalance, performance, training, higham)
+SECTIONS = (accuracy, imbalance, performance, training, higham, linear)
 
 
 def for_kinds(kinds) -> list:
@@ -20,4 +20,4 @@ def known_kinds() -> set[str]:
 
 
 __all__ = ["SECTIONS", "accuracy", "cuda", "for_kinds", "higham", "imbalance", "known_kinds",
-           "performance", "training"]
+           "linear", "performance", "training"]

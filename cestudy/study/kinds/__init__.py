@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import accuracy, higham, imbalance, performance, training
+from . import accuracy, higham, imbalance, linear, performance, training
 
 KINDS: dict[str, ModuleType] = {m.NAME: m for m in (accuracy, imbalance, performance, training,
-                                                    higham)}
+                                                    higham, linear)}
 
 
 def get(name: str) -> ModuleType:
