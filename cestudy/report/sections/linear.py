@@ -262,16 +262,23 @@ def confident_sentence(hr):
         zeros = [z for z in zeros if not math.isnan(z)]
         if zeros:
             worst[f] = max(zeros)
-    fused = max((_in_u(r, "fused", "row_rel_err_max") for r in conf), default=math.nan)
+    fused = max((_in_u(r, "fused", "row_rel_err_max_normal") for r in conf),
+                default=math.nan)
+    fused_zero = max((_get(r, "fused", "rows_zero") for r in conf), default=math.nan)
     torch_bits = [f"{LABELS[f]} {fmt_pct(worst[f])}" for f in ("materialised_torch",
                                                                 "torch_chunked") if f in worst]
     if math.isnan(fused) or not torch_bits:
         return None
     margins = ", ".join(f"{m:g}" for m in sorted({r["p_scale"] for r in conf}))
+    zero = "none" if fused_zero == 0 else fmt_pct(fused_zero)
+    ce = max((_in_u(r, "fused", "row_rel_err_max_ce") for r in conf
+              if figures._num(r.get("rows_below_normal")) == 0), default=math.nan)
+    ce_text = "" if math.isnan(ce) else (
+        f" (the cross-entropy's part within {_u(ce)} u, the rest the float32 product's)")
     return (f"On confident rows (margins {margins}), the share of tokens whose loss comes "
-            f"back as exactly 0 reaches {' and '.join(torch_bits)}, where cestudy's fused "
-            f"kernel returns none as 0 and stays within {_u(fused)} u of the exact per-token "
-            f"losses.")
+            f"back as exactly 0 reaches {' and '.join(torch_bits)}; cestudy's fused kernel "
+            f"returns {zero} as 0 and stays within {_u(fused)} u of the exact per-token losses "
+            f"that its dtype holds as normal numbers{ce_text}.")
 
 
 def filter_sentence(hr):
