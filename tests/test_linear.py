@@ -258,6 +258,31 @@ def test_cross_entropy_part_within_4_ulp_of_its_own_logits(dtype, opts):
     assert_ulp(loss, exact_own, dtype, what="loss vs the exact CE of the kernel's logits")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_a_maximum_that_rises_at_every_chunk_keeps_the_contract(dtype, chunk):
+    """Logits that grow along the vocabulary: the running maximum rises at every chunk (2000
+    rescalings of S with chunk=1), and the loss stays within 4 ulp of the exact cross-entropy of
+    the kernel's own logits."""
+    rng = np.random.default_rng(0)
+    n, h, v = 16, 8, 2000
+    a = rng.standard_normal(h)
+    w = (np.linspace(0, 1, v)[:, None] * a[None, :] * 40
+         + 0.01 * rng.standard_normal((v, h))).astype(dtype)
+    x = (a[None, :] + 0.01 * rng.standard_normal((n, h))).astype(dtype)
+    y = np.full(n, v - 1)
+    y[::2] = v - 5
+    loss = cs.linear_cross_entropy(x, w, y, reduction="none", chunk_size=chunk)
+
+    def own(c0, c1):
+        out = np.empty((n, c1 - c0), dtype=dtype)
+        kern.chunk_logits(x, w, None, c0, c1, out)
+        return out
+
+    exact_own = oracle.linear_cross_entropy(x, w, y, logits=own, chunk=chunk)
+    assert_ulp(loss, exact_own, dtype, what="loss with a rising maximum")
+
+
 def test_oracle_agrees_with_torch_float64():
     x, w, b, y = _problem(n=30, h=20, v=500, dtype=np.float64, scale=3.0)
     y[4] = -100
