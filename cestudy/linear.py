@@ -15,8 +15,11 @@ Low-precision weights are converted to float32 one chunk at a time, so no float3
 whole (V, H) weight is made.
 
 Memory: besides the inputs and the returned gradients, one (N, chunk) logits buffer of the
-compute dtype, an (N, 9) float64 state, two (N, H) buffers and, for float16/bfloat16 weights, two
-(chunk, H) float32 buffers: O(N x chunk), where materialised logits take N x V.
+compute dtype, an (N, 9) float64 state, the (V,) float64 class weights, two (N, H) buffers and,
+for float16/bfloat16 inputs, a float32 copy of the input, an (N, H) float32 accumulator and one
+(chunk, H) float32 buffer: O(N x chunk), where materialised logits take N x V. Measured with
+tracemalloc at N, H, V = 2048, 512, 65536 (default chunk 4096): 36.7 MiB in float32 (7.2% of the
+512 MiB of float32 logits), 52.7 MiB in bfloat16.
 """
 from __future__ import annotations
 

@@ -509,8 +509,9 @@ def run(x, w, b, target, weight, ignore_index, label_smoothing, grad_scale, out_
             accumulates its statistics.
 
     The buffers are allocated here, once: the logits (N x chunk), the state (N x 9 float64), a
-    converted weight chunk when ``w``'s dtype is not ``x``'s, an (N, H) product and, for a
-    ``grad_x`` of another dtype, an (N, H) accumulator; (chunk, H) for ``grad_w`` likewise.
+    converted weight chunk (chunk, H) when ``w``'s dtype is not ``x``'s (it also takes the
+    weight gradient's chunk before its conversion), an (N, H) product and, for a ``grad_x`` of
+    another dtype, an (N, H) accumulator.
     """
     n, h = x.shape
     v = w.shape[0]
@@ -547,7 +548,8 @@ def run(x, w, b, target, weight, ignore_index, label_smoothing, grad_scale, out_
     prod = np.empty((n, h), dtype=cdt) if len(bounds) > 1 else None
     gw_buf = None
     if grad_w is not None and grad_w.dtype != cdt:
-        gw_buf = np.empty(min(chunk, v) * h, dtype=cdt)
+        # the converted weight chunk is no longer needed once G_c @ W_c is formed: reuse it
+        gw_buf = wbuf if wbuf is not None else np.empty(min(chunk, v) * h, dtype=cdt)
     for idx, (c0, c1) in enumerate(bounds):
         z = zbuf[:n * (c1 - c0)].reshape(n, c1 - c0)
         wc = chunk_logits(x, w, b, c0, c1, z, wbuf)
