@@ -1,57 +1,69 @@
-"""Fast float32 CPU kernels: the accuracy contract of ``cpu.py`` in float32 arithmetic at full
+"""Vectorised CPU kernels (float32 and float64): the accuracy contract of ``cpu.py`` at full
 SIMD width.
 
 numba 0.68 has no SVML, so ``math.exp`` in a jitted loop stays a scalar libm call (about 3 ns per
-element). The hot loops here are written so that LLVM vectorises them over 16 float32 lanes
-(AVX-512; 8 with AVX2), using error-free transformations where float32 rounding would otherwise
-break the 4-ulp contract:
+element). The hot loops here are written so that LLVM vectorises them (16 float32 or 8 float64
+lanes with AVX-512), using error-free transformations where a plain rounding would break the
+4-ulp contract:
 
-- **The difference x_j - m** is carried exactly as a float32 pair (``two_diff_f32``, Knuth's
-  TwoSum): ``hi + lo = x_j - m``. Rounding it instead would put ``u |x_j - m|`` of relative error
-  into exp (up to 64 ulp at x_j - m = -100).
-- **exp** (``exp_f32_biased``): Cody-Waite reduction d = n ln2 + r with ``r1 = hi - n LN2_HI``
-  exact (a 16-bit LN2_HI and FMA) and the small rest ``c = lo - n LN2_LO`` kept apart; a degree-7
-  polynomial (minimax, 0.001 ulp of truncation) written ``(1 + r1) + (es + c + r^2 q(r))`` where
-  ``es`` is the exact rounding error of ``1 + r1`` (Fast2Sum), so that the only large rounding is
-  the last addition: measured <= 0.65 ulp over [-150, 0] (``tests/test_fast_kernels.py``). The
-  result is scaled by 2^96 (``EXP_BIAS``) so that every term down to exp(-150) is a normal
-  float32 with full relative accuracy: a confident row whose loss is a float32 subnormal (1e-40)
-  sums terms of exp(-95); flushing them, or letting them round as subnormals, would cost
-  hundreds of ulp. Terms below exp(-150) are 0: with C < 2^31 classes they total below
-  2^-170, far under half a subnormal ulp.
-- **Sums of the exp terms** are float64 (each float32 term converted exactly): a float32 sum of
-  C terms has a worst-case relative error of (C / lanes) u, which no 4-ulp budget survives. A
-  loop that mixes float32 and float64 is vectorised by LLVM at the float64 width (8 lanes, so the
-  float32 exp would run at half width), so each block's terms are first written as float32 (into
-  the gradient row, or a scratch row for the forward) by a float32-only loop, then summed by a
-  float64 loop over that L1-resident block.
-- **The row is read once from memory**: blocks of ``BLOCK`` classes (16 KiB) are processed in
-  turn, max then exp-and-sum, with an online (max, sum) state (Milakov & Gimelshein 2018): the sum
-  of the terms below the running maximum and the count of terms equal to it, rescaled by
-  exp(m_old - m_new) in float64 when the maximum grows. S = sum_{j != k} exp(x_j - m) is never
-  formed as (1 + S) - 1. The fused kernels read the row a second time (from L2 for rows up to
-  ~200K classes) to scale the stored terms into the gradient.
-- **float64 only per row**: the loss (m - x_y) + log1p(S) (m - x_y is exact in float64), the
-  scale of the gradient row, the cancellation-free entries (p_y - 1 = -S / (1 + S) when y is the
-  argmax, the argmax entry under label smoothing or soft targets) and the label-smoothing and
-  soft-target sums (float64 terms that are all >= 0, merged across blocks with the shift of the
-  running maximum), where float32 would cost accuracy for no speed.
+- **The difference x_j - m** is carried exactly as a pair (``two_diff_f32`` / ``two_diff_f64``,
+  Knuth's TwoSum): ``hi + lo = x_j - m``. Rounding it instead would put ``u |x_j - m|`` of
+  relative error into exp (up to 64 ulp at x_j - m = -100).
+- **exp** (``exp_f32_biased`` / ``exp_f64_biased``): Cody-Waite reduction d = n ln2 + r with
+  ``r1 = hi - n LN2_HI`` exact (a short LN2_HI and FMA) and the small rest ``c = lo - n LN2_LO``
+  kept apart; a minimax polynomial (degree 7 for float32, 12 for float64; truncation 0.001 and
+  0.01 ulp) written ``(1 + r1) + (es + c + r^2 q(r))`` where ``es`` is the exact rounding error
+  of ``1 + r1`` (Fast2Sum), so that the only large rounding is the last addition: measured
+  <= 0.65 ulp (``tests/test_fast_kernels.py``). The result is scaled by 2^96 (``EXP_BIAS``) so
+  that every term that can matter stays normal with full relative accuracy: a confident float32
+  row whose loss is a subnormal (1e-40) sums terms of exp(-95); flushing them, or letting them
+  round as subnormals, would cost hundreds of ulp. Terms below exp(-150) (float64: exp(-770))
+  are 0: with C < 2^31 classes they total below half a subnormal ulp.
+- **Sums of the exp terms** (and, for float64, of the label-smoothing and soft-target terms) are
+  exact enough for the result's dtype without a serial compensated loop. float32: each term is
+  converted exactly to float64 and summed in lanes (relative error C 2^-53). A loop that mixes
+  float32 and float64 is vectorised at the float64 width (8 lanes, so the float32 exp would run
+  at half width), so each block's terms are first written as float32 (into the gradient row, or
+  a scratch row for the forward) by a float32-only loop, then summed by a float64 loop over that
+  L1-resident block. float64: a plain sum in lanes has a worst-case relative error of
+  (C / lanes) u, so each block is summed by splitting every term at sigma = 2^(E + 14), E the
+  exponent of its largest term (Rump, Ogita & Oishi's ExtractScalar): the high parts add up
+  exactly in any order and the low parts are too small to matter (``_sum_below_f64``).
+- **The row is read once from memory** (float32): blocks of ``BLOCK`` classes are processed in
+  turn, max then exp-and-sum, with an online (max, sum) state (Milakov & Gimelshein 2018): the
+  sum of the terms below the running maximum and the count of terms equal to it, rescaled by
+  exp(m_old - m_new) when the maximum grows. S = sum_{j != k} exp(x_j - m) is never formed as
+  (1 + S) - 1. float64 rows take the maximum of the whole row first (a rescaling would cost
+  float64 ulps); rows up to ~100K classes stay in L2 between the two reads. The fused kernels
+  read the row once more to scale the stored terms into the gradient, by a / (1 + S) carried as
+  a double-double (one rounding per entry).
+- **Per row only**: the loss (m - x_y) + log1p(S) (m - x_y exact), the cancellation-free entries
+  (p_y - 1 = -S / (1 + S) when y is the argmax, the argmax entry under label smoothing or soft
+  targets), in float64 scalar arithmetic.
+- **BCE with logits**: float32 rows in float64 arithmetic (exp and log1p accurate to 1e-11);
+  float64 rows with the float64 exp, fdlibm's log1p on [0, 1] (``log1p_f64``, < 1 ulp) and
+  split row sums.
 
-Error budget of a gradient entry p_j = e_j / (1 + S): exp <= 0.65 ulp, S (a sum of positive terms
-each within 0.65 ulp, summed in float64) within 0.65 ulp so 1 + S within 0.65 ulp, one float64
-product and one rounding to float32 (0.5 ulp): <= 1.8 ulp. The loss: log1p(S) within 0.65 ulp
-plus the final rounding.
+Error budget of a float32 gradient entry p_j = e_j / (1 + S): exp <= 0.65 ulp, S (a sum of
+positive terms each within 0.65 ulp) within 0.65 ulp, one rounding of a float64 product to
+float32 (0.5 ulp): <= 1.8 ulp; measured <= 1.5. float64 entries carry in addition the rounding
+of the product: measured <= 3.6 ulp, as the reference kernels (see the tests).
 
 **In place**: every fused kernel may be given ``out_grad`` = ``logits`` (the gradient written over
 the logits, as Liger-Kernel does on the GPU). Everything a row needs from the logits (x_y, the
 argmax index, the label-smoothing and soft-target sums) is read before the first write to the
-row, and each write goes to the element just read.
+row, and each write goes to the element just read. A loop that reads one array and writes
+another is guarded by LLVM with a runtime overlap check that, when they are the same memory,
+runs it scalar; so the kernels find out once per call whether ``out_grad`` is ``logits`` and
+then run loops that read and write one array (``*_inplace*``), which vectorise.
 
 **Serial twins**: every kernel ``<k>`` has ``<k>_serial``, the same code without threads, for
-calls too small to pay for starting them (see ``cestudy.kernels.cpu.SERIAL_BELOW``).
+calls too small to pay for starting them (``cestudy.kernels.cpu.kernel_for``).
 
 Only ``contract`` (FMA) and ``reassoc`` (on the loops whose only reductions are sums, maxima or
-counts) are used: never ``nnan``/``ninf``, which would fold away the NaN checks.
+counts; never on a function holding an error-free transformation, whose instructions keep their
+own flags when LLVM inlines them) are used: never ``nnan``/``ninf``, which would fold away the
+NaN checks.
 """
 import math
 
@@ -62,8 +74,7 @@ from numba.extending import intrinsic, overload
 
 from . import scalar
 from .cpu import argmax_grad, bcast_row, compensated_sum, loss_row, row_guard, serial_twin
-from .cpu import _bce_row as _bce_row_ref
-from .cpu import store_row_sum
+from .cpu import neumaier_add, store_row_sum
 
 _OPTS = dict(cache=True, error_model="numpy", nogil=True)
 _FMA = dict(fastmath={"contract"}, **_OPTS)
@@ -1067,107 +1078,288 @@ def log1p_unit(e):
     return 2.0 * s * p
 
 
-@njit(fastmath={"contract"}, **_OPTS)
-def _bce_elem(v, tj, wj, pwj, grad_scale):
-    """(loss, d loss / dx) of one element of BCE with logits, in float64: loss =
-    w (pw t softplus(-x) + (1 - t) softplus(x)) with softplus(+-x) = max(+-x, 0) +
-    log1p(exp(-|x|)); one exp and one log1p."""
-    e = exp_neg(-abs(v))
-    lp = log1p_unit(e)
-    sp_pos = max(v, 0.0) + lp
-    sp_neg = max(-v, 0.0) + lp
-    loss = wj * (pwj * tj * sp_neg + (1.0 - tj) * sp_pos)
-    r = 1.0 / (1.0 + e)
-    sig_pos = r if v >= 0.0 else e * r
-    sig_neg = e * r if v >= 0.0 else r
-    return loss, wj * ((1.0 - tj) * sig_pos - pwj * tj * sig_neg) * grad_scale
-
-
 @njit(**_SUM)
-def _bce_row_f32(x, t, w, pw, grad_scale, with_grad, lrow, g):
-    """One row of BCE with logits (:func:`_bce_elem`). Losses into ``lrow`` unless it is None;
-    returns the row sum (float64 partial sums of non-negative terms: relative error
-    <= C 2^-53, far below a float32 ulp)."""
+def _bce_row_f32(x, t, w, pw, grad_scale, lrow, g):
+    """One float32 row of BCE with logits, in float64: loss =
+    w (pw t softplus(-x) + (1 - t) softplus(x)) with softplus(+-x) = max(+-x, 0) + log1p(e),
+    e = exp(-|x|) (one exp, one log1p), and w ((1 - t) s(x) - pw t s(-x)). Losses into
+    ``lrow`` and gradients into ``g`` unless they are None (a test numba prunes at compile
+    time: a flag tested in the loop would keep LLVM from vectorising it); returns the row sum
+    (float64 partial sums of non-negative terms: relative error <= C 2^-53, far below a float32
+    ulp)."""
     total = 0.0
     for j in range(x.shape[0]):
-        loss, gj = _bce_elem(np.float64(x[j]), np.float64(t[j]), w[j], pw[j], grad_scale)
+        v = np.float64(x[j])
+        tj = np.float64(t[j])
+        e = exp_neg(-abs(v))
+        lp = log1p_unit(e)
+        sp_pos = max(v, 0.0) + lp
+        sp_neg = max(-v, 0.0) + lp
+        loss = w[j] * (pw[j] * tj * sp_neg + (1.0 - tj) * sp_pos)
         total += loss
         if lrow is not None:  # pruned at compile time when None
             lrow[j] = loss
-        if with_grad:
-            g[j] = np.float32(gj)
+        if g is not None:  # pruned at compile time when None
+            r = 1.0 / (1.0 + e)
+            sig_pos = r if v >= 0.0 else e * r
+            sig_neg = e * r if v >= 0.0 else r
+            g[j] = np.float32(w[j] * ((1.0 - tj) * sig_pos - pw[j] * tj * sig_neg) * grad_scale)
     return total
 
 
 @njit(**_SUM)
 def _bce_row_inplace_f32(x, t, w, pw, grad_scale, lrow):
-    """:func:`_bce_row_f32` with the gradient written over ``x`` (one array read and written, which
-    LLVM vectorises; see :func:`_exp_block_inplace_f32`)."""
+    """:func:`_bce_row_f32` with the gradient written over ``x`` (one array read and written,
+    which LLVM vectorises; see :func:`_exp_block_inplace_f32`)."""
     total = 0.0
     for j in range(x.shape[0]):
-        loss, gj = _bce_elem(np.float64(x[j]), np.float64(t[j]), w[j], pw[j], grad_scale)
+        v = np.float64(x[j])
+        tj = np.float64(t[j])
+        e = exp_neg(-abs(v))
+        lp = log1p_unit(e)
+        sp_pos = max(v, 0.0) + lp
+        sp_neg = max(-v, 0.0) + lp
+        loss = w[j] * (pw[j] * tj * sp_neg + (1.0 - tj) * sp_pos)
         total += loss
         if lrow is not None:  # pruned at compile time when None
             lrow[j] = loss
-        x[j] = np.float32(gj)
+        r = 1.0 / (1.0 + e)
+        sig_pos = r if v >= 0.0 else e * r
+        sig_neg = e * r if v >= 0.0 else r
+        x[j] = np.float32(w[j] * ((1.0 - tj) * sig_pos - pw[j] * tj * sig_neg) * grad_scale)
     return total
 
 
-def bce_row(x, t, w, pw, grad_scale, with_grad, lrow, g):
-    """:func:`_bce_row_f32` for float32 rows; float64 rows take the reference row of
-    ``cpu.py`` (libm exp and log1p: this module's float64 exp_neg and log1p_unit are accurate to
-    1e-11, enough for float32 results only)."""
+# float64: fdlibm's log1p on [0, 1] (< 1 ulp), the float64 exp, split block sums
+_LG1 = 6.666666666666735130e-01
+_LG2 = 3.999999999940941908e-01
+_LG3 = 2.857142874366239149e-01
+_LG4 = 2.222219843214978396e-01
+_LG5 = 1.818357216161805012e-01
+_LG6 = 1.531383769920937332e-01
+_LG7 = 1.479819860511658591e-01
+_SQRT2 = 1.4142135623730951
 
 
-def bce_row_inplace(x, t, w, pw, grad_scale, lrow):
+@njit(fastmath={"contract"}, **_OPTS)
+def log1p_f64(e):
+    """log1p(e) for 0 <= e <= 1 in float64 to < 1 ulp, without a branch: fdlibm's log1p
+    restricted to this range. For 1 + e >= sqrt 2 it takes log(2 (u / 2)) with u = fl(1 + e),
+    f = u / 2 - 1 exact, and c = ((1 + e) - u) / u the first-order correction for the rounding
+    of u; below, f = e. Then log(1 + f) = f - (hfsq - s (hfsq + R(s^2))), s = f / (2 + f),
+    hfsq = f^2 / 2, R fdlibm's Lg1..Lg7."""
+    u = 1.0 + e
+    big = u >= _SQRT2
+    f = 0.5 * u - 1.0 if big else e
+    k = 1.0 if big else 0.0
+    c = (e - (u - 1.0)) / u if big else 0.0
+    hfsq = 0.5 * f * f
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    r = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7))) + w * (_LG2 + w * (_LG4 + w * _LG6))
+    return k * _LN2_HI64 - ((hfsq - (s * (hfsq + r) + (k * _LN2_LO64 + c))) - f)
+
+
+@njit(**_SUM)
+def _exp_log1p_block(x, e, lp):
+    """e_j = exp(-|x_j|) (one rounding into the subnormals) and lp_j = log1p(e_j), float64.
+    A loop of its own: with the rest of the element's arithmetic in the same loop, LLVM no
+    longer inlines the exp and log1p calls, and a loop with a call stays scalar."""
+    for j in range(x.shape[0]):
+        ej = exp_f64_biased(-abs(x[j]), 0.0) * UNBIAS
+        e[j] = ej
+        lp[j] = log1p_f64(ej)
+
+
+@njit(fastmath={"contract"}, **_OPTS)
+def _bce_elem_f64(v, ej, lpj, tj, wj, pwj, grad_scale):
+    """One element of BCE with logits to float64 accuracy from e = exp(-|x|) and lp = log1p(e): the sigmoid
+    1 / (1 + e) with 1 + e carried exactly (Fast2Sum) and the quotient corrected to first
+    order."""
+    pos = v >= 0.0
+    sp_pos = (v if pos else 0.0) + lpj
+    sp_neg = (0.0 if pos else -v) + lpj
+    loss = wj * (pwj * tj * sp_neg + (1.0 - tj) * sp_pos)
+    z = 1.0 + ej
+    z_lo = ej - (z - 1.0)
+    r = 1.0 / z
+    r = r - r * (r * z_lo)
+    er = ej * r
+    sig_pos = r if pos else er
+    sig_neg = er if pos else r
+    return loss, wj * ((1.0 - tj) * sig_pos - pwj * tj * sig_neg) * grad_scale
+
+
+@njit(**_SUM)
+def _bce_block_f64(x, e, lp, t, w, pw, grad_scale, out, g):
+    """Losses of a float64 block into ``out`` (gradients into ``g``) from its exp and log1p
+    terms; returns the bits of the largest loss (losses are >= 0: their bits order as they
+    do; NaN and inf come out above)."""
+    top = np.int64(0)
+    for j in range(x.shape[0]):
+        loss, gj = _bce_elem_f64(x[j], e[j], lp[j], t[j], w[j], pw[j], grad_scale)
+        out[j] = loss
+        top = max(top, _bits64(loss))
+        if g is not None:  # pruned at compile time when None
+            g[j] = gj
+    return top
+
+
+@njit(**_SUM)
+def _bce_block_inplace_f64(x, e, lp, t, w, pw, grad_scale, out):
+    """:func:`_bce_block_f64` with the gradient written over ``x``."""
+    top = np.int64(0)
+    for j in range(x.shape[0]):
+        loss, gj = _bce_elem_f64(x[j], e[j], lp[j], t[j], w[j], pw[j], grad_scale)
+        out[j] = loss
+        top = max(top, _bits64(loss))
+        x[j] = gj
+    return top
+
+
+@njit(**_SUM)
+def _plain_sum(e):
+    s = 0.0
+    for j in range(e.shape[0]):
+        s += e[j]
+    return s
+
+
+@njit(**_SUM)
+def _split_sum_f64(e, top):
+    """The sum of a block of terms >= 0 to 2^-70 relative (:func:`_sum_below_f64`'s split);
+    the plain sum where a term is inf or NaN."""
+    if top >= _BITS_INF64:
+        return _plain_sum(e)
+    if top == 0:
+        return 0.0
+    sigma = _split_scale(top)
+    hi = 0.0
+    lo = 0.0
+    for j in range(e.shape[0]):
+        q, r = _split(e[j], sigma)
+        hi += q
+        lo += r
+    return hi + lo
+
+
+def _block_of(g, b0, b1):
+    """``g[b0:b1]``, or None when ``g`` is None."""
+
+
+@overload(_block_of, jit_options=_OPTS)
+def _ov_block_of(g, b0, b1):
+    if g is None or isinstance(g, types.NoneType):
+        return lambda g, b0, b1: None
+    return lambda g, b0, b1: g[b0:b1]
+
+
+def _loss_block(lrow, scratch, b0, b1):
+    """Where a block's losses go: ``lrow[b0:b1]`` (per-element losses), or the scratch row
+    when ``lrow`` is None (row sums only)."""
+
+
+@overload(_loss_block, jit_options=_OPTS)
+def _ov_loss_block(lrow, scratch, b0, b1):
+    if lrow is None or isinstance(lrow, types.NoneType):
+        return lambda lrow, scratch, b0, b1: scratch[:b1 - b0]
+    return lambda lrow, scratch, b0, b1: lrow[b0:b1]
+
+
+@njit(**_OPTS)
+def _bce_row_f64(x, t, w, pw, grad_scale, inplace, lrow, g, scratch):
+    """One float64 row of BCE with logits, block by block: exp and log1p terms (into two
+    thirds of ``scratch``, 3 min(C, BLOCK) long), losses (into ``lrow``, or the last third),
+    gradients (into ``g``, which is ``x`` when ``inplace``), and the row's sum, each block's
+    split-summed and the blocks' compensated (Neumaier)."""
+    width = scratch.shape[0] // 3
+    e = scratch[:width]
+    lp = scratch[width:2 * width]
+    rest = scratch[2 * width:]
+    total = 0.0
+    comp = 0.0
+    for b0 in range(0, x.shape[0], BLOCK):
+        b1 = min(b0 + BLOCK, x.shape[0])
+        nb = b1 - b0
+        out = _loss_block(lrow, rest, b0, b1)
+        _exp_log1p_block(x[b0:b1], e[:nb], lp[:nb])
+        if inplace:
+            top = _bce_block_inplace_f64(x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1],
+                                         pw[b0:b1], grad_scale, out)
+        else:
+            top = _bce_block_f64(x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1], pw[b0:b1],
+                                 grad_scale, out, _block_of(g, b0, b1))
+        total, comp = neumaier_add(total, comp, _split_sum_f64(out, top))
+    return total + comp
+
+
+def bce_row(x, t, w, pw, grad_scale, lrow, g, scratch):
+    """A row of BCE with logits: :func:`_bce_row_f32` for float32 rows (float64 arithmetic at 8
+    lanes; its exp and log1p are accurate to 1e-11, plenty for a float32 result),
+    :func:`_bce_row_f64` for float64 rows."""
+
+
+def bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch):
     """:func:`bce_row` with the gradient written over ``x``."""
 
 
 @overload(bce_row, jit_options=_OPTS)
-def _ov_bce_row(x, t, w, pw, grad_scale, with_grad, lrow, g):
+def _ov_bce_row(x, t, w, pw, grad_scale, lrow, g, scratch):
     if x.dtype == types.float32:
-        return lambda x, t, w, pw, grad_scale, with_grad, lrow, g: _bce_row_f32(
-            x, t, w, pw, grad_scale, with_grad, lrow, g)
-    return lambda x, t, w, pw, grad_scale, with_grad, lrow, g: _bce_row_ref(
-        x, t, w, pw, grad_scale, with_grad, lrow, g)
+        return lambda x, t, w, pw, grad_scale, lrow, g, scratch: _bce_row_f32(
+            x, t, w, pw, grad_scale, lrow, g)
+    return lambda x, t, w, pw, grad_scale, lrow, g, scratch: _bce_row_f64(
+        x, t, w, pw, grad_scale, False, lrow, g, scratch)
 
 
 @overload(bce_row_inplace, jit_options=_OPTS)
-def _ov_bce_row_inplace(x, t, w, pw, grad_scale, lrow):
+def _ov_bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch):
     if x.dtype == types.float32:
-        return lambda x, t, w, pw, grad_scale, lrow: _bce_row_inplace_f32(x, t, w, pw,
-                                                                          grad_scale, lrow)
-    return lambda x, t, w, pw, grad_scale, lrow: _bce_row_ref(x, t, w, pw, grad_scale, True,
-                                                              lrow, x)
+        return lambda x, t, w, pw, grad_scale, lrow, scratch: _bce_row_inplace_f32(
+            x, t, w, pw, grad_scale, lrow)
+    return lambda x, t, w, pw, grad_scale, lrow, scratch: _bce_row_f64(
+        x, t, w, pw, grad_scale, True, lrow, x, scratch)
 
 
 @njit(parallel=True, **_OPTS)
 def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
-    """:func:`cestudy.kernels.cpu.bce_with_logits_fwd` (float32: vectorised). ``weight`` and
+    """:func:`cestudy.kernels.cpu.bce_with_logits_fwd`, vectorised. ``weight`` and
     ``pos_weight`` are (N, C) or, when the same for every row, (1, C): contiguous rows keep the
     loop vectorised (zero-stride broadcast views made it 6x slower). ``out_loss`` (N, C) for
     per-element losses, (N,) for row sums."""
-    for i in prange(logits.shape[0]):
-        x = logits[i]
-        total = bce_row(x, target[i], bcast_row(weight, i), bcast_row(pos_weight, i), 1.0,
-                        False, loss_row(out_loss, i), x)
-        store_row_sum(out_loss, i, total)
+    n, nc = logits.shape
+    chunks = n_chunks(n, nc)
+    for c in prange(chunks):
+        scratch = np.empty(3 * min(nc, BLOCK))
+        lo, hi = _chunk(c, chunks, n)
+        for i in range(lo, hi):
+            x = logits[i]
+            total = bce_row(x, target[i], bcast_row(weight, i), bcast_row(pos_weight, i), 1.0,
+                            loss_row(out_loss, i), None, scratch)
+            store_row_sum(out_loss, i, total)
 
 
 @njit(parallel=True, **_OPTS)
 def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out_loss, out_grad):
-    """:func:`cestudy.kernels.cpu.bce_with_logits_fwd_grad` (weights and
+    """:func:`cestudy.kernels.cpu.bce_with_logits_fwd_grad`, vectorised (weights and
     ``out_loss`` as in :func:`bce_with_logits_fwd`); ``out_grad`` may be ``logits``."""
+    n, nc = logits.shape
     inplace = out_grad.ctypes.data == logits.ctypes.data
-    for i in prange(logits.shape[0]):
-        if inplace:
-            total = bce_row_inplace(logits[i], target[i], bcast_row(weight, i),
-                                    bcast_row(pos_weight, i), grad_scale, loss_row(out_loss, i))
-        else:
-            total = bce_row(logits[i], target[i], bcast_row(weight, i),
-                            bcast_row(pos_weight, i), grad_scale, True, loss_row(out_loss, i),
-                            out_grad[i])
-        store_row_sum(out_loss, i, total)
+    chunks = n_chunks(n, nc)
+    for c in prange(chunks):
+        scratch = np.empty(3 * min(nc, BLOCK))
+        lo, hi = _chunk(c, chunks, n)
+        for i in range(lo, hi):
+            if inplace:
+                total = bce_row_inplace(logits[i], target[i], bcast_row(weight, i),
+                                        bcast_row(pos_weight, i), grad_scale,
+                                        loss_row(out_loss, i), scratch)
+            else:
+                total = bce_row(logits[i], target[i], bcast_row(weight, i),
+                                bcast_row(pos_weight, i), grad_scale, loss_row(out_loss, i),
+                                out_grad[i], scratch)
+            store_row_sum(out_loss, i, total)
 
 
 # --------------------------------------------------------------------------------------------
