@@ -231,12 +231,16 @@ def test_random_rows_agree_with_the_oracle(c):
             assert_ulp_of_scale(grad, exact_g, soft_grad_scale(x, a), np.float32, tol=2)
 
 
-def _multi_block_rows():
-    """Rows of several blocks: the maximum in a late block (the running sum is rescaled), a
+# rows of several blocks: up to PREMAX_CLASSES the maximum is taken first, above it the row is
+# read once with an online (max, sum) state
+SEVERAL_BLOCKS = [3 * BLOCK + 17, cpu_fast.PREMAX_CLASSES + BLOCK + 17]
+
+
+def _multi_block_rows(c=SEVERAL_BLOCKS[0]):
+    """Rows of several blocks: the maximum in a late block (the online sum is rescaled), a
     block of -inf first, ties in different blocks, a confident row, and NaN / +inf in a late
     block."""
     rng = np.random.default_rng(3)
-    c = 3 * BLOCK + 17
     x = (rng.normal(size=(8, c)) * 4).astype(np.float32)
     x[0, -5] = 30.0                       # the maximum in the last, partial block
     x[1, :BLOCK + 3] = -np.inf            # a first block of -inf only
@@ -251,9 +255,10 @@ def _multi_block_rows():
     return x, y
 
 
+@pytest.mark.parametrize("c", SEVERAL_BLOCKS)
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_rows_of_several_blocks_match_the_oracle(eps):
-    x, y = _multi_block_rows()
+def test_rows_of_several_blocks_match_the_oracle(eps, c):
+    x, y = _multi_block_rows(c)
     w = np.random.default_rng(4).uniform(0.5, 2, x.shape[1])
     loss, grad = run_fast(x, y, w, eps)
     exact = oracle.cross_entropy(x, y, w, label_smoothing=eps)
@@ -343,8 +348,9 @@ def test_fast_soft_target_cross_entropy(eps):
                         soft_grad_scale(x, probs_target(p, w, eps))[ok], np.float32, tol=2)
 
 
-def test_fast_soft_target_rows_of_several_blocks():
-    x, _ = _multi_block_rows()
+@pytest.mark.parametrize("c", SEVERAL_BLOCKS)
+def test_fast_soft_target_rows_of_several_blocks(c):
+    x, _ = _multi_block_rows(c)
     x, c = x[:6], x.shape[1]
     rng = np.random.default_rng(6)
     p = rng.dirichlet(np.full(c, 0.5), 6).astype(np.float32)
@@ -512,7 +518,7 @@ def _kernel_args(name, dtype, n, c, seed=0):
 
 
 @pytest.mark.parametrize("module, name, dtype", _kernel_cases())
-@pytest.mark.parametrize("c", [7, BLOCK + 300])
+@pytest.mark.parametrize("c", [7, BLOCK + 300, cpu_fast.PREMAX_CLASSES + 300])
 def test_fused_kernel_in_place_equals_out_of_place(module, name, dtype, c):
     """``out_grad`` = ``logits``: the gradient written over the logits is the gradient written
     elsewhere, bit for bit, and so are the losses (per row, and per element)."""

@@ -29,14 +29,16 @@ lanes with AVX-512), using error-free transformations where a plain rounding wou
   (C / lanes) u, so each block is summed by splitting every term at sigma = 2^(E + 14), E the
   exponent of its largest term (Rump, Ogita & Oishi's ExtractScalar): the high parts add up
   exactly in any order and the low parts are too small to matter (``_sum_below_f64``).
-- **The row is read once from memory** (float32): blocks of ``BLOCK`` classes are processed in
-  turn, max then exp-and-sum, with an online (max, sum) state (Milakov & Gimelshein 2018): the
-  sum of the terms below the running maximum and the count of terms equal to it, rescaled by
-  exp(m_old - m_new) when the maximum grows. S = sum_{j != k} exp(x_j - m) is never formed as
-  (1 + S) - 1. float64 rows take the maximum of the whole row first (a rescaling would cost
-  float64 ulps); rows up to ~100K classes stay in L2 between the two reads. The fused kernels
-  read the row once more to scale the stored terms into the gradient, by a / (1 + S) carried as
-  a double-double (one rounding per entry).
+- **The row is read once from memory**: its maximum first (a streaming integer-key reduction),
+  then blocks of ``BLOCK`` classes from L2, exp-and-sum; float32 rows longer than
+  ``PREMAX_CLASSES`` (256 KiB) are processed block by block, max then exp-and-sum, with an
+  online (max, sum) state (Milakov & Gimelshein 2018): the sum of the terms below the running
+  maximum and the count of terms equal to it, rescaled by exp(m_old - m_new) when the maximum
+  grows. (The online form for every row was 10% slower single-threaded at 32768 classes: the
+  compute phases of the blocks left the memory idle.) float64 rows always take the maximum first:
+  a rescaling would cost float64 ulps. S = sum_{j != k} exp(x_j - m) is never formed as
+  (1 + S) - 1. The fused kernels read the row once more to scale the stored terms into the
+  gradient, by a / (1 + S) carried as a double-double (one rounding per entry).
 - **Per row only**: the loss (m - x_y) + log1p(S) (m - x_y exact), the cancellation-free entries
   (p_y - 1 = -S / (1 + S) when y is the argmax, the argmax entry under label smoothing or soft
   targets), in float64 scalar arithmetic.
@@ -93,6 +95,7 @@ _exp_parts = _F.exp_parts
 EXP_FLUSH = scalar.EXP_FLUSH
 
 F32 = np.float32
+PREMAX_CLASSES = 1 << 16  # rows up to 256 KiB of float32: the maximum first, then blocks from L2
 BLOCK = 4096  # classes per block: 16 KiB of logits, in L1 with its 16 KiB of float32 terms
 
 
@@ -802,10 +805,10 @@ def row_online(x, dst, at_offset, inplace, block_max, side, want_k, t, w, eps):
     if nc <= BLOCK:
         return _row_one_block(x, dst, inplace, block_max, side, want_k, t, w, eps)
     m = -np.inf
-    # float64 rows take the maximum of the whole row first: every block then uses the final m,
-    # so no term is rescaled (a rescaling by exp(m_b - m) would cost float64 ulps; for float32
-    # results it costs nothing, and the online form reads the row from memory once)
-    premax = wide(x)
+    # the maximum of the whole row first, for float64 rows (a rescaling by exp(m_b - m) would
+    # cost float64 ulps) and float32 rows that stay in L2 (faster: see the module docstring);
+    # every block then uses the final m
+    premax = wide(x) or nc <= PREMAX_CLASSES
     if premax:
         m, has_nan = row_max(x)
         if has_nan or m == np.inf:
