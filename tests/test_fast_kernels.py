@@ -560,3 +560,44 @@ def test_kernel_for_picks_the_serial_twin_below_the_threshold():
     for module in (cpu, cpu_fast):
         for name in module.KERNELS:
             assert callable(getattr(module, name + "_serial"))
+
+
+def test_kernels_free_every_allocation():
+    """The row functions run without numba's reference counting (``_nrt=False``): calls of
+    every fast kernel, forward, fused and in place, allocate and free in equal numbers."""
+    from numba.core.runtime import _nrt_python as nrt
+    from numba.core.runtime import rtsys
+
+    rng = np.random.default_rng(9)
+    was_enabled = nrt.memsys_stats_enabled()
+    nrt.memsys_enable_stats()
+    try:
+        for dtype in (np.float32, np.float64):
+            for c in (10, BLOCK + 10, cpu_fast.PREMAX_CLASSES + 10):
+                x = rng.normal(size=(3, c)).astype(dtype)
+                y = np.zeros(3, np.int64)
+                w = np.ones(c)
+                p = np.abs(x)
+                loss, per_elem, grad = np.empty(3), np.empty(x.shape), np.empty_like(x)
+
+                def run():
+                    cpu_fast.cross_entropy_index_fwd(x, y, w, -100, 0.1, loss)
+                    cpu_fast.cross_entropy_index_fwd_grad(x, y, w, -100, 0.1, 1.0, loss, grad)
+                    cpu_fast.cross_entropy_prob_fwd(x, p, w, 0.1, loss)
+                    cpu_fast.cross_entropy_prob_fwd_grad(x, p, w, 0.1, 1.0, loss, grad)
+                    cpu_fast.bce_with_logits_fwd(x, p, w[None], w[None], loss)
+                    cpu_fast.bce_with_logits_fwd_grad(x, p, w[None], w[None], 1.0, per_elem, grad)
+                    xi = x.copy()
+                    cpu_fast.cross_entropy_index_fwd_grad_serial(xi, y, w, -100, 0.0, 1.0, loss,
+                                                                 xi)
+
+                run()
+                before = rtsys.get_allocation_stats()
+                for _ in range(5):
+                    run()
+                after = rtsys.get_allocation_stats()
+                assert after.alloc - before.alloc == after.free - before.free
+                assert after.mi_alloc - before.mi_alloc == after.mi_free - before.mi_free
+    finally:
+        if not was_enabled:
+            nrt.memsys_disable_stats()

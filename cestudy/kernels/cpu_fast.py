@@ -82,8 +82,13 @@ from .cpu import argmax_grad, bcast_row, compensated_sum, loss_row, row_guard, s
 from .cpu import neumaier_add, store_row_sum
 
 _OPTS = dict(cache=True, error_model="numpy", nogil=True)
-_FMA = dict(fastmath={"contract"}, **_OPTS)
-_SUM = dict(fastmath={"reassoc", "contract"}, **_OPTS)
+# Everything below the kernels allocates nothing, so it runs without numba's reference counting
+# (``_nrt=False``): the kernel holds every array for the duration of the call, and the atomic
+# increments and decrements of the array views passed down took a third of the time of a row of
+# 10 classes.
+_ROW = dict(_nrt=False, **_OPTS)
+_FMA = dict(fastmath={"contract"}, **_ROW)
+_SUM = dict(fastmath={"reassoc", "contract"}, **_ROW)
 # the shared formulas again, with FMA contraction for the polynomials (not cached: a second
 # cached compilation of the same source with other flags would share cpu.py's cache entries)
 _F = scalar.compiled(njit(fastmath={"contract"}, error_model="numpy", nogil=True))
@@ -232,7 +237,7 @@ _KEY_POSINF = np.int32(0x7F800000)  # keys above: NaNs with the sign bit clear
 _KEY_NEGINF = np.int32(-0x7F800001)  # the key of -inf; keys below: NaNs with the sign bit set
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def row_max_f32(x):
     """(m, bad) of a float32 row: the maximum as float64, and whether the row holds a NaN.
 
@@ -258,7 +263,7 @@ def _count_equal(x, m):
     return hits
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def first_index_of(x, m):
     """The first j with x_j == m (-1 if none), found 256 elements at a time by a vectorised
     count, then a scan of the 256 that hold it."""
@@ -426,7 +431,7 @@ def _bits64(typingctx, x):
 _BITS_ONE64 = np.int64(0x45F0000000000000)  # the bits of 2^96
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def _bits_below(e):
     """The bits of e >= 0 if e < 2^96, else 0, without a branch: (bits - bits(2^96)) >> 63 is
     all ones exactly when e < 2^96. (A second select on ``e < 2^96`` beside the tie count
@@ -439,7 +444,7 @@ _KEY64_POSINF = np.int64(0x7FF0000000000000)
 _KEY64_NEGINF = np.int64(-0x7FF0000000000001)
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def row_max_f64(x):
     """:func:`row_max_f32` for a float64 row (int64 keys, 8 lanes)."""
     hi = np.int64(-9223372036854775808)
@@ -539,42 +544,42 @@ def wide(x):
     """Whether ``x`` holds float64 (a compile-time constant)."""
 
 
-@overload(wide, jit_options=_OPTS)
+@overload(wide, jit_options=_ROW)
 def _ov_wide(x):
     if x.dtype == types.float64:
         return lambda x: True
     return lambda x: False
 
 
-@overload(row_max, jit_options=_OPTS)
+@overload(row_max, jit_options=_ROW)
 def _ov_row_max(x):
     if x.dtype == types.float32:
         return lambda x: row_max_f32(x)
     return lambda x: row_max_f64(x)
 
 
-@overload(exp_block, jit_options=_OPTS)
+@overload(exp_block, jit_options=_ROW)
 def _ov_exp_block(x, m, out):
     if x.dtype == types.float32:
         return lambda x, m, out: (_exp_block_f32(x, m, out), np.int64(0))
     return lambda x, m, out: _exp_block_f64(x, m, out)
 
 
-@overload(exp_block_inplace, jit_options=_OPTS)
+@overload(exp_block_inplace, jit_options=_ROW)
 def _ov_exp_block_inplace(x, m):
     if x.dtype == types.float32:
         return lambda x, m: (_exp_block_inplace_f32(x, m), np.int64(0))
     return lambda x, m: _exp_block_inplace_f64(x, m)
 
 
-@overload(sum_below, jit_options=_OPTS)
+@overload(sum_below, jit_options=_ROW)
 def _ov_sum_below(e, hint):
     if e.dtype == types.float32:
         return lambda e, hint: _sum_below_f32(e)
     return lambda e, hint: _sum_below_f64(e, hint)
 
 
-@overload(elem, jit_options=_OPTS)
+@overload(elem, jit_options=_ROW)
 def _ov_elem(x, v):
     if x.dtype == types.float32:
         return lambda x, v: np.float32(v)
@@ -609,7 +614,7 @@ def _soft_target_sums(x, t, w, m, eps, nc):
 _BITS_INF64 = np.int64(0x7FF0000000000000)
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def _split_scale(top):
     """sigma = 2^(E + 14) for the largest term's bits ``top`` (see :func:`_sum_below_f64`)."""
     return _key_value64(((top >> 52) + 14) << 52)
@@ -641,7 +646,7 @@ def _weighted_shift_split(x, w, m, sig_a, sig_t):
     return a_hi + a_lo, t_hi + t_lo
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def _weighted_shift_sums_f64(x, w, m):
     """:func:`_weighted_shift_sums` for float64 rows, each sum split at its largest term as in
     :func:`_sum_below_f64` (a plain sum in lanes could cost float64 ulps); a non-finite term
@@ -682,7 +687,7 @@ def _soft_target_split(x, t, w, m, eps, nc, sig_a, sig_t):
     return a_hi + a_lo, t_hi + t_lo
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def _soft_target_sums_f64(x, t, w, m, eps, nc):
     """:func:`_soft_target_sums` for float64 rows, split as :func:`_weighted_shift_sums_f64`."""
     a_top, t_top = _soft_target_tops(x, t, w, m, eps, nc)
@@ -699,14 +704,14 @@ def soft_target_sums(x, t, w, m, eps, nc):
     """:func:`_soft_target_sums` (float32 rows) / :func:`_soft_target_sums_f64`."""
 
 
-@overload(weighted_shift_sums, jit_options=_OPTS)
+@overload(weighted_shift_sums, jit_options=_ROW)
 def _ov_weighted_shift_sums(x, w, m):
     if x.dtype == types.float32:
         return lambda x, w, m: _weighted_shift_sums(x, w, m)
     return lambda x, w, m: _weighted_shift_sums_f64(x, w, m)
 
 
-@overload(soft_target_sums, jit_options=_OPTS)
+@overload(soft_target_sums, jit_options=_ROW)
 def _ov_soft_target_sums(x, t, w, m, eps, nc):
     if x.dtype == types.float32:
         return lambda x, t, w, m, eps, nc: _soft_target_sums(x, t, w, m, eps, nc)
@@ -739,7 +744,7 @@ def _scale_soft_block(g, f, f_lo, b, t, w, eps, nc):
         g[j] = v * f + (v * f_lo - b * a)
 
 
-@njit(fastmath={"contract"}, **_OPTS)
+@njit(**_FMA)
 def scale_over(a, a_lo, s):
     """(a + a_lo) / (1 + S) as a double-double (hi, lo), to about 2^-104 relative: 1 + S carried
     exactly (TwoSum), the quotient corrected by its exact FMA residual. The gradient rows are
@@ -749,7 +754,7 @@ def scale_over(a, a_lo, s):
     return f, ((a - f * z) + (a_lo - f * z_lo)) / z
 
 
-@njit(fastmath={"contract"}, **_OPTS)
+@njit(**_FMA)
 def two_prod(a, b):
     """(a b, its rounding error), exact with FMA."""
     p = a * b
@@ -764,7 +769,7 @@ SIDE_WEIGHT = 1  # (sum w_c, sum w_c (m - x_c)): label smoothing with class indi
 SIDE_SOFT = 2    # (sum a_c, sum a_c (m - x_c)): soft targets
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def _row_one_block(x, dst, inplace, block_max, side, want_k, t, w, eps):
     """:func:`row_online` for a row of one block (no slicing, no rescaling)."""
     m, has_nan = row_max(x)
@@ -787,7 +792,7 @@ def _row_one_block(x, dst, inplace, block_max, side, want_k, t, w, eps):
     return m, k, sum_below(dst, hint) * UNBIAS + (ties - 1.0), a_sum, t_sum, False
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def row_online(x, dst, at_offset, inplace, block_max, side, want_k, t, w, eps):
     """The first pass over a float32 row, block by block (each block read once from memory).
 
@@ -864,7 +869,7 @@ def row_online(x, dst, at_offset, inplace, block_max, side, want_k, t, w, eps):
     return m, max(k, 0), s * UNBIAS + (ties - 1.0), a_sum, t_sum, False
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def row_grad_pass(g, block_max, m, f, f_lo, side, b, t, w, eps):
     """Second pass: the stored terms of ``g`` become (f + f_lo) e_j (- b w_j, or - b a_j for
     soft targets), block by block with each block's rescaling exp(m_b - m) (1 exactly for
@@ -883,7 +888,7 @@ def row_grad_pass(g, block_max, m, f, f_lo, side, b, t, w, eps):
         blk += 1
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def n_blocks(nc):
     return (nc + BLOCK - 1) // BLOCK
 
@@ -891,7 +896,7 @@ def n_blocks(nc):
 MAX_CHUNKS = 256
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def n_chunks(n, nc):
     """How many chunks of rows the parallel loop runs: each allocates its own work rows once, so
     small calls get one chunk, large ones at least 16K elements a chunk and at most
@@ -900,7 +905,7 @@ def n_chunks(n, nc):
     return max(1, min(n, MAX_CHUNKS, (n * nc) >> 14))
 
 
-@njit(**_OPTS)
+@njit(**_ROW)
 def _chunk(c, chunks, n):
     """Rows [lo, hi) of chunk c of ``chunks``."""
     return c * n // chunks, (c + 1) * n // chunks
@@ -909,7 +914,7 @@ def _chunk(c, chunks, n):
 # --------------------------------------------------------------------------------------------
 # Softmax cross-entropy with class indices
 # --------------------------------------------------------------------------------------------
-@njit(**_OPTS)
+@njit(**_ROW)
 def _ce_index_row(x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, inplace, g,
                   scratch, block_max):
     """One row of the class-index cross-entropy (and its gradient into ``g``, which is ``x``
@@ -997,7 +1002,7 @@ def cross_entropy_index_fwd_grad(logits, target, weight, ignore_index, label_smo
 # --------------------------------------------------------------------------------------------
 # Soft-target cross-entropy
 # --------------------------------------------------------------------------------------------
-@njit(**_OPTS)
+@njit(**_ROW)
 def _ce_prob_row(x, t, weight, eps, grad_scale, with_grad, inplace, g, scratch, block_max):
     """One row of the soft-target cross-entropy: H = T + A log1p(S) with
     A = sum a_c, T = sum a_c (m - x_c); the argmax entry of the gradient is recomputed without
@@ -1053,7 +1058,7 @@ def cross_entropy_prob_fwd_grad(logits, target, weight, label_smoothing, grad_sc
 # --------------------------------------------------------------------------------------------
 # Binary cross-entropy with logits (vectorised for float32)
 # --------------------------------------------------------------------------------------------
-@njit(fastmath={"contract"}, **_OPTS)
+@njit(**_FMA)
 def exp_neg(d):
     """exp(d) for d <= 0 in float64, vectorisable, relative error < 7e-12; 0 for d < -708
     (and for d = -inf). NaN propagates through the polynomial."""
@@ -1062,7 +1067,7 @@ def exp_neg(d):
     return 0.0 if d < EXP_FLUSH else res
 
 
-@njit(fastmath={"contract"}, **_OPTS)
+@njit(**_FMA)
 def log1p_unit(e):
     """log1p(e) for 0 <= e <= 1 in float64, vectorisable, relative error < 1e-13:
     2 atanh(s) with s = e / (2 + e) <= 1/3, the series sum_k s^(2k+1) / (2k+1) to k = 12."""
@@ -1147,7 +1152,7 @@ _LG7 = 1.479819860511658591e-01
 _SQRT2 = 1.4142135623730951
 
 
-@njit(fastmath={"contract"}, **_OPTS)
+@njit(**_FMA)
 def log1p_f64(e):
     """log1p(e) for 0 <= e <= 1 in float64 to < 1 ulp, without a branch: fdlibm's log1p
     restricted to this range. For 1 + e >= sqrt 2 it takes log(2 (u / 2)) with u = fl(1 + e),
@@ -1178,7 +1183,7 @@ def _exp_log1p_block(x, e, lp):
         lp[j] = log1p_f64(ej)
 
 
-@njit(fastmath={"contract"}, **_OPTS)
+@njit(**_FMA)
 def _bce_elem_f64(v, ej, lpj, tj, wj, pwj, grad_scale):
     """One element of BCE with logits to float64 accuracy from e = exp(-|x|) and lp = log1p(e): the sigmoid
     1 / (1 + e) with 1 + e carried exactly (Fast2Sum) and the quotient corrected to first
@@ -1250,30 +1255,7 @@ def _split_sum_f64(e, top):
     return hi + lo
 
 
-def _block_of(g, b0, b1):
-    """``g[b0:b1]``, or None when ``g`` is None."""
-
-
-@overload(_block_of, jit_options=_OPTS)
-def _ov_block_of(g, b0, b1):
-    if g is None or isinstance(g, types.NoneType):
-        return lambda g, b0, b1: None
-    return lambda g, b0, b1: g[b0:b1]
-
-
-def _loss_block(lrow, scratch, b0, b1):
-    """Where a block's losses go: ``lrow[b0:b1]`` (per-element losses), or the scratch row
-    when ``lrow`` is None (row sums only)."""
-
-
-@overload(_loss_block, jit_options=_OPTS)
-def _ov_loss_block(lrow, scratch, b0, b1):
-    if lrow is None or isinstance(lrow, types.NoneType):
-        return lambda lrow, scratch, b0, b1: scratch[:b1 - b0]
-    return lambda lrow, scratch, b0, b1: lrow[b0:b1]
-
-
-@njit(**_OPTS)
+@njit(**_ROW)
 def _bce_row_f64(x, t, w, pw, grad_scale, inplace, lrow, g, scratch):
     """One float64 row of BCE with logits, block by block: exp and log1p terms (into two
     thirds of ``scratch``, 3 min(C, BLOCK) long), losses (into ``lrow``, or the last third),
@@ -1288,14 +1270,21 @@ def _bce_row_f64(x, t, w, pw, grad_scale, inplace, lrow, g, scratch):
     for b0 in range(0, x.shape[0], BLOCK):
         b1 = min(b0 + BLOCK, x.shape[0])
         nb = b1 - b0
-        out = _loss_block(lrow, rest, b0, b1)
+        # ``lrow is None`` and ``g is None`` are decided when numba compiles the row
+        if lrow is None:
+            out = rest[:nb]
+        else:
+            out = lrow[b0:b1]
         _exp_log1p_block(x[b0:b1], e[:nb], lp[:nb])
         if inplace:
             top = _bce_block_inplace_f64(x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1],
                                          pw[b0:b1], grad_scale, out)
+        elif g is None:
+            top = _bce_block_f64(x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1], pw[b0:b1],
+                                 grad_scale, out, None)
         else:
             top = _bce_block_f64(x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1], pw[b0:b1],
-                                 grad_scale, out, _block_of(g, b0, b1))
+                                 grad_scale, out, g[b0:b1])
         total, comp = neumaier_add(total, comp, _split_sum_f64(out, top))
     return total + comp
 
@@ -1310,7 +1299,7 @@ def bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch):
     """:func:`bce_row` with the gradient written over ``x``."""
 
 
-@overload(bce_row, jit_options=_OPTS)
+@overload(bce_row, jit_options=_ROW)
 def _ov_bce_row(x, t, w, pw, grad_scale, lrow, g, scratch):
     if x.dtype == types.float32:
         return lambda x, t, w, pw, grad_scale, lrow, g, scratch: _bce_row_f32(
@@ -1319,7 +1308,7 @@ def _ov_bce_row(x, t, w, pw, grad_scale, lrow, g, scratch):
         x, t, w, pw, grad_scale, False, lrow, g, scratch)
 
 
-@overload(bce_row_inplace, jit_options=_OPTS)
+@overload(bce_row_inplace, jit_options=_ROW)
 def _ov_bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch):
     if x.dtype == types.float32:
         return lambda x, t, w, pw, grad_scale, lrow, scratch: _bce_row_inplace_f32(
