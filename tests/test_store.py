@@ -146,6 +146,19 @@ def test_code_version_walks_the_package_and_fails_on_an_unreadable_file(tmp_path
         runner.code_version(pkg)
 
 
+def test_code_version_ignores_formatting_comments_and_docstrings_not_code(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "study").mkdir(parents=True)
+    mod = pkg / "study" / "m.py"
+    mod.write_text('def f(x):\n    return x + 1\n')
+    v1 = runner.code_version(pkg)
+    mod.write_text('"""Docs."""\n\n\ndef f(x):  # a comment\n    """More docs."""\n'
+                   '    return (x\n            + 1)\n')
+    assert runner.code_version(pkg) == v1
+    mod.write_text('def f(x):\n    return x + 2\n')
+    assert runner.code_version(pkg) != v1
+
+
 def test_every_class_gets_a_sample_at_any_imbalance():
     s = spec.load("default")
     cells = [c for c in s.cells() if c["kind"] == "imbalance" and c["imbalance"] == 1e4]

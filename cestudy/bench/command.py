@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from .. import variants as registry
+from ..reference import peers
 from ..study import manifest as info
 from . import ceiling
 from . import cpu as bench
@@ -63,6 +64,7 @@ def _shapes(text):
 
 def _impls(variant, n, c):
     impls = ["numba", *bench.GRAD_BUFFERS, "torch"]
+    impls += [p for p, timed in peers.TIMED.items() if variant in timed and peers.available(p)[0]]
     if n * c <= NUMPY_LIMIT:
         impls += ["lse", "accurate"]
         if variant == bench.CE:

@@ -694,6 +694,9 @@ def sklearn_binary_cross_entropy(probs, target, weight=None, **_):
 # Timing: each framework run the way its users run it
 # --------------------------------------------------------------------------------------------
 # the library call each peer is timed with, per variant (the forms the accuracy cells measure)
+# the peers whose own autodiff gives no gradient
+WITHOUT_GRADIENT = frozenset({"sklearn"})
+
 TIMED = {
     "jax": {
         "cross_entropy": "optax.softmax_cross_entropy_with_integer_labels",

@@ -12,6 +12,7 @@ returns once every cell of its study is stored, whoever computed it.
 """
 from __future__ import annotations
 
+import ast
 import collections
 import concurrent.futures as cf
 import hashlib
@@ -50,6 +51,22 @@ def result_sources(package: Path = PACKAGE) -> list[Path]:
     return out
 
 
+def _code_of(source: bytes, name) -> bytes:
+    """The syntax tree of a module without its docstrings: formatting, comments and docs do not
+    make results stale, any change to what the code does does."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise RuntimeError(f"code version: cannot parse {name}: {exc}") from exc
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 def code_version(package: Path = PACKAGE) -> str:
     """A hash of every result-producing file of the package (``result_sources``): the cell key
     includes it, so a resumed run after such a change recomputes, and one after a report-only
@@ -66,6 +83,8 @@ def code_version(package: Path = PACKAGE) -> str:
         except OSError as exc:
             raise RuntimeError(f"code version: cannot read {p.relative_to(package)}: {exc}") \
                 from exc
+        if p.suffix == ".py":
+            data = _code_of(data, p.relative_to(package))
         h.update(p.relative_to(package).as_posix().encode())
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)

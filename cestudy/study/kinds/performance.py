@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ... import variants
 from ...bench import cpu as bench_cpu
-from ...reference import implementations
+from ...reference import implementations, peers
 from ..keys import SEED, choice, integer
 
 NAME = "performance"
@@ -26,8 +26,11 @@ SEED_FIELDS = ("variant", "batch", "classes")  # bench.cpu.make_inputs seeds wit
 
 def normalise(cell: dict) -> dict | None:
     cell["variant"] = variants.canonical_name(cell["variant"])
-    if cell["implementation"] not in implementations.for_variant(cell["variant"]):
+    impl = implementations.for_variant(cell["variant"]).get(cell["implementation"])
+    if impl is None:
         return None
+    if cell["mode"] == "forward_grad" and impl.name in peers.WITHOUT_GRADIENT:
+        return None  # e.g. scikit-learn's log_loss: no gradient to time
     return cell
 
 
