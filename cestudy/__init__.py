@@ -4,6 +4,7 @@ Accurate, fast Numba kernels for the common cross-entropy variants with PyTorch'
 the baseline formulations they are compared with, a high-precision oracle, and the study runner
 and reports that measure them. See README.md for a tour.
 """
+
 from . import losses
 from .linear import linear_cross_entropy, linear_cross_entropy_with_grad
 from .losses import *  # noqa: F403  (the public functions: losses.__all__)

@@ -1,4 +1,5 @@
 """``python -m cestudy``: the command line of ``cestudy.cli``."""
+
 import sys
 
 from .cli import main

@@ -5,6 +5,7 @@ package (``pip install cestudy[cuda]``) and either an NVIDIA GPU or the CUDA sim
 (``NUMBA_ENABLE_CUDASIM=1`` set before numba is imported). Nothing here imports numba-cuda at
 package import time.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,12 +36,13 @@ def cuda_status() -> tuple[bool, str]:
         try:
             import numba_cuda  # noqa: F401  (NVIDIA's package; numba's own target is deprecated)
         except ImportError:
-            return False, ("the numba-cuda package is not installed "
-                           "(pip install 'cestudy[cuda]')")
+            return False, ("the numba-cuda package is not installed (pip install 'cestudy[cuda]')")
     try:
         if not cuda.is_available():
-            return False, ("no CUDA GPU is available here (cuda.is_available() is False): run "
-                           "on a machine with an NVIDIA GPU and pip install 'cestudy[cuda]'")
+            return False, (
+                "no CUDA GPU is available here (cuda.is_available() is False): run "
+                "on a machine with an NVIDIA GPU and pip install 'cestudy[cuda]'"
+            )
         if simulator_enabled():
             return True, "CUDA simulator (NUMBA_ENABLE_CUDASIM=1; timings are meaningless)"
         dev = cuda.get_current_device()

@@ -4,6 +4,7 @@ Every command lives here (``__main__`` only calls ``main``); the benchmark's arg
 logic are ``cestudy.bench.command``'s. This is the top layer: it may import anything, nothing
 imports it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
 
     r = sub.add_parser("run", help="run studies (default: 'default') and regenerate the reports")
-    r.add_argument("studies", nargs="*", metavar="STUDY",
-                   help="study names from studies/ or paths of TOML files")
+    r.add_argument(
+        "studies",
+        nargs="*",
+        metavar="STUDY",
+        help="study names from studies/ or paths of TOML files",
+    )
     r.add_argument("--results", default=str(DEFAULT_RESULTS), help="SQLite results store")
-    r.add_argument("--jobs", type=_positive_int, default=1,
-                   help="worker processes, >= 1 (default 1: serial)")
+    r.add_argument(
+        "--jobs", type=_positive_int, default=1, help="worker processes, >= 1 (default 1: serial)"
+    )
     r.add_argument("--executor", choices=("local", "dask", "dask-local"), default="local")
     r.add_argument("--scheduler", help="dask scheduler address for --executor dask")
     r.add_argument("--force", action="store_true", help="recompute finished cells")
@@ -57,14 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=("csv", "json"), default="json")
     e.add_argument("--results", default=str(DEFAULT_RESULTS))
     e.add_argument("--study", help="only this study")
-    e.add_argument("--kind", help="only cells of this kind (accuracy, imbalance, ...), so that "
-                                  "the columns fit")
+    e.add_argument(
+        "--kind", help="only cells of this kind (accuracy, imbalance, ...), so that the columns fit"
+    )
     e.add_argument("--output", "-o", help="file to write (default: standard output)")
 
     rp = sub.add_parser("report", help="regenerate every report from stored results")
-    rp.add_argument("--results", default=None,
-                    help="SQLite store or exported JSON (default: results/cestudy.sqlite if it "
-                         "exists, else reports/data/results.json)")
+    rp.add_argument(
+        "--results",
+        default=None,
+        help="SQLite store or exported JSON (default: results/cestudy.sqlite if it "
+        "exists, else reports/data/results.json)",
+    )
     rp.add_argument("--out", default=str(DEFAULT_REPORTS))
 
     b = sub.add_parser("bench", help="time the kernels against torch, numpy and scipy")
@@ -122,15 +132,23 @@ def cmd_run(args):
             for c in cells:
                 by_kind[c["kind"]] = by_kind.get(c["kind"], 0) + 1
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(by_kind.items()))
-            print(f"{s.name}: {len(cells)} cells ({kinds}), estimated "
-                  f"{runner.estimate_seconds(cells):.0f} s serial")
+            print(
+                f"{s.name}: {len(cells)} cells ({kinds}), estimated "
+                f"{runner.estimate_seconds(cells):.0f} s serial"
+            )
         print(f"total: {total} cells")
         return 0
     with Store(args.results) as store:
         for s in studies:
-            summary = runner.run_study(s, store, jobs=args.jobs, executor=args.executor,
-                                       scheduler=args.scheduler, force=args.force,
-                                       quiet=args.quiet)
+            summary = runner.run_study(
+                s,
+                store,
+                jobs=args.jobs,
+                executor=args.executor,
+                scheduler=args.scheduler,
+                force=args.force,
+                quiet=args.quiet,
+            )
             print(summary.format(), flush=True)
     if not args.no_report:
         from .report import build
@@ -194,8 +212,11 @@ def rows_to_csv(rows) -> tuple[str, list[str]]:
                 cols.append(k)
     cols = [k for k in cols if k not in lists]
     head = [k for k in cols if not k.startswith("p_")][:6]
-    cols = head + [k for k in cols if k.startswith("p_")] + [k for k in cols if k not in head
-                                                             and not k.startswith("p_")]
+    cols = (
+        head
+        + [k for k in cols if k.startswith("p_")]
+        + [k for k in cols if k not in head and not k.startswith("p_")]
+    )
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -216,19 +237,28 @@ def cmd_export(args):
     if args.kind:
         rows = [r for r in rows if r["kind"] == args.kind]
     if not rows:
-        print(f"error: no stored cells in {args.results}"
-              + (f" for study {args.study!r}" if args.study else "")
-              + (f" of kind {args.kind!r}" if args.kind else ""), file=sys.stderr)
+        print(
+            f"error: no stored cells in {args.results}"
+            + (f" for study {args.study!r}" if args.study else "")
+            + (f" of kind {args.kind!r}" if args.kind else ""),
+            file=sys.stderr,
+        )
         return 2
     if args.format == "csv":
         text, left_out = rows_to_csv(rows)
         if left_out:
-            print(f"note: list-valued columns left out of the CSV (use --format json): "
-                  f"{', '.join(left_out)}", file=sys.stderr)
+            print(
+                f"note: list-valued columns left out of the CSV (use --format json): "
+                f"{', '.join(left_out)}",
+                file=sys.stderr,
+            )
         kinds = sorted({r["kind"] for r in rows})
         if len(kinds) > 1:
-            print(f"note: {len(kinds)} kinds in one table ({', '.join(kinds)}); --kind selects "
-                  f"one so that the columns fit", file=sys.stderr)
+            print(
+                f"note: {len(kinds)} kinds in one table ({', '.join(kinds)}); --kind selects "
+                f"one so that the columns fit",
+                file=sys.stderr,
+            )
     else:  # standard JSON: non-finite numbers as the strings "nan", "inf", "-inf"
         text = json.dumps(json_safe(rows), indent=1, sort_keys=True, allow_nan=False) + "\n"
     if args.output:
@@ -243,11 +273,13 @@ def cmd_report(args):
 
     source = args.results
     if source is None:
-        source = str(DEFAULT_RESULTS) if DEFAULT_RESULTS.exists() else \
-            str(Path(args.out) / "data" / "results.json")
+        source = (
+            str(DEFAULT_RESULTS)
+            if DEFAULT_RESULTS.exists()
+            else str(Path(args.out) / "data" / "results.json")
+        )
     if not Path(source).exists():
-        print(f"error: no results at {source}; run 'python -m cestudy run' first",
-              file=sys.stderr)
+        print(f"error: no results at {source}; run 'python -m cestudy run' first", file=sys.stderr)
         return 2
     written = build.build_reports(source, args.out, export=source.endswith(".sqlite"))
     print(f"reports: {len(written)} files under {args.out} (from {source})")
@@ -269,5 +301,11 @@ def cmd_info(args):
     return 0
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "export": cmd_export, "report": cmd_report,
-            "bench": cmd_bench, "info": cmd_info}
+COMMANDS = {
+    "run": cmd_run,
+    "list": cmd_list,
+    "export": cmd_export,
+    "report": cmd_report,
+    "bench": cmd_bench,
+    "info": cmd_info,
+}

@@ -14,6 +14,7 @@ This layer holds no numerical formula. For a variant of ``cestudy.variants`` it
   for class-index targets, the mean over rows for probability targets, over elements for
   element-wise losses) with a compensated sum, rounding once to the input dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,7 @@ def logits_2d(name: str, logits: Any) -> tuple[np.ndarray, np.ndarray, bool]:
         raise ValueError(f"{name} must have shape (N, C) or (C,); got shape {arr.shape}")
     if arr.shape[-1] == 0:
         raise ValueError(
-            f"{name} must have at least one class (last axis of length >= 1); got shape "
-            f"{arr.shape}"
+            f"{name} must have at least one class (last axis of length >= 1); got shape {arr.shape}"
         )
     work = dtypes.working_dtype(arr.dtype)
     x2 = np.ascontiguousarray(arr.reshape(1, -1) if arr.ndim == 1 else arr, dtype=work)
@@ -73,12 +73,16 @@ def class_rows(name: str, logits: Any) -> tuple[np.ndarray, np.ndarray, tuple[in
     ((C,)); return (array, (rows, C) working copy or view, the shape of one loss per row)."""
     arr = as_float_array(name, logits)
     if arr.ndim == 0:
-        raise ValueError(f"{name} must have a class axis: shape (C,), (N, C) or "
-                         f"(N, C, d1, ..., dk); got a 0-d array")
+        raise ValueError(
+            f"{name} must have a class axis: shape (C,), (N, C) or "
+            f"(N, C, d1, ..., dk); got a 0-d array"
+        )
     axis = 0 if arr.ndim == 1 else 1
     if arr.shape[axis] == 0:
-        raise ValueError(f"{name} must have at least one class (axis {axis} of length >= 1); "
-                         f"got shape {arr.shape}")
+        raise ValueError(
+            f"{name} must have at least one class (axis {axis} of length >= 1); "
+            f"got shape {arr.shape}"
+        )
     work = dtypes.working_dtype(arr.dtype)
     if arr.ndim <= 2:
         lead = arr.shape[:-1]
@@ -127,8 +131,9 @@ def _check_nonnegative(name: str, w: np.ndarray) -> None:
         )
 
 
-def index_target(target: Any, expected: tuple[int, ...], n_classes: int,
-                 ignore_index: int) -> np.ndarray:
+def index_target(
+    target: Any, expected: tuple[int, ...], n_classes: int, ignore_index: int
+) -> np.ndarray:
     """Class indices of shape ``expected`` (the logits' shape without the class axis) as a flat
     int64 array, every one in [0, C) or equal to ``ignore_index``."""
     t = np.asarray(target)
@@ -153,8 +158,9 @@ def index_target(target: Any, expected: tuple[int, ...], n_classes: int,
     return t
 
 
-def prob_target(target: Any, logits: np.ndarray, work_dtype: np.dtype,
-                name: str = "target") -> np.ndarray:
+def prob_target(
+    target: Any, logits: np.ndarray, work_dtype: np.dtype, name: str = "target"
+) -> np.ndarray:
     """Probability targets of the logits' shape, laid out as :func:`class_rows` lays out the
     logits (a 2-D working-dtype array), checked non-negative."""
     t = as_float_array(name, target)
@@ -233,8 +239,13 @@ def check_grad_out(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndar
 # --------------------------------------------------------------------------------------------
 # Reductions
 # --------------------------------------------------------------------------------------------
-def finish_loss(per_sample: np.ndarray, reduction: str, denominator: float,
-                out_dtype: np.dtype, out_shape: tuple[int, ...]):
+def finish_loss(
+    per_sample: np.ndarray,
+    reduction: str,
+    denominator: float,
+    out_dtype: np.dtype,
+    out_shape: tuple[int, ...],
+):
     """Reduce float64 per-sample losses (compensated sum) and round once to ``out_dtype``."""
     if reduction == "none":
         return per_sample.reshape(out_shape).astype(out_dtype)
@@ -287,13 +298,24 @@ def _is_device(a: Any) -> bool:
     except AttributeError:
         return type(a).__name__ == "FakeCUDAArray"
     except RuntimeError as exc:  # torch: a CUDA tensor that requires grad
-        raise TypeError(f"a device array that requires grad cannot be read ({exc}); pass "
-                        f"tensor.detach(), or use cestudy.torch for autograd") from None
+        raise TypeError(
+            f"a device array that requires grad cannot be read ({exc}); pass "
+            f"tensor.detach(), or use cestudy.torch for autograd"
+        ) from None
     return True
 
 
-def run(name: str, logits: Any, target: Any, *, reduction: str = "mean",
-        backend: str = "cpu", with_grad: bool = False, out: Any = None, **options):
+def run(
+    name: str,
+    logits: Any,
+    target: Any,
+    *,
+    reduction: str = "mean",
+    backend: str = "cpu",
+    with_grad: bool = False,
+    out: Any = None,
+    **options,
+):
     """Compute variant ``name`` with the kernels: the loss, or (loss, grad) with ``with_grad``.
 
     ``options`` are the variant's keyword options (``cestudy.variants``); ``out`` is an optional
@@ -321,8 +343,9 @@ def run(name: str, logits: Any, target: Any, *, reduction: str = "mean",
         arr = as_float_array(input_name, logits)
         tgt = as_float_array("target", target)
         if tgt.shape != arr.shape:
-            raise ValueError(f"target must have the shape of {input_name} {arr.shape}; got "
-                             f"shape {tgt.shape}")
+            raise ValueError(
+                f"target must have the shape of {input_name} {arr.shape}; got shape {tgt.shape}"
+            )
         work = dtypes.working_dtype(arr.dtype)
         s2 = shape_2d(arr.shape)
         x = np.ascontiguousarray(arr.reshape(s2), dtype=work)
@@ -361,8 +384,7 @@ def run(name: str, logits: Any, target: Any, *, reduction: str = "mean",
     grad = _grad_buffer(out, arr, x, v.elementwise)
     if module is cpu_fast and np.shares_memory(grad, x):
         grad = np.empty_like(x)  # the fast float32 kernels read the row after writing it
-    getattr(module, v.kernel + "_fwd_grad")(x, t, *args, grad_scale(reduction, denom), loss,
-                                            grad)
+    getattr(module, v.kernel + "_fwd_grad")(x, t, *args, grad_scale(reduction, denom), loss, grad)
     result = finish_loss(loss, reduction, denom, arr.dtype, loss_shape)
     if out is not None:
         if not np.shares_memory(grad, out):
@@ -389,10 +411,13 @@ def _axes(dim: Any, ndim: int, single: bool) -> tuple[int, ...]:
     """``dim`` (an int, or a tuple of ints where ``single`` is False) as sorted axes of an
     array with ``ndim`` axes (a 0-d array counts as one axis, as in torch)."""
     dims = (dim,) if isinstance(dim, (int, np.integer)) else dim
-    if single and len(dims) != 1 or not isinstance(dims, (tuple, list)) or not all(
-            isinstance(d, (int, np.integer)) for d in dims):
-        raise TypeError(f"dim must be an int{'' if single else ' or a tuple of ints'}; "
-                        f"got {dim!r}")
+    if (
+        single
+        and len(dims) != 1
+        or not isinstance(dims, (tuple, list))
+        or not all(isinstance(d, (int, np.integer)) for d in dims)
+    ):
+        raise TypeError(f"dim must be an int{'' if single else ' or a tuple of ints'}; got {dim!r}")
     n = max(ndim, 1)
     axes = []
     for d in dims:
@@ -404,8 +429,9 @@ def _axes(dim: Any, ndim: int, single: bool) -> tuple[int, ...]:
     return tuple(sorted(axes))
 
 
-def rows(kernel: str, logits: Any, per_row: bool, dim: Any = -1, keepdim: bool = False,
-         dtype: Any = None) -> np.ndarray:
+def rows(
+    kernel: str, logits: Any, per_row: bool, dim: Any = -1, keepdim: bool = False, dtype: Any = None
+) -> np.ndarray:
     """Run a row kernel of ``cestudy.kernels.cpu`` (logsumexp, log_softmax, softmax) over the
     axis (or, for ``per_row`` kernels, axes) ``dim`` of ``logits``; ``dtype`` casts the input
     first, as torch's ``dtype=`` does."""
@@ -459,21 +485,24 @@ def _run_device(v, logits, target, reduction, with_grad, out, opts):
     ck = backends.require_cuda()
     x = ck.as_device_logits(logits)
     if x.dtype not in DEVICE_DTYPES:
-        raise TypeError(f"logits: device arrays of dtype {x.dtype} are not supported by "
-                        f"backend='cuda'; use float32, float64, float16 or bfloat16")
+        raise TypeError(
+            f"logits: device arrays of dtype {x.dtype} are not supported by "
+            f"backend='cuda'; use float32, float64, float16 or bfloat16"
+        )
     if x.ndim != 2:
         raise ValueError(f"logits must be a 2-D (N, C) device array; got shape {x.shape}")
     n, c = x.shape
     if v.target == "index":
         t = ck.as_device(target)
         if tuple(t.shape) != (n,) or t.dtype.kind not in "iu":
-            raise ValueError(f"target must be an integer (N,) = ({n},) device array of class "
-                             f"indices; got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"target must be an integer (N,) = ({n},) device array of class "
+                f"indices; got {t.dtype} {tuple(t.shape)}"
+            )
     else:
         t = ck.as_device_logits(target)
         if tuple(t.shape) != (n, c):
-            raise ValueError(f"target must have the logits' shape {(n, c)}; got "
-                             f"{tuple(t.shape)}")
+            raise ValueError(f"target must have the logits' shape {(n, c)}; got {tuple(t.shape)}")
     args = []
     for key in v.option_names:
         value = opts[key]
@@ -481,11 +510,15 @@ def _run_device(v, logits, target, reduction, with_grad, out, opts):
             if _is_device(value):
                 value = ck.as_device_logits(value)
                 wshape = tuple(value.shape)
-                ok = (wshape in ((c,), (1, c), (n, c), (n, 1), (1, 1), (1,)) if v.elementwise
-                      else wshape == (c,))
+                ok = (
+                    wshape in ((c,), (1, c), (n, c), (n, 1), (1, 1), (1,))
+                    if v.elementwise
+                    else wshape == (c,)
+                )
                 if not ok:
-                    raise ValueError(f"{key} of shape {wshape} does not fit logits of shape "
-                                     f"{(n, c)}")
+                    raise ValueError(
+                        f"{key} of shape {wshape} does not fit logits of shape {(n, c)}"
+                    )
             elif v.elementwise:
                 value = contiguous_rows(elementwise_weights(key, value, (n, c)))
             else:

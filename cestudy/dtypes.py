@@ -4,6 +4,7 @@ float64 and float32 are computed natively (the CPU kernels use float64 arithmeti
 round once); float16 and bfloat16 (from ml_dtypes) are computed with float32 kernels and the
 result is rounded to the input dtype, as the public API documents.
 """
+
 import ml_dtypes
 import numpy as np
 

@@ -21,6 +21,7 @@ for float16/bfloat16 inputs, a float32 copy of the input, an (N, H) float32 accu
 tracemalloc at N, H, V = 2048, 512, 65536 (default chunk 4096): 36.7 MiB in float32 (7.2% of the
 512 MiB of float32 logits), 52.7 MiB in bfloat16.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,19 +47,19 @@ class _Problem:
     """The checked arguments laid out for the kernel: D independent (N, H) x (C, H) problems
     (D = d1 ... dK for a K-dimensional weight, else 1) sharing one input."""
 
-    x: np.ndarray            # (N, H) compute dtype, C-contiguous
-    w3: np.ndarray           # (C, D, H) the weight (a view)
-    b2: np.ndarray | None    # (C, D) bias in the compute dtype, or None
-    target: np.ndarray       # (N, D) int64, or (N, C, D) soft targets (float32/float64)
+    x: np.ndarray  # (N, H) compute dtype, C-contiguous
+    w3: np.ndarray  # (C, D, H) the weight (a view)
+    b2: np.ndarray | None  # (C, D) bias in the compute dtype, or None
+    target: np.ndarray  # (N, D) int64, or (N, C, D) soft targets (float32/float64)
     probs: bool
-    weight: np.ndarray       # (C,) float64
+    weight: np.ndarray  # (C,) float64
     ignore_index: int
     label_smoothing: float
     reduction: str
     chunk: int
-    denom: float             # the "mean" denominator
+    denom: float  # the "mean" denominator
     in_dtype: np.dtype
-    loss_shape: tuple        # the shape of reduction="none"
+    loss_shape: tuple  # the shape of reduction="none"
     input_shape: tuple
     weight_shape: tuple
     bias_shape: tuple | None
@@ -80,14 +81,26 @@ class _Problem:
 def _check_chunk(chunk_size: Any) -> int | None:
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
-            or chunk_size < 1:
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}")
     return int(chunk_size)
 
 
-def _prepare(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-             label_smoothing, chunk_size) -> _Problem:
+def _prepare(
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    chunk_size,
+) -> _Problem:
     dispatch.check_choice("reduction", reduction, dispatch.REDUCTIONS)
     eps = dispatch.check_smoothing(label_smoothing)
     chunk = _check_chunk(chunk_size)
@@ -102,28 +115,37 @@ def _prepare(input, linear_weight, target, linear_bias, weight, reduction, ignor
         raise ValueError(f"input must have shape (N, H) or (H,); got shape {x.shape}")
     w = dispatch.as_float_array("linear_weight", linear_weight)
     if w.ndim < 2:
-        raise ValueError(f"linear_weight must have shape (C, H) or (C, d1, ..., dK, H); got "
-                         f"shape {w.shape}")
+        raise ValueError(
+            f"linear_weight must have shape (C, H) or (C, d1, ..., dK, H); got shape {w.shape}"
+        )
     h = x.shape[-1]
     if w.shape[-1] != h:
-        raise ValueError(f"linear_weight must end in the input's last dimension "
-                         f"(in_features = {h}); got shape {w.shape}")
+        raise ValueError(
+            f"linear_weight must end in the input's last dimension "
+            f"(in_features = {h}); got shape {w.shape}"
+        )
     if w.dtype != x.dtype:
         raise TypeError(f"linear_weight must have the input's dtype {x.dtype}; got {w.dtype}")
     c = w.shape[0]
     if c == 0:
-        raise ValueError(f"linear_weight must have at least one class (first axis of length "
-                         f">= 1); got shape {w.shape}")
+        raise ValueError(
+            f"linear_weight must have at least one class (first axis of length "
+            f">= 1); got shape {w.shape}"
+        )
     out_features = w.shape[1:-1]
     if out_features and x.ndim == 1:
-        raise ValueError(f"a K-dimensional linear_weight {w.shape} needs a batched input "
-                         f"(N, {h}); got input of shape {x.shape}")
+        raise ValueError(
+            f"a K-dimensional linear_weight {w.shape} needs a batched input "
+            f"(N, {h}); got input of shape {x.shape}"
+        )
     b = None
     if linear_bias is not None:
         b = dispatch.as_float_array("linear_bias", linear_bias)
         if b.shape != w.shape[:-1]:
-            raise ValueError(f"linear_bias must have shape {w.shape[:-1]} (linear_weight's "
-                             f"without in_features); got shape {b.shape}")
+            raise ValueError(
+                f"linear_bias must have shape {w.shape[:-1]} (linear_weight's "
+                f"without in_features); got shape {b.shape}"
+            )
         if b.dtype != x.dtype:
             raise TypeError(f"linear_bias must have the input's dtype {x.dtype}; got {b.dtype}")
 
@@ -135,29 +157,36 @@ def _prepare(input, linear_weight, target, linear_bias, weight, reduction, ignor
     t = np.asarray(target)
     if t.dtype.kind in "iu":
         if t.shape != index_shape:
-            raise ValueError(f"target of class indices must have shape {index_shape} (the "
-                             f"logits' shape {logits_shape} without the class axis); got shape "
-                             f"{t.shape}")
+            raise ValueError(
+                f"target of class indices must have shape {index_shape} (the "
+                f"logits' shape {logits_shape} without the class axis); got shape "
+                f"{t.shape}"
+            )
         t2 = np.ascontiguousarray(t.reshape(n, d), dtype=np.int64)
         bad = (t2 != ignore_index) & ((t2 < 0) | (t2 >= c))
         if np.any(bad):
             i = int(np.flatnonzero(bad.reshape(-1))[0])
-            raise ValueError(f"target[{i}] = {int(t2.reshape(-1)[i])} is out of range for {c} "
-                             f"classes (expected 0 <= target < {c} or "
-                             f"ignore_index={ignore_index})")
+            raise ValueError(
+                f"target[{i}] = {int(t2.reshape(-1)[i])} is out of range for {c} "
+                f"classes (expected 0 <= target < {c} or "
+                f"ignore_index={ignore_index})"
+            )
         probs = False
     elif dtypes.is_float_dtype(t.dtype):
         if t.shape != logits_shape:
-            raise ValueError(f"target of probabilities must have the logits' shape "
-                             f"{logits_shape}; got shape {t.shape}")
+            raise ValueError(
+                f"target of probabilities must have the logits' shape "
+                f"{logits_shape}; got shape {t.shape}"
+            )
         work = t.dtype if t.dtype in (np.float32, np.float64) else np.float32
         t2 = np.asarray(t.reshape(n, c, d), dtype=work)
         if np.any(t2 < 0):
             raise ValueError("target probabilities must be non-negative; got a negative entry")
         probs = True
     else:
-        raise TypeError(f"target must be integer class indices or floating probabilities; got "
-                        f"dtype {t.dtype}")
+        raise TypeError(
+            f"target must be integer class indices or floating probabilities; got dtype {t.dtype}"
+        )
     wvec = dispatch.class_weight(weight, c)
 
     cdt = dtypes.working_dtype(x.dtype)
@@ -172,10 +201,20 @@ def _prepare(input, linear_weight, target, linear_bias, weight, reduction, ignor
         x=np.ascontiguousarray(x.reshape(n, h), dtype=cdt),
         w3=w.reshape(c, d, h),
         b2=None if b is None else np.asarray(b.reshape(c, d), dtype=cdt),
-        target=t2, probs=probs, weight=wvec, ignore_index=ignore_index, label_smoothing=eps,
-        reduction=reduction, chunk=min(chunk, c), denom=denom, in_dtype=x.dtype,
-        loss_shape=index_shape, input_shape=x.shape, weight_shape=w.shape,
-        bias_shape=None if b is None else b.shape)
+        target=t2,
+        probs=probs,
+        weight=wvec,
+        ignore_index=ignore_index,
+        label_smoothing=eps,
+        reduction=reduction,
+        chunk=min(chunk, c),
+        denom=denom,
+        in_dtype=x.dtype,
+        loss_shape=index_shape,
+        input_shape=x.shape,
+        weight_shape=w.shape,
+        bias_shape=None if b is None else b.shape,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,11 +235,20 @@ class FusedResult:
     filter_stats: np.ndarray | None = None
 
 
-def run_fused(input: ArrayLike, linear_weight: ArrayLike, target: ArrayLike, *,
-              linear_bias: Optional[ArrayLike] = None, weight: Optional[ArrayLike] = None,
-              reduction: Reduction = "mean", ignore_index: Optional[int] = -100,
-              label_smoothing: float = 0.0, chunk_size: Optional[int] = None,
-              with_grad: bool = False, filter_eps: float = 0.0) -> FusedResult:
+def run_fused(
+    input: ArrayLike,
+    linear_weight: ArrayLike,
+    target: ArrayLike,
+    *,
+    linear_bias: Optional[ArrayLike] = None,
+    weight: Optional[ArrayLike] = None,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    chunk_size: Optional[int] = None,
+    with_grad: bool = False,
+    filter_eps: float = 0.0,
+) -> FusedResult:
     """The engine behind :func:`linear_cross_entropy` and
     :func:`linear_cross_entropy_with_grad`, with the study's extra knob.
 
@@ -209,8 +257,17 @@ def run_fused(input: ArrayLike, linear_weight: ArrayLike, target: ArrayLike, *,
     magnitude is dropped. Cut Cross-Entropy uses eps/32 of the compute dtype
     (``dtypes.finfo(dtype).eps / 32``). The loss is not affected, only the gradients.
     """
-    p = _prepare(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                 label_smoothing, chunk_size)
+    p = _prepare(
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        chunk_size,
+    )
     n, h = p.x.shape
     c = p.w3.shape[0]
     per_row = np.empty((n, p.d))
@@ -230,11 +287,25 @@ def run_fused(input: ArrayLike, linear_weight: ArrayLike, target: ArrayLike, *,
         if with_grad:
             gx_d = gx if p.d == 1 else np.empty((n, h), dtype=p.in_dtype)
             gw_d = gw[:, d, :] if p.d == 1 else np.empty((c, h), dtype=p.in_dtype)
-        kernel.run(p.x, p.weight_d(d), p.bias_d(d), p.target_d(d), p.weight, p.ignore_index,
-                   p.label_smoothing, scale, loss_d, chunk=p.chunk, with_grad=with_grad,
-                   probs=p.probs, grad_x=gx_d, grad_w=gw_d,
-                   grad_b=None if gb is None else gb[:, d], filter_threshold=thr,
-                   filter_stats=stats)
+        kernel.run(
+            p.x,
+            p.weight_d(d),
+            p.bias_d(d),
+            p.target_d(d),
+            p.weight,
+            p.ignore_index,
+            p.label_smoothing,
+            scale,
+            loss_d,
+            chunk=p.chunk,
+            with_grad=with_grad,
+            probs=p.probs,
+            grad_x=gx_d,
+            grad_w=gw_d,
+            grad_b=None if gb is None else gb[:, d],
+            filter_threshold=thr,
+            filter_stats=stats,
+        )
         per_row[:, d] = loss_d
         if with_grad and p.d > 1:
             gx += gx_d
@@ -254,11 +325,18 @@ def run_fused(input: ArrayLike, linear_weight: ArrayLike, target: ArrayLike, *,
 # --------------------------------------------------------------------------------------------
 # The public functions
 # --------------------------------------------------------------------------------------------
-def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: ArrayLike, *,
-                         linear_bias: Optional[ArrayLike] = None,
-                         weight: Optional[ArrayLike] = None, reduction: Reduction = "mean",
-                         ignore_index: Optional[int] = -100, label_smoothing: float = 0.0,
-                         chunk_size: Optional[int] = None) -> Loss:
+def linear_cross_entropy(
+    input: ArrayLike,
+    linear_weight: ArrayLike,
+    target: ArrayLike,
+    *,
+    linear_bias: Optional[ArrayLike] = None,
+    weight: Optional[ArrayLike] = None,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    chunk_size: Optional[int] = None,
+) -> Loss:
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias``, computed without
     materialising them (``torch.nn.functional.linear_cross_entropy`` semantics).
 
@@ -313,18 +391,31 @@ def linear_cross_entropy(input: ArrayLike, linear_weight: ArrayLike, target: Arr
         functions", IMA J. Numer. Anal. 41(4), 2021.
         E. Wijmans et al., "Cut your losses in large-vocabulary language models", ICLR 2025.
     """
-    return run_fused(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
-                     reduction=reduction, ignore_index=ignore_index,
-                     label_smoothing=label_smoothing, chunk_size=chunk_size).loss
+    return run_fused(
+        input,
+        linear_weight,
+        target,
+        linear_bias=linear_bias,
+        weight=weight,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        chunk_size=chunk_size,
+    ).loss
 
 
-def linear_cross_entropy_with_grad(input: ArrayLike, linear_weight: ArrayLike,
-                                   target: ArrayLike, *, linear_bias: Optional[ArrayLike] = None,
-                                   weight: Optional[ArrayLike] = None,
-                                   reduction: Reduction = "mean",
-                                   ignore_index: Optional[int] = -100,
-                                   label_smoothing: float = 0.0,
-                                   chunk_size: Optional[int] = None) -> tuple:
+def linear_cross_entropy_with_grad(
+    input: ArrayLike,
+    linear_weight: ArrayLike,
+    target: ArrayLike,
+    *,
+    linear_bias: Optional[ArrayLike] = None,
+    weight: Optional[ArrayLike] = None,
+    reduction: Reduction = "mean",
+    ignore_index: Optional[int] = -100,
+    label_smoothing: float = 0.0,
+    chunk_size: Optional[int] = None,
+) -> tuple:
     """Fused :func:`linear_cross_entropy` and its gradients: returns ``(loss, grad_input,
     grad_weight)``, and ``grad_bias`` last when ``linear_bias`` is given.
 
@@ -361,9 +452,18 @@ def linear_cross_entropy_with_grad(input: ArrayLike, linear_weight: ArrayLike,
         Blanchard, Higham & Higham, "Accurately computing the log-sum-exp and softmax
         functions", IMA J. Numer. Anal. 41(4), 2021.
     """
-    r = run_fused(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
-                  reduction=reduction, ignore_index=ignore_index,
-                  label_smoothing=label_smoothing, chunk_size=chunk_size, with_grad=True)
+    r = run_fused(
+        input,
+        linear_weight,
+        target,
+        linear_bias=linear_bias,
+        weight=weight,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        chunk_size=chunk_size,
+        with_grad=True,
+    )
     if r.grad_bias is not None:
         return r.loss, r.grad_input, r.grad_weight, r.grad_bias
     return r.loss, r.grad_input, r.grad_weight

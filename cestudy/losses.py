@@ -31,6 +31,7 @@ References:
     T.-Y. Lin, P. Goyal, R. Girshick, K. He, P. Dollar, "Focal loss for dense object detection",
     ICCV 2017 (arXiv:1708.02002).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -63,9 +64,16 @@ def _ce_options(target, weight, ignore_index, label_smoothing):
 # --------------------------------------------------------------------------------------------
 # Softmax cross-entropy
 # --------------------------------------------------------------------------------------------
-def cross_entropy(logits: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayLike] = None,
-                  ignore_index: int = -100, reduction: Reduction = "mean",
-                  label_smoothing: float = 0.0, backend: Backend = "cpu") -> Loss:
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: Optional[ArrayLike] = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    backend: Backend = "cpu",
+) -> Loss:
     """Softmax cross-entropy, with ``torch.nn.functional.cross_entropy`` semantics.
 
     With class indices y and p = softmax(logits_i)::
@@ -111,16 +119,27 @@ def cross_entropy(logits: ArrayLike, target: ArrayLike, *, weight: Optional[Arra
         Szegedy et al., "Rethinking the Inception architecture for computer vision", CVPR 2016
         (label smoothing).
     """
-    return dispatch.run(_ce_variant(target), logits, target, reduction=reduction,
-                        backend=backend, **_ce_options(target, weight, ignore_index,
-                                                       label_smoothing))
+    return dispatch.run(
+        _ce_variant(target),
+        logits,
+        target,
+        reduction=reduction,
+        backend=backend,
+        **_ce_options(target, weight, ignore_index, label_smoothing),
+    )
 
 
-def cross_entropy_with_grad(logits: ArrayLike, target: ArrayLike, *,
-                            weight: Optional[ArrayLike] = None, ignore_index: int = -100,
-                            reduction: Reduction = "mean", label_smoothing: float = 0.0,
-                            backend: Backend = "cpu",
-                            out: Optional[np.ndarray] = None) -> tuple[Loss, np.ndarray]:
+def cross_entropy_with_grad(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: Optional[ArrayLike] = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    backend: Backend = "cpu",
+    out: Optional[np.ndarray] = None,
+) -> tuple[Loss, np.ndarray]:
     """Fused :func:`cross_entropy` and its gradient d(loss)/d(logits): returns (loss, grad).
 
     With class indices::
@@ -152,16 +171,24 @@ def cross_entropy_with_grad(logits: ArrayLike, target: ArrayLike, *,
         Blanchard, Higham & Higham, "Accurately computing the log-sum-exp and softmax
         functions", IMA J. Numer. Anal. 41(4), 2021.
     """
-    return dispatch.run(_ce_variant(target), logits, target, reduction=reduction,
-                        backend=backend, with_grad=True, out=out,
-                        **_ce_options(target, weight, ignore_index, label_smoothing))
+    return dispatch.run(
+        _ce_variant(target),
+        logits,
+        target,
+        reduction=reduction,
+        backend=backend,
+        with_grad=True,
+        out=out,
+        **_ce_options(target, weight, ignore_index, label_smoothing),
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # KL divergence and entropy
 # --------------------------------------------------------------------------------------------
-def kl_divergence(logits: ArrayLike, target: ArrayLike, *, reduction: Reduction = "mean",
-                  backend: Backend = "cpu") -> Loss:
+def kl_divergence(
+    logits: ArrayLike, target: ArrayLike, *, reduction: Reduction = "mean", backend: Backend = "cpu"
+) -> Loss:
     """KL(target || softmax(logits)) per row, with 0 log 0 = 0::
 
         KL_i = sum_c p_c log(p_c / q_c),   q = softmax(logits_i)
@@ -198,9 +225,14 @@ def kl_divergence(logits: ArrayLike, target: ArrayLike, *, reduction: Reduction 
     return dispatch.run("kl_divergence", logits, target, reduction=reduction, backend=backend)
 
 
-def kl_divergence_with_grad(logits: ArrayLike, target: ArrayLike, *,
-                            reduction: Reduction = "mean", backend: Backend = "cpu",
-                            out: Optional[np.ndarray] = None) -> tuple[Loss, np.ndarray]:
+def kl_divergence_with_grad(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    reduction: Reduction = "mean",
+    backend: Backend = "cpu",
+    out: Optional[np.ndarray] = None,
+) -> tuple[Loss, np.ndarray]:
     """Fused :func:`kl_divergence` and its gradient ``(sum_c p_c) q_j - p_j`` (times 1/N for
     "mean").
 
@@ -217,8 +249,15 @@ def kl_divergence_with_grad(logits: ArrayLike, target: ArrayLike, *,
         >>> g.tolist()
         [-0.5, 0.5]
     """
-    return dispatch.run("kl_divergence", logits, target, reduction=reduction, backend=backend,
-                        with_grad=True, out=out)
+    return dispatch.run(
+        "kl_divergence",
+        logits,
+        target,
+        reduction=reduction,
+        backend=backend,
+        with_grad=True,
+        out=out,
+    )
 
 
 def entropy(p: ArrayLike, *, reduction: Reduction = "none") -> Loss:
@@ -245,15 +284,22 @@ def entropy(p: ArrayLike, *, reduction: Reduction = "none") -> Loss:
         raise ValueError("p must be non-negative; got a negative entry")
     out = np.empty(x.shape[0], dtype=np.float64)
     cpu.entropy_fwd(x, out)
-    return dispatch.finish_loss(out, reduction, x.shape[0], arr.dtype,
-                                () if squeeze else (x.shape[0],))
+    return dispatch.finish_loss(
+        out, reduction, x.shape[0], arr.dtype, () if squeeze else (x.shape[0],)
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Losses on log-probabilities: torch's nll_loss and kl_div
 # --------------------------------------------------------------------------------------------
-def nll_loss(input: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayLike] = None,
-             ignore_index: int = -100, reduction: Reduction = "mean") -> Loss:
+def nll_loss(
+    input: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: Optional[ArrayLike] = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+) -> Loss:
     """Negative log-likelihood of log-probabilities, ``torch.nn.functional.nll_loss``::
 
         loss_i = -w_{y_i} input[i, y_i]      (0 for rows whose target is ``ignore_index``)
@@ -277,14 +323,20 @@ def nll_loss(input: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayLike]
         >>> round(float(cestudy.nll_loss(logp, np.array([1]))), 12)     # log 4
         1.38629436112
     """
-    return dispatch.run("nll_loss", input, target, reduction=reduction, weight=weight,
-                        ignore_index=ignore_index)
+    return dispatch.run(
+        "nll_loss", input, target, reduction=reduction, weight=weight, ignore_index=ignore_index
+    )
 
 
-def nll_loss_with_grad(input: ArrayLike, target: ArrayLike, *,
-                       weight: Optional[ArrayLike] = None, ignore_index: int = -100,
-                       reduction: Reduction = "mean",
-                       out: Optional[np.ndarray] = None) -> tuple[Loss, np.ndarray]:
+def nll_loss_with_grad(
+    input: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: Optional[ArrayLike] = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    out: Optional[np.ndarray] = None,
+) -> tuple[Loss, np.ndarray]:
     """Fused :func:`nll_loss` and its gradient: -w_y (times the reduction's scale) at each
     target, 0 elsewhere.
 
@@ -301,8 +353,16 @@ def nll_loss_with_grad(input: ArrayLike, target: ArrayLike, *,
         >>> g.tolist()
         [[-0.5, 0.0], [0.0, -0.5]]
     """
-    return dispatch.run("nll_loss", input, target, reduction=reduction, with_grad=True, out=out,
-                        weight=weight, ignore_index=ignore_index)
+    return dispatch.run(
+        "nll_loss",
+        input,
+        target,
+        reduction=reduction,
+        with_grad=True,
+        out=out,
+        weight=weight,
+        ignore_index=ignore_index,
+    )
 
 
 KL_DIV_MEAN_WARNING = (
@@ -312,8 +372,9 @@ KL_DIV_MEAN_WARNING = (
 )
 
 
-def kl_div(input: ArrayLike, target: ArrayLike, *, reduction: str = "mean",
-           log_target: bool = False) -> Loss:
+def kl_div(
+    input: ArrayLike, target: ArrayLike, *, reduction: str = "mean", log_target: bool = False
+) -> Loss:
     """Pointwise KL divergence of log-probabilities, ``torch.nn.functional.kl_div``::
 
         loss = target (log target - input)             (0 where target = 0)
@@ -344,9 +405,14 @@ def kl_div(input: ArrayLike, target: ArrayLike, *, reduction: str = "mean",
     return dispatch.run("kl_div", input, target, reduction=reduction, log_target=bool(log_target))
 
 
-def kl_div_with_grad(input: ArrayLike, target: ArrayLike, *, reduction: str = "mean",
-                     log_target: bool = False,
-                     out: Optional[np.ndarray] = None) -> tuple[Loss, np.ndarray]:
+def kl_div_with_grad(
+    input: ArrayLike,
+    target: ArrayLike,
+    *,
+    reduction: str = "mean",
+    log_target: bool = False,
+    out: Optional[np.ndarray] = None,
+) -> tuple[Loss, np.ndarray]:
     """Fused :func:`kl_div` and its gradient with respect to ``input``: -target (or
     -exp(target)), times the reduction's scale.
 
@@ -364,8 +430,15 @@ def kl_div_with_grad(input: ArrayLike, target: ArrayLike, *, reduction: str = "m
         [-0.25, -0.75]
     """
     _warn_kl_div_mean(reduction)
-    return dispatch.run("kl_div", input, target, reduction=reduction, with_grad=True, out=out,
-                        log_target=bool(log_target))
+    return dispatch.run(
+        "kl_div",
+        input,
+        target,
+        reduction=reduction,
+        with_grad=True,
+        out=out,
+        log_target=bool(log_target),
+    )
 
 
 def _warn_kl_div_mean(reduction):
@@ -376,11 +449,15 @@ def _warn_kl_div_mean(reduction):
 # --------------------------------------------------------------------------------------------
 # Binary cross-entropy
 # --------------------------------------------------------------------------------------------
-def binary_cross_entropy_with_logits(logits: ArrayLike, target: ArrayLike, *,
-                                     weight: Optional[ArrayLike] = None,
-                                     pos_weight: Optional[ArrayLike] = None,
-                                     reduction: Reduction = "mean",
-                                     backend: Backend = "cpu") -> Loss:
+def binary_cross_entropy_with_logits(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: Optional[ArrayLike] = None,
+    pos_weight: Optional[ArrayLike] = None,
+    reduction: Reduction = "mean",
+    backend: Backend = "cpu",
+) -> Loss:
     """Binary cross-entropy on logits, ``torch.nn.functional.binary_cross_entropy_with_logits``::
 
         loss = w [pw t softplus(-x) + (1 - t) softplus(x)],
@@ -411,14 +488,27 @@ def binary_cross_entropy_with_logits(logits: ArrayLike, target: ArrayLike, *,
     References:
         TensorFlow's ``sigmoid_cross_entropy_with_logits`` documents the same max(x, 0) form.
     """
-    return dispatch.run("binary_cross_entropy_with_logits", logits, target, reduction=reduction,
-                        backend=backend, weight=weight, pos_weight=pos_weight)
+    return dispatch.run(
+        "binary_cross_entropy_with_logits",
+        logits,
+        target,
+        reduction=reduction,
+        backend=backend,
+        weight=weight,
+        pos_weight=pos_weight,
+    )
 
 
 def binary_cross_entropy_with_logits_with_grad(
-        logits: ArrayLike, target: ArrayLike, *, weight: Optional[ArrayLike] = None,
-        pos_weight: Optional[ArrayLike] = None, reduction: Reduction = "mean",
-        backend: Backend = "cpu", out: Optional[np.ndarray] = None) -> tuple[Loss, np.ndarray]:
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: Optional[ArrayLike] = None,
+    pos_weight: Optional[ArrayLike] = None,
+    reduction: Reduction = "mean",
+    backend: Backend = "cpu",
+    out: Optional[np.ndarray] = None,
+) -> tuple[Loss, np.ndarray]:
     """Fused :func:`binary_cross_entropy_with_logits` and its gradient::
 
         d loss / d x = w [(1 - t) sigmoid(x) - pw t sigmoid(-x)]
@@ -441,14 +531,26 @@ def binary_cross_entropy_with_logits_with_grad(
         >>> g.tolist()
         [-0.5]
     """
-    return dispatch.run("binary_cross_entropy_with_logits", logits, target, reduction=reduction,
-                        backend=backend, with_grad=True, out=out, weight=weight,
-                        pos_weight=pos_weight)
+    return dispatch.run(
+        "binary_cross_entropy_with_logits",
+        logits,
+        target,
+        reduction=reduction,
+        backend=backend,
+        with_grad=True,
+        out=out,
+        weight=weight,
+        pos_weight=pos_weight,
+    )
 
 
-def binary_cross_entropy(probs: ArrayLike, target: ArrayLike, *,
-                         weight: Optional[ArrayLike] = None,
-                         reduction: Reduction = "mean") -> Loss:
+def binary_cross_entropy(
+    probs: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: Optional[ArrayLike] = None,
+    reduction: Reduction = "mean",
+) -> Loss:
     """Binary cross-entropy on probabilities, ``torch.nn.functional.binary_cross_entropy``::
 
         loss = -w [t max(log p, -100) + (1 - t) max(log(1 - p), -100)]
@@ -488,16 +590,24 @@ def binary_cross_entropy(probs: ArrayLike, target: ArrayLike, *,
         log_p = np.maximum(np.log(p), -100.0)
         log_1mp = np.maximum(np.log1p(-p), -100.0)
         loss = -w * (t * log_p + (1.0 - t) * log_1mp)
-    return dispatch.finish_loss(np.asarray(loss, dtype=np.float64), reduction, arr.size,
-                                arr.dtype, arr.shape)
+    return dispatch.finish_loss(
+        np.asarray(loss, dtype=np.float64), reduction, arr.size, arr.dtype, arr.shape
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Focal losses
 # --------------------------------------------------------------------------------------------
-def softmax_focal_loss(logits: ArrayLike, target: ArrayLike, *, gamma: float = 2.0,
-                       weight: Optional[ArrayLike] = None, ignore_index: int = -100,
-                       reduction: Reduction = "mean", backend: Backend = "cpu") -> Loss:
+def softmax_focal_loss(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    gamma: float = 2.0,
+    weight: Optional[ArrayLike] = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    backend: Backend = "cpu",
+) -> Loss:
     """Multiclass focal loss::
 
         FL_i = -w_y (1 - p_y)^gamma log p_y,   p = softmax(logits_i)
@@ -527,14 +637,29 @@ def softmax_focal_loss(logits: ArrayLike, target: ArrayLike, *, gamma: float = 2
     References:
         Lin, Goyal, Girshick, He & Dollar, "Focal loss for dense object detection", ICCV 2017.
     """
-    return dispatch.run("softmax_focal_loss", logits, target, reduction=reduction,
-                        backend=backend, weight=weight, ignore_index=ignore_index, gamma=gamma)
+    return dispatch.run(
+        "softmax_focal_loss",
+        logits,
+        target,
+        reduction=reduction,
+        backend=backend,
+        weight=weight,
+        ignore_index=ignore_index,
+        gamma=gamma,
+    )
 
 
-def softmax_focal_loss_with_grad(logits: ArrayLike, target: ArrayLike, *, gamma: float = 2.0,
-                                 weight: Optional[ArrayLike] = None, ignore_index: int = -100,
-                                 reduction: Reduction = "mean", backend: Backend = "cpu",
-                                 out: Optional[np.ndarray] = None) -> tuple[Loss, np.ndarray]:
+def softmax_focal_loss_with_grad(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    gamma: float = 2.0,
+    weight: Optional[ArrayLike] = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    backend: Backend = "cpu",
+    out: Optional[np.ndarray] = None,
+) -> tuple[Loss, np.ndarray]:
     """Fused :func:`softmax_focal_loss` and its gradient::
 
         d FL / d x_j = w_y (p_j - [j == y]) (1 - p_y)^(gamma - 1) (gamma (-log p_y) p_y + 1 - p_y)
@@ -556,14 +681,29 @@ def softmax_focal_loss_with_grad(logits: ArrayLike, target: ArrayLike, *, gamma:
     References:
         Lin, Goyal, Girshick, He & Dollar, "Focal loss for dense object detection", ICCV 2017.
     """
-    return dispatch.run("softmax_focal_loss", logits, target, reduction=reduction,
-                        backend=backend, with_grad=True, out=out, weight=weight,
-                        ignore_index=ignore_index, gamma=gamma)
+    return dispatch.run(
+        "softmax_focal_loss",
+        logits,
+        target,
+        reduction=reduction,
+        backend=backend,
+        with_grad=True,
+        out=out,
+        weight=weight,
+        ignore_index=ignore_index,
+        gamma=gamma,
+    )
 
 
-def sigmoid_focal_loss(logits: ArrayLike, target: ArrayLike, *, alpha: float = 0.25,
-                       gamma: float = 2.0, reduction: Reduction = "none",
-                       backend: Backend = "cpu") -> Loss:
+def sigmoid_focal_loss(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: Reduction = "none",
+    backend: Backend = "cpu",
+) -> Loss:
     """Sigmoid focal loss, ``torchvision.ops.sigmoid_focal_loss`` semantics::
 
         loss = alpha_t BCE_with_logits(x, t) (1 - p_t)^gamma,
@@ -591,17 +731,31 @@ def sigmoid_focal_loss(logits: ArrayLike, target: ArrayLike, *, alpha: float = 0
     References:
         Lin, Goyal, Girshick, He & Dollar, "Focal loss for dense object detection", ICCV 2017.
     """
-    return dispatch.run("sigmoid_focal_loss", logits, target, reduction=reduction,
-                        backend=backend, alpha=alpha, gamma=gamma)
+    return dispatch.run(
+        "sigmoid_focal_loss",
+        logits,
+        target,
+        reduction=reduction,
+        backend=backend,
+        alpha=alpha,
+        gamma=gamma,
+    )
 
 
-def sigmoid_focal_loss_with_grad(logits: ArrayLike, target: ArrayLike, *, alpha: float = 0.25,
-                                 gamma: float = 2.0, reduction: Reduction = "none",
-                                 backend: Backend = "cpu",
-                                 out: Optional[np.ndarray] = None) -> tuple[Loss, np.ndarray]:
+def sigmoid_focal_loss_with_grad(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: Reduction = "none",
+    backend: Backend = "cpu",
+    out: Optional[np.ndarray] = None,
+) -> tuple[Loss, np.ndarray]:
     """Fused :func:`sigmoid_focal_loss` and its gradient::
 
-        d loss / d x = alpha_t (1 - p_t)^gamma [s(x) - t + gamma BCE (1 - 2t) s(x) s(-x) / (1 - p_t)]
+        d loss / d x = alpha_t (1 - p_t)^gamma [s(x) - t
+                                                + gamma BCE (1 - 2t) s(x) s(-x) / (1 - p_t)]
 
     Args:
         logits, target, alpha, gamma, reduction, backend: as for :func:`sigmoid_focal_loss`.
@@ -620,15 +774,25 @@ def sigmoid_focal_loss_with_grad(logits: ArrayLike, target: ArrayLike, *, alpha:
     References:
         Lin, Goyal, Girshick, He & Dollar, "Focal loss for dense object detection", ICCV 2017.
     """
-    return dispatch.run("sigmoid_focal_loss", logits, target, reduction=reduction,
-                        backend=backend, with_grad=True, out=out, alpha=alpha, gamma=gamma)
+    return dispatch.run(
+        "sigmoid_focal_loss",
+        logits,
+        target,
+        reduction=reduction,
+        backend=backend,
+        with_grad=True,
+        out=out,
+        alpha=alpha,
+        gamma=gamma,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # logsumexp, log_softmax, softmax
 # --------------------------------------------------------------------------------------------
-def logsumexp(logits: ArrayLike, dim: Union[int, tuple[int, ...]] = -1,
-              keepdim: bool = False) -> np.ndarray:
+def logsumexp(
+    logits: ArrayLike, dim: Union[int, tuple[int, ...]] = -1, keepdim: bool = False
+) -> np.ndarray:
     """log(sum_j exp(x_j)) over the last axis, computed as::
 
         m + log1p(sum_{j != k} exp(x_j - m)),   m = x_k = max_j x_j
@@ -704,9 +868,23 @@ def softmax(logits: ArrayLike, dim: int = -1, dtype=None) -> np.ndarray:
 
 
 __all__ = [
-    "cross_entropy", "cross_entropy_with_grad", "binary_cross_entropy_with_logits",
-    "binary_cross_entropy_with_logits_with_grad", "binary_cross_entropy", "kl_divergence",
-    "kl_divergence_with_grad", "entropy", "softmax_focal_loss", "softmax_focal_loss_with_grad",
-    "sigmoid_focal_loss", "sigmoid_focal_loss_with_grad", "logsumexp", "log_softmax", "softmax",
-    "nll_loss", "nll_loss_with_grad", "kl_div", "kl_div_with_grad",
+    "cross_entropy",
+    "cross_entropy_with_grad",
+    "binary_cross_entropy_with_logits",
+    "binary_cross_entropy_with_logits_with_grad",
+    "binary_cross_entropy",
+    "kl_divergence",
+    "kl_divergence_with_grad",
+    "entropy",
+    "softmax_focal_loss",
+    "softmax_focal_loss_with_grad",
+    "sigmoid_focal_loss",
+    "sigmoid_focal_loss_with_grad",
+    "logsumexp",
+    "log_softmax",
+    "softmax",
+    "nll_loss",
+    "nll_loss_with_grad",
+    "kl_div",
+    "kl_div_with_grad",
 ]

@@ -28,6 +28,7 @@ Kernel calling convention (shared by the CPU and CUDA kernels, so that dispatch 
 where ``options`` are the variant's ``options`` in the order declared here, each prepared by
 ``cestudy.dispatch`` (class weights as float64 (C,), element-wise weights as float64 rows, ...).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -44,6 +44,7 @@ on values that the rounding to float32 does not already perturb.
 The assertions print the first bad indices and report NaN/inf mismatches separately from finite
 errors.
 """
+
 import numpy as np
 
 from cestudy.reference import oracle
@@ -72,15 +73,22 @@ def assert_ulp_of_scale(value, exact, scale, dtype, tol=CONTRACT_ULP, what="grad
     err = oracle.ulp_error(value, exact, dtype)  # inf on NaN/inf mismatches, 0 on matches
     finite = np.isfinite(v) & np.isfinite(exact) & (err > 0)
     with np.errstate(over="ignore", invalid="ignore"):
-        err[finite] = (np.abs(v - exact)[finite] /
-                       oracle.ulp(scale[finite], dtype)).astype(np.float64)
+        err[finite] = (np.abs(v - exact)[finite] / oracle.ulp(scale[finite], dtype)).astype(
+            np.float64
+        )
     _report(err, value, exact, tol, what)
 
 
 def assert_kl_ulp(value, exact, cross_entropy, dtype, tol=CONTRACT_ULP, what="KL"):
     """(1): KL divergence within tol ulp of H(p, q) (``cross_entropy``, exact, per row)."""
-    assert_ulp_of_scale(value, exact, np.maximum(np.abs(np.asarray(exact, LD)),
-                                                 np.asarray(cross_entropy, LD)), dtype, tol, what)
+    assert_ulp_of_scale(
+        value,
+        exact,
+        np.maximum(np.abs(np.asarray(exact, LD)), np.asarray(cross_entropy, LD)),
+        dtype,
+        tol,
+        what,
+    )
 
 
 def assert_grad_ulp(value, exact, dtype, tol=CONTRACT_ULP, what="grad"):
@@ -94,8 +102,7 @@ def assert_grad_ulp(value, exact, dtype, tol=CONTRACT_ULP, what="grad"):
 # --------------------------------------------------------------------------------------------
 # scales of soft-target gradients (longdouble, from the oracle's softmax)
 # --------------------------------------------------------------------------------------------
-def smoothed_index_target(target, n_classes, weight=None, label_smoothing=0.0,
-                          ignore_index=-100):
+def smoothed_index_target(target, n_classes, weight=None, label_smoothing=0.0, ignore_index=-100):
     """a[i, j] = (1 - eps) w_y [j = y] + (eps / C) w_j (0 on ignored rows): the soft target whose
     gradient sum(a) p - a is the smoothed index-target gradient."""
     y = np.asarray(target, dtype=np.int64)
@@ -148,7 +155,7 @@ def sigmoid_focal_grad_scale(x, t, alpha=0.25, gamma=2.0):
     b = t * q + (1 - t) * p
     g = LD(gamma)
     with np.errstate(divide="ignore", invalid="ignore"):
-        bg = np.where(g == 0, LD(1), b ** g)
+        bg = np.where(g == 0, LD(1), b**g)
         second = np.where((b == 0) | (g == 0), LD(0), g * ce * bg / b * p * q * np.abs(1 - 2 * t))
     at = alpha * t + (1 - alpha) * (1 - t) if alpha >= 0 else LD(1)
     return np.abs(at) * (np.maximum(p * (1 - t), q * t) * bg + second)
@@ -160,12 +167,16 @@ def _report(err, value, exact, tol, what):
     nonfinite = np.isinf(err)
     if nonfinite.any():
         idx = np.argwhere(nonfinite)[:5]
-        raise AssertionError(f"{what}: NaN/inf mismatch at {idx.tolist()}: got "
-                             f"{[value[tuple(i)] for i in idx]}, exact "
-                             f"{[float(exact[tuple(i)]) for i in idx]}")
+        raise AssertionError(
+            f"{what}: NaN/inf mismatch at {idx.tolist()}: got "
+            f"{[value[tuple(i)] for i in idx]}, exact "
+            f"{[float(exact[tuple(i)]) for i in idx]}"
+        )
     bad = err > tol
     if bad.any():
         idx = np.argwhere(bad)[:5]
-        raise AssertionError(f"{what}: max error {err.max():.3g} ulp > {tol} at {idx.tolist()}: "
-                             f"got {[value[tuple(i)] for i in idx]}, exact "
-                             f"{[float(exact[tuple(i)]) for i in idx]}")
+        raise AssertionError(
+            f"{what}: max error {err.max():.3g} ulp > {tol} at {idx.tolist()}: "
+            f"got {[value[tuple(i)] for i in idx]}, exact "
+            f"{[float(exact[tuple(i)]) for i in idx]}"
+        )

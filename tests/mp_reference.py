@@ -15,6 +15,7 @@ against ``mpmath.diff`` of these losses in the same test module.
 
 Keep rows few and short: mpmath at several hundred digits costs tens of microseconds per exp.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ def from_longdouble(v):
     hi = np.floor(np.ldexp(mant, 56))
     lo = np.ldexp(np.ldexp(mant, 56) - hi, 64)  # the remaining <= 57 bits, an integer
     with mpmath.workprec(128):  # >= 113 bits: exact
-        return mpmath.ldexp(mpf(int(hi) * 2 ** 64 + int(lo)), int(e) - 120)
+        return mpmath.ldexp(mpf(int(hi) * 2**64 + int(lo)), int(e) - 120)
 
 
 def _row(x):
@@ -74,8 +75,9 @@ def _row(x):
 
 def _bad(xs):
     """NaN anywhere, +inf anywhere or every entry -inf: the row's results are NaN."""
-    return any(mpmath.isnan(v) for v in xs) or any(v == INF for v in xs) or \
-        all(v == -INF for v in xs)
+    return (
+        any(mpmath.isnan(v) for v in xs) or any(v == INF for v in xs) or all(v == -INF for v in xs)
+    )
 
 
 def _weights(weight, c):
@@ -150,8 +152,9 @@ def cross_entropy_grad_row(x, y, weight=None, ignore_index=-100, label_smoothing
         w = _weights(weight, c)
         eps = mp(label_smoothing)
         wsum = mpmath.fsum(w)
-        return [(1 - eps) * w[y] * (p[j] - (j == y)) + eps / c * (wsum * p[j] - w[j])
-                for j in range(c)]
+        return [
+            (1 - eps) * w[y] * (p[j] - (j == y)) + eps / c * (wsum * p[j] - w[j]) for j in range(c)
+        ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +214,7 @@ def entropy_row(t, dps=60):
 # --------------------------------------------------------------------------------------------
 def _pow(u, gamma):
     """u ** gamma with 0 ** 0 = 1 (torch's pow)."""
-    return mpf(1) if gamma == 0 else (mpf(0) if u == 0 else u ** gamma)
+    return mpf(1) if gamma == 0 else (mpf(0) if u == 0 else u**gamma)
 
 
 def softmax_focal_loss_row(x, y, gamma=2.0, weight=None, ignore_index=-100, dps=None):
@@ -265,7 +268,8 @@ def _softplus(x):
 
 def _scalar_digits(*vals):
     return digits_for(np.array(vals, dtype=np.float64)) + int(
-        max((abs(float(v)) for v in vals if math.isfinite(float(v))), default=0) / math.log(10))
+        max((abs(float(v)) for v in vals if math.isfinite(float(v))), default=0) / math.log(10)
+    )
 
 
 def binary_cross_entropy_with_logits(x, t, weight=1.0, pos_weight=1.0, dps=None):
@@ -329,8 +333,9 @@ def sigmoid_focal_loss_grad(x, t, alpha=0.25, gamma=2.0, dps=None):
         ce = t * _softplus(-x) + (1 - t) * _softplus(x)
         b = 1 - (p * t + (1 - p) * (1 - t))
         at = a * t + (1 - a) * (1 - t) if alpha >= 0 else mpf(1)
-        second = mpf(0) if (b == 0 or gamma == 0) else g * ce * b ** (g - 1) * p * (1 - p) * (
-            1 - 2 * t)
+        second = (
+            mpf(0) if (b == 0 or gamma == 0) else g * ce * b ** (g - 1) * p * (1 - p) * (1 - 2 * t)
+        )
         return at * ((p - t) * _pow(b, g) + second)
 
 
@@ -344,8 +349,11 @@ def sigmoid_focal_loss_grad_scale(x, t, alpha=0.25, gamma=2.0):
         ce = t * _softplus(-x) + (1 - t) * _softplus(x)
         b = 1 - (p * t + (1 - p) * (1 - t))
         at = a * t + (1 - a) * (1 - t) if alpha >= 0 else mpf(1)
-        second = mpf(0) if (b == 0 or gamma == 0) else g * ce * b ** (g - 1) * p * (1 - p) * abs(
-            1 - 2 * t)
+        second = (
+            mpf(0)
+            if (b == 0 or gamma == 0)
+            else g * ce * b ** (g - 1) * p * (1 - p) * abs(1 - 2 * t)
+        )
         return abs(at) * (max(p * (1 - t), (1 - p) * t) * _pow(b, g) + second)
 
 

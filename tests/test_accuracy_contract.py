@@ -6,6 +6,7 @@ float64 to 2 gamma + 4 ulp, KL in ulps of H(p, q), reductions against the exact 
 Inputs mix ordinary rows with the extremes the contract names: confident rows (tiny losses),
 large offsets, -inf masked classes, wide logit scales.
 """
+
 import numpy as np
 import pytest
 
@@ -56,8 +57,12 @@ def test_cross_entropy_index_weight_smoothing_ignore(dtype, c):
     y = index_targets(rng, x)
     y[7] = -100
     w = rng.uniform(0.1, 3, c)
-    for opts in ({}, {"weight": w}, {"label_smoothing": 0.1}, {"label_smoothing": 0.1,
-                                                                "weight": w}):
+    for opts in (
+        {},
+        {"weight": w},
+        {"label_smoothing": 0.1},
+        {"label_smoothing": 0.1, "weight": w},
+    ):
         what = f"{sorted(opts)}"
         loss, grad = cs.cross_entropy_with_grad(x, y, reduction="none", **opts)
         exact = oracle.cross_entropy(x, y, **opts)
@@ -66,8 +71,9 @@ def test_cross_entropy_index_weight_smoothing_ignore(dtype, c):
         ok = np.isfinite(exact)  # smoothing over a masked class: loss +inf (tested elsewhere)
         if "label_smoothing" in opts:
             a = smoothed_index_target(y, c, opts.get("weight"), opts["label_smoothing"])
-            assert_ulp_of_scale(grad[ok], exact_g[ok], soft_grad_scale(x, a)[ok], dtype,
-                                what=f"grad {what}")
+            assert_ulp_of_scale(
+                grad[ok], exact_g[ok], soft_grad_scale(x, a)[ok], dtype, what=f"grad {what}"
+            )
         else:
             assert_ulp(grad, exact_g, dtype, what=f"grad {what}")
 
@@ -83,8 +89,7 @@ def test_smoothed_rows_with_masked_classes_gradient(dtype):
     x = x.astype(dtype)
     y = rng.choice([0, 2, 6, 8], 12)
     w = rng.uniform(0.5, 2, 9)
-    loss, grad = cs.cross_entropy_with_grad(x, y, weight=w, label_smoothing=0.2,
-                                            reduction="none")
+    loss, grad = cs.cross_entropy_with_grad(x, y, weight=w, label_smoothing=0.2, reduction="none")
     assert np.isposinf(loss).all()
     exact_g = oracle.cross_entropy_grad(x, y, w, label_smoothing=0.2)
     a = smoothed_index_target(y, 9, w, 0.2)
@@ -103,12 +108,17 @@ def test_cross_entropy_probability_kl_entropy(dtype):
     for opts in ({}, {"weight": w, "label_smoothing": 0.05}):
         loss, grad = cs.cross_entropy_with_grad(x, p, reduction="none", **opts)
         assert_ulp(loss, oracle.cross_entropy_probs(x, p, **opts), dtype)
-        assert_ulp_of_scale(grad, oracle.cross_entropy_probs_grad(x, p, **opts),
-                            soft_grad_scale(x, probs_target(p, **opts)), dtype)
+        assert_ulp_of_scale(
+            grad,
+            oracle.cross_entropy_probs_grad(x, p, **opts),
+            soft_grad_scale(x, probs_target(p, **opts)),
+            dtype,
+        )
     kl, kgrad = cs.kl_divergence_with_grad(x, p, reduction="none")
     assert_kl_ulp(kl, oracle.kl_divergence(x, p), oracle.cross_entropy_probs(x, p), dtype)
-    assert_ulp_of_scale(kgrad, oracle.kl_divergence_grad(x, p),
-                        soft_grad_scale(x, probs_target(p)), dtype)
+    assert_ulp_of_scale(
+        kgrad, oracle.kl_divergence_grad(x, p), soft_grad_scale(x, probs_target(p)), dtype
+    )
     assert_ulp(cs.entropy(p), oracle.entropy(p), dtype)
 
 
@@ -122,13 +132,24 @@ def test_softmax_focal_with_and_without_weight(dtype, gamma):
     w = rng.uniform(0.1, 3, 30)
     tol = focal_tol(gamma, dtype)
     for weight in (None, w):
-        loss, grad = cs.softmax_focal_loss_with_grad(x, y, gamma=gamma, weight=weight,
-                                                     reduction="none")
+        loss, grad = cs.softmax_focal_loss_with_grad(
+            x, y, gamma=gamma, weight=weight, reduction="none"
+        )
         what = f"weight={weight is not None}"
-        assert_ulp(loss, oracle.softmax_focal_loss(x, y, gamma, weight), dtype, tol=tol,
-                   what=f"loss {what}")
-        assert_ulp(grad, oracle.softmax_focal_loss_grad(x, y, gamma, weight), dtype, tol=tol,
-                   what=f"grad {what}")
+        assert_ulp(
+            loss,
+            oracle.softmax_focal_loss(x, y, gamma, weight),
+            dtype,
+            tol=tol,
+            what=f"loss {what}",
+        )
+        assert_ulp(
+            grad,
+            oracle.softmax_focal_loss_grad(x, y, gamma, weight),
+            dtype,
+            tol=tol,
+            what=f"grad {what}",
+        )
 
 
 def _sigmoid_inputs(dtype):
@@ -146,17 +167,23 @@ def test_bce_with_logits_weight_and_pos_weight(dtype):
     w = rng.uniform(0, 2, x.shape)
     for opts in ({}, {"pos_weight": pw}, {"weight": w}, {"weight": w[0], "pos_weight": pw}):
         for t in (t_hard, t_soft):
-            loss, grad = cs.binary_cross_entropy_with_logits_with_grad(x, t, reduction="none",
-                                                                       **opts)
+            loss, grad = cs.binary_cross_entropy_with_logits_with_grad(
+                x, t, reduction="none", **opts
+            )
             what = f"{sorted(opts)} hard={t is t_hard}"
-            assert_ulp(loss, oracle.binary_cross_entropy_with_logits(x, t, **opts), dtype,
-                       what=f"loss {what}")
+            assert_ulp(
+                loss,
+                oracle.binary_cross_entropy_with_logits(x, t, **opts),
+                dtype,
+                what=f"loss {what}",
+            )
             exact_g = oracle.binary_cross_entropy_with_logits_grad(x, t, **opts)
             if t is t_hard:
                 assert_ulp(grad, exact_g, dtype, what=f"grad {what}")
             else:
-                assert_ulp_of_scale(grad, exact_g, bce_grad_scale(x, t, **opts), dtype,
-                                    what=f"grad {what}")
+                assert_ulp_of_scale(
+                    grad, exact_g, bce_grad_scale(x, t, **opts), dtype, what=f"grad {what}"
+                )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -167,16 +194,28 @@ def test_sigmoid_focal_alpha_and_gamma(dtype, alpha):
         tol = focal_tol(gamma, dtype)
         for t in (t_hard, t_soft):
             what = f"gamma={gamma} hard={t is t_hard}"
-            sl, sg = cs.sigmoid_focal_loss_with_grad(x, t, alpha=alpha, gamma=gamma,
-                                                     reduction="none")
-            assert_ulp(sl, oracle.sigmoid_focal_loss(x, t, alpha, gamma), dtype, tol=tol,
-                       what=f"loss {what}")
+            sl, sg = cs.sigmoid_focal_loss_with_grad(
+                x, t, alpha=alpha, gamma=gamma, reduction="none"
+            )
+            assert_ulp(
+                sl,
+                oracle.sigmoid_focal_loss(x, t, alpha, gamma),
+                dtype,
+                tol=tol,
+                what=f"loss {what}",
+            )
             exact_g = oracle.sigmoid_focal_loss_grad(x, t, alpha, gamma)
             if t is t_hard:
                 assert_ulp(sg, exact_g, dtype, tol=tol, what=f"grad {what}")
             else:
-                assert_ulp_of_scale(sg, exact_g, sigmoid_focal_grad_scale(x, t, alpha, gamma),
-                                    dtype, tol=tol, what=f"grad {what}")
+                assert_ulp_of_scale(
+                    sg,
+                    exact_g,
+                    sigmoid_focal_grad_scale(x, t, alpha, gamma),
+                    dtype,
+                    tol=tol,
+                    what=f"grad {what}",
+                )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -207,25 +246,38 @@ def test_reductions_mean_and_sum_against_the_exact_sums(dtype):
     for opts in ({}, {"weight": w}, {"weight": w, "label_smoothing": 0.1}):
         per = oracle.cross_entropy(x, y, **opts)
         wy = (w if "weight" in opts else np.ones(40))[np.where(y == -100, 0, y)] * (y != -100)
-        assert_ulp(cs.cross_entropy(x, y, reduction="sum", **opts), per.sum(), dtype,
-                   what=f"sum {sorted(opts)}")
-        assert_ulp(cs.cross_entropy(x, y, reduction="mean", **opts),
-                   per.sum() / wy.astype(LD).sum(), dtype, what=f"mean {sorted(opts)}")
+        assert_ulp(
+            cs.cross_entropy(x, y, reduction="sum", **opts),
+            per.sum(),
+            dtype,
+            what=f"sum {sorted(opts)}",
+        )
+        assert_ulp(
+            cs.cross_entropy(x, y, reduction="mean", **opts),
+            per.sum() / wy.astype(LD).sum(),
+            dtype,
+            what=f"mean {sorted(opts)}",
+        )
     p = rng.dirichlet(np.ones(40), 300).astype(dtype)
     per = oracle.cross_entropy_probs(x, p)
     assert_ulp(cs.cross_entropy(x, p, reduction="mean"), per.mean(), dtype, what="probs mean")
     kl = oracle.kl_divergence(x, p)
     assert_ulp(cs.kl_divergence(x, p, reduction="sum"), kl.sum(), dtype, what="KL sum")
     per = oracle.softmax_focal_loss(x, y, 2.0, w)
-    assert_ulp(cs.softmax_focal_loss(x, y, weight=w, reduction="sum"), per.sum(), dtype,
-               what="focal sum")
+    assert_ulp(
+        cs.softmax_focal_loss(x, y, weight=w, reduction="sum"), per.sum(), dtype, what="focal sum"
+    )
     xb = x[:, :10] / 10
     tb = rng.uniform(size=xb.shape).astype(dtype)
     per = oracle.binary_cross_entropy_with_logits(xb, tb)
     assert_ulp(cs.binary_cross_entropy_with_logits(xb, tb), per.mean(), dtype, what="bce mean")
     per = oracle.sigmoid_focal_loss(xb, tb, 0.25, 2.0)
-    assert_ulp(cs.sigmoid_focal_loss(xb, tb, reduction="mean"), per.mean(), dtype,
-               what="sigmoid focal mean")
+    assert_ulp(
+        cs.sigmoid_focal_loss(xb, tb, reduction="mean"),
+        per.mean(),
+        dtype,
+        what="sigmoid focal mean",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

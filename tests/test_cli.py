@@ -1,5 +1,6 @@
 """The command line: --version, argument checks, export by study and kind with NaN as CSV readers
 expect, and every command in cestudy.cli."""
+
 import csv
 import io
 import json
@@ -17,8 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "cestudy", *args], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "cestudy", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 def test_version():
@@ -45,23 +51,53 @@ def test_every_command_is_in_cli_and_main_only_calls_it():
 @pytest.fixture
 def store_path(tmp_path):
     path = tmp_path / "r.sqlite"
-    acc = {"kind": "accuracy", "variant": "cross_entropy", "implementation": "naive",
-           "dtype": "float32"}
+    acc = {
+        "kind": "accuracy",
+        "variant": "cross_entropy",
+        "implementation": "naive",
+        "dtype": "float32",
+    }
     with Store(path) as st:
         run = st.start_run("s", {})
         st.put("a1", "s", acc, "v", "ok", None, {"fwd_max_ulp": math.nan, "n_samples": 3}, run)
-        st.put("a2", "s", dict(acc, implementation="lse"), "v", "ok", None,
-               {"fwd_max_ulp": math.inf, "n_samples": 3}, run)
-        st.put("t1", "s", {"kind": "training", "loss": "ce"}, "v", "ok", None,
-               {"balanced_accuracy": 0.5, "curve_test_bacc": [0.1, math.nan]}, run)
-        st.put("o1", "other", dict(acc, dtype="float64"), "v", "ok", None,
-               {"fwd_max_ulp": 0.5}, run)
+        st.put(
+            "a2",
+            "s",
+            dict(acc, implementation="lse"),
+            "v",
+            "ok",
+            None,
+            {"fwd_max_ulp": math.inf, "n_samples": 3},
+            run,
+        )
+        st.put(
+            "t1",
+            "s",
+            {"kind": "training", "loss": "ce"},
+            "v",
+            "ok",
+            None,
+            {"balanced_accuracy": 0.5, "curve_test_bacc": [0.1, math.nan]},
+            run,
+        )
+        st.put(
+            "o1", "other", dict(acc, dtype="float64"), "v", "ok", None, {"fwd_max_ulp": 0.5}, run
+        )
     return path
 
 
 def test_export_csv_by_kind_fits_and_writes_nan_as_readers_expect(store_path):
-    proc = run_cli("export", "--format", "csv", "--kind", "accuracy", "--study", "s",
-                   "--results", str(store_path))
+    proc = run_cli(
+        "export",
+        "--format",
+        "csv",
+        "--kind",
+        "accuracy",
+        "--study",
+        "s",
+        "--results",
+        str(store_path),
+    )
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert len(rows) == 2 and {r["kind"] for r in rows} == {"accuracy"}
@@ -72,12 +108,10 @@ def test_export_csv_by_kind_fits_and_writes_nan_as_readers_expect(store_path):
 
 
 def test_export_csv_leaves_list_columns_to_json(store_path):
-    proc = run_cli("export", "--format", "csv", "--kind", "training", "--results",
-                   str(store_path))
+    proc = run_cli("export", "--format", "csv", "--kind", "training", "--results", str(store_path))
     assert proc.returncode == 0 and "curve_test_bacc" not in proc.stdout
     assert "curve_test_bacc" in proc.stderr
-    js = run_cli("export", "--format", "json", "--kind", "training", "--results",
-                 str(store_path))
+    js = run_cli("export", "--format", "json", "--kind", "training", "--results", str(store_path))
     rows = json.loads(js.stdout)  # standard JSON: no NaN literal
     assert "NaN" not in js.stdout and rows[0]["curve_test_bacc"] == [0.1, "nan"]
 

@@ -2,6 +2,7 @@
 NUMBA_ENABLE_CUDASIM must be set before numba is imported) and PTX compilation of every kernel
 for compute capabilities 8.0 and 9.0, for every input dtype and both group reductions (warp
 shuffles, the GPU's default, and shared-memory trees, the simulator's)."""
+
 import os
 import re
 import subprocess
@@ -14,13 +15,19 @@ HERE = Path(__file__).resolve().parent
 
 
 def test_cuda_kernels_in_the_simulator():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", CESTUDY_CUDA_THREADS="8",
-               CESTUDY_CUDA_ELEMENTS="2")
+    env = dict(
+        os.environ, NUMBA_ENABLE_CUDASIM="1", CESTUDY_CUDA_THREADS="8", CESTUDY_CUDA_ELEMENTS="2"
+    )
     for key in ("CESTUDY_CUDA_REDUCTION", "CESTUDY_CUDA_CHECKS"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           str(HERE / "cudasim")], env=env, capture_output=True, text=True,
-                          timeout=3600, cwd=HERE.parent)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "cudasim")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        cwd=HERE.parent,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
 
@@ -28,8 +35,12 @@ def test_cuda_kernels_in_the_simulator():
 def _signatures(kind):
     from numba import types
 
-    elem = {"float64": types.float64, "float32": types.float32, "float16": types.float16,
-            "bfloat16": types.uint16}[kind]
+    elem = {
+        "float64": types.float64,
+        "float32": types.float32,
+        "float16": types.float16,
+        "bfloat16": types.uint16,
+    }[kind]
     x = types.Array(elem, 2, "C")
     loss = types.Array(types.float64 if kind == "float64" else types.float32, 1, "C")
     loss2 = types.Array(loss.dtype, 2, "C")
@@ -61,16 +72,18 @@ def compile_ptx(monkeypatch):
         import numba_cuda  # noqa: F401  (NVIDIA's numba-cuda with its NVVM wheel)
         from numba.cuda import compile_ptx, dispatcher
     except ImportError as exc:
-        pytest.fail(f"numba-cuda[cu13] is needed for the PTX test (pip install "
-                    f"'cestudy[cuda]'): {exc}")
+        pytest.fail(
+            f"numba-cuda[cu13] is needed for the PTX test (pip install 'cestudy[cuda]'): {exc}"
+        )
     import types as pytypes
 
     def compile_for(fn, sig, cc):
         # compile_ptx itself needs no GPU, but numba-cuda compiles the device functions a
         # kernel calls for "the current device's" compute capability, which asks the driver;
         # without a GPU there is none, so the test names the capability it compiles for.
-        monkeypatch.setattr(dispatcher, "get_current_device",
-                            lambda: pytypes.SimpleNamespace(compute_capability=cc))
+        monkeypatch.setattr(
+            dispatcher, "get_current_device", lambda: pytypes.SimpleNamespace(compute_capability=cc)
+        )
         return compile_ptx(fn, sig, cc=cc)[0]
 
     return compile_for
@@ -94,9 +107,13 @@ def test_every_cuda_kernel_compiles_to_ptx_with_warp_shuffles(cc, kind, compile_
         if name in ROW_KERNELS:
             assert "shfl.sync.bfly" in ptx, name
             assert ".local" not in ptx, name
-    assert re.search(r"cvt\.rn\.f16\.f32", compile_ptx(funcs["cross_entropy_index"],
-                                                        sigs["cross_entropy_index"], cc)) or \
-        kind != "float16"
+    assert (
+        re.search(
+            r"cvt\.rn\.f16\.f32",
+            compile_ptx(funcs["cross_entropy_index"], sigs["cross_entropy_index"], cc),
+        )
+        or kind != "float16"
+    )
 
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "float64"])
@@ -119,8 +136,9 @@ def test_float32_hot_loop_is_float32(compile_ptx):
     from cestudy.kernels import cuda as ck
 
     funcs = ck._make_kernels(256, "float32", "shuffle")["_pyfuncs"]
-    ptx = compile_ptx(funcs["cross_entropy_index"], _signatures("float32")[
-        "cross_entropy_index"], (9, 0))
+    ptx = compile_ptx(
+        funcs["cross_entropy_index"], _signatures("float32")["cross_entropy_index"], (9, 0)
+    )
     first_load = ptx.index("ld.global.f32")
     reduction = ptx.index("shfl.sync.bfly")
     loop = ptx[first_load:reduction]

@@ -1,6 +1,7 @@
 """Extreme inputs checked against the oracle, each test named after the failure it guards.
 
 Gradients here have hard targets: the contract (tests/helpers.py) holds them element-wise."""
+
 import numpy as np
 import pytest
 
@@ -35,8 +36,9 @@ def test_true_class_gradient_does_not_vanish_when_p_y_rounds_to_one(dtype):
     assert_ulp(grad[:, 0], oracle.cross_entropy_grad(x, y)[:, 0], dtype)
 
 
-@pytest.mark.parametrize("dtype,offset", [(np.float32, 1e6), (np.float32, 1e8),
-                                          (np.float64, 1e15), (np.float64, 1e300)])
+@pytest.mark.parametrize(
+    "dtype,offset", [(np.float32, 1e6), (np.float32, 1e8), (np.float64, 1e15), (np.float64, 1e300)]
+)
 def test_equal_logits_at_large_offset_give_log_c(dtype, offset):
     # lse - x_y gives 0 at offset 1e8 in float32 (true value log 3 = 1.0986)
     x = np.full((2, 3), offset, dtype)
@@ -62,8 +64,9 @@ def test_label_smoothing_with_minus_inf_logits_is_inf_and_zero_weight_gives_nan(
     y = np.array([0])
     loss = cs.cross_entropy(x, y, label_smoothing=0.1, reduction="none")
     assert np.isposinf(loss[0])
-    ref = torch.nn.functional.cross_entropy(torch.tensor(x), torch.tensor(y),
-                                            label_smoothing=0.1, reduction="none")
+    ref = torch.nn.functional.cross_entropy(
+        torch.tensor(x), torch.tensor(y), label_smoothing=0.1, reduction="none"
+    )
     assert np.isposinf(ref.numpy()[0])
     w = np.array([1.0, 0.0, 1.0])
     loss_w = cs.cross_entropy(x, y, weight=w, label_smoothing=0.1, reduction="none")
@@ -176,6 +179,10 @@ def test_kl_of_identical_distributions_is_zero_and_decomposition_holds(dtype):
     ce = cs.cross_entropy(x, q, reduction="none")
     h = cs.entropy(q)
     kl = cs.kl_divergence(x, q, reduction="none")
-    assert_ulp(h.astype(np.float64) + kl.astype(np.float64), oracle.cross_entropy_probs(x, q),
-               dtype, tol=4.0)
+    assert_ulp(
+        h.astype(np.float64) + kl.astype(np.float64),
+        oracle.cross_entropy_probs(x, q),
+        dtype,
+        tol=4.0,
+    )
     assert_ulp(ce, oracle.cross_entropy_probs(x, q), dtype)

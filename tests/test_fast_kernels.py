@@ -3,6 +3,7 @@ beyond its values: their exp and maximum over the whole input range, the same ex
 contract as the reference kernels (rows of one block and of several), gradients written over the
 logits (in place) equal to gradients written elsewhere, and serial twins equal to the parallel
 kernels."""
+
 import math
 
 import numpy as np
@@ -14,7 +15,6 @@ from cestudy.kernels import cpu, cpu_fast
 from cestudy.reference import oracle
 
 from helpers import (
-    assert_grad_ulp,
     assert_ulp,
     assert_ulp_of_scale,
     probs_target,
@@ -36,8 +36,13 @@ def _exp_many(d, out):
 
 
 def test_exp_neg_relative_error_over_its_whole_input_range():
-    d = np.concatenate([-np.logspace(-300, np.log10(708), 200000),
-                        np.linspace(-708, 0, 200001), [0.0, -0.0, -708.0]])
+    d = np.concatenate(
+        [
+            -np.logspace(-300, np.log10(708), 200000),
+            np.linspace(-708, 0, 200001),
+            [0.0, -0.0, -708.0],
+        ]
+    )
     out = np.empty_like(d)
     _exp_many(d, out)
     exact = np.exp(d.astype(np.longdouble))
@@ -62,8 +67,13 @@ def test_float32_exp_of_an_exact_difference_within_0_65_ulp_down_to_the_flush():
     rng = np.random.default_rng(0)
     k = 1_000_000
     m = np.concatenate([rng.normal(size=k) * 10.0 ** rng.uniform(-3, 8, k), np.zeros(5)])
-    d = np.concatenate([-rng.uniform(0, 155, k // 2), -np.abs(rng.normal(size=k // 2)) * 3,
-                        [0.0, -1e-30, -150.0, -149.99, -150.01]])
+    d = np.concatenate(
+        [
+            -rng.uniform(0, 155, k // 2),
+            -np.abs(rng.normal(size=k // 2)) * 3,
+            [0.0, -1e-30, -150.0, -149.99, -150.01],
+        ]
+    )
     m = m.astype(np.float32)
     x = (m.astype(np.float64) + d).astype(np.float32)
     out = np.empty_like(x)
@@ -74,22 +84,25 @@ def test_float32_exp_of_an_exact_difference_within_0_65_ulp_down_to_the_flush():
     err = oracle.ulp_error(out[live], exact[live], np.float32)
     assert err.max() <= 0.65, err.max()
     assert np.all(out[~live] == 0)
-    assert out[exact_d == 0].tolist() == [np.float32(2.0 ** 96)] * int(np.sum(exact_d == 0))
+    assert out[exact_d == 0].tolist() == [np.float32(2.0**96)] * int(np.sum(exact_d == 0))
     special = np.array([-np.inf, -np.inf, 1e30], np.float32)
     out = np.empty_like(special)
     _exp_f32_of_differences(special, np.array([0, 5, np.inf], np.float32), out)
     assert np.all(out == 0)
 
 
-@pytest.mark.parametrize("row, expected", [
-    ([1.0, 2.0, np.inf], (np.inf, False)),
-    ([np.nan, 1.0], (np.nan, True)),
-    ([-np.nan, 3.0], (3.0, True)),  # x86's default NaN has the sign bit set
-    ([-np.inf, -np.inf], (-np.inf, False)),
-    ([-1.0, -5.0, -0.0], (0.0, False)),
-    ([-3e38, -1e-45], (-1e-45, False)),
-    ([7.0], (7.0, False)),
-])
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ([1.0, 2.0, np.inf], (np.inf, False)),
+        ([np.nan, 1.0], (np.nan, True)),
+        ([-np.nan, 3.0], (3.0, True)),  # x86's default NaN has the sign bit set
+        ([-np.inf, -np.inf], (-np.inf, False)),
+        ([-1.0, -5.0, -0.0], (0.0, False)),
+        ([-3e38, -1e-45], (-1e-45, False)),
+        ([7.0], (7.0, False)),
+    ],
+)
 def test_row_max_f32_orders_like_floats_and_flags_nan_of_either_sign(row, expected):
     m, bad = cpu_fast.row_max_f32(np.array(row, np.float32))
     assert bad == expected[1]
@@ -133,19 +146,24 @@ def test_float64_block_sum_is_compensated(scale):
     """The split sum of a block (high parts exact, low parts tiny) is within an ulp of the exact
     sum for terms spanning 30 binades, where a plain sum in lanes loses several."""
     rng = np.random.default_rng(2)
-    e = np.exp(rng.uniform(-70, 0, cpu_fast.BLOCK)) * scale * 2.0 ** 96
-    e[::97] = 2.0 ** 96  # ties are left out of the sum
-    top = int(np.max(e[e < 2.0 ** 96]).view(np.int64))
+    e = np.exp(rng.uniform(-70, 0, cpu_fast.BLOCK)) * scale * 2.0**96
+    e[::97] = 2.0**96  # ties are left out of the sum
+    top = int(np.max(e[e < 2.0**96]).view(np.int64))
     got = cpu_fast._sum_below_f64(e, top)
     import math
-    exact = math.fsum(e[e < 2.0 ** 96].tolist())
+
+    exact = math.fsum(e[e < 2.0**96].tolist())
     assert abs(got - exact) <= 0.5 * np.spacing(exact)
 
 
 def test_row_max_f64_orders_like_floats_and_flags_nan():
-    for row, m, bad in (([1.0, np.inf], np.inf, False), ([-np.nan, 2.0], None, True),
-                        ([np.nan], None, True), ([-0.0, -1e-300], -0.0, False),
-                        ([-np.inf, -np.inf], -np.inf, False)):
+    for row, m, bad in (
+        ([1.0, np.inf], np.inf, False),
+        ([-np.nan, 2.0], None, True),
+        ([np.nan], None, True),
+        ([-0.0, -1e-300], -0.0, False),
+        ([-np.inf, -np.inf], -np.inf, False),
+    ):
         got, got_bad = cpu_fast.row_max_f64(np.array(row))
         assert got_bad == bad and (bad or got == m)
 
@@ -173,8 +191,10 @@ def run_fast(x, y, w=None, eps=0.0, scale=1.0):
 
 
 EXTREMES = {
-    "confident_correct_tiny_loss": (np.array([[20.0, 0, 0], [60.0, 1, 2], [87.0, 0, -3]]),
-                                    [0, 0, 0]),
+    "confident_correct_tiny_loss": (
+        np.array([[20.0, 0, 0], [60.0, 1, 2], [87.0, 0, -3]]),
+        [0, 0, 0],
+    ),
     "subnormal_float32_loss": (np.array([[95.0, 0, 0, 0], [101.0, 0, -1, 0]]), [0, 0]),
     "equal_logits_offset_1e8": (np.full((2, 3), 1e8), [0, 2]),
     "ties_at_the_max": (np.array([[5.0, 5.0, 1.0], [5.0, 5.0, 5.0]]), [1, 2]),
@@ -200,13 +220,15 @@ def test_extreme_cases_match_the_oracle(case, eps):
         assert_ulp(grad[finite], exact_g[finite], np.float32)
     else:
         a = smoothed_index_target(y, x.shape[1], None, eps)
-        assert_ulp_of_scale(grad[finite], exact_g[finite], soft_grad_scale(x, a)[finite],
-                            np.float32)
+        assert_ulp_of_scale(
+            grad[finite], exact_g[finite], soft_grad_scale(x, a)[finite], np.float32
+        )
 
 
 def test_nan_plus_inf_and_all_minus_inf_rows_are_nan():
-    x = np.array([[np.nan, 0, 1], [np.inf, 0, 1], [-np.inf, -np.inf, -np.inf], [1, 2, 3]],
-                 np.float32)
+    x = np.array(
+        [[np.nan, 0, 1], [np.inf, 0, 1], [-np.inf, -np.inf, -np.inf], [1, 2, 3]], np.float32
+    )
     loss, grad = run_fast(x, np.array([0, 1, 2, 2]))
     assert np.isnan(loss[:3]).all() and np.isnan(grad[:3]).all() and np.isfinite(loss[3])
 
@@ -221,8 +243,12 @@ def test_random_rows_agree_with_the_oracle(c):
     w = rng.uniform(0.1, 3, c)
     for eps in (0.0, 0.2):
         loss, grad = run_fast(x, y, w, eps, 1.0 / n)
-        assert_ulp(loss.astype(np.float32), oracle.cross_entropy(x, y, w, label_smoothing=eps),
-                   np.float32, tol=1.2)
+        assert_ulp(
+            loss.astype(np.float32),
+            oracle.cross_entropy(x, y, w, label_smoothing=eps),
+            np.float32,
+            tol=1.2,
+        )
         exact_g = oracle.cross_entropy_grad(x, y, w, label_smoothing=eps) / n
         if eps == 0.0:
             assert_ulp(grad, exact_g, np.float32, tol=2)
@@ -242,12 +268,12 @@ def _multi_block_rows(c=SEVERAL_BLOCKS[0]):
     block."""
     rng = np.random.default_rng(3)
     x = (rng.normal(size=(8, c)) * 4).astype(np.float32)
-    x[0, -5] = 30.0                       # the maximum in the last, partial block
-    x[1, :BLOCK + 3] = -np.inf            # a first block of -inf only
+    x[0, -5] = 30.0  # the maximum in the last, partial block
+    x[1, : BLOCK + 3] = -np.inf  # a first block of -inf only
     x[2, [10, BLOCK + 10, 3 * BLOCK]] = 9.0  # ties in three blocks
     x[3] = 0.0
-    x[3, 2 * BLOCK + 1] = 120.0           # confident: S = (C - 1) e^-120, a subnormal loss
-    x[4, :] = np.float32(1e8)             # all equal at an offset
+    x[3, 2 * BLOCK + 1] = 120.0  # confident: S = (C - 1) e^-120, a subnormal loss
+    x[4, :] = np.float32(1e8)  # all equal at an offset
     x[5, ::BLOCK] = -np.inf
     x[6, 2 * BLOCK + 3] = np.nan
     x[7, 3 * BLOCK + 2] = np.inf
@@ -312,8 +338,12 @@ def test_float64_rows_match_the_oracle(c, eps):
     np.testing.assert_array_equal(loss, fused)
     exact = oracle.cross_entropy_probs(x, p, w, eps)
     assert_ulp(loss, exact, np.float64)
-    assert_ulp_of_scale(grad, oracle.cross_entropy_probs_grad(x, p, w, eps),
-                        soft_grad_scale(x, probs_target(p, w, eps)), np.float64)
+    assert_ulp_of_scale(
+        grad,
+        oracle.cross_entropy_probs_grad(x, p, w, eps),
+        soft_grad_scale(x, probs_target(p, w, eps)),
+        np.float64,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,8 +374,13 @@ def test_fast_soft_target_cross_entropy(eps):
     exact = oracle.cross_entropy_probs(x, p, w, eps)
     assert_ulp(loss.astype(np.float32), exact, np.float32, tol=1.2)
     ok = np.isfinite(exact)
-    assert_ulp_of_scale(grad[ok], oracle.cross_entropy_probs_grad(x, p, w, eps)[ok],
-                        soft_grad_scale(x, probs_target(p, w, eps))[ok], np.float32, tol=2)
+    assert_ulp_of_scale(
+        grad[ok],
+        oracle.cross_entropy_probs_grad(x, p, w, eps)[ok],
+        soft_grad_scale(x, probs_target(p, w, eps))[ok],
+        np.float32,
+        tol=2,
+    )
 
 
 @pytest.mark.parametrize("c", SEVERAL_BLOCKS)
@@ -360,8 +395,12 @@ def test_fast_soft_target_rows_of_several_blocks(c):
     loss, grad = _run_prob(x, p, w, 0.0)
     exact = oracle.cross_entropy_probs(x, p, w)
     assert_ulp(loss.astype(np.float32), exact, np.float32)
-    assert_ulp_of_scale(grad, oracle.cross_entropy_probs_grad(x, p, w),
-                        soft_grad_scale(x, probs_target(p, w)), np.float32)
+    assert_ulp_of_scale(
+        grad,
+        oracle.cross_entropy_probs_grad(x, p, w),
+        soft_grad_scale(x, probs_target(p, w)),
+        np.float32,
+    )
 
 
 def test_log1p_unit_relative_error_over_its_whole_input_range():
@@ -385,8 +424,13 @@ def test_log1p_f64_within_one_ulp_over_0_1():
         for i in range(e.shape[0]):
             out[i] = cpu_fast.log1p_f64(e[i])
 
-    e = np.concatenate([np.logspace(-320, 0, 200000), np.linspace(0, 1, 200001),
-                        np.sqrt(2) - 1 + np.linspace(-1e-12, 1e-12, 1001)])
+    e = np.concatenate(
+        [
+            np.logspace(-320, 0, 200000),
+            np.linspace(0, 1, 200001),
+            np.sqrt(2) - 1 + np.linspace(-1e-12, 1e-12, 1001),
+        ]
+    )
     out = np.empty_like(e)
     many(e, out)
     exact = np.log1p(e.astype(LD))
@@ -408,7 +452,7 @@ def test_bce_with_logits_matches_the_oracle_per_element_and_per_row(dtype):
     w = rng.uniform(0.5, 2, (1, c))
     pw = rng.uniform(0.5, 3, (1, c))
     for hard in (True, False):
-        t = (np.round(rng.uniform(size=x.shape)) if hard else rng.uniform(size=x.shape))
+        t = np.round(rng.uniform(size=x.shape)) if hard else rng.uniform(size=x.shape)
         t = t.astype(dtype)
         loss = np.empty(x.shape)
         grad = np.empty_like(x)
@@ -443,10 +487,15 @@ def test_fast_bce_with_logits_keeps_tiny_losses_and_nan():
     assert np.isnan(loss[1, 0]) and np.isnan(grad[1, 0])
     assert np.all(loss[0, :4] > 0)
     ok = np.isfinite(x)
-    assert_ulp(loss.astype(np.float32)[ok],
-               oracle.binary_cross_entropy_with_logits(x, t, w, pw)[ok], np.float32, tol=1)
-    assert_ulp(grad[ok], oracle.binary_cross_entropy_with_logits_grad(x, t, w, pw)[ok],
-               np.float32, tol=1)
+    assert_ulp(
+        loss.astype(np.float32)[ok],
+        oracle.binary_cross_entropy_with_logits(x, t, w, pw)[ok],
+        np.float32,
+        tol=1,
+    )
+    assert_ulp(
+        grad[ok], oracle.binary_cross_entropy_with_logits_grad(x, t, w, pw)[ok], np.float32, tol=1
+    )
 
 
 def test_fast_bce_accepts_one_weight_row_for_all_rows():
@@ -461,8 +510,12 @@ def test_fast_bce_accepts_one_weight_row_for_all_rows():
     full = np.empty(x.shape)
     cpu_fast.bce_with_logits_fwd(x, t, np.repeat(w_row, 9, 0), np.repeat(pw_row, 9, 0), full)
     np.testing.assert_array_equal(loss, full)
-    assert_ulp(loss.astype(np.float32),
-               oracle.binary_cross_entropy_with_logits(x, t, w_row, pw_row), np.float32, tol=1)
+    assert_ulp(
+        loss.astype(np.float32),
+        oracle.binary_cross_entropy_with_logits(x, t, w_row, pw_row),
+        np.float32,
+        tol=1,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,8 +532,9 @@ def _kernel_cases():
             out.append(pytest.param(cpu, v.name, dtype, id=f"cpu-{v.name}-{dtype.__name__}"))
         if v.fast_cpu:
             for dtype in (np.float32, np.float64):
-                out.append(pytest.param(cpu_fast, v.name, dtype,
-                                        id=f"cpu_fast-{v.name}-{dtype.__name__}"))
+                out.append(
+                    pytest.param(cpu_fast, v.name, dtype, id=f"cpu_fast-{v.name}-{dtype.__name__}")
+                )
     return out
 
 
@@ -542,8 +596,10 @@ def test_serial_twins_equal_the_parallel_kernels(module, name, dtype):
     x, t, opts = _kernel_args(name, dtype, 9, 300, seed=1)
     for suffix, extra in (("_fwd", ()), ("_fwd_grad", (0.25,))):
         outs = []
-        for kernel in (getattr(module, v.kernel + suffix),
-                       getattr(module, v.kernel + suffix + "_serial")):
+        for kernel in (
+            getattr(module, v.kernel + suffix),
+            getattr(module, v.kernel + suffix + "_serial"),
+        ):
             loss, grad = np.empty(9), np.empty_like(x)
             kernel(x, t, *opts, *extra, loss, *((grad,) if extra else ()))
             outs.append((loss, grad if extra else None))
@@ -588,8 +644,7 @@ def test_kernels_free_every_allocation():
                     cpu_fast.bce_with_logits_fwd(x, p, w[None], w[None], loss)
                     cpu_fast.bce_with_logits_fwd_grad(x, p, w[None], w[None], 1.0, per_elem, grad)
                     xi = x.copy()
-                    cpu_fast.cross_entropy_index_fwd_grad_serial(xi, y, w, -100, 0.0, 1.0, loss,
-                                                                 xi)
+                    cpu_fast.cross_entropy_index_fwd_grad_serial(xi, y, w, -100, 0.0, 1.0, loss, xi)
 
                 run()
                 before = rtsys.get_allocation_stats()

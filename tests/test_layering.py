@@ -1,5 +1,6 @@
 """The package imports one way: every import of every module (function-local ones included, read
 with ast) goes to the same or a lower layer, and the import graph has no cycle."""
+
 import ast
 from pathlib import Path
 
@@ -68,13 +69,13 @@ def imports_of(module: str) -> set[str]:
         if isinstance(node, ast.Import):
             for a in node.names:
                 if a.name == "cestudy" or a.name.startswith("cestudy."):
-                    found.add(resolve(a.name[len("cestudy."):] if "." in a.name else ""))
+                    found.add(resolve(a.name[len("cestudy.") :] if "." in a.name else ""))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
                 mod = ".".join(base + ([node.module] if node.module else []))
             elif node.module and (node.module == "cestudy" or node.module.startswith("cestudy.")):
-                mod = node.module[len("cestudy."):] if "." in node.module else ""
+                mod = node.module[len("cestudy.") :] if "." in node.module else ""
             else:
                 continue
             for a in node.names:
@@ -95,10 +96,14 @@ def test_every_module_has_a_layer():
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_no_import_from_a_higher_layer(module):
     mine = layer_of(module)
-    bad = [f"cestudy.{t} ({LAYERS[layer_of(t)][0]})" for t in sorted(GRAPH[module])
-           if layer_of(t) > mine]
-    assert not bad, (f"cestudy.{module} ({LAYERS[mine][0]}) imports from a higher layer: "
-                     f"{', '.join(bad)}")
+    bad = [
+        f"cestudy.{t} ({LAYERS[layer_of(t)][0]})"
+        for t in sorted(GRAPH[module])
+        if layer_of(t) > mine
+    ]
+    assert not bad, (
+        f"cestudy.{module} ({LAYERS[mine][0]}) imports from a higher layer: {', '.join(bad)}"
+    )
 
 
 def test_no_import_cycle():
@@ -109,9 +114,8 @@ def test_no_import_cycle():
         stack.append(m)
         for t in sorted(GRAPH[m]):
             if state.get(t) == "active":
-                cycle = stack[stack.index(t):] + [t]
-                raise AssertionError("import cycle: " + " -> ".join(f"cestudy.{c}"
-                                                                     for c in cycle))
+                cycle = stack[stack.index(t) :] + [t]
+                raise AssertionError("import cycle: " + " -> ".join(f"cestudy.{c}" for c in cycle))
             if t not in state:
                 visit(t)
         stack.pop()

@@ -16,6 +16,7 @@
 - Peak traced memory (tracemalloc sees every numpy allocation): O(N x chunk).
 - Bad input raises an error that names the argument.
 """
+
 from __future__ import annotations
 
 import tracemalloc
@@ -64,8 +65,9 @@ def _torch64(x, w, t, kwargs):
     """torch's float64 loss and gradients (input, weight, bias) for the same arguments."""
     xt = torch.tensor(np.asarray(x, np.float64), requires_grad=True)
     wt = torch.tensor(np.asarray(w, np.float64), requires_grad=True)
-    tt = torch.from_numpy(np.asarray(t, np.float64) if np.asarray(t).dtype.kind == "f"
-                          else np.asarray(t, np.int64))
+    tt = torch.from_numpy(
+        np.asarray(t, np.float64) if np.asarray(t).dtype.kind == "f" else np.asarray(t, np.int64)
+    )
     tkw = {}
     for k, v in kwargs.items():
         if isinstance(v, np.ndarray):
@@ -109,8 +111,12 @@ def test_opinfo_sample_matches_torch(sample, dname):
     h = x.shape[-1]
     _close(got, ref, dtype, h, "value")
     assert len(grads) == len(ref_grads)
-    for name, g, r, a in zip(("grad_input", "grad_weight", "grad_bias"), grads, ref_grads,
-                             (x, w, kwargs.get("linear_bias"))):
+    for name, g, r, a in zip(
+        ("grad_input", "grad_weight", "grad_bias"),
+        grads,
+        ref_grads,
+        (x, w, kwargs.get("linear_bias")),
+    ):
         assert g.shape == a.shape and g.dtype == dtype, name
         _close(g, r, dtype, h, name)
     # the loss alone is the loss of the fused call
@@ -149,8 +155,9 @@ OPTIONS = [
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("chunk", [1, 77, 256, 1002, 1003, 5000])
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items())
-                         or "plain")
+@pytest.mark.parametrize(
+    "opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain"
+)
 def test_matches_torch_autograd(dtype, chunk, opts):
     x, w, b, y = _problem(dtype=dtype, scale=4.0)
     kwargs = dict(opts)
@@ -159,8 +166,9 @@ def test_matches_torch_autograd(dtype, chunk, opts):
     if "ignore_index" in kwargs:
         y[::7] = kwargs["ignore_index"] if chunk != 1 else y[::7]
     ref, (rgx, rgw, rgb) = _torch64(x, w, y, dict(kwargs, linear_bias=b))
-    loss, gx, gw, gb = cs.linear_cross_entropy_with_grad(x, w, y, linear_bias=b,
-                                                         chunk_size=chunk, **kwargs)
+    loss, gx, gw, gb = cs.linear_cross_entropy_with_grad(
+        x, w, y, linear_bias=b, chunk_size=chunk, **kwargs
+    )
     rtol = 1e-5 if dtype == np.float32 else 1e-13
     ref = np.asarray(ref, np.float64)
     assert np.max(np.abs(np.asarray(loss, np.float64) - ref)) <= rtol * np.max(np.abs(ref))
@@ -175,12 +183,12 @@ def test_chunk_size_changes_nothing_beyond_the_products_rounding():
     products (BLAS may sum a product of another shape in another order: a one-column chunk is
     a matrix-vector product), within (4 + H) eps of the largest entry."""
     x, w, b, y = _problem(n=40, h=16, v=999, scale=8.0)
-    base = lin.run_fused(x, w, y, linear_bias=b, reduction="none", chunk_size=999,
-                         with_grad=True)
+    base = lin.run_fused(x, w, y, linear_bias=b, reduction="none", chunk_size=999, with_grad=True)
     tol = (4 + x.shape[1]) * np.finfo(np.float32).eps
     for chunk in (1, 2, 10, 333, 500, 998, 4096):
-        r = lin.run_fused(x, w, y, linear_bias=b, reduction="none", chunk_size=chunk,
-                          with_grad=True)
+        r = lin.run_fused(
+            x, w, y, linear_bias=b, reduction="none", chunk_size=chunk, with_grad=True
+        )
         np.testing.assert_allclose(r.per_row, base.per_row, rtol=tol, atol=0)
         for g, g0 in ((r.grad_input, base.grad_input), (r.grad_weight, base.grad_weight)):
             np.testing.assert_allclose(g, g0, rtol=0, atol=tol * np.abs(g0).max())
@@ -212,8 +220,13 @@ def test_confident_rows_within_4_ulp_of_the_oracle(dtype, chunk):
     assert_ulp(loss, exact, dtype, what="per-row loss")
     # torch, in the same dtype, gets every loss below 1e-20 wrong by more than 50% (0, or a
     # rounding residue of lse - z_y)
-    ref = F.linear_cross_entropy(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(y),
-                                 reduction="none").numpy().astype(np.float64)
+    ref = (
+        F.linear_cross_entropy(
+            torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(y), reduction="none"
+        )
+        .numpy()
+        .astype(np.float64)
+    )
     tiny = exact < 1e-20
     assert tiny.sum() >= 10
     rel = np.abs(ref[tiny] - exact[tiny].astype(np.float64)) / exact[tiny].astype(np.float64)
@@ -225,16 +238,18 @@ def test_confident_true_class_gradient_keeps_its_relative_accuracy():
     and exact to a few ulp, where softmax - onehot gives 0."""
     x, w, y, _ = _integer_problem(n=8, factor=4.0)
     b = np.zeros(w.shape[0], dtype=np.float32)
-    _, _, _, gb = cs.linear_cross_entropy_with_grad(x, w, y, linear_bias=b, reduction="sum",
-                                                    chunk_size=100)
+    _, _, _, gb = cs.linear_cross_entropy_with_grad(
+        x, w, y, linear_bias=b, reduction="sum", chunk_size=100
+    )
     _, _, exact_gb = oracle.linear_cross_entropy_grad(x, w, y, b)
     mine = np.unique(y)
     assert np.all(gb[mine] < 0) and np.all(exact_gb[mine] < 0)
     assert_ulp(gb[mine], exact_gb[mine], np.float32, what="true-class grad_bias")
 
 
-@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.2, "weight": "random"},
-                                  {"ignore_index": 3}])
+@pytest.mark.parametrize(
+    "opts", [{}, {"label_smoothing": 0.2, "weight": "random"}, {"ignore_index": 3}]
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_cross_entropy_part_within_4_ulp_of_its_own_logits(dtype, opts):
     """Whatever the product's rounding, the loss is within 4 ulp of the exact cross-entropy of
@@ -246,8 +261,9 @@ def test_cross_entropy_part_within_4_ulp_of_its_own_logits(dtype, opts):
     if "ignore_index" in kwargs:
         y[::5] = kwargs["ignore_index"]
     chunk = 128
-    loss = cs.linear_cross_entropy(x, w, y, linear_bias=b, reduction="none", chunk_size=chunk,
-                                   **kwargs)
+    loss = cs.linear_cross_entropy(
+        x, w, y, linear_bias=b, reduction="none", chunk_size=chunk, **kwargs
+    )
 
     def own(c0, c1):
         out = np.empty((x.shape[0], c1 - c0), dtype=dtype)
@@ -267,8 +283,9 @@ def test_a_maximum_that_rises_at_every_chunk_keeps_the_contract(dtype, chunk):
     rng = np.random.default_rng(0)
     n, h, v = 16, 8, 2000
     a = rng.standard_normal(h)
-    w = (np.linspace(0, 1, v)[:, None] * a[None, :] * 40
-         + 0.01 * rng.standard_normal((v, h))).astype(dtype)
+    w = (
+        np.linspace(0, 1, v)[:, None] * a[None, :] * 40 + 0.01 * rng.standard_normal((v, h))
+    ).astype(dtype)
     x = (a[None, :] + 0.01 * rng.standard_normal((n, h))).astype(dtype)
     y = np.full(n, v - 1)
     y[::2] = v - 5
@@ -304,8 +321,9 @@ def test_low_precision_is_the_float32_computation_rounded_once(dtype):
     x, w, b = x.astype(dtype), w.astype(dtype), b.astype(dtype)
     loss, gx, gw, gb = cs.linear_cross_entropy_with_grad(x, w, y, linear_bias=b, chunk_size=100)
     up = [a.astype(np.float32) for a in (x, w, b)]
-    l32, gx32, gw32, gb32 = cs.linear_cross_entropy_with_grad(up[0], up[1], y,
-                                                              linear_bias=up[2], chunk_size=100)
+    l32, gx32, gw32, gb32 = cs.linear_cross_entropy_with_grad(
+        up[0], up[1], y, linear_bias=up[2], chunk_size=100
+    )
     assert np.asarray(loss).dtype == dtype and gx.dtype == dtype and gw.dtype == dtype
     assert np.asarray(loss).astype(np.float32) == np.float32(l32).astype(dtype).astype(np.float32)
     for g, g32 in ((gx, gx32), (gw, gw32), (gb, gb32)):
@@ -319,8 +337,9 @@ def test_nan_rows_and_all_ignored():
     assert np.isnan(loss[2]) and np.all(np.isfinite(np.delete(loss, 2)))
     assert np.all(np.isnan(gx[2])) and np.all(np.isfinite(np.delete(gx, 2, axis=0)))
     assert np.all(np.isnan(gw))  # every class sees the NaN row, as in torch
-    ref = F.linear_cross_entropy(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(y),
-                                 reduction="none").numpy()
+    ref = F.linear_cross_entropy(
+        torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(y), reduction="none"
+    ).numpy()
     assert np.array_equal(np.isnan(ref), np.isnan(loss))
     y_all = np.full(6, -100)
     assert np.isnan(cs.linear_cross_entropy(x[[0, 1]], w, y_all[:2]))
@@ -338,8 +357,7 @@ def test_inputs_are_not_modified_and_layouts_work():
     for r, g in zip(ref, got):
         np.testing.assert_array_equal(r, g)
     wt = np.ascontiguousarray(w.T).T  # a transposed view: strided chunks
-    for r, g in zip(ref, cs.linear_cross_entropy_with_grad(x, wt, y, linear_bias=b,
-                                                           chunk_size=16)):
+    for r, g in zip(ref, cs.linear_cross_entropy_with_grad(x, wt, y, linear_bias=b, chunk_size=16)):
         np.testing.assert_array_equal(r, g)
 
 
@@ -390,13 +408,11 @@ def test_peak_memory_is_order_n_times_chunk(dtype):
     x, w, b, y = _problem(n=n, h=h, v=v, dtype=np.float32)
     x, w = x.astype(dtype), w.astype(dtype)
     cs.linear_cross_entropy_with_grad(x[:2], w[:300], y[:2] % 300, chunk_size=128)  # compile
-    extra, _ = _peak_extra(lambda: cs.linear_cross_entropy_with_grad(x, w, y,
-                                                                     chunk_size=chunk))
+    extra, _ = _peak_extra(lambda: cs.linear_cross_entropy_with_grad(x, w, y, chunk_size=chunk))
     logits_bytes = n * v * 4
     # the logits buffer, (N, H) buffers, weight chunks in float32, the float64 class weights,
     # the state
-    budget = (n * chunk * 4 + 3 * n * h * 4 + 2 * chunk * h * 4 + v * 8 + n * 9 * 8
-              + (64 << 10))
+    budget = n * chunk * 4 + 3 * n * h * 4 + 2 * chunk * h * 4 + v * 8 + n * 9 * 8 + (64 << 10)
     assert extra <= budget, f"{extra} bytes > {budget}"
     assert extra <= logits_bytes / 8
 
@@ -447,8 +463,9 @@ def test_bad_input_names_the_argument(change, exc, name):
 
 def test_k_dimensional_weight_needs_a_batched_input():
     with pytest.raises(ValueError, match="batched input"):
-        cs.linear_cross_entropy(np.zeros(3, np.float32), np.zeros((2, 4, 3), np.float32),
-                                np.array([0, 1, 2, 3]))
+        cs.linear_cross_entropy(
+            np.zeros(3, np.float32), np.zeros((2, 4, 3), np.float32), np.array([0, 1, 2, 3])
+        )
 
 
 def test_exported():
@@ -462,9 +479,21 @@ def test_exported():
 def tiny_cells():
     from cestudy.study.kinds import linear as kind
 
-    cells = [dict(vocab=700, hidden=64, tokens=40, dtype=dt, family=fam, scale=sc, chunk=128,
-                  repeats=1, seed=0, skip="")
-             for dt, fam, sc in (("float32", "gaussian", 4.0), ("bfloat16", "confident", 30.0))]
+    cells = [
+        dict(
+            vocab=700,
+            hidden=64,
+            tokens=40,
+            dtype=dt,
+            family=fam,
+            scale=sc,
+            chunk=128,
+            repeats=1,
+            seed=0,
+            skip="",
+        )
+        for dt, fam, sc in (("float32", "gaussian", 4.0), ("bfloat16", "confident", 30.0))
+    ]
     return [(c, kind.compute(c)) for c in cells]
 
 

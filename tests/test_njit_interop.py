@@ -1,6 +1,7 @@
 """The kernels are plain njit functions: other projects call them from their own jitted code.
 
 This is the example the README shows."""
+
 import numpy as np
 from numba import njit
 
@@ -34,8 +35,9 @@ def training_step_in_place(logits, labels, weight):
     N x C buffer per step): the serial twin, as a user's own parallel loop would call it."""
     n = logits.shape[0]
     per_row = np.empty(n)
-    cpu_fast.cross_entropy_index_fwd_grad_serial(logits, labels, weight, -100, 0.0, 1.0 / n,
-                                                 per_row, logits)
+    cpu_fast.cross_entropy_index_fwd_grad_serial(
+        logits, labels, weight, -100, 0.0, 1.0 / n, per_row, logits
+    )
     return per_row.sum() / n
 
 
@@ -48,5 +50,9 @@ def test_fast_kernel_in_place_from_user_njit_code():
         work = x.copy()
         loss = training_step_in_place(work, y, np.ones(5))
         np.testing.assert_allclose(loss, ref_loss, rtol=4 * np.finfo(dtype).eps)
-        np.testing.assert_allclose(work, ref_grad, rtol=4 * np.finfo(dtype).eps,
-                                   atol=4 * np.finfo(dtype).eps * np.abs(ref_grad).max())
+        np.testing.assert_allclose(
+            work,
+            ref_grad,
+            rtol=4 * np.finfo(dtype).eps,
+            atol=4 * np.finfo(dtype).eps * np.abs(ref_grad).max(),
+        )

@@ -17,6 +17,7 @@ element-wise.
 The one documented exception: cestudy rejects negative class or element weights (torch accepts
 them) with a ValueError naming the argument; the samples that draw negative weights check that.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -61,8 +62,10 @@ def _np(a):
 
 
 def _weights_negative(kwargs):
-    return any(isinstance(kwargs.get(k), torch.Tensor) and bool((kwargs[k] < 0).any())
-               for k in ("weight", "pos_weight"))
+    return any(
+        isinstance(kwargs.get(k), torch.Tensor) and bool((kwargs[k] < 0).any())
+        for k in ("weight", "pos_weight")
+    )
 
 
 def _close(got, ref, dtype, what):
@@ -71,8 +74,9 @@ def _close(got, ref, dtype, what):
     assert got.shape == ref.shape, f"{what}: shape {got.shape} != torch's {ref.shape}"
     assert np.array_equal(np.isnan(got), np.isnan(ref)), f"{what}: NaN positions differ"
     finite = np.isfinite(ref)
-    assert np.array_equal(got[~finite & ~np.isnan(ref)], ref[~finite & ~np.isnan(ref)]), \
+    assert np.array_equal(got[~finite & ~np.isnan(ref)], ref[~finite & ~np.isnan(ref)]), (
         f"{what}: infinities differ"
+    )
     if not finite.any():
         return
     eps = np.finfo(dtype).eps * (4 if dtype == np.float32 else 64)
@@ -80,8 +84,10 @@ def _close(got, ref, dtype, what):
     err = np.abs(got[finite] - ref[finite])
     tol = eps * np.maximum(np.abs(ref[finite]), scale) + np.finfo(dtype).tiny
     bad = np.flatnonzero(err > tol)
-    assert bad.size == 0, (f"{what}: {bad.size} entries off, first at {bad[0]}: got "
-                           f"{got[finite][bad[0]]!r}, torch {ref[finite][bad[0]]!r}")
+    assert bad.size == 0, (
+        f"{what}: {bad.size} entries off, first at {bad[0]}: got "
+        f"{got[finite][bad[0]]!r}, torch {ref[finite][bad[0]]!r}"
+    )
 
 
 def _call(op_name, sample, dtype):
@@ -100,16 +106,26 @@ def _call(op_name, sample, dtype):
 
     # torch in float64 on the same rounded inputs
     xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(has_grad)
-    targs = [torch.from_numpy(np.asarray(a, dtype=np.float64 if np.asarray(a).dtype.kind == "f"
-                                         else np.int64)) if isinstance(a, np.ndarray) else a
-             for a in args]
-    tkw = {k: (torch.from_numpy(v.astype(np.float64)) if isinstance(v, np.ndarray) else v)
-           for k, v in kwargs.items()}
+    targs = [
+        torch.from_numpy(
+            np.asarray(a, dtype=np.float64 if np.asarray(a).dtype.kind == "f" else np.int64)
+        )
+        if isinstance(a, np.ndarray)
+        else a
+        for a in args
+    ]
+    tkw = {
+        k: (torch.from_numpy(v.astype(np.float64)) if isinstance(v, np.ndarray) else v)
+        for k, v in kwargs.items()
+    }
     if "dtype" in tkw:
         tkw["dtype"] = torch.float64
     op = next(o for o in op_db if o.name == op_name)
-    with pytest.warns(UserWarning) if (name == "kl_div" and tkw.get("reduction", "mean")
-                                       == "mean") else _nullcontext():
+    with (
+        pytest.warns(UserWarning)
+        if (name == "kl_div" and tkw.get("reduction", "mean") == "mean")
+        else _nullcontext()
+    ):
         ref = op.op(xt, *targs, **tkw)
     ref_grad = None
     if has_grad:

@@ -1,5 +1,6 @@
 """hypothesis properties: shift invariance, gradient rows summing to 0, the KL decomposition,
 non-negative losses."""
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,12 +25,12 @@ def batch(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(batch(), st.sampled_from([1.0, 2.0 ** 20, -(2.0 ** 30)]))
+@given(batch(), st.sampled_from([1.0, 2.0**20, -(2.0**30)]))
 def test_shift_invariance(b, shift):
     x, y = b
     # a power-of-two shift far above the spread keeps x_j - m exact only if no bits are lost:
     # use shifts whose sum with x is exact (x has at most 2^-20 resolution here)
-    x = np.round(x * 2 ** 10) / 2 ** 10
+    x = np.round(x * 2**10) / 2**10
     a = cs.cross_entropy(x, y, reduction="none")
     b2 = cs.cross_entropy(x + shift, y, reduction="none")
     np.testing.assert_allclose(a, b2, rtol=8 * np.finfo(float).eps, atol=0)
@@ -65,8 +66,10 @@ def test_kl_decomposition_h_p_q_equals_h_p_plus_kl(b):
 
 
 @settings(max_examples=60, deadline=None)
-@given(hnp.arrays(np.float64, (5, 3), elements=finite),
-       hnp.arrays(np.float64, (5, 3), elements=st.floats(0, 1)))
+@given(
+    hnp.arrays(np.float64, (5, 3), elements=finite),
+    hnp.arrays(np.float64, (5, 3), elements=st.floats(0, 1)),
+)
 def test_binary_losses_are_non_negative(x, t):
     assert np.all(cs.binary_cross_entropy_with_logits(x, t, reduction="none") >= 0)
     assert np.all(cs.sigmoid_focal_loss(x, t) >= 0)

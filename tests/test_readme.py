@@ -7,6 +7,7 @@ printed (half a unit of the last printed digit; ``-0.`` must be a negative zero)
 [...]`` part of the same comment is checked the same way against torch, calling the function of
 the same name in ``torch.nn.functional`` with the same arguments.
 """
+
 import ast
 import io
 import re
@@ -67,9 +68,12 @@ class _TorchFunctional:
 
         def call(*args, **kwargs):
             conv = [self.torch.tensor(a) if isinstance(a, np.ndarray) else a for a in args]
-            kw = {k: self.torch.tensor(v) if isinstance(v, np.ndarray) else v
-                  for k, v in kwargs.items()}
+            kw = {
+                k: self.torch.tensor(v) if isinstance(v, np.ndarray) else v
+                for k, v in kwargs.items()
+            }
             return f(*conv, **kw).numpy()
+
         return call
 
 
@@ -89,8 +93,10 @@ def run_block(code, torch=None):
             checked += len(printed)
             theirs = re.search(r"torch:\s*(.*)", comment)
             if theirs and torch is not None:
-                ref = eval(compile(ast.Expression(node.value), "README.md", "eval"),
-                           {**namespace, "cs": _TorchFunctional(torch)})
+                ref = eval(
+                    compile(ast.Expression(node.value), "README.md", "eval"),
+                    {**namespace, "cs": _TorchFunctional(torch)},
+                )
                 _assert_matches(ref, _printed(theirs.group(1)), "torch: " + src)
                 checked += 1
         else:
@@ -116,8 +122,9 @@ def test_readme_loss_example_claims():
     cs, logits, labels = ns["cs"], ns["logits"], ns["labels"]
     per_row = cs.cross_entropy(logits, labels, reduction="none")
     assert per_row[0] > 0
-    assert cs.cross_entropy(logits, labels) == pytest.approx(per_row.astype(np.float64).mean(),
-                                                             rel=1e-7)
+    assert cs.cross_entropy(logits, labels) == pytest.approx(
+        per_row.astype(np.float64).mean(), rel=1e-7
+    )
     w = np.array([1.0, 2.0, 0.5])
     loss = cs.cross_entropy(logits, labels, label_smoothing=0.1, weight=w)
     assert ns["loss"] == loss and ns["grad"].shape == logits.shape

@@ -1,5 +1,6 @@
 """Reports: generation from a store built here, determinism, every figure kind, link checking,
 and the committed reports/ rebuilt byte-for-byte from the committed results."""
+
 import filecmp
 import json
 import re
@@ -101,8 +102,15 @@ def test_reports_have_every_figure_kind_and_resolve(store_path, tmp_path):
     out = tmp_path / "reports"
     build.build_reports(store_path, out)
     figs = {p.name for p in (out / "figures").iterdir()}
-    for kind in ("error-vs-scale", "atlas-float32", "nonfinite", "clipping",
-                 "true-class-gradient", "imbalance", "throughput"):
+    for kind in (
+        "error-vs-scale",
+        "atlas-float32",
+        "nonfinite",
+        "clipping",
+        "true-class-gradient",
+        "imbalance",
+        "throughput",
+    ):
         assert any(kind in f for f in figs), (kind, figs)
     assert "mini-higham.png" in figs
     check_links(out)
@@ -129,8 +137,11 @@ def test_higham_count_in_the_report_is_the_computed_one(store_path, tmp_path):
     out = tmp_path / "reports"
     build.build_reports(store_path, out)
     doc = json.loads((out / "data" / "results.json").read_text())
-    basic16 = next(r for r in doc["cells"] if r["kind"] == "higham"
-                   and r["p_dtype"] == "float16" and r["p_formulation"] == "basic")
+    basic16 = next(
+        r
+        for r in doc["cells"]
+        if r["kind"] == "higham" and r["p_dtype"] == "float16" and r["p_formulation"] == "basic"
+    )
     assert basic16["overflow"] == basic16["published_overflow"] == 475
     md = (out / "mini.md").read_text()
     assert f"on {basic16['overflow']} of {basic16['n_vectors']} (as published)" in md
@@ -171,7 +182,8 @@ def test_pages_hold_no_run_ids_local_paths_or_legacy_variant_names(store_path, t
 def test_legacy_variant_names_in_results_are_canonicalised(tmp_path):
     rows = [{"study": "s", "kind": "accuracy", "p_variant": old} for old in variants.LEGACY_NAMES]
     assert [data.canonical_row(r)["p_variant"] for r in rows] == [
-        variants.canonical_name(old) for old in variants.LEGACY_NAMES]
+        variants.canonical_name(old) for old in variants.LEGACY_NAMES
+    ]
     assert {data.canonical_row(r)["p_variant"] for r in rows} <= set(variants.VARIANTS)
 
 
@@ -188,8 +200,9 @@ def test_committed_readme_findings_are_what_the_reports_generate(tmp_path):
     readme = (ROOT / "README.md").read_text()
     assert headline.README_START in readme and headline.README_END in readme
     shutil.copy(ROOT / "README.md", tmp_path / "README.md")
-    (tmp_path / "README.md").write_text(headline.replace_readme_section(
-        readme, f"{headline.README_START}\n{headline.README_END}"))
+    (tmp_path / "README.md").write_text(
+        headline.replace_readme_section(readme, f"{headline.README_START}\n{headline.README_END}")
+    )
     (tmp_path / "reports" / "data").mkdir(parents=True)
     for f in (ROOT / "reports" / "data").glob("*.json"):
         shutil.copy(f, tmp_path / "reports" / "data" / f.name)
@@ -228,8 +241,11 @@ def test_running_one_study_keeps_the_other_studies_results_in_the_export(store_p
     build.build_reports(store_path, out)
     before = json.loads((out / "data" / "results.json").read_text())
     other = tmp_path / "other.toml"
-    other.write_text(STUDY.replace('name = "mini"', 'name = "other"').split("[[part]]")[0]
-                     + "[[part]]" + STUDY.split("[[part]]")[1])
+    other.write_text(
+        STUDY.replace('name = "mini"', 'name = "other"').split("[[part]]")[0]
+        + "[[part]]"
+        + STUDY.split("[[part]]")[1]
+    )
     with Store(tmp_path / "second.sqlite") as st:
         runner.run_study(spec.load(str(other)), st, quiet=True)
     build.build_reports(tmp_path / "second.sqlite", out)
@@ -237,7 +253,8 @@ def test_running_one_study_keeps_the_other_studies_results_in_the_export(store_p
     studies = {r["study"] for r in after["cells"]}
     assert studies == {"mini", "other"}
     assert len(after["cells"]) == len(before["cells"]) + sum(
-        1 for r in after["cells"] if r["study"] == "other")
+        1 for r in after["cells"] if r["study"] == "other"
+    )
     assert (out / "mini.md").exists() and (out / "other.md").exists()
     run_ids = {r["run_id"] for r in after["runs"]}
     assert {r["run_id"] for r in after["cells"]} <= run_ids

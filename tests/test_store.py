@@ -1,6 +1,7 @@
 """The results store and the code version: files that are not stores are refused untouched,
 legacy names migrate, skipped cells are no results and are retried, the code version walks the
 package and fails loudly."""
+
 import json
 import shutil
 import sqlite3
@@ -30,20 +31,29 @@ batch = 8
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "cestudy", *args], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "cestudy", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
 
 
-@pytest.mark.parametrize("content", [b"not a database at all\n" * 50, b"SQLite format 3\x00" +
-                                     b"\x07" * 3000])
+@pytest.mark.parametrize(
+    "content", [b"not a database at all\n" * 50, b"SQLite format 3\x00" + b"\x07" * 3000]
+)
 @pytest.mark.parametrize("command", ["run", "export", "report"])
 def test_a_file_that_is_no_store_is_named_exit_2_and_left_unchanged(tmp_path, content, command):
     bad = tmp_path / "results.sqlite"
     bad.write_bytes(content)
     study = tmp_path / "tiny.toml"
     study.write_text(TINY)
-    args = {"run": ["run", str(study), "--no-report", "--quiet"], "export": ["export"],
-            "report": ["report", "--out", str(tmp_path / "rep")]}[command]
+    args = {
+        "run": ["run", str(study), "--no-report", "--quiet"],
+        "export": ["export"],
+        "report": ["report", "--out", str(tmp_path / "rep")],
+    }[command]
     proc = run_cli(*args, "--results", str(bad))
     assert proc.returncode == 2, proc.stderr
     assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
@@ -68,11 +78,17 @@ def test_legacy_names_and_skipped_rows_migrate_on_open(tmp_path):
     old = {"kind": "accuracy", "variant": "ce_index", "implementation": "torch"}
     with sqlite3.connect(path) as db:
         for status, params in (("ok", old), ("skipped", dict(old, variant="bce_logits"))):
-            db.execute("INSERT INTO cells VALUES (?, 'default', 'accuracy', ?, 'v0', ?, ?, ?, 1,"
-                       " '2024-01-01T00:00:00+00:00')",
-                       (cell_key("default", params, "v0"), json.dumps(params, sort_keys=True),
-                        status, "torch is not installed" if status == "skipped" else None,
-                        json.dumps({"fwd_max_ulp": 1.0}) if status == "ok" else None))
+            db.execute(
+                "INSERT INTO cells VALUES (?, 'default', 'accuracy', ?, 'v0', ?, ?, ?, 1,"
+                " '2024-01-01T00:00:00+00:00')",
+                (
+                    cell_key("default", params, "v0"),
+                    json.dumps(params, sort_keys=True),
+                    status,
+                    "torch is not installed" if status == "skipped" else None,
+                    json.dumps({"fwd_max_ulp": 1.0}) if status == "ok" else None,
+                ),
+            )
     with Store(path) as st:
         cells = st.cells()
         skipped = st.skipped()
@@ -130,8 +146,13 @@ def test_the_higham_data_ships_with_the_package():
 
 def test_code_version_walks_the_package_and_fails_on_an_unreadable_file(tmp_path):
     sources = {p.relative_to(runner.PACKAGE).as_posix() for p in runner.result_sources()}
-    assert {"study/kinds/accuracy.py", "kernels/cpu.py", "bench/cpu.py", "variants.py",
-            "data/higham2021/data_presoftmax.mat"} <= sources
+    assert {
+        "study/kinds/accuracy.py",
+        "kernels/cpu.py",
+        "bench/cpu.py",
+        "variants.py",
+        "data/higham2021/data_presoftmax.mat",
+    } <= sources
     assert not any(s.startswith("report/") or s in ("cli.py", "__main__.py") for s in sources)
     pkg = tmp_path / "pkg"
     shutil.copytree(runner.PACKAGE / "study", pkg / "study")
@@ -150,12 +171,14 @@ def test_code_version_ignores_formatting_comments_and_docstrings_not_code(tmp_pa
     pkg = tmp_path / "pkg"
     (pkg / "study").mkdir(parents=True)
     mod = pkg / "study" / "m.py"
-    mod.write_text('def f(x):\n    return x + 1\n')
+    mod.write_text("def f(x):\n    return x + 1\n")
     v1 = runner.code_version(pkg)
-    mod.write_text('"""Docs."""\n\n\ndef f(x):  # a comment\n    """More docs."""\n'
-                   '    return (x\n            + 1)\n')
+    mod.write_text(
+        '"""Docs."""\n\n\ndef f(x):  # a comment\n    """More docs."""\n'
+        "    return (x\n            + 1)\n"
+    )
     assert runner.code_version(pkg) == v1
-    mod.write_text('def f(x):\n    return x + 2\n')
+    mod.write_text("def f(x):\n    return x + 2\n")
     assert runner.code_version(pkg) != v1
 
 

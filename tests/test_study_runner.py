@@ -1,5 +1,6 @@
 """The study runner: grid expansion, metrics with known answers, bad study files, the results
 store, resume after a real kill -9, the process pool and a real dask LocalCluster."""
+
 import json
 import os
 import signal
@@ -47,8 +48,13 @@ def write(tmp_path, text, name="study.toml"):
 
 
 def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "cestudy", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "cestudy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_grid_expansion_drops_inapplicable_combinations(tmp_path):
@@ -66,21 +72,26 @@ def test_grid_expansion_drops_inapplicable_combinations(tmp_path):
     assert len(set(keys)) == len(keys)
 
 
-@pytest.mark.parametrize("text,words", [
-    ("name='x'\n[[part]]\nkind='accuracy'\nvariantt=['cross_entropy']\n", "part[0].variantt"),
-    ("name='x'\n[[part]]\nkind='accuracy'\nclasses=['ten']\n", "expected a number"),
-    ("name='x'\n[[part]]\nkind='accuracy'\nclasses=[]\n", "empty list"),
-    ("name='x'\n[[part]]\nkind='accuracy'\nimplementation=['fast']\n", "allowed: naive"),
-    ("name='x'\n[[part]]\nkind='accuracy'\ndtype=['float8']\n", "unknown value 'float8'"),
-    ("name='x'\n[[part]]\nkind='accuracy'\nclasses=[1]\n", "must be >= 2"),
-    ("name='x'\n[[part]]\nkind='trianing'\n", "unknown kind"),
-    ("name='x'\n", "at least one [[part]]"),
-    ("name='x'\nextra=1\n[[part]]\nkind='accuracy'\n", "unknown top-level key"),
-    ("name='x'\n[[part]]\nkind='accuracy'\nvariant=['binary_cross_entropy']\n"
-     "implementation=['scipy']\n",
-     "no applicable cells"),
-    ("this is not toml [", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("name='x'\n[[part]]\nkind='accuracy'\nvariantt=['cross_entropy']\n", "part[0].variantt"),
+        ("name='x'\n[[part]]\nkind='accuracy'\nclasses=['ten']\n", "expected a number"),
+        ("name='x'\n[[part]]\nkind='accuracy'\nclasses=[]\n", "empty list"),
+        ("name='x'\n[[part]]\nkind='accuracy'\nimplementation=['fast']\n", "allowed: naive"),
+        ("name='x'\n[[part]]\nkind='accuracy'\ndtype=['float8']\n", "unknown value 'float8'"),
+        ("name='x'\n[[part]]\nkind='accuracy'\nclasses=[1]\n", "must be >= 2"),
+        ("name='x'\n[[part]]\nkind='trianing'\n", "unknown kind"),
+        ("name='x'\n", "at least one [[part]]"),
+        ("name='x'\nextra=1\n[[part]]\nkind='accuracy'\n", "unknown top-level key"),
+        (
+            "name='x'\n[[part]]\nkind='accuracy'\nvariant=['binary_cross_entropy']\n"
+            "implementation=['scipy']\n",
+            "no applicable cells",
+        ),
+        ("this is not toml [", "not valid TOML"),
+    ],
+)
 def test_bad_study_file_names_file_and_key_and_exits_2_writing_nothing(tmp_path, text, words):
     path = write(tmp_path, text, "bad.toml")
     store = tmp_path / "results.sqlite"
@@ -99,21 +110,23 @@ def test_metrics_on_known_answers():
     assert m["fwd_frac_over_4ulp"] == pytest.approx(1 / 3)
     assert m["fwd_nan_rows_kept"] is True
     assert m["fwd_frac_nan"] == 0 and m["fwd_frac_inf"] == 0
-    m = metrics.forward_metrics(np.array([np.inf, np.nan, 1.0]), np.array([1.0, 1.0, 1.0]),
-                                np.float64)
+    m = metrics.forward_metrics(
+        np.array([np.inf, np.nan, 1.0]), np.array([1.0, 1.0, 1.0]), np.float64
+    )
     assert m["fwd_frac_inf"] == pytest.approx(1 / 3) and m["fwd_frac_nan"] == pytest.approx(1 / 3)
-    g = metrics.gradient_metrics(np.array([[0.0, 0.5]]), np.array([[-1e-9, 0.5]]), np.float32,
-                                 target=np.array([0]))
+    g = metrics.gradient_metrics(
+        np.array([[0.0, 0.5]]), np.array([[-1e-9, 0.5]]), np.float32, target=np.array([0])
+    )
     assert g["grad_true_frac_vanished"] == 1.0 and g["grad_frac_vanished"] == 0.5
-    c = metrics.clipping_metrics(np.array([-np.log(1e-7), 0.1]), None,
-                                 np.array([40.0, 0.1]), 1e-7)
+    c = metrics.clipping_metrics(np.array([-np.log(1e-7), 0.1]), None, np.array([40.0, 0.1]), 1e-7)
     assert c["clip_frac_engaged"] == 0.5
     assert c["clip_bias_nats"] == pytest.approx(-np.log(1e-7) - 40.0)
     prior = inputs.class_prior(4, 100.0, "step")
     assert prior[0] / prior[-1] == pytest.approx(100.0)
     mask = inputs.minority_mask(prior)
-    im = metrics.imbalance_metrics(np.array([1.0, 3.0]), np.array([[1.0, 0.0], [0.0, 1.0]]),
-                                   np.array([0, 3]), mask)
+    im = metrics.imbalance_metrics(
+        np.array([1.0, 3.0]), np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 3]), mask
+    )
     assert im["minority_loss_share"] == 0.75 and im["minority_grad_share"] == 0.5
     w = inputs.class_weights("effective", prior, 1000, beta=0.999)
     assert w[-1] > w[0] and np.mean(w) == pytest.approx(1.0)
@@ -122,8 +135,15 @@ def test_metrics_on_known_answers():
 def test_run_store_export_and_instant_resume(tmp_path):
     path = write(tmp_path, TINY)
     store_path = tmp_path / "r.sqlite"
-    proc = run_cli("run", str(path), "--results", str(store_path), "--quiet",
-                   "--out", str(tmp_path / "reports"))
+    proc = run_cli(
+        "run",
+        str(path),
+        "--results",
+        str(store_path),
+        "--quiet",
+        "--out",
+        str(tmp_path / "reports"),
+    )
     assert proc.returncode == 0, proc.stderr
     n = len(spec.load(str(path)).cells())
     # every cell of TINY runs here (numpy, Numba and scipy are dependencies): all computed
@@ -145,8 +165,9 @@ def test_run_store_export_and_instant_resume(tmp_path):
     csv = run_cli("export", "--format", "csv", "--results", str(store_path))
     assert csv.returncode == 0 and csv.stdout.count("\n") == n + 1
     js = json.loads(run_cli("export", "--format", "json", "--results", str(store_path)).stdout)
-    assert len(js) == n and all("fwd_max_ulp" in r for r in js if r["kind"] == "accuracy"
-                                and r["status"] == "ok")
+    assert len(js) == n and all(
+        "fwd_max_ulp" in r for r in js if r["kind"] == "accuracy" and r["status"] == "ok"
+    )
 
 
 SLOW = """
@@ -167,9 +188,22 @@ def test_resume_after_kill_9_loses_and_duplicates_nothing(tmp_path):
     path = write(tmp_path, SLOW)
     store_path = tmp_path / "k.sqlite"
     total = len(spec.load(str(path)).cells())
-    proc = subprocess.Popen([sys.executable, "-m", "cestudy", "run", str(path), "--results",
-                             str(store_path), "--quiet", "--no-report"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cestudy",
+            "run",
+            str(path),
+            "--results",
+            str(store_path),
+            "--quiet",
+            "--no-report",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     done = 0
     while time.time() < deadline:
@@ -212,11 +246,16 @@ def test_dask_local_cluster_with_two_workers(tmp_path):
 
     path = write(tmp_path, TINY)
     s = spec.load(str(path))
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster):
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster),
+    ):
         with Store(tmp_path / "d.sqlite") as st:
-            summary = runner.run_study(s, st, executor="dask", scheduler=cluster.scheduler_address,
-                                       quiet=True)
+            summary = runner.run_study(
+                s, st, executor="dask", scheduler=cluster.scheduler_address, quiet=True
+            )
             cells = st.cells()
     assert summary.failed == 0 and summary.done + summary.skipped == len(s.cells())
     assert len(cells) == len(s.cells())
@@ -249,8 +288,17 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
 def test_list_and_dry_run():
     out = run_cli("list")
     assert out.returncode == 0
-    for word in ("default", "stability", "precision", "imbalance", "performance", "higham",
-                 "cross_entropy", "numba", "torch"):
+    for word in (
+        "default",
+        "stability",
+        "precision",
+        "imbalance",
+        "performance",
+        "higham",
+        "cross_entropy",
+        "numba",
+        "torch",
+    ):
         assert word in out.stdout
     dry = run_cli("run", "--dry-run")
     assert dry.returncode == 0 and "default:" in dry.stdout and "estimated" in dry.stdout
@@ -259,13 +307,29 @@ def test_list_and_dry_run():
 def test_pool_workers_exit_when_the_runner_is_killed(tmp_path):
     path = write(tmp_path, SLOW)
     store_path = tmp_path / "w.sqlite"
-    proc = subprocess.Popen([sys.executable, "-m", "cestudy", "run", str(path), "--results",
-                             str(store_path), "--quiet", "--no-report", "--jobs", "2"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cestudy",
+            "run",
+            str(path),
+            "--results",
+            str(store_path),
+            "--quiet",
+            "--no-report",
+            "--jobs",
+            "2",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def children():
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True
+        ).stdout
         return [int(p) for p in out.split()]
 
     deadline = time.time() + 120
@@ -297,8 +361,11 @@ def _summary_counts(stdout):
     """(computed, already stored, computed by another runner) from a run's summary line."""
     import re
 
-    m = re.search(r"(\d+) computed, (\d+) already stored, (?:(\d+) computed by another "
-                  r"runner, )?", stdout)
+    m = re.search(
+        r"(\d+) computed, (\d+) already stored, (?:(\d+) computed by another "
+        r"runner, )?",
+        stdout,
+    )
     assert m, stdout
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
@@ -310,9 +377,24 @@ def _same_code(cells):
 
 def _start_runner(path, store_path, lease_s="3"):
     env = dict(os.environ, CESTUDY_LEASE_S=lease_s)
-    return subprocess.Popen([sys.executable, "-m", "cestudy", "run", str(path), "--results",
-                             str(store_path), "--quiet", "--no-report"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cestudy",
+            "run",
+            str(path),
+            "--results",
+            str(store_path),
+            "--quiet",
+            "--no-report",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _stored(store_path):
@@ -323,8 +405,10 @@ def _stored(store_path):
         return 0
 
 
-BIG = SLOW.replace("scale = [0.5, 1.0, 2.0, 4.0, 8.0]",
-                   "scale = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]")
+BIG = SLOW.replace(
+    "scale = [0.5, 1.0, 2.0, 4.0, 8.0]",
+    "scale = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]",
+)
 
 
 def _wait_stored(store_path, at_least, procs, timeout=300):
@@ -381,8 +465,9 @@ def test_two_runners_and_kill_9_of_one_lose_and_duplicate_nothing(tmp_path, vict
         runs = st.runs()
     _same_code(cells)
     assert len(cells) == total and all(c["status"] == "ok" for c in cells)
-    survivor_run = next(r["run_id"] for r in runs
-                        if r["manifest"].get("study_file") and r["finished"])
+    survivor_run = next(
+        r["run_id"] for r in runs if r["manifest"].get("study_file") and r["finished"]
+    )
     by_survivor = sum(c["run_id"] == survivor_run for c in cells)
     by_killed = len(cells) - by_survivor
     done, before, _ = _summary_counts(out)
@@ -395,8 +480,14 @@ def test_kinds_declare_keys_normalisation_seed_fields_and_compute():
     from cestudy.study import kinds
     from cestudy.study.keys import Key
 
-    assert set(kinds.KINDS) == {"accuracy", "imbalance", "performance", "training", "higham",
-                                "linear"}
+    assert set(kinds.KINDS) == {
+        "accuracy",
+        "imbalance",
+        "performance",
+        "training",
+        "higham",
+        "linear",
+    }
     for name, kind in kinds.KINDS.items():
         assert kind.NAME == name and "seed" in kind.KEYS
         assert all(isinstance(k, Key) for k in kind.KEYS.values())
@@ -409,8 +500,10 @@ def test_kinds_declare_keys_normalisation_seed_fields_and_compute():
 def test_accuracy_cells_exist_for_every_registry_variant(tmp_path):
     from cestudy import variants
 
-    text = ("name='all'\n[[part]]\nkind='accuracy'\nvariant=[%s]\nimplementation=['numba']\n"
-            % ", ".join(f"'{v}'" for v in variants.VARIANTS))
+    text = (
+        "name='all'\n[[part]]\nkind='accuracy'\nvariant=[%s]\nimplementation=['numba']\n"
+        % ", ".join(f"'{v}'" for v in variants.VARIANTS)
+    )
     cells = spec.load(str(write(tmp_path, text))).cells()
     assert {c["variant"] for c in cells} == set(variants.VARIANTS)
     from cestudy.study import compute
@@ -423,8 +516,9 @@ def test_accuracy_cells_exist_for_every_registry_variant(tmp_path):
 
 
 def test_study_files_with_legacy_variant_names_load_under_todays_names(tmp_path):
-    old = TINY.replace('"cross_entropy", "binary_cross_entropy_with_logits"',
-                       '"ce_index", "bce_logits"')
+    old = TINY.replace(
+        '"cross_entropy", "binary_cross_entropy_with_logits"', '"ce_index", "bce_logits"'
+    )
     assert "ce_index" in old
     new_cells = spec.load(str(write(tmp_path, TINY, "new.toml"))).cells()
     assert spec.load(str(write(tmp_path, old, "old.toml"))).cells() == new_cells

@@ -10,6 +10,7 @@ Elements that are tiny cancellations are measured in ulps of the largest element
 (the gradient contract). A semantic mismatch (a wrong reduction, weight or smoothing convention)
 shows up as millions of ulps; rounding differences do not.
 """
+
 import numpy as np
 import pytest
 
@@ -45,8 +46,10 @@ def _close_to_torch(ours, ref, dtype, tol=None):
     with np.errstate(invalid="ignore", divide="ignore"):
         absgap = np.abs(ours - ref) / oracle.ulp(scale, dtype).astype(np.float64)
     bad = np.minimum(gap, absgap) > tol
-    assert not bad.any(), (f"max gap {np.minimum(gap, absgap).max():.3g} ulp to torch at "
-                           f"{np.argwhere(bad)[:5].tolist()}")
+    assert not bad.any(), (
+        f"max gap {np.minimum(gap, absgap).max():.3g} ulp to torch at "
+        f"{np.argwhere(bad)[:5].tolist()}"
+    )
 
 
 def _data(shape, dtype, seed=0, scale=4.0):
@@ -58,10 +61,17 @@ def _data(shape, dtype, seed=0, scale=4.0):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("options", [
-    {}, {"label_smoothing": 0.1}, {"weight": True}, {"weight": True, "label_smoothing": 0.2},
-    {"ignore_index": 1}, {"weight": True, "ignore_index": 0, "label_smoothing": 0.05},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"label_smoothing": 0.1},
+        {"weight": True},
+        {"weight": True, "label_smoothing": 0.2},
+        {"ignore_index": 1},
+        {"weight": True, "ignore_index": 0, "label_smoothing": 0.05},
+    ],
+)
 def test_cross_entropy_class_indices(shape, dtype, reduction, options):
     rng, x = _data(shape, dtype)
     n, c = shape
@@ -76,8 +86,9 @@ def test_cross_entropy_class_indices(shape, dtype, reduction, options):
     assert loss.dtype == dtype and grad.dtype == dtype and grad.shape == x.shape
     _close_to_torch(loss, ref.detach().numpy(), dtype)
     _close_to_torch(grad, xt.grad.numpy(), dtype)
-    np.testing.assert_array_equal(cs.cross_entropy(x, y, weight=w, reduction=reduction, **opts),
-                                  loss)
+    np.testing.assert_array_equal(
+        cs.cross_entropy(x, y, weight=w, reduction=reduction, **opts), loss
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -87,12 +98,12 @@ def test_cross_entropy_probability_targets(dtype, reduction, smoothing, weighted
     rng, x = _data((9, 50), dtype)
     p = rng.dirichlet(np.ones(50), 9).astype(dtype)
     w = rng.uniform(0.5, 2.0, 50) if weighted else None
-    loss, grad = cs.cross_entropy_with_grad(x, p, weight=w, label_smoothing=smoothing,
-                                            reduction=reduction)
+    loss, grad = cs.cross_entropy_with_grad(
+        x, p, weight=w, label_smoothing=smoothing, reduction=reduction
+    )
     xt = _t(x, True)
     wt = None if w is None else torch.tensor(w.astype(dtype).astype(np.float64))
-    ref = F.cross_entropy(xt, _t(p), weight=wt, label_smoothing=smoothing,
-                          reduction=reduction)
+    ref = F.cross_entropy(xt, _t(p), weight=wt, label_smoothing=smoothing, reduction=reduction)
     ref.sum().backward()
     _close_to_torch(loss, ref.detach().numpy(), dtype)
     _close_to_torch(grad, xt.grad.numpy(), dtype)
@@ -111,20 +122,26 @@ def test_one_dimensional_logits_as_torch():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("weighted,pos_weighted", [(False, False), (True, False), (True, True),
-                                                   (False, True)])
+@pytest.mark.parametrize(
+    "weighted,pos_weighted", [(False, False), (True, False), (True, True), (False, True)]
+)
 def test_bce_with_logits(dtype, reduction, weighted, pos_weighted):
     rng, x = _data((13, 7), dtype, scale=6)
     t = rng.uniform(size=x.shape).astype(dtype)
     t[:6] = np.round(t[:6])
     w = rng.uniform(0.1, 2, (1, 7)).astype(dtype) if weighted else None
     pw = rng.uniform(0.5, 3, 7).astype(dtype) if pos_weighted else None
-    loss, grad = cs.binary_cross_entropy_with_logits_with_grad(x, t, weight=w, pos_weight=pw,
-                                                               reduction=reduction)
+    loss, grad = cs.binary_cross_entropy_with_logits_with_grad(
+        x, t, weight=w, pos_weight=pw, reduction=reduction
+    )
     xt = _t(x, True)
     ref = F.binary_cross_entropy_with_logits(
-        xt, _t(t), weight=None if w is None else _t(w),
-        pos_weight=None if pw is None else _t(pw), reduction=reduction)
+        xt,
+        _t(t),
+        weight=None if w is None else _t(w),
+        pos_weight=None if pw is None else _t(pw),
+        reduction=reduction,
+    )
     ref.sum().backward()
     _close_to_torch(loss, ref.detach().numpy(), dtype)
     _close_to_torch(grad, xt.grad.numpy(), dtype)
@@ -140,8 +157,7 @@ def test_bce_on_probabilities_matches_torch_including_the_clamp(dtype, reduction
     t[0, 0], t[1, 1] = 1.0, 0.0  # both hit the -100 clamp
     w = rng.uniform(0.1, 2, 5).astype(dtype)
     ours = cs.binary_cross_entropy(p, t, weight=w, reduction=reduction)
-    ref = F.binary_cross_entropy(_t(p), _t(t), weight=_t(w),
-                                 reduction=reduction)
+    ref = F.binary_cross_entropy(_t(p), _t(t), weight=_t(w), reduction=reduction)
     _close_to_torch(ours, ref.numpy(), dtype)
 
 
@@ -180,8 +196,7 @@ def test_softmax_focal_loss_against_its_autograd_definition(dtype, reduction, ga
     y = rng.integers(0, 20, 11)
     y[3] = -100
     w = rng.uniform(0.5, 2.0, 20)
-    loss, grad = cs.softmax_focal_loss_with_grad(x, y, gamma=gamma, weight=w,
-                                                 reduction=reduction)
+    loss, grad = cs.softmax_focal_loss_with_grad(x, y, gamma=gamma, weight=w, reduction=reduction)
     xt = _t(x, True)
     wt = torch.tensor(w.astype(dtype).astype(np.float64))
     per, denom = _torch_softmax_focal(xt, torch.tensor(y), gamma, wt, -100)
@@ -190,8 +205,11 @@ def test_softmax_focal_loss_against_its_autograd_definition(dtype, reduction, ga
     _close_to_torch(loss, ref.detach().numpy(), dtype)
     _close_to_torch(grad, xt.grad.numpy(), dtype)
     if gamma == 0.0:
-        np.testing.assert_allclose(loss, cs.cross_entropy(x, y, weight=w, reduction=reduction),
-                                   rtol=4 * np.finfo(dtype).eps)
+        np.testing.assert_allclose(
+            loss,
+            cs.cross_entropy(x, y, weight=w, reduction=reduction),
+            rtol=4 * np.finfo(dtype).eps,
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -200,8 +218,9 @@ def test_softmax_focal_loss_against_its_autograd_definition(dtype, reduction, ga
 def test_sigmoid_focal_loss_is_torchvision(dtype, reduction, alpha, gamma):
     rng, x = _data((6, 9), dtype, scale=3)
     t = np.round(rng.uniform(size=x.shape)).astype(dtype)
-    loss, grad = cs.sigmoid_focal_loss_with_grad(x, t, alpha=alpha, gamma=gamma,
-                                                 reduction=reduction)
+    loss, grad = cs.sigmoid_focal_loss_with_grad(
+        x, t, alpha=alpha, gamma=gamma, reduction=reduction
+    )
     xt = _t(x, True)
     tt = _t(t)
     p = torch.sigmoid(xt)  # torchvision.ops.sigmoid_focal_loss, verbatim

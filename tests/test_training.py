@@ -1,5 +1,6 @@
 """The training study: gradients of the objective against finite differences, the L-BFGS
 plain-CE solution against scikit-learn, and an end-to-end run of a tiny configuration."""
+
 import numpy as np
 import pytest
 
@@ -40,16 +41,29 @@ def test_lbfgs_plain_ce_matches_scikit_learn():
     X, y = training.load("digits")
     Xtr, ytr, Xte, yte, _ = training.split(X, y, 1.0, "step", seed=0)
     c = 1.0
-    cell = dict(dataset="digits", model="logreg", optimizer="lbfgs", loss="ce", dtype="float64",
-                imbalance=1.0, profile="step", epochs=100, lr=0.5, batch=64, C=c, seed=0)
+    cell = dict(
+        dataset="digits",
+        model="logreg",
+        optimizer="lbfgs",
+        loss="ce",
+        dtype="float64",
+        imbalance=1.0,
+        profile="step",
+        epochs=100,
+        lr=0.5,
+        batch=64,
+        C=c,
+        seed=0,
+    )
     ours = training.train_cell(cell)
     clf = LogisticRegression(C=c, max_iter=5000, tol=1e-10).fit(Xtr, ytr)
     l2 = 1.0 / (c * len(ytr))
     p_tr = clf.predict_proba(Xtr)
-    theirs = -np.mean(np.log(p_tr[np.arange(len(ytr)), ytr])) + 0.5 * l2 * np.sum(clf.coef_ ** 2)
+    theirs = -np.mean(np.log(p_tr[np.arange(len(ytr)), ytr])) + 0.5 * l2 * np.sum(clf.coef_**2)
     assert ours["final_train_loss"] == pytest.approx(theirs, rel=1e-6)
-    sk = training._sklearn(dict(cell, loss="sklearn"), Xtr, ytr, Xte, yte,
-                           np.zeros(10, bool), 10, l2)
+    sk = training._sklearn(
+        dict(cell, loss="sklearn"), Xtr, ytr, Xte, yte, np.zeros(10, bool), 10, l2
+    )
     assert ours["balanced_accuracy"] == pytest.approx(sk["balanced_accuracy"], abs=0.01)
 
 
@@ -96,8 +110,10 @@ epochs = 3
         cells = st.cells()
     assert summary.failed == 0 and summary.done == len(s.cells())
     assert len(cells) == len(s.cells())
-    by = {tuple(c["params"][k] for k in ("model", "loss", "dtype", "imbalance")): c["metrics"]
-          for c in cells}
+    by = {
+        tuple(c["params"][k] for k in ("model", "loss", "dtype", "imbalance")): c["metrics"]
+        for c in cells
+    }
     for (model, loss, dtype, imb), m in by.items():
         key = (model, loss, dtype, imb)
         assert m["n_test"] > 0 and m["n_train"] > 0, key

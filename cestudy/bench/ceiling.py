@@ -13,6 +13,7 @@ Forward kernels are judged against the first, fused forward+gradient kernels aga
 Both are the best of a few runs (bandwidth is a ceiling: noise only lowers it) and are cached per
 process, dtype and size.
 """
+
 from __future__ import annotations
 
 import os

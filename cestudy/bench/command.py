@@ -6,6 +6,7 @@ manifest, so the performance report shows it. Also measured: cold start (import 
 with an empty and with a warm compile cache), scaling with N, C and threads, and the worst case
 (every row confident).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,20 +39,32 @@ def add_arguments(parser, default_results: str = "") -> None:
     b.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
     b.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
     b.add_argument("--shapes", help="comma-separated NxC list, e.g. 256x10,2048x32768")
-    b.add_argument("--variants", default="cross_entropy,cross_entropy_probs,"
-                   "binary_cross_entropy_with_logits",
-                   help="registry names (cestudy.variants); old names are migrated")
+    b.add_argument(
+        "--variants",
+        default="cross_entropy,cross_entropy_probs,binary_cross_entropy_with_logits",
+        help="registry names (cestudy.variants); old names are migrated",
+    )
     b.add_argument("--dtypes", default="float32,float64")
     b.add_argument("--modes", default="forward,forward_grad")
     b.add_argument("--repeats", type=int, default=7)
-    b.add_argument("--threads", type=int, default=0,
-                   help="threads for cestudy (numba) and torch alike; 0 leaves both as they are "
-                        "(1 gives ratios that survive a loaded machine)")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads for cestudy (numba) and torch alike; 0 leaves both as they are "
+        "(1 gives ratios that survive a loaded machine)",
+    )
     b.add_argument("--json", help="also write the table as JSON here")
-    b.add_argument("--validate-only", action="store_true",
-                   help="--backend cuda: run the correctness checks, time nothing")
-    b.add_argument("--results", default=default_results,
-                   help="store the bench cells here (study 'bench'); '' to skip")
+    b.add_argument(
+        "--validate-only",
+        action="store_true",
+        help="--backend cuda: run the correctness checks, time nothing",
+    )
+    b.add_argument(
+        "--results",
+        default=default_results,
+        help="store the bench cells here (study 'bench'); '' to skip",
+    )
 
 
 def _shapes(text):
@@ -75,29 +88,36 @@ def _impls(variant, n, c):
 def _row(res, variant, impl, mode, n, c, dtype):
     r = res
     ratio = r.get("speedup_vs_torch")
-    return (f"{variant:32s} {impl:13s} {mode:12s} {n:>5d}x{c:<7d} {dtype:8s} "
-            f"{1e3 * r['median_s']:9.3f} {r['gb_per_s']:7.2f} {100 * r['frac_bandwidth']:6.1f}% "
-            f"{'' if ratio is None else f'{ratio:7.2f}x':>8s} "
-            f"{r.get('check_ulp', float('nan')):8.3g}")
+    return (
+        f"{variant:32s} {impl:13s} {mode:12s} {n:>5d}x{c:<7d} {dtype:8s} "
+        f"{1e3 * r['median_s']:9.3f} {r['gb_per_s']:7.2f} {100 * r['frac_bandwidth']:6.1f}% "
+        f"{'' if ratio is None else f'{ratio:7.2f}x':>8s} "
+        f"{r.get('check_ulp', float('nan')):8.3g}"
+    )
 
 
-HEADER = (f"{'variant':32s} {'kernel':13s} {'mode':12s} {'shape':13s} {'dtype':8s} "
-          f"{'ms':>9s} {'GB/s':>7s} {'of ceil':>7s} {'vs torch':>8s} {'ulp':>8s}")
+HEADER = (
+    f"{'variant':32s} {'kernel':13s} {'mode':12s} {'shape':13s} {'dtype':8s} "
+    f"{'ms':>9s} {'GB/s':>7s} {'of ceil':>7s} {'vs torch':>8s} {'ulp':>8s}"
+)
 
 
 def cold_start(repeats=1):
     """Seconds from a fresh ``python -c 'import cestudy; ...first result'`` to the result, with
     an empty Numba cache and then with the cache it left (two subprocesses each)."""
-    code = ("import time; t=time.perf_counter(); import numpy as np, cestudy; "
-            "x=np.ones((4,10),np.float32); y=np.zeros(4,np.int64); "
-            "cestudy.cross_entropy(x,y); cestudy.cross_entropy_with_grad(x,y); "
-            "print(time.perf_counter()-t)")
+    code = (
+        "import time; t=time.perf_counter(); import numpy as np, cestudy; "
+        "x=np.ones((4,10),np.float32); y=np.zeros(4,np.int64); "
+        "cestudy.cross_entropy(x,y); cestudy.cross_entropy_with_grad(x,y); "
+        "print(time.perf_counter()-t)"
+    )
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         times = []
         for _ in range(2):
-            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            )
             times.append(float(out.stdout.strip().splitlines()[-1]))
     return {"cold_s": times[0], "warm_cache_s": times[1]}
 
@@ -116,11 +136,15 @@ def main(args):
     mib = ceiling.buffer_bytes() >> 20
     bw = {}
     for dtype in dtypes:
-        bw[dtype] = {"read": ceiling.read_bandwidth(dtype),
-                     "read_write": ceiling.read_write_bandwidth(dtype)}
-        print(f"ceiling, {dtype}: read {bw[dtype]['read']:.2f} GB/s, read+write "
-              f"{bw[dtype]['read_write']:.2f} GB/s (vectorised parallel loops over {mib} MiB; "
-              f"forward is judged against read, fused against read+write)")
+        bw[dtype] = {
+            "read": ceiling.read_bandwidth(dtype),
+            "read_write": ceiling.read_write_bandwidth(dtype),
+        }
+        print(
+            f"ceiling, {dtype}: read {bw[dtype]['read']:.2f} GB/s, read+write "
+            f"{bw[dtype]['read_write']:.2f} GB/s (vectorised parallel loops over {mib} MiB; "
+            f"forward is judged against read, fused against read+write)"
+        )
     store = run_id = None
     if args.results:
         from ..study.runner import code_version
@@ -130,7 +154,8 @@ def main(args):
         manifest = info.manifest()
         manifest["study_description"] = (
             "python -m cestudy bench: interleaved timings of cestudy's CPU kernels against torch, "
-            "the numpy formulations and scipy, with cold start, scaling and the worst case.")
+            "the numpy formulations and scipy, with cold start, scaling and the worst case."
+        )
         manifest["bandwidth_gbs"] = bw[dtypes[0]]["read"]
         manifest["ceiling_gbs"] = bw
         run_id = store.start_run("bench", manifest)
@@ -140,8 +165,16 @@ def main(args):
 
     def put(params, metrics):
         if store is not None:
-            store.put(cell_key("bench", params, version), "bench", params, version, "ok", None,
-                      metrics, run_id)
+            store.put(
+                cell_key("bench", params, version),
+                "bench",
+                params,
+                version,
+                "ok",
+                None,
+                metrics,
+                run_id,
+            )
 
     for variant in variants:
         for dtype in dtypes:
@@ -152,21 +185,27 @@ def main(args):
                     if variant != bench.CE and n * c > NUMPY_LIMIT:
                         continue  # the largest shape is for the headline kernel only
                     impls = _impls(variant, n, c)
-                    res = bench.time_group(variant, dtype, mode, n, c, impls,
-                                           repeats=args.repeats)
+                    res = bench.time_group(variant, dtype, mode, n, c, impls, repeats=args.repeats)
                     for impl in impls:
                         r = res[impl]
                         if "skipped" in r:
                             continue
                         print(_row(r, variant, impl, mode, n, c, dtype), flush=True)
-                        params = {"kind": "performance", "variant": variant,
-                                  "implementation": impl, "dtype": dtype, "mode": mode,
-                                  "batch": n, "classes": c, "repeats": args.repeats, "seed": 0}
+                        params = {
+                            "kind": "performance",
+                            "variant": variant,
+                            "implementation": impl,
+                            "dtype": dtype,
+                            "mode": mode,
+                            "batch": n,
+                            "classes": c,
+                            "repeats": args.repeats,
+                            "seed": 0,
+                        }
                         if args.threads:  # a run on fixed threads is a cell of its own
                             params["threads"] = args.threads
                         put(params, r)
-                        table.append({**params, **{k: v for k, v in r.items()
-                                                   if k != "samples_s"}})
+                        table.append({**params, **{k: v for k, v in r.items() if k != "samples_s"}})
     print_ratios(table)
     extras = {}
     if not args.quick and bench.CE in variants and "float32" in dtypes:
@@ -176,8 +215,18 @@ def main(args):
         store.close()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"bandwidth_gbs": bw[dtypes[0]]["read"], "ceiling_gbs": bw, "rows": table,
-                       "extras": extras, "machine": info.manifest()}, f, indent=1, sort_keys=True)
+            json.dump(
+                {
+                    "bandwidth_gbs": bw[dtypes[0]]["read"],
+                    "ceiling_gbs": bw,
+                    "rows": table,
+                    "extras": extras,
+                    "machine": info.manifest(),
+                },
+                f,
+                indent=1,
+                sort_keys=True,
+            )
     return 0
 
 
@@ -203,8 +252,9 @@ def print_ratios(table):
         ratio = r.get("speedup_vs_torch")
         if ratio is None or not r["implementation"].startswith("numba"):
             continue
-        cells[(r["variant"], r["mode"], r["implementation"]),
-              (r["dtype"], r["batch"], r["classes"])] = ratio
+        cells[
+            (r["variant"], r["mode"], r["implementation"]), (r["dtype"], r["batch"], r["classes"])
+        ] = ratio
     cols = sorted({c for _, c in cells}, key=lambda c: (c[0], c[1] * c[2], c[1]))
     rows = sorted({r for r, _ in cells})
     if not cols:
@@ -214,8 +264,12 @@ def print_ratios(table):
     print(f"{'':56s}" + "".join(f"{f'{n}x{c}':>9s}" for _, n, c in cols))
     for row in rows:
         name = f"{row[0]} {row[1]} {row[2]}"
-        print(f"{name:56s}" + "".join(
-            f"{cells[row, col]:8.2f}x" if (row, col) in cells else f"{'':9s}" for col in cols))
+        print(
+            f"{name:56s}"
+            + "".join(
+                f"{cells[row, col]:8.2f}x" if (row, col) in cells else f"{'':9s}" for col in cols
+            )
+        )
 
 
 def extra_measurements(repeats, put):
@@ -224,8 +278,10 @@ def extra_measurements(repeats, put):
 
     out = {}
     cs = cold_start()
-    print(f"cold start (import + first forward and fused call): {cs['cold_s']:.2f} s with an "
-          f"empty compile cache, {cs['warm_cache_s']:.2f} s with a warm one")
+    print(
+        f"cold start (import + first forward and fused call): {cs['cold_s']:.2f} s with an "
+        f"empty compile cache, {cs['warm_cache_s']:.2f} s with a warm one"
+    )
     put({"kind": "coldstart", "variant": bench.CE, "dtype": "float32"}, cs)
     out["cold_start"] = cs
     n, c = 2048, 32768
@@ -240,15 +296,26 @@ def extra_measurements(repeats, put):
         except ImportError:
             torch = None
         for mode in ("forward", "forward_grad"):
-            res = bench.time_group(bench.CE, "float32", mode, n, c, ["numba", "torch"],
-                                   repeats=repeats)
+            res = bench.time_group(
+                bench.CE, "float32", mode, n, c, ["numba", "torch"], repeats=repeats
+            )
             for impl, r in res.items():
                 if "skipped" in r:
                     continue
                 print(f"threads={t}: " + _row(r, bench.CE, impl, mode, n, c, "float32"))
-                put({"kind": "scaling", "variant": bench.CE, "implementation": impl,
-                     "dtype": "float32", "mode": mode, "batch": n, "classes": c, "threads": t},
-                    r)
+                put(
+                    {
+                        "kind": "scaling",
+                        "variant": bench.CE,
+                        "implementation": impl,
+                        "dtype": "float32",
+                        "mode": mode,
+                        "batch": n,
+                        "classes": c,
+                        "threads": t,
+                    },
+                    r,
+                )
                 out[f"threads{t}_{impl}_{mode}"] = r["median_s"]
         if torch is not None:
             torch.set_num_threads(torch_threads)
@@ -258,8 +325,10 @@ def extra_measurements(repeats, put):
     x[np.arange(n), y] += 50
     import cestudy as cs_
 
-    for mode, fn in (("forward", lambda: cs_.cross_entropy(x, y)),
-                     ("forward_grad", lambda: cs_.cross_entropy_with_grad(x, y))):
+    for mode, fn in (
+        ("forward", lambda: cs_.cross_entropy(x, y)),
+        ("forward_grad", lambda: cs_.cross_entropy_with_grad(x, y)),
+    ):
         fn()
         ts = []
         for _ in range(repeats):
@@ -268,8 +337,17 @@ def extra_measurements(repeats, put):
             ts.append(time.perf_counter() - t0)
         med = float(np.median(ts))
         print(f"all rows confident, numba {mode}: {1e3 * med:.2f} ms")
-        put({"kind": "worstcase", "variant": bench.CE, "implementation": "numba",
-             "dtype": "float32", "mode": mode, "batch": n, "classes": c},
-            {"median_s": med, "samples_s": ts})
+        put(
+            {
+                "kind": "worstcase",
+                "variant": bench.CE,
+                "implementation": "numba",
+                "dtype": "float32",
+                "mode": mode,
+                "batch": n,
+                "classes": c,
+            },
+            {"median_s": med, "samples_s": ts},
+        )
         out[f"confident_{mode}_s"] = med
     return out

@@ -11,6 +11,7 @@ uses the same machinery cell by cell.
 
 No test asserts a timing: speed is measured here and reported, never tested.
 """
+
 from __future__ import annotations
 
 import time
@@ -94,9 +95,11 @@ def make_callable(variant, impl, mode, x, t):
         tt = torch.from_numpy(t)
         f = F.binary_cross_entropy_with_logits if variant == BCE else F.cross_entropy
         if not grad:
+
             def run():
                 with torch.no_grad():
                     return f(xt, tt).item(), None
+
             return run
         xg = xt.clone().requires_grad_(True)
 
@@ -105,6 +108,7 @@ def make_callable(variant, impl, mode, x, t):
             loss = f(xg, tt)
             loss.backward()
             return loss.item(), xg.grad.numpy()
+
         return run_grad
     if impl == "scipy":
         from scipy import special
@@ -120,6 +124,7 @@ def make_callable(variant, impl, mode, x, t):
             g = np.exp(lp)
             g[rows, t] -= 1
             return float(-np.mean(lp[rows, t])), g / x.shape[0]
+
         return run_scipy
     # numpy formulations from the registry (they compute loss and gradient together)
     from ..reference import implementations
@@ -132,6 +137,7 @@ def make_callable(variant, impl, mode, x, t):
         loss, g = f(x, t)
         mean = float(np.sum(loss.astype(np.float64)) / denom)
         return mean, (g / g.dtype.type(denom) if grad else None)
+
     return run_numpy
 
 
@@ -140,7 +146,7 @@ def _oracle_mean(variant, x, t, chunk=256):
     variant = variants.canonical_name(variant)
     total = oracle.LD(0)
     for i in range(0, x.shape[0], chunk):
-        xs, ts = x[i:i + chunk], t[i:i + chunk]
+        xs, ts = x[i : i + chunk], t[i : i + chunk]
         if variant == CE:
             total += oracle.cross_entropy(xs, ts).sum()
         elif variant == CE_PROBS:
@@ -170,7 +176,7 @@ def check(variant, x, t, result, dtype, exact_mean=None, exact_grad=None):
     gerr = None
     if g is not None:
         ex = _oracle_grad_rows(variant, x, t) if exact_grad is None else exact_grad
-        gerr = float(np.max(oracle.grad_ulp_error(np.asarray(g)[:len(ex)], ex, dtype)))
+        gerr = float(np.max(oracle.grad_ulp_error(np.asarray(g)[: len(ex)], ex, dtype)))
     return err, gerr
 
 
@@ -208,8 +214,12 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
         res = f()
         first[impl] = time.perf_counter() - t0
         if check_results:
-            out[impl] = dict(zip(("check_ulp", "grad_check_ulp"),
-                                 check(variant, x, t, res, dt, exact_mean, exact_grad)))
+            out[impl] = dict(
+                zip(
+                    ("check_ulp", "grad_check_ulp"),
+                    check(variant, x, t, res, dt, exact_mean, exact_grad),
+                )
+            )
         else:
             out[impl] = {}
         if setup is not None:
@@ -228,17 +238,21 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
     moved = bytes_moved(variant, mode, x, t)
     for impl, s in samples.items():
         q1, med, q3 = np.quantile(s, [0.25, 0.5, 0.75])
-        out[impl].update({
-            "median_s": float(med), "q1_s": float(q1), "q3_s": float(q3),
-            "first_call_s": float(first[impl]),
-            "compile_s": float(max(first[impl] - med, 0.0)),
-            "elements_per_s": float(x.size / med),
-            "gb_per_s": float(moved / med / 1e9),
-            "bandwidth_gbs": float(bw),
-            "frac_bandwidth": float(moved / med / 1e9 / bw),
-            "bytes": int(moved),
-            "samples_s": [float(v) for v in s],
-        })
+        out[impl].update(
+            {
+                "median_s": float(med),
+                "q1_s": float(q1),
+                "q3_s": float(q3),
+                "first_call_s": float(first[impl]),
+                "compile_s": float(max(first[impl] - med, 0.0)),
+                "elements_per_s": float(x.size / med),
+                "gb_per_s": float(moved / med / 1e9),
+                "bandwidth_gbs": float(bw),
+                "frac_bandwidth": float(moved / med / 1e9 / bw),
+                "bytes": int(moved),
+                "samples_s": [float(v) for v in s],
+            }
+        )
     if "torch" in samples:
         for impl in samples:
             out[impl]["speedup_vs_torch"] = out["torch"]["median_s"] / out[impl]["median_s"]
@@ -254,8 +268,16 @@ def performance_cell(cell):
     ok, why = get(cell["variant"], impl).availability()
     if not ok:
         raise Skip(why)
-    res = time_group(cell["variant"], cell["dtype"], cell["mode"], cell["batch"],
-                     cell["classes"], [impl], repeats=cell["repeats"], seed=cell["seed"])[impl]
+    res = time_group(
+        cell["variant"],
+        cell["dtype"],
+        cell["mode"],
+        cell["batch"],
+        cell["classes"],
+        [impl],
+        repeats=cell["repeats"],
+        seed=cell["seed"],
+    )[impl]
     if "skipped" in res:
         raise Skip(res["skipped"])
     return res

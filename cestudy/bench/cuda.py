@@ -25,6 +25,7 @@ It prints one table and writes everything as JSON (``--json``; the committed res
 (``--validate-only`` does the same on a GPU): simulator timings are meaningless and never
 recorded, so every timing field of such a run is None ("unmeasured").
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,7 +46,7 @@ THREADS = (256, 512, 1024)
 VALIDATE_SHAPES = [(16, 300), (8, 2000)]
 VALIDATE_THREADS = (8, 32)
 OVERHEAD_SHAPE = (64, 128)
-L2_FLUSH_BYTES = 3 * 60 * 2 ** 20  # rotate over >= 3x the largest L2 (60 MB on an H200)
+L2_FLUSH_BYTES = 3 * 60 * 2**20  # rotate over >= 3x the largest L2 (60 MB on an H200)
 PEERS = {"forward": "torch forward", "forward+grad": "torch forward+backward"}
 
 
@@ -86,8 +87,9 @@ def copy_bandwidth(nbytes=4 << 30, repeats=5):
 
     src = cuda.device_array(nbytes // 4, np.float32)
     dst = cuda.device_array(nbytes // 4, np.float32)
-    best = min(_time(lambda i: dst.copy_to_device(src), 1, warmup=1, batch=1)
-               for _ in range(repeats))
+    best = min(
+        _time(lambda i: dst.copy_to_device(src), 1, warmup=1, batch=1) for _ in range(repeats)
+    )
     return 2 * nbytes / best / 1e9
 
 
@@ -131,8 +133,10 @@ def read_bandwidth(nbytes=4 << 30, repeats=5):
     out = cuda.device_array(1, np.float32)
     sms = getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 132)
     kernel = _read_kernel()
-    t = min(_time(lambda i: kernel[sms * 8, 256](buf, out), 1, warmup=1, batch=1)
-            for _ in range(repeats))
+    t = min(
+        _time(lambda i: kernel[sms * 8, 256](buf, out), 1, warmup=1, batch=1)
+        for _ in range(repeats)
+    )
     numba_bw = nbytes / t / 1e9
     torch_bw = None
     try:
@@ -172,19 +176,23 @@ def make_inputs(n, c, dtype, count, seed=0):
     torch = _torch_cuda()
     if torch is not None:
         g = torch.Generator(device="cuda").manual_seed(seed)
-        tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-               "float64": torch.float64}[dtype]
-        xs = [(torch.randn((n, c), generator=g, device="cuda") * 3).to(tdt)
-              for _ in range(count)]
+        tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[
+            dtype
+        ]
+        xs = [(torch.randn((n, c), generator=g, device="cuda") * 3).to(tdt) for _ in range(count)]
         y = torch.randint(0, c, (n,), generator=g, device="cuda", dtype=torch.int64)
         return xs, y, True
     rng = np.random.default_rng(seed)
     xs = []
     for _ in range(count):
-        x = (rng.standard_normal((n, c), dtype=np.float32) * 3).astype(dtypes.dtype_from_name(
-            dtype))
-        xs.append(ck.bfloat16_bits(cuda.to_device(x.view(np.uint16))) if dtype == "bfloat16"
-                  else cuda.to_device(x))
+        x = (rng.standard_normal((n, c), dtype=np.float32) * 3).astype(
+            dtypes.dtype_from_name(dtype)
+        )
+        xs.append(
+            ck.bfloat16_bits(cuda.to_device(x.view(np.uint16)))
+            if dtype == "bfloat16"
+            else cuda.to_device(x)
+        )
     return xs, cuda.to_device(rng.integers(0, c, n)), False
 
 
@@ -195,8 +203,11 @@ def _host(a, rows):
         import torch
 
         t = a[:rows].cpu()
-        return (t.view(torch.int16).numpy().view(dtypes.bfloat16) if t.dtype == torch.bfloat16
-                else t.numpy())
+        return (
+            t.view(torch.int16).numpy().view(dtypes.bfloat16)
+            if t.dtype == torch.bfloat16
+            else t.numpy()
+        )
     from ..kernels import cuda as ck
 
     if isinstance(a, ck.BFloat16Bits):
@@ -211,13 +222,17 @@ def check(x, y, dtype, rows=16, grad_rows=4):
 
     hx, hy = _host(x, rows), _host(y, rows)
     dt = dtypes.dtype_from_name(dtype)
-    loss, grad = cs.cross_entropy_with_grad(x[:rows], y[:rows], reduction="none",
-                                            backend="cuda")
+    loss, grad = cs.cross_entropy_with_grad(x[:rows], y[:rows], reduction="none", backend="cuda")
     got_l = _host(loss, rows).astype(dt)
     got_g = _host(grad, grad_rows)
     err = float(np.max(oracle.ulp_error(got_l, oracle.cross_entropy(hx, hy), dt)))
-    gerr = float(np.max(oracle.grad_ulp_error(
-        got_g, oracle.cross_entropy_grad(hx[:grad_rows], hy[:grad_rows]), dt)))
+    gerr = float(
+        np.max(
+            oracle.grad_ulp_error(
+                got_g, oracle.cross_entropy_grad(hx[:grad_rows], hy[:grad_rows]), dt
+            )
+        )
+    )
     return err, gerr
 
 
@@ -241,12 +256,26 @@ def cestudy_calls(xs, y, grad):
 
     count = len(xs)
     return (
-        ("cestudy forward", 1, lambda i: cs.cross_entropy(xs[i % count], y, backend="cuda"),
-         "forward"),
-        ("cestudy forward+grad", 2, lambda i: cs.cross_entropy_with_grad(
-            xs[i % count], y, backend="cuda", out=grad), "forward+grad"),
-        ("cestudy forward+grad inplace", 2, lambda i: cs.cross_entropy_with_grad(
-            xs[i % count], y, backend="cuda", out=xs[i % count]), "forward+grad"),
+        (
+            "cestudy forward",
+            1,
+            lambda i: cs.cross_entropy(xs[i % count], y, backend="cuda"),
+            "forward",
+        ),
+        (
+            "cestudy forward+grad",
+            2,
+            lambda i: cs.cross_entropy_with_grad(xs[i % count], y, backend="cuda", out=grad),
+            "forward+grad",
+        ),
+        (
+            "cestudy forward+grad inplace",
+            2,
+            lambda i: cs.cross_entropy_with_grad(
+                xs[i % count], y, backend="cuda", out=xs[i % count]
+            ),
+            "forward+grad",
+        ),
     )
 
 
@@ -260,19 +289,35 @@ def torch_calls(xs, y):
         xi = xs[i % count].detach().requires_grad_(True)
         F.cross_entropy(xi, y).backward()
 
-    return (("torch forward", 1, lambda i: F.cross_entropy(xs[i % count], y)),
-            ("torch forward+backward", 2, fwd_bwd))
+    return (
+        ("torch forward", 1, lambda i: F.cross_entropy(xs[i % count], y)),
+        ("torch forward+backward", 2, fwd_bwd),
+    )
 
 
 def row(kernel, n, c, dtype, nt, seconds, nbytes, bw, **extra):
     """One result row; timing fields are None when ``seconds`` is None (unmeasured)."""
-    r = {"kernel": kernel, "n": n, "c": c, "dtype": dtype, "threads": nt, "bytes": nbytes,
-         "ms": None, "gb_per_s": None, "frac_read_bw": None, "frac_copy_bw": None, **extra}
+    r = {
+        "kernel": kernel,
+        "n": n,
+        "c": c,
+        "dtype": dtype,
+        "threads": nt,
+        "bytes": nbytes,
+        "ms": None,
+        "gb_per_s": None,
+        "frac_read_bw": None,
+        "frac_copy_bw": None,
+        **extra,
+    }
     if seconds is not None:
         gbs = nbytes / seconds / 1e9
-        r.update(ms=1e3 * seconds, gb_per_s=gbs,
-                 frac_read_bw=gbs / bw["read"] if bw.get("read") else None,
-                 frac_copy_bw=gbs / bw["copy"] if bw.get("copy") else None)
+        r.update(
+            ms=1e3 * seconds,
+            gb_per_s=gbs,
+            frac_read_bw=gbs / bw["read"] if bw.get("read") else None,
+            frac_copy_bw=gbs / bw["copy"] if bw.get("copy") else None,
+        )
     return r
 
 
@@ -317,15 +362,35 @@ def measure_shape(n, c, dtype, bw, repeats, thread_counts, timed, out):
                 err, gerr = check(xs[0], y, dtype)
             except Exception as exc:  # e.g. too many registers for this block size
                 print(f"threads={nt}: {type(exc).__name__}: {exc}")
-                out.append({"kernel": "launch failure", "n": n, "c": c, "dtype": dtype,
-                            "threads": nt, "error": str(exc)})
+                out.append(
+                    {
+                        "kernel": "launch failure",
+                        "n": n,
+                        "c": c,
+                        "dtype": dtype,
+                        "threads": nt,
+                        "error": str(exc),
+                    }
+                )
                 continue
             for label, factor, fn, peer in cestudy_calls(xs, y, grad):
                 med = _time(fn, repeats) if timed else None
                 ref = peers.get(PEERS[peer])
-                out.append(row(label, n, c, dtype, nt, med, factor * size, bw,
-                               vs_torch=None if ref is None or med is None else ref / med,
-                               ulp=err, grad_ulp=gerr))
+                out.append(
+                    row(
+                        label,
+                        n,
+                        c,
+                        dtype,
+                        nt,
+                        med,
+                        factor * size,
+                        bw,
+                        vs_torch=None if ref is None or med is None else ref / med,
+                        ulp=err,
+                        grad_ulp=gerr,
+                    )
+                )
                 _print(out[-1])
 
 
@@ -343,8 +408,10 @@ def call_overhead(dtype, timed):
     for label, fn in calls:
         us = host_cost(fn) if timed else None
         rows.append({"kernel": label, "n": n, "c": c, "dtype": dtype, "host_us_per_call": us})
-        print(f"host cost per call, {label} {n}x{c} {dtype}: "
-              f"{'unmeasured' if us is None else f'{us:.1f} us'}")
+        print(
+            f"host cost per call, {label} {n}x{c} {dtype}: "
+            f"{'unmeasured' if us is None else f'{us:.1f} us'}"
+        )
     return rows
 
 
@@ -366,16 +433,24 @@ def main(args):
     name = name.decode() if isinstance(name, bytes) else str(name)
     print(f"device: {desc}")
     m = info.manifest()
-    result = {"device": name, "device_description": desc, "machine": m,
-              "source_commit": m.get("git_commit"), "rows": [], "timed": timed,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    result = {
+        "device": name,
+        "device_description": desc,
+        "machine": m,
+        "source_commit": m.get("git_commit"),
+        "rows": [],
+        "timed": timed,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
     bw = {}
     if timed:
         numba_read, torch_read = read_bandwidth()
         bw = {"read": max(numba_read, torch_read or 0.0), "copy": copy_bandwidth()}
-        print(f"read bandwidth: {bw['read']:.0f} GB/s (numba kernel {numba_read:.0f}, torch sum "
-              f"{'-' if torch_read is None else f'{torch_read:.0f}'}); device-to-device copy "
-              f"bandwidth: {bw['copy']:.0f} GB/s (read + write)")
+        print(
+            f"read bandwidth: {bw['read']:.0f} GB/s (numba kernel {numba_read:.0f}, torch sum "
+            f"{'-' if torch_read is None else f'{torch_read:.0f}'}); device-to-device copy "
+            f"bandwidth: {bw['copy']:.0f} GB/s (read + write)"
+        )
         result.update(read_bandwidth_numba_gbs=numba_read, read_bandwidth_torch_gbs=torch_read)
     result["read_bandwidth_gbs"] = bw.get("read")
     result["copy_bandwidth_gbs"] = bw.get("copy")
@@ -384,8 +459,10 @@ def main(args):
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     thread_counts = THREADS if timed else VALIDATE_THREADS
     repeats = getattr(args, "repeats", 7) * 3
-    print(f"{'kernel':30s} {'shape':>14s} {'dtype':9s} {'threads':>7s} {'ms':>9s} {'GB/s':>7s} "
-          f"{'of read':>7s} {'of copy':>7s} {'vs torch':>8s} {'ulp':>6s}")
+    print(
+        f"{'kernel':30s} {'shape':>14s} {'dtype':9s} {'threads':>7s} {'ms':>9s} {'GB/s':>7s} "
+        f"{'of read':>7s} {'of copy':>7s} {'vs torch':>8s} {'ulp':>6s}"
+    )
     for n, c in shapes:
         for dtype in DTYPES:
             measure_shape(n, c, dtype, bw, repeats, thread_counts, timed, result["rows"])
@@ -402,8 +479,11 @@ def _fmt(v, spec, scale=1.0, unit=""):
 
 def _print(r):
     vs = "" if r.get("vs_torch") is None else f"{r['vs_torch']:.2f}x"
-    print(f"{r['kernel']:30s} {r['n']:>6d}x{r['c']:<7d} {r['dtype']:9s} "
-          f"{'' if r['threads'] is None else r['threads']:>7} {_fmt(r['ms'], '9.3f'):>9s} "
-          f"{_fmt(r['gb_per_s'], '7.0f'):>7s} {_fmt(r['frac_read_bw'], '6.1f', 100, '%'):>7s} "
-          f"{_fmt(r['frac_copy_bw'], '6.1f', 100, '%'):>7s} {vs:>8s} "
-          f"{_fmt(r.get('ulp'), '6.2g'):>6s}", flush=True)
+    print(
+        f"{r['kernel']:30s} {r['n']:>6d}x{r['c']:<7d} {r['dtype']:9s} "
+        f"{'' if r['threads'] is None else r['threads']:>7} {_fmt(r['ms'], '9.3f'):>9s} "
+        f"{_fmt(r['gb_per_s'], '7.0f'):>7s} {_fmt(r['frac_read_bw'], '6.1f', 100, '%'):>7s} "
+        f"{_fmt(r['frac_copy_bw'], '6.1f', 100, '%'):>7s} {vs:>8s} "
+        f"{_fmt(r.get('ulp'), '6.2g'):>6s}",
+        flush=True,
+    )

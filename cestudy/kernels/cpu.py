@@ -38,6 +38,7 @@ functions", IMA J. Numer. Anal. 41(4)); with m = max_j x_j, k = argmax_j x_j:
 The plain ``lse - x_y`` form returns 0 for a confident-correct row whose true loss is 1e-30, a
 100% error; the form above returns it to within 1 ulp.
 """
+
 import math
 import types
 
@@ -195,8 +196,10 @@ def store_row_sum(out_loss, i, total):
 @overload(store_row_sum, jit_options=_OPTS)
 def _store_row_sum(out_loss, i, total):
     if out_loss.ndim == 1:
+
         def store(out_loss, i, total):
             out_loss[i] = total
+
         return store
     return lambda out_loss, i, total: None
 
@@ -256,13 +259,15 @@ def cross_entropy_index_fwd(logits, target, weight, ignore_index, label_smoothin
     """
     wsum = compensated_sum(weight)
     for i in prange(logits.shape[0]):
-        out_loss[i] = _ce_index_row(logits[i], target[i], weight, wsum, ignore_index,
-                                    label_smoothing, 1.0, False, logits[i])
+        out_loss[i] = _ce_index_row(
+            logits[i], target[i], weight, wsum, ignore_index, label_smoothing, 1.0, False, logits[i]
+        )
 
 
 @njit(parallel=True, **_OPTS)
-def cross_entropy_index_fwd_grad(logits, target, weight, ignore_index, label_smoothing,
-                                 grad_scale, out_loss, out_grad):
+def cross_entropy_index_fwd_grad(
+    logits, target, weight, ignore_index, label_smoothing, grad_scale, out_loss, out_grad
+):
     """Fused forward and gradient of :func:`cross_entropy_index_fwd`.
 
     d loss_i / d x_ij = (1 - eps) w_y (p_j - [j == y]) + (eps / C) (W p_j - w_j),  W = sum_c w_c,
@@ -270,8 +275,17 @@ def cross_entropy_index_fwd_grad(logits, target, weight, ignore_index, label_smo
     """
     wsum = compensated_sum(weight)
     for i in prange(logits.shape[0]):
-        out_loss[i] = _ce_index_row(logits[i], target[i], weight, wsum, ignore_index,
-                                    label_smoothing, grad_scale, True, out_grad[i])
+        out_loss[i] = _ce_index_row(
+            logits[i],
+            target[i],
+            weight,
+            wsum,
+            ignore_index,
+            label_smoothing,
+            grad_scale,
+            True,
+            out_grad[i],
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,18 +334,21 @@ def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, out_loss):
     torch returns NaN there (0 * -inf). target (N, C) float of the logits' dtype.
     """
     for i in prange(logits.shape[0]):
-        out_loss[i] = _ce_prob_row(logits[i], target[i], weight, label_smoothing, 1.0, False,
-                                   logits[i])
+        out_loss[i] = _ce_prob_row(
+            logits[i], target[i], weight, label_smoothing, 1.0, False, logits[i]
+        )
 
 
 @njit(parallel=True, **_OPTS)
-def cross_entropy_prob_fwd_grad(logits, target, weight, label_smoothing, grad_scale, out_loss,
-                                out_grad):
+def cross_entropy_prob_fwd_grad(
+    logits, target, weight, label_smoothing, grad_scale, out_loss, out_grad
+):
     """Fused forward and gradient of :func:`cross_entropy_prob_fwd`:
     d loss_i / d x_ij = (A q_j - a_j) * grad_scale with A = sum_c a_c."""
     for i in prange(logits.shape[0]):
-        out_loss[i] = _ce_prob_row(logits[i], target[i], weight, label_smoothing, grad_scale,
-                                   True, out_grad[i])
+        out_loss[i] = _ce_prob_row(
+            logits[i], target[i], weight, label_smoothing, grad_scale, True, out_grad[i]
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,17 +441,20 @@ def _focal_row(x, y, weight, ignore_index, gamma, grad_scale, with_grad, g):
 def softmax_focal_fwd(logits, target, weight, ignore_index, gamma, out_loss):
     """Per-row softmax focal loss  FL_i = -w_y (1 - p_y)^gamma log p_y  (Lin et al. 2017)."""
     for i in prange(logits.shape[0]):
-        out_loss[i] = _focal_row(logits[i], target[i], weight, ignore_index, gamma, 1.0, False,
-                                 logits[i])
+        out_loss[i] = _focal_row(
+            logits[i], target[i], weight, ignore_index, gamma, 1.0, False, logits[i]
+        )
 
 
 @njit(parallel=True, **_OPTS)
-def softmax_focal_fwd_grad(logits, target, weight, ignore_index, gamma, grad_scale, out_loss,
-                           out_grad):
+def softmax_focal_fwd_grad(
+    logits, target, weight, ignore_index, gamma, grad_scale, out_loss, out_grad
+):
     """Fused softmax focal loss and gradient (see :func:`_focal_row`)."""
     for i in prange(logits.shape[0]):
-        out_loss[i] = _focal_row(logits[i], target[i], weight, ignore_index, gamma, grad_scale,
-                                 True, out_grad[i])
+        out_loss[i] = _focal_row(
+            logits[i], target[i], weight, ignore_index, gamma, grad_scale, True, out_grad[i]
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,8 +485,16 @@ def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
     per-element losses, (N,) for row sums."""
     for i in prange(logits.shape[0]):
         x = logits[i]
-        total = _bce_row(x, target[i], bcast_row(weight, i), bcast_row(pos_weight, i), 1.0,
-                         False, loss_row(out_loss, i), x)
+        total = _bce_row(
+            x,
+            target[i],
+            bcast_row(weight, i),
+            bcast_row(pos_weight, i),
+            1.0,
+            False,
+            loss_row(out_loss, i),
+            x,
+        )
         store_row_sum(out_loss, i, total)
 
 
@@ -474,9 +502,16 @@ def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
 def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out_loss, out_grad):
     """Fused BCE with logits and gradient: d/dx = w (-pw t s(-x) + (1 - t) s(x))."""
     for i in prange(logits.shape[0]):
-        total = _bce_row(logits[i], target[i], bcast_row(weight, i), bcast_row(pos_weight, i),
-                         grad_scale, True, loss_row(out_loss, i),
-                         out_grad[i])
+        total = _bce_row(
+            logits[i],
+            target[i],
+            bcast_row(weight, i),
+            bcast_row(pos_weight, i),
+            grad_scale,
+            True,
+            loss_row(out_loss, i),
+            out_grad[i],
+        )
         store_row_sum(out_loss, i, total)
 
 
@@ -501,8 +536,7 @@ def sigmoid_focal_fwd(logits, target, alpha, gamma, out_loss):
     :func:`bce_with_logits_fwd`."""
     for i in prange(logits.shape[0]):
         x = logits[i]
-        total = _sigmoid_focal_row(x, target[i], alpha, gamma, 1.0, False,
-                                   loss_row(out_loss, i), x)
+        total = _sigmoid_focal_row(x, target[i], alpha, gamma, 1.0, False, loss_row(out_loss, i), x)
         store_row_sum(out_loss, i, total)
 
 
@@ -510,8 +544,9 @@ def sigmoid_focal_fwd(logits, target, alpha, gamma, out_loss):
 def sigmoid_focal_fwd_grad(logits, target, alpha, gamma, grad_scale, out_loss, out_grad):
     """Fused sigmoid focal loss and gradient."""
     for i in prange(logits.shape[0]):
-        total = _sigmoid_focal_row(logits[i], target[i], alpha, gamma, grad_scale, True,
-                                   loss_row(out_loss, i), out_grad[i])
+        total = _sigmoid_focal_row(
+            logits[i], target[i], alpha, gamma, grad_scale, True, loss_row(out_loss, i), out_grad[i]
+        )
         store_row_sum(out_loss, i, total)
 
 
@@ -631,20 +666,37 @@ def kl_div_fwd_grad(log_probs, target, log_target, grad_scale, out_loss, out_gra
     """Fused :func:`kl_div_fwd` and its gradient d/dx = -t (or -exp(t)), times grad_scale."""
     for i in prange(log_probs.shape[0]):
         x = log_probs[i]
-        total = _kl_div_row(x, target[i], log_target, grad_scale, True, loss_row(out_loss, i),
-                            out_grad[i])
+        total = _kl_div_row(
+            x, target[i], log_target, grad_scale, True, loss_row(out_loss, i), out_grad[i]
+        )
         store_row_sum(out_loss, i, total)
 
 
 # --------------------------------------------------------------------------------------------
 # Serial twins (see SERIAL_BELOW)
 # --------------------------------------------------------------------------------------------
-KERNELS = ("cross_entropy_index_fwd", "cross_entropy_index_fwd_grad", "cross_entropy_prob_fwd",
-           "cross_entropy_prob_fwd_grad", "kl_divergence_fwd", "kl_divergence_fwd_grad",
-           "entropy_fwd", "softmax_focal_fwd", "softmax_focal_fwd_grad", "bce_with_logits_fwd",
-           "bce_with_logits_fwd_grad", "sigmoid_focal_fwd", "sigmoid_focal_fwd_grad",
-           "logsumexp_rows", "log_softmax_rows", "softmax_rows", "nll_fwd", "nll_fwd_grad",
-           "kl_div_fwd", "kl_div_fwd_grad")
+KERNELS = (
+    "cross_entropy_index_fwd",
+    "cross_entropy_index_fwd_grad",
+    "cross_entropy_prob_fwd",
+    "cross_entropy_prob_fwd_grad",
+    "kl_divergence_fwd",
+    "kl_divergence_fwd_grad",
+    "entropy_fwd",
+    "softmax_focal_fwd",
+    "softmax_focal_fwd_grad",
+    "bce_with_logits_fwd",
+    "bce_with_logits_fwd_grad",
+    "sigmoid_focal_fwd",
+    "sigmoid_focal_fwd_grad",
+    "logsumexp_rows",
+    "log_softmax_rows",
+    "softmax_rows",
+    "nll_fwd",
+    "nll_fwd_grad",
+    "kl_div_fwd",
+    "kl_div_fwd_grad",
+)
 cross_entropy_index_fwd_serial = serial_twin(cross_entropy_index_fwd)
 cross_entropy_index_fwd_grad_serial = serial_twin(cross_entropy_index_fwd_grad)
 cross_entropy_prob_fwd_serial = serial_twin(cross_entropy_prob_fwd)

@@ -70,6 +70,7 @@ counts; never on a function holding an error-free transformation, whose instruct
 own flags when LLVM inlines them) are used: never ``nnan``/``ninf``, which would fold away the
 NaN checks.
 """
+
 import math
 
 import numpy as np
@@ -78,8 +79,16 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import scalar
-from .cpu import argmax_grad, bcast_row, compensated_sum, loss_row, row_guard, serial_twin
-from .cpu import neumaier_add, store_row_sum
+from .cpu import (
+    argmax_grad,
+    bcast_row,
+    compensated_sum,
+    loss_row,
+    neumaier_add,
+    row_guard,
+    serial_twin,
+    store_row_sum,
+)
 
 _OPTS = dict(cache=True, error_model="numpy", nogil=True)
 # Everything below the kernels allocates nothing, so it runs without numba's reference counting
@@ -121,18 +130,26 @@ def _bitcast(int_type, float_type, llvm_type, doc):
     return cast
 
 
-_bits_to_float64 = _bitcast(types.int64, types.float64, ir.DoubleType(),
-                            "int64 bits as float64: how 2^n is built without ldexp.")
-_bits_to_float32 = _bitcast(types.int32, types.float32, ir.FloatType(),
-                            "int32 bits as float32: 2^n, and the maximum back from its key.")
+_bits_to_float64 = _bitcast(
+    types.int64,
+    types.float64,
+    ir.DoubleType(),
+    "int64 bits as float64: how 2^n is built without ldexp.",
+)
+_bits_to_float32 = _bitcast(
+    types.int32,
+    types.float32,
+    ir.FloatType(),
+    "int32 bits as float32: 2^n, and the maximum back from its key.",
+)
 
 
 # --------------------------------------------------------------------------------------------
 # float32 exp with an exact argument (hi, lo), scaled by 2^EXP_BIAS
 # --------------------------------------------------------------------------------------------
 EXP_BIAS = 96
-BIASED_ONE = F32(2.0 ** EXP_BIAS)  # exp(0) * 2^EXP_BIAS: the value of a term at the maximum
-UNBIAS = 2.0 ** -EXP_BIAS
+BIASED_ONE = F32(2.0**EXP_BIAS)  # exp(0) * 2^EXP_BIAS: the value of a term at the maximum
+UNBIAS = 2.0**-EXP_BIAS
 EXP32_FLUSH = F32(-150.0)  # exp(-150) 2^96 = 2^-120.4: still a normal float32
 _LOG2E = F32(1.4426950408889634)
 _SHIFTER = F32(12582912.0)  # 1.5 * 2^23: adding it rounds to an integer in the low bits
@@ -170,8 +187,9 @@ def _pow2_biased(typingctx, t):
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
         b = builder.shl(builder.bitcast(args[0], i32), ir.Constant(i32, 23))
-        return builder.bitcast(builder.add(b, ir.Constant(i32, (127 + EXP_BIAS) << 23)),
-                               ir.FloatType())
+        return builder.bitcast(
+            builder.add(b, ir.Constant(i32, (127 + EXP_BIAS) << 23)), ir.FloatType()
+        )
 
     return types.float32(types.float32), codegen
 
@@ -226,8 +244,9 @@ def _key_value(typingctx, k):
 
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
-        sign = builder.and_(builder.ashr(args[0], ir.Constant(i32, 31)),
-                            ir.Constant(i32, 0x7FFFFFFF))
+        sign = builder.and_(
+            builder.ashr(args[0], ir.Constant(i32, 31)), ir.Constant(i32, 0x7FFFFFFF)
+        )
         return builder.bitcast(builder.xor(args[0], sign), ir.FloatType())
 
     return types.float32(types.int32), codegen
@@ -314,7 +333,6 @@ def _sum_below_f32(e):
     return s
 
 
-
 # --------------------------------------------------------------------------------------------
 # float64: the same primitives (exp to 0.55 ulp, int64 keys, compensated block sums)
 # --------------------------------------------------------------------------------------------
@@ -325,11 +343,21 @@ _LN2_LO64 = scalar.LN2_LO
 _LOG2E64 = scalar.LOG2E
 # q(r) ~ (exp(r) - 1 - r) / r^2 on |r| <= ln2 / 2 + 1e-3: minimax for the relative error of exp
 # (Lawson's iteration at 50 digits; 0.009 ulp after rounding the coefficients to float64)
-_P = (0.5, 0.16666666666666685, 0.04166666666666638, 0.00833333333331668, 0.0013888888889020035,
-      0.00019841269897289941, 2.4801587073322537e-05, 2.7557233934438916e-06,
-      2.755747686386953e-07, 2.511236667514622e-08, 2.0855090711960965e-09)
+_P = (
+    0.5,
+    0.16666666666666685,
+    0.04166666666666638,
+    0.00833333333331668,
+    0.0013888888889020035,
+    0.00019841269897289941,
+    2.4801587073322537e-05,
+    2.7557233934438916e-06,
+    2.755747686386953e-07,
+    2.511236667514622e-08,
+    2.0855090711960965e-09,
+)
 _P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7, _P8, _P9, _P10 = _P
-_BIASED_ONE64 = 2.0 ** EXP_BIAS
+_BIASED_ONE64 = 2.0**EXP_BIAS
 
 
 @njit(**_FMA)
@@ -352,8 +380,9 @@ def _pow2_biased64(typingctx, t):
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
         b = builder.shl(builder.bitcast(args[0], i64), ir.Constant(i64, 52))
-        return builder.bitcast(builder.add(b, ir.Constant(i64, (1023 + EXP_BIAS) << 52)),
-                               ir.DoubleType())
+        return builder.bitcast(
+            builder.add(b, ir.Constant(i64, (1023 + EXP_BIAS) << 52)), ir.DoubleType()
+        )
 
     return types.float64(types.float64), codegen
 
@@ -394,8 +423,9 @@ def _order_key64(typingctx, x):
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
         b = builder.bitcast(args[0], i64)
-        sign = builder.and_(builder.ashr(b, ir.Constant(i64, 63)),
-                            ir.Constant(i64, 0x7FFFFFFFFFFFFFFF))
+        sign = builder.and_(
+            builder.ashr(b, ir.Constant(i64, 63)), ir.Constant(i64, 0x7FFFFFFFFFFFFFFF)
+        )
         return builder.xor(b, sign)
 
     return types.int64(types.float64), codegen
@@ -409,8 +439,9 @@ def _key_value64(typingctx, k):
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
-        sign = builder.and_(builder.ashr(args[0], ir.Constant(i64, 63)),
-                            ir.Constant(i64, 0x7FFFFFFFFFFFFFFF))
+        sign = builder.and_(
+            builder.ashr(args[0], ir.Constant(i64, 63)), ir.Constant(i64, 0x7FFFFFFFFFFFFFFF)
+        )
         return builder.bitcast(builder.xor(args[0], sign), ir.DoubleType())
 
     return types.float64(types.int64), codegen
@@ -764,9 +795,9 @@ def two_prod(a, b):
 # --------------------------------------------------------------------------------------------
 # One row: the online pass (max, sum, side sums) and the gradient pass
 # --------------------------------------------------------------------------------------------
-SIDE_NONE = 0    # no side sums
+SIDE_NONE = 0  # no side sums
 SIDE_WEIGHT = 1  # (sum w_c, sum w_c (m - x_c)): label smoothing with class indices
-SIDE_SOFT = 2    # (sum a_c, sum a_c (m - x_c)): soft targets
+SIDE_SOFT = 2  # (sum a_c, sum a_c (m - x_c)): soft targets
 
 
 @njit(**_ROW)
@@ -803,9 +834,9 @@ def row_online(x, dst, at_offset, inplace, block_max, side, want_k, t, w, eps):
     (``inplace``, with ``at_offset``): each block is read (max, side sums, first index of a new
     maximum) before it is written.
 
-    Returns ``(m, k, S, A, T, bad)``: the maximum, its first index (0 unless ``want_k``), S = sum_{j != k} exp(x_j - m)
-    (float64), the side sums (``side``), and whether the row holds a NaN or +inf (then the other
-    values are meaningless and the row was not finished)."""
+    Returns ``(m, k, S, A, T, bad)``: the maximum, its first index (0 unless ``want_k``),
+    S = sum_{j != k} exp(x_j - m) (float64), the side sums (``side``), and whether the row holds
+    a NaN or +inf (then the other values are meaningless and the row was not finished)."""
     nc = x.shape[0]
     if nc <= BLOCK:
         return _row_one_block(x, dst, inplace, block_max, side, want_k, t, w, eps)
@@ -819,15 +850,15 @@ def row_online(x, dst, at_offset, inplace, block_max, side, want_k, t, w, eps):
         if has_nan or m == np.inf:
             return m, 0, 0.0, 0.0, 0.0, True
     k = -1
-    s = 0.0       # sum of the terms below m, in units of 2^-96
-    ties = 0.0    # number of terms equal to 1 (x_j == m)
+    s = 0.0  # sum of the terms below m, in units of 2^-96
+    ties = 0.0  # number of terms equal to 1 (x_j == m)
     a_sum = 0.0
     t_sum = 0.0
     b = 0
     for b0 in range(0, nc, BLOCK):
         b1 = min(b0 + BLOCK, nc)
         xb = x[b0:b1]
-        db = dst[b0:b1] if at_offset else dst[:b1 - b0]
+        db = dst[b0:b1] if at_offset else dst[: b1 - b0]
         if not premax:
             m_blk, has_nan = row_max(xb)
             if has_nan or m_blk == np.inf:
@@ -835,7 +866,7 @@ def row_online(x, dst, at_offset, inplace, block_max, side, want_k, t, w, eps):
             if m_blk > m:
                 if m > -np.inf:
                     # S below the new maximum: the old terms, and the old maximum's ties, shrink
-                    s = (s + ties * 2.0 ** EXP_BIAS) * exp_diff(m, m_blk)
+                    s = (s + ties * 2.0**EXP_BIAS) * exp_diff(m, m_blk)
                     if side != SIDE_NONE and a_sum != 0.0:
                         t_sum += (m_blk - m) * a_sum  # each earlier shift grows by m_blk - m
                 ties = 0.0
@@ -915,8 +946,9 @@ def _chunk(c, chunks, n):
 # Softmax cross-entropy with class indices
 # --------------------------------------------------------------------------------------------
 @njit(**_ROW)
-def _ce_index_row(x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, inplace, g,
-                  scratch, block_max):
+def _ce_index_row(
+    x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, inplace, g, scratch, block_max
+):
     """One row of the class-index cross-entropy (and its gradient into ``g``, which is ``x``
     when ``inplace``): x_y is read before anything is written."""
     if y == ignore_index:  # the row is not read
@@ -926,9 +958,18 @@ def _ce_index_row(x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, 
     nc = x.shape[0]
     x_y = np.float64(x[y])
     side = SIDE_WEIGHT if eps != 0.0 else SIDE_NONE
-    m, k, s, _, t_sum, bad = row_online(x, g if with_grad else scratch, with_grad, inplace,
-                                        block_max, side, with_grad and eps != 0.0, weight,
-                                        weight, eps)
+    m, k, s, _, t_sum, bad = row_online(
+        x,
+        g if with_grad else scratch,
+        with_grad,
+        inplace,
+        block_max,
+        side,
+        with_grad and eps != 0.0,
+        weight,
+        weight,
+        eps,
+    )
     skip, fill = row_guard(False, bad, m)
     if skip:
         if with_grad:
@@ -951,8 +992,7 @@ def _ce_index_row(x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, 
     p_y = e_y / z
     g_y = c_true * (-s / z if y_top else p_y - 1.0)
     if eps != 0.0:
-        g_y += c_smooth * (argmax_grad(wsum, weight[y], s, z) if y_top
-                           else wsum * p_y - weight[y])
+        g_y += c_smooth * (argmax_grad(wsum, weight[y], s, z) if y_top else wsum * p_y - weight[y])
         if not y_top:
             g[k] = c_true / z + c_smooth * argmax_grad(wsum, weight[k], s, z)
     g[y] = g_y
@@ -971,14 +1011,26 @@ def cross_entropy_index_fwd(logits, target, weight, ignore_index, label_smoothin
         block_max = np.empty(n_blocks(nc))
         lo, hi = _chunk(c, chunks, n)
         for i in range(lo, hi):
-            out_loss[i] = _ce_index_row(logits[i], target[i], weight, wsum, ignore_index,
-                                        label_smoothing, 1.0, False, False, logits[i], scratch,
-                                        block_max)
+            out_loss[i] = _ce_index_row(
+                logits[i],
+                target[i],
+                weight,
+                wsum,
+                ignore_index,
+                label_smoothing,
+                1.0,
+                False,
+                False,
+                logits[i],
+                scratch,
+                block_max,
+            )
 
 
 @njit(parallel=True, **_OPTS)
-def cross_entropy_index_fwd_grad(logits, target, weight, ignore_index, label_smoothing,
-                                 grad_scale, out_loss, out_grad):
+def cross_entropy_index_fwd_grad(
+    logits, target, weight, ignore_index, label_smoothing, grad_scale, out_loss, out_grad
+):
     """:func:`cestudy.kernels.cpu.cross_entropy_index_fwd_grad`, vectorised;
     ``out_grad`` may be ``logits`` (the gradient overwrites the logits).
 
@@ -994,9 +1046,20 @@ def cross_entropy_index_fwd_grad(logits, target, weight, ignore_index, label_smo
         block_max = np.empty(n_blocks(nc))
         lo, hi = _chunk(c, chunks, n)
         for i in range(lo, hi):
-            out_loss[i] = _ce_index_row(logits[i], target[i], weight, wsum, ignore_index,
-                                        label_smoothing, grad_scale, True, inplace, out_grad[i],
-                                        out_grad[i], block_max)
+            out_loss[i] = _ce_index_row(
+                logits[i],
+                target[i],
+                weight,
+                wsum,
+                ignore_index,
+                label_smoothing,
+                grad_scale,
+                True,
+                inplace,
+                out_grad[i],
+                out_grad[i],
+                block_max,
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1007,8 +1070,18 @@ def _ce_prob_row(x, t, weight, eps, grad_scale, with_grad, inplace, g, scratch, 
     """One row of the soft-target cross-entropy: H = T + A log1p(S) with
     A = sum a_c, T = sum a_c (m - x_c); the argmax entry of the gradient is recomputed without
     cancellation as (A - a_k - a_k S) / (1 + S). ``g`` is ``x`` when ``inplace``."""
-    m, k, s, a_sum, t_sum, bad = row_online(x, g if with_grad else scratch, with_grad, inplace,
-                                            block_max, SIDE_SOFT, with_grad, t, weight, eps)
+    m, k, s, a_sum, t_sum, bad = row_online(
+        x,
+        g if with_grad else scratch,
+        with_grad,
+        inplace,
+        block_max,
+        SIDE_SOFT,
+        with_grad,
+        t,
+        weight,
+        eps,
+    )
     skip, fill = row_guard(False, bad, m)
     if skip:
         if with_grad:
@@ -1034,13 +1107,24 @@ def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, out_loss):
         block_max = np.empty(n_blocks(nc))
         lo, hi = _chunk(c, chunks, n)
         for i in range(lo, hi):
-            out_loss[i] = _ce_prob_row(logits[i], target[i], weight, label_smoothing, 1.0,
-                                       False, False, logits[i], scratch, block_max)
+            out_loss[i] = _ce_prob_row(
+                logits[i],
+                target[i],
+                weight,
+                label_smoothing,
+                1.0,
+                False,
+                False,
+                logits[i],
+                scratch,
+                block_max,
+            )
 
 
 @njit(parallel=True, **_OPTS)
-def cross_entropy_prob_fwd_grad(logits, target, weight, label_smoothing, grad_scale, out_loss,
-                                out_grad):
+def cross_entropy_prob_fwd_grad(
+    logits, target, weight, label_smoothing, grad_scale, out_loss, out_grad
+):
     """:func:`cestudy.kernels.cpu.cross_entropy_prob_fwd_grad`, vectorised;
     ``out_grad`` may be ``logits``."""
     n, nc = logits.shape
@@ -1050,9 +1134,18 @@ def cross_entropy_prob_fwd_grad(logits, target, weight, label_smoothing, grad_sc
         block_max = np.empty(n_blocks(nc))
         lo, hi = _chunk(c, chunks, n)
         for i in range(lo, hi):
-            out_loss[i] = _ce_prob_row(logits[i], target[i], weight, label_smoothing,
-                                       grad_scale, True, inplace, out_grad[i], out_grad[i],
-                                       block_max)
+            out_loss[i] = _ce_prob_row(
+                logits[i],
+                target[i],
+                weight,
+                label_smoothing,
+                grad_scale,
+                True,
+                inplace,
+                out_grad[i],
+                out_grad[i],
+                block_max,
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1185,9 +1278,9 @@ def _exp_log1p_block(x, e, lp):
 
 @njit(**_FMA)
 def _bce_elem_f64(v, ej, lpj, tj, wj, pwj, grad_scale):
-    """One element of BCE with logits to float64 accuracy from e = exp(-|x|) and lp = log1p(e): the sigmoid
-    1 / (1 + e) with 1 + e carried exactly (Fast2Sum) and the quotient corrected to first
-    order."""
+    """One element of BCE with logits to float64 accuracy from e = exp(-|x|) and lp = log1p(e):
+    the sigmoid 1 / (1 + e) with 1 + e carried exactly (Fast2Sum) and the quotient corrected to
+    first order."""
     pos = v >= 0.0
     sp_pos = (v if pos else 0.0) + lpj
     sp_neg = (0.0 if pos else -v) + lpj
@@ -1263,8 +1356,8 @@ def _bce_row_f64(x, t, w, pw, grad_scale, inplace, lrow, g, scratch):
     split-summed and the blocks' compensated (Neumaier)."""
     width = scratch.shape[0] // 3
     e = scratch[:width]
-    lp = scratch[width:2 * width]
-    rest = scratch[2 * width:]
+    lp = scratch[width : 2 * width]
+    rest = scratch[2 * width :]
     total = 0.0
     comp = 0.0
     for b0 in range(0, x.shape[0], BLOCK):
@@ -1277,14 +1370,17 @@ def _bce_row_f64(x, t, w, pw, grad_scale, inplace, lrow, g, scratch):
             out = lrow[b0:b1]
         _exp_log1p_block(x[b0:b1], e[:nb], lp[:nb])
         if inplace:
-            top = _bce_block_inplace_f64(x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1],
-                                         pw[b0:b1], grad_scale, out)
+            top = _bce_block_inplace_f64(
+                x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1], pw[b0:b1], grad_scale, out
+            )
         elif g is None:
-            top = _bce_block_f64(x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1], pw[b0:b1],
-                                 grad_scale, out, None)
+            top = _bce_block_f64(
+                x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1], pw[b0:b1], grad_scale, out, None
+            )
         else:
-            top = _bce_block_f64(x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1], pw[b0:b1],
-                                 grad_scale, out, g[b0:b1])
+            top = _bce_block_f64(
+                x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1], pw[b0:b1], grad_scale, out, g[b0:b1]
+            )
         total, comp = neumaier_add(total, comp, _split_sum_f64(out, top))
     return total + comp
 
@@ -1303,18 +1399,22 @@ def bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch):
 def _ov_bce_row(x, t, w, pw, grad_scale, lrow, g, scratch):
     if x.dtype == types.float32:
         return lambda x, t, w, pw, grad_scale, lrow, g, scratch: _bce_row_f32(
-            x, t, w, pw, grad_scale, lrow, g)
+            x, t, w, pw, grad_scale, lrow, g
+        )
     return lambda x, t, w, pw, grad_scale, lrow, g, scratch: _bce_row_f64(
-        x, t, w, pw, grad_scale, False, lrow, g, scratch)
+        x, t, w, pw, grad_scale, False, lrow, g, scratch
+    )
 
 
 @overload(bce_row_inplace, jit_options=_ROW)
 def _ov_bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch):
     if x.dtype == types.float32:
         return lambda x, t, w, pw, grad_scale, lrow, scratch: _bce_row_inplace_f32(
-            x, t, w, pw, grad_scale, lrow)
+            x, t, w, pw, grad_scale, lrow
+        )
     return lambda x, t, w, pw, grad_scale, lrow, scratch: _bce_row_f64(
-        x, t, w, pw, grad_scale, True, lrow, x, scratch)
+        x, t, w, pw, grad_scale, True, lrow, x, scratch
+    )
 
 
 @njit(parallel=True, **_OPTS)
@@ -1330,8 +1430,16 @@ def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
         lo, hi = _chunk(c, chunks, n)
         for i in range(lo, hi):
             x = logits[i]
-            total = bce_row(x, target[i], bcast_row(weight, i), bcast_row(pos_weight, i), 1.0,
-                            loss_row(out_loss, i), None, scratch)
+            total = bce_row(
+                x,
+                target[i],
+                bcast_row(weight, i),
+                bcast_row(pos_weight, i),
+                1.0,
+                loss_row(out_loss, i),
+                None,
+                scratch,
+            )
             store_row_sum(out_loss, i, total)
 
 
@@ -1347,21 +1455,40 @@ def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out
         lo, hi = _chunk(c, chunks, n)
         for i in range(lo, hi):
             if inplace:
-                total = bce_row_inplace(logits[i], target[i], bcast_row(weight, i),
-                                        bcast_row(pos_weight, i), grad_scale,
-                                        loss_row(out_loss, i), scratch)
+                total = bce_row_inplace(
+                    logits[i],
+                    target[i],
+                    bcast_row(weight, i),
+                    bcast_row(pos_weight, i),
+                    grad_scale,
+                    loss_row(out_loss, i),
+                    scratch,
+                )
             else:
-                total = bce_row(logits[i], target[i], bcast_row(weight, i),
-                                bcast_row(pos_weight, i), grad_scale, loss_row(out_loss, i),
-                                out_grad[i], scratch)
+                total = bce_row(
+                    logits[i],
+                    target[i],
+                    bcast_row(weight, i),
+                    bcast_row(pos_weight, i),
+                    grad_scale,
+                    loss_row(out_loss, i),
+                    out_grad[i],
+                    scratch,
+                )
             store_row_sum(out_loss, i, total)
 
 
 # --------------------------------------------------------------------------------------------
 # Serial twins (no thread start-up: for small calls)
 # --------------------------------------------------------------------------------------------
-KERNELS = ("cross_entropy_index_fwd", "cross_entropy_index_fwd_grad", "cross_entropy_prob_fwd",
-           "cross_entropy_prob_fwd_grad", "bce_with_logits_fwd", "bce_with_logits_fwd_grad")
+KERNELS = (
+    "cross_entropy_index_fwd",
+    "cross_entropy_index_fwd_grad",
+    "cross_entropy_prob_fwd",
+    "cross_entropy_prob_fwd_grad",
+    "bce_with_logits_fwd",
+    "bce_with_logits_fwd_grad",
+)
 cross_entropy_index_fwd_serial = serial_twin(cross_entropy_index_fwd)
 cross_entropy_index_fwd_grad_serial = serial_twin(cross_entropy_index_fwd_grad)
 cross_entropy_prob_fwd_serial = serial_twin(cross_entropy_prob_fwd)

@@ -68,6 +68,7 @@ in place, host outputs copied back. As on the CPU, an element-wise kernel given 
 ``out_loss`` of length N writes row sums. :func:`compute` is the one-launch entry point that
 ``cestudy.dispatch`` uses for device arrays.
 """
+
 from __future__ import annotations
 
 import functools
@@ -136,7 +137,7 @@ def elements_per_thread() -> int:
 
 
 def reduction_method() -> str:
-    """"shuffle" (warp shuffles; emulated in the simulator) or "tree" (shared memory):
+    """ "shuffle" (warp shuffles; emulated in the simulator) or "tree" (shared memory):
     $CESTUDY_CUDA_REDUCTION, else shuffle on a GPU and tree in the simulator."""
     method = os.environ.get("CESTUDY_CUDA_REDUCTION") or ("tree" if _simulator() else "shuffle")
     if method not in ("shuffle", "tree"):
@@ -158,6 +159,7 @@ def row_config(n_classes: int, nt: int, ept: int) -> tuple[int, int]:
 # Bits: bfloat16 widening and rounding, 2^n (libdevice on a GPU, numpy in the simulator)
 # --------------------------------------------------------------------------------------------
 if _simulator():
+
     def _f32_from_bits(b):
         return np.uint32(int(b) & 0xFFFFFFFF).view(np.float32)
 
@@ -171,6 +173,7 @@ else:
 
     def _bits_from_f32(v):
         return uint32(libdevice.float_as_int(v))
+
 
 f32_from_bits = cuda.jit(device=True)(_f32_from_bits)
 f32_from_bits.__doc__ = "The float32 whose bits are the low 32 bits of the integer ``b``."
@@ -199,20 +202,37 @@ def f32_to_bf16(g):
 # --------------------------------------------------------------------------------------------
 F32 = np.float32
 EXP_BIAS = 96
-BIASED_ONE = F32(2.0 ** EXP_BIAS)  # exp(0) 2^96: a term at the maximum
-UNBIAS = 2.0 ** -EXP_BIAS
+BIASED_ONE = F32(2.0**EXP_BIAS)  # exp(0) 2^96: a term at the maximum
+UNBIAS = 2.0**-EXP_BIAS
 EXP32_FLUSH = F32(-150.0)  # exp(-150) 2^96 = 2^-120.4 is still a normal float32
 _SHIFTER_BITS = 0x4B400000  # the bits of 1.5 * 2^23
-_LOG2E, _SHIFTER, _LN2_HI, _LN2_LO, _ONE, _ZERO = (F32(v) for v in (
-    1.4426950408889634, 12582912.0, 0.693145751953125, math.log(2.0) - 0.693145751953125, 1, 0))
+_LOG2E, _SHIFTER, _LN2_HI, _LN2_LO, _ONE, _ZERO = (
+    F32(v)
+    for v in (
+        1.4426950408889634,
+        12582912.0,
+        0.693145751953125,
+        math.log(2.0) - 0.693145751953125,
+        1,
+        0,
+    )
+)
 # q(r) ~ (exp(r) - 1 - r) / r^2 on |r| <= ln2 / 2: the minimax coefficients of cpu_fast.py
 # (relative truncation 5e-11, 0.001 ulp)
-_Q0, _Q1, _Q2, _Q3, _Q4, _Q5 = (F32(v) for v in (
-    0.5, 0.1666666567325592, 0.04166629910469055, 0.008333495818078518, 0.001394452410750091,
-    0.00019791295926552266))
+_Q0, _Q1, _Q2, _Q3, _Q4, _Q5 = (
+    F32(v)
+    for v in (
+        0.5,
+        0.1666666567325592,
+        0.04166629910469055,
+        0.008333495818078518,
+        0.001394452410750091,
+        0.00019791295926552266,
+    )
+)
 _NEG_INF32 = F32(-np.inf)
 _NAN32 = F32(np.nan)
-_POST_SCALE = F32(2.0 ** -64)
+_POST_SCALE = F32(2.0**-64)
 
 
 @cuda.jit(device=True)
@@ -261,8 +281,8 @@ def split_scale(a):
     """(hi, lo, post) float32 with (hi + lo) post = a (float64) to float32 working accuracy and
     hi normal: a gradient row's scale, prescaled by 2^64 (post = 2^-64) when it is tiny."""
     post = _ONE
-    if a != 0.0 and abs(a) < 2.0 ** -60:
-        a = a * 2.0 ** 64
+    if a != 0.0 and abs(a) < 2.0**-60:
+        a = a * 2.0**64
         post = _POST_SCALE
     hi = float32(a)
     return hi, float32(a - float64(hi)), post
@@ -324,7 +344,7 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
     FT = float64 if EXACT64 else float32
     ZERO = FT(0.0)
     NEG_INF = FT(-math.inf)
-    BIAS_UP = 1.0 if EXACT64 else 2.0 ** EXP_BIAS
+    BIAS_UP = 1.0 if EXACT64 else 2.0**EXP_BIAS
     BIAS_DOWN = 1.0 if EXACT64 else UNBIAS
     FULL = 0xFFFFFFFF
 
@@ -333,6 +353,7 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
     # (indices are cast to unsigned: numba then skips its negative-index wraparound, three
     # int64 operations per access; every index here is >= 0)
     if BF16:
+
         @cuda.jit(device=True)
         def load(a, i, j):
             """a[i, j] as the working float (bfloat16 widened from its bits)."""
@@ -343,6 +364,7 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
             """a[i, j] = g rounded once to bfloat16 (to nearest even), stored as bits."""
             a[uint64(i), uint64(j)] = f32_to_bf16(float32(g))
     else:
+
         @cuda.jit(device=True)
         def load(a, i, j):
             return FT(a[uint64(i), uint64(j)])
@@ -377,11 +399,16 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
         """a[i, j], a[i, j + step], a[i, j + 2 step], a[i, j + 3 step]: four loads issued
         before any arithmetic on them (bytes in flight to stream from HBM; the fused kernels
         write each element after reading it, so the compiler could not hoist later loads)."""
-        return load(a, i, j), load(a, i, j + step), load(a, i, j + 2 * step), load(
-            a, i, j + 3 * step)
+        return (
+            load(a, i, j),
+            load(a, i, j + step),
+            load(a, i, j + 2 * step),
+            load(a, i, j + 3 * step),
+        )
 
     # ---- shuffles (emulated in the simulator: shared memory, one exchange per call) --------
     if SIM:
+
         def _emulated(cast):
             # one float64 array for every type (the simulator keys shared arrays by source line;
             # float32 and int32 values are exact in float64)
@@ -394,10 +421,12 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
                 o = sh[tid ^ off]
                 cuda.syncthreads()
                 return cast(o)
+
             return shfl
 
         shfl_ft, shfl_f64, shfl_i32 = _emulated(FT), _emulated(float64), _emulated(int)
     else:
+
         @cuda.jit(device=True)
         def shfl_ft(v, off):
             return cuda.shfl_xor_sync(FULL, v, off)
@@ -431,6 +460,7 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
         return a, b, t, k
 
     if SHUFFLE:
+
         @cuda.jit(device=True)
         def group_max(m, tid, lane, tpr, base):
             """The maximum of m over each group of ``tpr`` threads, in every thread of the group
@@ -470,6 +500,7 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
                 cuda.syncthreads()
             return a, b, t, k
     else:
+
         @cuda.jit(device=True)
         def group_max(m, tid, lane, tpr, base):
             """As above, by a tree in shared memory (the simulator's default)."""
@@ -573,8 +604,7 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
     def rescale(s, c, t, m_old, m_new):
         """The state (s + c, t ties) at maximum m_old, rescaled to m_new >= m_old: terms below
         the new maximum, as a float pair (float64 arithmetic: exact to 2^-50 however often)."""
-        total = (float64(s) + float64(c) + t * BIAS_UP) * exp_diff(float64(m_old),
-                                                                  float64(m_new))
+        total = (float64(s) + float64(c) + t * BIAS_UP) * exp_diff(float64(m_old), float64(m_new))
         hi = FT(total)
         return hi, FT(total - float64(hi))
 
@@ -619,8 +649,12 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
         while j + 7 * tpr < n:
             v0, v1, v2, v3 = load4(x, r, j, tpr)
             v4, v5, v6, v7 = load4(x, r, j + 4 * tpr, tpr)
-            mc = bigger(v7, bigger(v6, bigger(v5, bigger(v4, bigger(v3, bigger(v2, bigger(
-                v1, bigger(v0, m))))))))
+            mc = bigger(
+                v7,
+                bigger(
+                    v6, bigger(v5, bigger(v4, bigger(v3, bigger(v2, bigger(v1, bigger(v0, m))))))
+                ),
+            )
             m, s, c, t, k = raise_max(mc, m, s, c, t, k, n)
             s, c, t, k = take(v0, j, m, s, c, t, k)
             s, c, t, k = take(v1, j + tpr, m, s, c, t, k)
@@ -694,8 +728,21 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
             return gj + c_smooth * argmax_grad(wsum, wj, s, z)
         return gj + c_smooth * (wsum * p - wj)
 
-    def ce_index(x, target, weight, ignore_index, eps, gscale, use_denom, with_grad, tpr, mode,
-                 out_loss, out_grad, ws):
+    def ce_index(
+        x,
+        target,
+        weight,
+        ignore_index,
+        eps,
+        gscale,
+        use_denom,
+        with_grad,
+        tpr,
+        mode,
+        out_loss,
+        out_grad,
+        ws,
+    ):
         tid, lane, base, i, active, r = locate(x.shape[0], tpr)
         nc = x.shape[1]
         y, ignored, valid, yy = class_target(target, r, ignore_index, nc)
@@ -732,10 +779,8 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
                     v0, v1, v2, v3 = load4(x, r, j, tpr)
                     put(out_grad, i, j, ce_elem(v0, j, y, gy, m, hi, lo, post))
                     put(out_grad, i, j + tpr, ce_elem(v1, j + tpr, y, gy, m, hi, lo, post))
-                    put(out_grad, i, j + 2 * tpr, ce_elem(v2, j + 2 * tpr, y, gy, m, hi, lo,
-                                                          post))
-                    put(out_grad, i, j + 3 * tpr, ce_elem(v3, j + 3 * tpr, y, gy, m, hi, lo,
-                                                          post))
+                    put(out_grad, i, j + 2 * tpr, ce_elem(v2, j + 2 * tpr, y, gy, m, hi, lo, post))
+                    put(out_grad, i, j + 3 * tpr, ce_elem(v3, j + 3 * tpr, y, gy, m, hi, lo, post))
                     j += 4 * tpr
                 while j < nc:
                     put(out_grad, i, j, ce_elem(load(x, r, j), j, y, gy, m, hi, lo, post))
@@ -744,9 +789,27 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
                 c_smooth = (eps / nc) * gs
                 iz = BIAS_DOWN / z
                 for j in range(lane, nc, tpr):
-                    put(out_grad, i, j, ce_smooth_elem(load(x, r, j), j, y, k, y_top, gy, m, s,
-                                                       z, iz, c_true, c_smooth, wsum,
-                                                       weight[j]))
+                    put(
+                        out_grad,
+                        i,
+                        j,
+                        ce_smooth_elem(
+                            load(x, r, j),
+                            j,
+                            y,
+                            k,
+                            y_top,
+                            gy,
+                            m,
+                            s,
+                            z,
+                            iz,
+                            c_true,
+                            c_smooth,
+                            wsum,
+                            weight[j],
+                        ),
+                    )
         emit_row(mode, writer, i, fill if skip else loss, 0.0 if ignored else w, out_loss, ws)
 
     @cuda.jit(device=True)
@@ -759,8 +822,28 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
         return tid, lane, base, i, active, r, x.shape[1], m, stats_s(tot, ties), k
 
     @cuda.jit(device=True)
-    def soft_row_end(x, r, i, target, weight, eps, weighted, m, s, k, a_sum, neg, active, lane,
-                     tpr, gscale, use_denom, with_grad, out_grad, ws):
+    def soft_row_end(
+        x,
+        r,
+        i,
+        target,
+        weight,
+        eps,
+        weighted,
+        m,
+        s,
+        k,
+        a_sum,
+        neg,
+        active,
+        lane,
+        tpr,
+        gscale,
+        use_denom,
+        with_grad,
+        out_grad,
+        ws,
+    ):
         """The soft-target kernels' ending: the row guard (NaN for a NaN row or a negative
         target, which is also counted) and the gradient A p_j - a_j, the argmax entry without
         cancellation; a_j is the smoothed, weighted target (``weighted``) or the target itself.
@@ -784,8 +867,9 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
                 put(out_grad, i, j, gj * gs)
         return skip, fill
 
-    def ce_prob(x, target, weight, eps, gscale, use_denom, with_grad, tpr, mode, out_loss,
-                out_grad, ws):
+    def ce_prob(
+        x, target, weight, eps, gscale, use_denom, with_grad, tpr, mode, out_loss, out_grad, ws
+    ):
         tid, lane, base, i, active, r, nc, m, s, k = soft_row_start(x, tpr)
         sa = ca = st = ct = 0.0  # compensated sums of a_j and of a_j (m - x_j)
         neg = 0
@@ -799,8 +883,28 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
                 st, ct = neumaier_add(st, ct, a * hi)
                 ct += a * lo
         a_sum, t_sum, neg, _ = group_sums(sa + ca, st + ct, neg, 0, tid, lane, tpr, base)
-        skip, fill = soft_row_end(x, r, i, target, weight, eps, True, m, s, k, a_sum, neg, active,
-                                  lane, tpr, gscale, use_denom, with_grad, out_grad, ws)
+        skip, fill = soft_row_end(
+            x,
+            r,
+            i,
+            target,
+            weight,
+            eps,
+            True,
+            m,
+            s,
+            k,
+            a_sum,
+            neg,
+            active,
+            lane,
+            tpr,
+            gscale,
+            use_denom,
+            with_grad,
+            out_grad,
+            ws,
+        )
         loss = t_sum + a_sum * math.log1p(s) if not skip else fill
         emit_row(mode, active and lane == 0, i, loss, 1.0, out_loss, ws)
 
@@ -816,12 +920,45 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
                 ks, kc = neumaier_add(ks, kc, kl_term(p, float64(load(x, r, j)), float64(m), L))
             ps, pc = neumaier_add(ps, pc, p)
         total, p_sum, neg, _ = group_sums(ks + kc, ps + pc, neg, 0, tid, lane, tpr, base)
-        skip, fill = soft_row_end(x, r, i, target, ws, 0.0, False, m, s, k, p_sum, neg, active,
-                                  lane, tpr, gscale, use_denom, with_grad, out_grad, ws)
+        skip, fill = soft_row_end(
+            x,
+            r,
+            i,
+            target,
+            ws,
+            0.0,
+            False,
+            m,
+            s,
+            k,
+            p_sum,
+            neg,
+            active,
+            lane,
+            tpr,
+            gscale,
+            use_denom,
+            with_grad,
+            out_grad,
+            ws,
+        )
         emit_row(mode, active and lane == 0, i, fill if skip else total, 1.0, out_loss, ws)
 
-    def focal_softmax(x, target, weight, ignore_index, gamma, gscale, use_denom, with_grad, tpr,
-                      mode, out_loss, out_grad, ws):
+    def focal_softmax(
+        x,
+        target,
+        weight,
+        ignore_index,
+        gamma,
+        gscale,
+        use_denom,
+        with_grad,
+        tpr,
+        mode,
+        out_loss,
+        out_grad,
+        ws,
+    ):
         tid, lane, base, i, active, r = locate(x.shape[0], tpr)
         nc = x.shape[1]
         y, ignored, valid, yy = class_target(target, r, ignore_index, nc)
@@ -872,8 +1009,8 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
     def element_kernel(formula):
         """An element-wise kernel over ``formula(v, t, i, j, p1, p2) -> (loss, grad, bad)``:
         one thread per element (grid-stride), the losses stored or reduced in the launch."""
-        def kernel(x, target, p1, p2, gscale, use_denom, with_grad, mode, out_loss, out_grad,
-                   ws):
+
+        def kernel(x, target, p1, p2, gscale, use_denom, with_grad, mode, out_loss, out_grad, ws):
             nc = x.shape[1]
             s = 0.0
             c = 0.0
@@ -889,6 +1026,7 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
                 if with_grad:
                     put(out_grad, i, j, g * gs)
             emit_elements(mode, s + c, cnt, bad, out_loss, ws)
+
         return kernel
 
     @cuda.jit(device=True)
@@ -941,10 +1079,17 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
             i = idx // nc
             out[i, idx - i * nc] = float32(load(x, i, idx - i * nc))
 
-    funcs = dict(cross_entropy_index=ce_index, cross_entropy_prob=ce_prob, kl_divergence=kl,
-                 softmax_focal=focal_softmax, bce_with_logits=bce_logits,
-                 sigmoid_focal=sigmoid_focal, index_weight_sum=index_weight_sum, row_sum=row_sum,
-                 widen=widen)
+    funcs = dict(
+        cross_entropy_index=ce_index,
+        cross_entropy_prob=ce_prob,
+        kl_divergence=kl,
+        softmax_focal=focal_softmax,
+        bce_with_logits=bce_logits,
+        sigmoid_focal=sigmoid_focal,
+        index_weight_sum=index_weight_sum,
+        row_sum=row_sum,
+        widen=widen,
+    )
     # launch_bounds caps the registers so that blocks of NT threads can always launch (without
     # it, 1024-thread blocks of the unrolled row kernels ran out of registers on an H200)
     # (the simulator's cuda.jit takes no launch_bounds)
@@ -974,8 +1119,7 @@ class BFloat16Bits:
     def __init__(self, bits):
         b = as_device(bits)
         if b.dtype not in (np.dtype(np.uint16), np.dtype(np.int16)):
-            raise TypeError(f"bfloat16 bits must be a uint16 or int16 device array; got "
-                            f"{b.dtype}")
+            raise TypeError(f"bfloat16 bits must be a uint16 or int16 device array; got {b.dtype}")
         self.bits = b.view(np.uint16) if b.dtype == np.int16 else b
 
     @property
@@ -1028,13 +1172,13 @@ def as_device(a):
     TypeError for host arrays."""
     if isinstance(a, BFloat16Bits):
         return a
-    if getattr(a, "__cuda_array_interface__", None) is not None and hasattr(cuda,
-                                                                            "as_cuda_array"):
+    if getattr(a, "__cuda_array_interface__", None) is not None and hasattr(cuda, "as_cuda_array"):
         return cuda.as_cuda_array(a, sync=False)
     if is_device_array(a):
         return a
-    raise TypeError(f"expected a device array (with __cuda_array_interface__); got "
-                    f"{type(a).__name__}")
+    raise TypeError(
+        f"expected a device array (with __cuda_array_interface__); got {type(a).__name__}"
+    )
 
 
 def _is_torch(a) -> bool:
@@ -1058,8 +1202,10 @@ def as_device_logits(a):
         try:
             import torch
         except ImportError:
-            raise TypeError(f"{type(a).__name__} speaks only DLPack; reading it needs torch "
-                            "(or pass its bits with cestudy.kernels.cuda.bfloat16_bits)") from None
+            raise TypeError(
+                f"{type(a).__name__} speaks only DLPack; reading it needs torch "
+                "(or pass its bits with cestudy.kernels.cuda.bfloat16_bits)"
+            ) from None
         return as_device_logits(torch.from_dlpack(a))
     d = as_device(a)
     if d.dtype.kind == "V" and d.dtype.itemsize == 2:  # '<V2': ml_dtypes' (and torch's) bfloat16
@@ -1164,11 +1310,15 @@ def raise_device_errors():
         ws[WS_BAD_TARGET:WS_DENOM].copy_to_device(np.zeros(2))
         parts = []
         if counts[WS_BAD_TARGET]:
-            parts.append(f"target held {int(counts[WS_BAD_TARGET])} class indices out of range "
-                         "(expected 0 <= target < C or ignore_index)")
+            parts.append(
+                f"target held {int(counts[WS_BAD_TARGET])} class indices out of range "
+                "(expected 0 <= target < C or ignore_index)"
+            )
         if counts[WS_BAD_VALUE]:
-            parts.append(f"{int(counts[WS_BAD_VALUE])} negative entries in a weight or a "
-                         "probability target (expected >= 0)")
+            parts.append(
+                f"{int(counts[WS_BAD_VALUE])} negative entries in a weight or a "
+                "probability target (expected >= 0)"
+            )
         raise ValueError("; ".join(parts) + "; the rows (elements) concerned are NaN")
 
 
@@ -1219,16 +1369,27 @@ def _launch(stem, x, target, options, mode, gscale, use_denom, with_grad, out_lo
     grad = _storage(out_grad) if with_grad else _stand_in(xs.dtype)
     if stem in ELEMENT_KERNELS:
         blocks = _grid_1d(n * c, nt)
-        k[stem][blocks, nt](xs, target, *options, gscale, use_denom, with_grad, mode, out_loss,
-                            grad, workspace(blocks))
+        k[stem][blocks, nt](
+            xs,
+            target,
+            *options,
+            gscale,
+            use_denom,
+            with_grad,
+            mode,
+            out_loss,
+            grad,
+            workspace(blocks),
+        )
         return
     tpr, rows_per_block = row_config(c, nt, elements_per_thread())
     blocks = (n + rows_per_block - 1) // rows_per_block
     ws = workspace(blocks)
     if use_denom:
         k["index_weight_sum"][1, nt](target, options[0], options[1], ws)
-    k[stem][blocks, nt](xs, target, *options, gscale, use_denom, with_grad, tpr, mode, out_loss,
-                        grad, ws)
+    k[stem][blocks, nt](
+        xs, target, *options, gscale, use_denom, with_grad, tpr, mode, out_loss, grad, ws
+    )
 
 
 def _prepare(stem, x, options):
@@ -1272,8 +1433,18 @@ def compute(stem, logits, target, options, reduction, with_grad, out_grad=None):
         gscale = 1.0 / (n * c if elementwise else n) if n * c else math.nan
     if n * c:
         t = target if stem in INDEX_TARGET_KERNELS else as_device_values(target)
-        _launch(stem, x, t, _prepare(stem, x, options), mode, gscale, use_denom, with_grad,
-                out_loss, grad)
+        _launch(
+            stem,
+            x,
+            t,
+            _prepare(stem, x, options),
+            mode,
+            gscale,
+            use_denom,
+            with_grad,
+            out_loss,
+            grad,
+        )
     elif mode:
         out_loss = cuda.to_device(np.full(out_loss.shape, 0.0 if mode == 1 else np.nan, ldt))
     if elementwise and mode:
@@ -1309,21 +1480,34 @@ def _raw(stem, logits, target, options, grad_scale, out_loss, out_grad):
         d_loss = cuda.device_array(out_loss.shape, out_loss.dtype)
     d_grad = None
     if out_grad is not None:
-        d_grad = _to_device(out_grad) if is_device_array(out_grad) else device_array(
-            x.shape, x.dtype)
+        d_grad = (
+            _to_device(out_grad) if is_device_array(out_grad) else device_array(x.shape, x.dtype)
+        )
     if n * c:
         t = _to_device(target)
         t = t if stem in INDEX_TARGET_KERNELS else as_device_values(t)
-        _launch(stem, x, t, _prepare(stem, x, options), 0, float(grad_scale), False,
-                out_grad is not None, d_loss, d_grad)
+        _launch(
+            stem,
+            x,
+            t,
+            _prepare(stem, x, options),
+            0,
+            float(grad_scale),
+            False,
+            out_grad is not None,
+            d_loss,
+            d_grad,
+        )
     if row_sums:
-        sums = as_device(out_loss) if is_device_array(out_loss) else cuda.device_array(
-            n, np.float64)
+        sums = (
+            as_device(out_loss) if is_device_array(out_loss) else cuda.device_array(n, np.float64)
+        )
         if n:
             nt = threads_per_block()
             tpr, rows_per_block = row_config(c, nt, elements_per_thread())
-            kernels(nt)["row_sum"][(n + rows_per_block - 1) // rows_per_block, nt](d_loss, tpr,
-                                                                                   sums)
+            kernels(nt)["row_sum"][(n + rows_per_block - 1) // rows_per_block, nt](
+                d_loss, tpr, sums
+            )
         d_loss = sums
     if not is_device_array(out_loss):
         d_loss.copy_to_host(out_loss)
@@ -1343,8 +1527,10 @@ def _wrappers(stem):
     fwd.__name__ = fwd.__qualname__ = f"{stem}_fwd"
     fwd_grad.__name__ = fwd_grad.__qualname__ = f"{stem}_fwd_grad"
     fwd.__doc__ = f"``{stem}_fwd(logits, target, *options, out_loss)`` (cpu.py's signature)."
-    fwd_grad.__doc__ = (f"``{stem}_fwd_grad(logits, target, *options, grad_scale, out_loss, "
-                        "out_grad)`` (cpu.py's signature).")
+    fwd_grad.__doc__ = (
+        f"``{stem}_fwd_grad(logits, target, *options, grad_scale, out_loss, "
+        "out_grad)`` (cpu.py's signature)."
+    )
     return fwd, fwd_grad
 
 

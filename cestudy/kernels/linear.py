@@ -55,6 +55,7 @@ References:
     E. Wijmans, B. Huval, A. Hertzberg, V. Koltun, P. Kraehenbuehl, "Cut your losses in
     large-vocabulary language models", ICLR 2025 (arXiv:2411.09009).
 """
+
 from __future__ import annotations
 
 import math
@@ -83,15 +84,15 @@ exp_neg = cpu_fast.exp_neg
 
 # Columns of the per-row state (float64, shape (N, N_STATE)); the argmax index is a separate
 # int64 array.
-M = 0      # running maximum (-inf before the first finite logit)
-S = 1      # sum_{j != k} exp(z_j - m), and its Neumaier compensation
+M = 0  # running maximum (-inf before the first finite logit)
+S = 1  # sum_{j != k} exp(z_j - m), and its Neumaier compensation
 SC = 2
-ZY = 3     # the target logit (class-index targets)
-T = 4      # smoothing: sum_j w_j (m - z_j) (index) or sum_j a_j (m - z_j) (soft targets) ...
-TC = 5     # ... and its compensation
-A = 6      # soft targets: sum_j a_j, and its compensation
+ZY = 3  # the target logit (class-index targets)
+T = 4  # smoothing: sum_j w_j (m - z_j) (index) or sum_j a_j (m - z_j) (soft targets) ...
+TC = 5  # ... and its compensation
+A = 6  # soft targets: sum_j a_j, and its compensation
 AC = 7
-BAD = 8    # 1.0 once a NaN logit was seen
+BAD = 8  # 1.0 once a NaN logit was seen
 N_STATE = 9
 
 
@@ -166,7 +167,7 @@ def index_chunk(z, c0, target, weight, ignore_index, smooth, weight_seen, state,
     kept); ``weight_seen``: sum of the weights of the classes before c0. Rows whose target is
     ``ignore_index`` are not read."""
     vc = z.shape[1]
-    w = weight[c0:c0 + vc]
+    w = weight[c0 : c0 + vc]
     for i in prange(z.shape[0]):
         y = target[i]
         if y == ignore_index:
@@ -210,7 +211,7 @@ def index_chunk_f32(z, c0, target, weight, ignore_index, smooth, weight_seen, st
     """:func:`index_chunk` for float32 logits, vectorised: the maximum over integer keys, the
     exponentials by ``exp_neg`` and plain float64 sums (see the module docstring)."""
     vc = z.shape[1]
-    w = weight[c0:c0 + vc]
+    w = weight[c0 : c0 + vc]
     for i in prange(z.shape[0]):
         y = target[i]
         if y == ignore_index:
@@ -358,8 +359,7 @@ def _scale_row_f32(g, m, a, b, w):
 
 
 @njit(parallel=PARALLEL, **_OPTS)
-def index_grad_chunk_f32(z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state,
-                         kidx):
+def index_grad_chunk_f32(z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state, kidx):
     """:func:`index_grad_chunk` for float32 logits: one vectorised pass
     g_j = a exp(z_j - m) - b w_j, then the true-class entry and, with smoothing, the argmax entry
     rewritten by their cancellation-free formulas (as ``cpu_fast`` does)."""
@@ -382,13 +382,14 @@ def index_grad_chunk_f32(z, c0, target, weight, ignore_index, eps, wsum, grad_sc
         y_here = c0 <= y < c0 + vc
         k_here = c0 <= k < c0 + vc
         z_y = np.float64(g[y - c0]) if y_here else 0.0
-        _scale_row_f32(g, m, (c_true + c_smooth * wsum) / zz, c_smooth, weight[c0:c0 + vc])
+        _scale_row_f32(g, m, (c_true + c_smooth * wsum) / zz, c_smooth, weight[c0 : c0 + vc])
         if y_here:
             p_y = (1.0 if y == k else exp_neg(z_y - m)) / zz
             g_y = c_true * (-s / zz if y == k else p_y - 1.0)
             if eps != 0.0:
-                g_y += c_smooth * (argmax_grad(wsum, weight[y], s, zz) if y == k
-                                   else wsum * p_y - weight[y])
+                g_y += c_smooth * (
+                    argmax_grad(wsum, weight[y], s, zz) if y == k else wsum * p_y - weight[y]
+                )
             g[y - c0] = np.float32(g_y)
         if k_here and eps != 0.0 and y != k:
             g[k - c0] = np.float32(c_true / zz + c_smooth * argmax_grad(wsum, weight[k], s, zz))
@@ -471,7 +472,7 @@ def chunk_logits(x, w, b, c0, c1, out, wbuf=None):
     least (c1 - c0) * H elements of ``x``'s dtype). Returns the weight chunk used."""
     wc = w[c0:c1]
     if wc.dtype != x.dtype or not wc.flags.c_contiguous:
-        dst = wbuf[:wc.size].reshape(wc.shape)
+        dst = wbuf[: wc.size].reshape(wc.shape)
         np.copyto(dst, wc, casting="unsafe")
         wc = dst
     np.matmul(x, wc.T, out=out)
@@ -488,9 +489,27 @@ def default_chunk(n_rows: int, n_classes: int, itemsize: int) -> int:
     return max(1, min(chunk, n_classes))
 
 
-def run(x, w, b, target, weight, ignore_index, label_smoothing, grad_scale, out_loss, *,
-        chunk, with_grad, probs=False, grad_x=None, grad_w=None, grad_b=None,
-        filter_threshold=0.0, filter_tile=FILTER_TILE, filter_stats=None):
+def run(
+    x,
+    w,
+    b,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    grad_scale,
+    out_loss,
+    *,
+    chunk,
+    with_grad,
+    probs=False,
+    grad_x=None,
+    grad_w=None,
+    grad_b=None,
+    filter_threshold=0.0,
+    filter_tile=FILTER_TILE,
+    filter_stats=None,
+):
     """The fused loop: per-row losses into ``out_loss`` and, with ``with_grad``, the gradients.
 
     Args (no checks):
@@ -528,7 +547,7 @@ def run(x, w, b, target, weight, ignore_index, label_smoothing, grad_scale, out_
 
     seen = 0.0  # sum of the class weights before c0 (smoothing only)
     for c0, c1 in bounds:
-        z = zbuf[:n * (c1 - c0)].reshape(n, c1 - c0)
+        z = zbuf[: n * (c1 - c0)].reshape(n, c1 - c0)
         chunk_logits(x, w, b, c0, c1, z, wbuf)
         if probs:
             probs_chunk(z, target[:, c0:c1], c0, weight, eps, float(v), state, kidx)
@@ -551,17 +570,20 @@ def run(x, w, b, target, weight, ignore_index, label_smoothing, grad_scale, out_
         # the converted weight chunk is no longer needed once G_c @ W_c is formed: reuse it
         gw_buf = wbuf if wbuf is not None else np.empty(min(chunk, v) * h, dtype=cdt)
     for idx, (c0, c1) in enumerate(bounds):
-        z = zbuf[:n * (c1 - c0)].reshape(n, c1 - c0)
+        z = zbuf[: n * (c1 - c0)].reshape(n, c1 - c0)
         wc = chunk_logits(x, w, b, c0, c1, z, wbuf)
         if probs:
-            probs_grad_chunk(z, target[:, c0:c1], c0, weight, eps, float(v), grad_scale, state,
-                             kidx)
+            probs_grad_chunk(
+                z, target[:, c0:c1], c0, weight, eps, float(v), grad_scale, state, kidx
+            )
         elif f32:
-            index_grad_chunk_f32(z, c0, target, weight, ignore_index, eps, wsum, grad_scale,
-                                 state, kidx)
+            index_grad_chunk_f32(
+                z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state, kidx
+            )
         else:
-            index_grad_chunk(z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state,
-                             kidx)
+            index_grad_chunk(
+                z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state, kidx
+            )
         if filter_threshold > 0.0:
             filter_tiles(z, filter_threshold, filter_tile[0], filter_tile[1], filter_stats)
         if grad_b is not None:
@@ -575,7 +597,7 @@ def run(x, w, b, target, weight, ignore_index, label_smoothing, grad_scale, out_
             if gw_buf is None:
                 np.matmul(z.T, x, out=grad_w[c0:c1])
             else:
-                gwc = gw_buf[:(c1 - c0) * h].reshape(c1 - c0, h)
+                gwc = gw_buf[: (c1 - c0) * h].reshape(c1 - c0, h)
                 np.matmul(z.T, x, out=gwc)
                 np.copyto(grad_w[c0:c1], gwc, casting="unsafe")
     if acc is not grad_x:

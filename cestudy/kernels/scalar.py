@@ -18,6 +18,7 @@ Numerical conventions:
 - ``exp_parts(d)`` is the vectorisable exp of the float32 fast paths: Cody-Waite range reduction
   and a degree-9 Taylor polynomial; each target builds the power of two its own way.
 """
+
 import math
 import types
 
@@ -72,13 +73,13 @@ def exp_parts(d):
     t = d * LOG2E + SHIFTER
     n = t - SHIFTER
     r = (d - n * LN2_HI) - n * LN2_LO
-    p = 2.7557319223985893e-06           # 1/9!
-    p = p * r + 2.48015873015873e-05     # 1/8!
-    p = p * r + 0.0001984126984126984    # 1/7!
-    p = p * r + 0.001388888888888889     # 1/6!
-    p = p * r + 0.008333333333333333     # 1/5!
-    p = p * r + 0.041666666666666664     # 1/4!
-    p = p * r + 0.16666666666666666      # 1/3!
+    p = 2.7557319223985893e-06  # 1/9!
+    p = p * r + 2.48015873015873e-05  # 1/8!
+    p = p * r + 0.0001984126984126984  # 1/7!
+    p = p * r + 0.001388888888888889  # 1/6!
+    p = p * r + 0.008333333333333333  # 1/5!
+    p = p * r + 0.041666666666666664  # 1/4!
+    p = p * r + 0.16666666666666666  # 1/3!
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
@@ -232,10 +233,26 @@ def sigmoid_focal(x, t, alpha, gamma):
 # --------------------------------------------------------------------------------------------
 # Compilation for a target
 # --------------------------------------------------------------------------------------------
-FUNCTIONS = ("two_diff", "exp_dd", "exp_diff", "exp_parts", "softplus", "sigmoid",
-             "neumaier_add", "pow_nonneg", "row_guard", "neg_log_prob", "argmax_grad",
-             "soft_target", "kl_term", "focal_parts", "focal_grad", "bce_logits",
-             "bce_logits_grad", "sigmoid_focal")
+FUNCTIONS = (
+    "two_diff",
+    "exp_dd",
+    "exp_diff",
+    "exp_parts",
+    "softplus",
+    "sigmoid",
+    "neumaier_add",
+    "pow_nonneg",
+    "row_guard",
+    "neg_log_prob",
+    "argmax_grad",
+    "soft_target",
+    "kl_term",
+    "focal_parts",
+    "focal_grad",
+    "bce_logits",
+    "bce_logits_grad",
+    "sigmoid_focal",
+)
 
 
 def compiled(jit):

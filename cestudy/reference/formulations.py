@@ -11,6 +11,7 @@ bfloat16): that is what the precision study measures. ``x`` has shape (N, C); ``
 per-sample (N,) (or (N, C) for element-wise variants) and ``grad`` = d(sum of losses)/dx, or None
 where the formulation offers none.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,8 +43,8 @@ def _pairwise_sum(a):
     while a.shape[-1] > 1:
         n = a.shape[-1]
         half = n // 2
-        head = a[..., :half] + a[..., half:2 * half]
-        a = np.concatenate([head, a[..., 2 * half:]], axis=-1) if n % 2 else head
+        head = a[..., :half] + a[..., half : 2 * half]
+        a = np.concatenate([head, a[..., 2 * half :]], axis=-1) if n % 2 else head
     return a[..., 0] if a.shape[-1] else np.zeros(a.shape[:-1], a.dtype)
 
 
@@ -85,8 +86,12 @@ def _sm_accurate(x, eps=None):
         return nlp, e / (_c(x, 1) + s), None, (s[:, 0], k)
 
 
-SOFTMAX_FORMS = {"naive": _sm_naive, "clipped": _sm_clipped, "lse": _sm_lse,
-                 "accurate": _sm_accurate}
+SOFTMAX_FORMS = {
+    "naive": _sm_naive,
+    "clipped": _sm_clipped,
+    "lse": _sm_lse,
+    "accurate": _sm_accurate,
+}
 
 
 def _index_coefficients(x, target, weight, ignore_index, label_smoothing):
@@ -127,6 +132,7 @@ def cross_entropy(form):
     def fn(x, target, weight=None, ignore_index=-100, label_smoothing=0.0, eps=1e-7, **_):
         a, ys, keep = _index_coefficients(x, target, weight, ignore_index, label_smoothing)
         return _softmax_family_loss_grad(x, a, form, eps, index=(ys, keep))
+
     return fn
 
 
@@ -134,9 +140,11 @@ def cross_entropy_probs(form):
     def fn(x, target, weight=None, label_smoothing=0.0, eps=1e-7, **_):
         c = x.shape[1]
         w = np.ones(c) if weight is None else np.asarray(weight, dtype=np.float64)
-        a = (w[None, :] * ((1 - label_smoothing) * target.astype(np.float64)
-                           + label_smoothing / c)).astype(x.dtype)
+        a = (
+            w[None, :] * ((1 - label_smoothing) * target.astype(np.float64) + label_smoothing / c)
+        ).astype(x.dtype)
         return _softmax_family_loss_grad(x, a, form, eps)
+
     return fn
 
 
@@ -150,11 +158,13 @@ def kl_divergence(form):
                 terms = np.where(p == 0, _c(x, 0), p * (nlp + logp))
                 loss = _pairwise_sum(terms)
             else:  # the textbook difference  sum p log p - sum p log q
-                loss = (np.sum(np.where(p == 0, _c(x, 0), p * logp), axis=-1)
-                        + np.sum(np.where(p == 0, _c(x, 0), p * nlp), axis=-1))
+                loss = np.sum(np.where(p == 0, _c(x, 0), p * logp), axis=-1) + np.sum(
+                    np.where(p == 0, _c(x, 0), p * nlp), axis=-1
+                )
             pu = p if unclipped is None else np.where(unclipped, p, _c(x, 0))
             grad = np.sum(pu, axis=-1, keepdims=True) * q - pu
         return loss, grad
+
     return fn
 
 
@@ -181,6 +191,7 @@ def softmax_focal_loss(form):
             loss = _c(x, w)[ys] * a ** _c(x, gamma) * ce
         loss[~keep] = 0
         return loss, None
+
     return fn
 
 
@@ -204,8 +215,9 @@ def binary_cross_entropy_with_logits(form):
                 grad = np.where(unclipped, w * ((one - t) * p - pw * t * (one - p)), zero)
             elif form == "lse":  # torch's / TensorFlow's max-shifted form
                 lw = one + (pw - one) * t
-                loss = w * ((one - t) * x + lw * (np.log1p(np.exp(-np.abs(x)))
-                                                   + np.maximum(-x, zero)))
+                loss = w * (
+                    (one - t) * x + lw * (np.log1p(np.exp(-np.abs(x))) + np.maximum(-x, zero))
+                )
                 p = one / (one + np.exp(-x))
                 grad = w * (lw * p - pw * t)
             else:  # accurate: pw t softplus(-x) + (1 - t) softplus(x), two non-negative terms
@@ -217,6 +229,7 @@ def binary_cross_entropy_with_logits(form):
                 sig_neg = np.where(x >= zero, e / (one + e), one / (one + e))
                 grad = w * ((one - t) * sig - pw * t * sig_neg)
         return loss, grad
+
     return fn
 
 
@@ -233,6 +246,7 @@ def binary_cross_entropy(form):
             else:  # accurate on probabilities: log1p(-p) instead of log(1 - p)
                 loss = -(t * np.log(p) + (one - t) * np.log1p(-p))
         return loss, None
+
     return fn
 
 
@@ -256,4 +270,5 @@ def sigmoid_focal_loss(form):
             if alpha >= 0:
                 loss = (_c(x, alpha) * t + (one - _c(x, alpha)) * (one - t)) * loss
         return loss, None
+
     return fn

@@ -7,6 +7,7 @@
 gradient of the summed loss (None where the implementation has none); options an implementation
 does not take are ignored.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,16 +69,20 @@ def for_variant(name: str) -> dict[str, Implementation]:
     impls = {}
     for form in v.formulations:
         factory = getattr(formulations, v.name)
-        impls[form] = Implementation(form, v.name, "formulation", factory(form),
-                                     formulations.DESCRIPTIONS[form])
-    impls["numba"] = Implementation("numba", v.name, "kernel", _kernel(v, "cpu"),
-                                    KERNEL_DESCRIPTIONS["numba"])
+        impls[form] = Implementation(
+            form, v.name, "formulation", factory(form), formulations.DESCRIPTIONS[form]
+        )
+    impls["numba"] = Implementation(
+        "numba", v.name, "kernel", _kernel(v, "cpu"), KERNEL_DESCRIPTIONS["numba"]
+    )
     if v.cuda:
-        impls["cuda"] = Implementation("cuda", v.name, "kernel", _kernel(v, "cuda"),
-                                       KERNEL_DESCRIPTIONS["cuda"])
+        impls["cuda"] = Implementation(
+            "cuda", v.name, "kernel", _kernel(v, "cuda"), KERNEL_DESCRIPTIONS["cuda"]
+        )
     for peer in v.peers:
-        impls[peer] = Implementation(peer, v.name, "peer", getattr(peers, f"{peer}_{v.name}"),
-                                     peers.DESCRIPTIONS[peer])
+        impls[peer] = Implementation(
+            peer, v.name, "peer", getattr(peers, f"{peer}_{v.name}"), peers.DESCRIPTIONS[peer]
+        )
     return impls
 
 
@@ -85,6 +90,7 @@ def get(variant: str, name: str) -> Implementation:
     """Implementation ``name`` of ``variant``; KeyError listing what is allowed."""
     impls = for_variant(variants.get(variant).name)
     if name not in impls:
-        raise KeyError(f"variant {variant!r} has no implementation {name!r}; allowed: "
-                       f"{', '.join(impls)}")
+        raise KeyError(
+            f"variant {variant!r} has no implementation {name!r}; allowed: {', '.join(impls)}"
+        )
     return impls[name]

@@ -11,6 +11,7 @@ mpmath references (slow; for validation on samples).
 Conventions match ``cestudy.api`` (torch semantics, NaN rows, 0 log 0 = 0). Everything returns
 ``numpy.longdouble`` arrays; losses are per sample (no reduction).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -73,8 +74,9 @@ def grad_ulp_error(value, exact, dtype):
     if exact.ndim == 0 or exact.size == 0:
         return rel
     with np.errstate(invalid="ignore"):
-        rowmax = np.nanmax(np.where(np.isfinite(exact), np.abs(exact), LD(0)), axis=-1,
-                           keepdims=True)
+        rowmax = np.nanmax(
+            np.where(np.isfinite(exact), np.abs(exact), LD(0)), axis=-1, keepdims=True
+        )
     v = np.asarray(np.asarray(value).astype(np.float64), dtype=LD)
     finite = np.isfinite(v) & np.isfinite(exact)
     absu = np.full(rel.shape, np.inf)
@@ -293,7 +295,7 @@ def _softmax_focal(logits, target, gamma, weight, ignore_index, grad):
     # 1 - p_y = sum_{j != y} e_j / z: s / z at the argmax (z - 1 would cancel), else z >= 2 e_y
     a = np.where(ys == r.k, r.s / r.z, (r.z - e_y) / r.z)
     p_y = e_y / r.z
-    ag = np.where(gamma == 0, LD(1), np.where(a == 0, LD(0), a ** gamma))
+    ag = np.where(gamma == 0, LD(1), np.where(a == 0, LD(0), a**gamma))
     loss = w * ag * ce
     loss = r.nan_rows(loss)
     loss[~keep] = 0
@@ -367,12 +369,15 @@ def _sigmoid_focal(logits, target, alpha, gamma):
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         b = t * sn + (1 - t) * sp
         ce = t * _softplus(-x) + (1 - t) * _softplus(x)
-        bg = np.where(gamma == 0, LD(1), np.where(b == 0, LD(0), b ** gamma))
+        bg = np.where(gamma == 0, LD(1), np.where(b == 0, LD(0), b**gamma))
         alpha_t = alpha * t + (1 - alpha) * (1 - t) if alpha >= 0 else LD(1)
         loss = alpha_t * ce * bg
         g = ((1 - t) * sp - t * sn) * bg
-        extra = np.where((b == 0) | (gamma == 0), LD(0),
-                         gamma * ce * (bg / np.where(b == 0, LD(1), b)) * (1 - 2 * t) * sp * sn)
+        extra = np.where(
+            (b == 0) | (gamma == 0),
+            LD(0),
+            gamma * ce * (bg / np.where(b == 0, LD(1), b)) * (1 - 2 * t) * sp * sn,
+        )
         return loss, alpha_t * (g + extra)
 
 
@@ -445,8 +450,11 @@ def mp_kl_row(x, p, dps=60):
 
     with mpmath.workdps(dps):
         nlp = mp_log_softmax_row(x, dps + 10)
-        return mpmath.fsum(mpmath.mpf(float(pi)) * (mpmath.log(mpmath.mpf(float(pi))) + v)
-                           for pi, v in zip(p, nlp) if pi != 0)
+        return mpmath.fsum(
+            mpmath.mpf(float(pi)) * (mpmath.log(mpmath.mpf(float(pi))) + v)
+            for pi, v in zip(p, nlp)
+            if pi != 0
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,8 +485,7 @@ LINEAR_CHUNK_ELEMENTS = 1 << 20
 """Rows x classes of the longdouble logits the linear oracle holds at a time (16 MiB each)."""
 
 
-def linear_logits(input, linear_weight, linear_bias=None, c0=0, c1=None, bound=False,
-                  dtype=LD):
+def linear_logits(input, linear_weight, linear_bias=None, c0=0, c1=None, bound=False, dtype=LD):
     """The logits of classes c0 .. c1 - 1 for every row, (N, c1 - c0) of ``dtype`` (longdouble
     or float64); with ``bound``, also an upper bound on their absolute error (float64 array).
 
@@ -514,23 +521,34 @@ def _linear_logits_fn(input, linear_weight, linear_bias, dtype):
         w64 = _f64(w[c0:c1])
         if narrow:
             z = (x64 @ w64.T).astype(dtype, copy=False)
-            unit = 2.0 ** -53
+            unit = 2.0**-53
         else:
             z = (xld @ w64.astype(LD).T).astype(dtype, copy=False)
-            unit = 2.0 ** -63
+            unit = 2.0**-63
         if b is not None:
             z += b[c0:c1].astype(dtype)[None, :]
         if not bound:
             return z
         absdot = np.abs(x64) @ np.abs(w64).T
         gamma = h * unit / (1 - h * unit)
-        return z, absdot * (1 + 2 * h * 2.0 ** -53) * gamma
+        return z, absdot * (1 + 2 * h * 2.0**-53) * gamma
 
     return fn
 
 
-def _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing,
-               logits, chunk, with_grad, precision):
+def _linear_ce(
+    input,
+    linear_weight,
+    target,
+    linear_bias,
+    weight,
+    ignore_index,
+    label_smoothing,
+    logits,
+    chunk,
+    with_grad,
+    precision,
+):
     """Both passes of the linear oracle (see :func:`linear_cross_entropy_and_grad`)."""
     work = {"longdouble": LD, "float64": np.float64}[precision]
     x = np.asarray(input)
@@ -623,14 +641,16 @@ def _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index, 
             py = p[rows[yin], ys[yin] - c0]
             g = p * c_true
             g[rows[yin], ys[yin] - c0] = c_true[yin, 0] * np.where(
-                ys[yin] == k[yin], -s[yin] / zz[yin], py - 1)
+                ys[yin] == k[yin], -s[yin] / zz[yin], py - 1
+            )
             if label_smoothing:
                 p *= wsum
                 p -= wts[c0:c1][None, :]
                 g += (eps / v) * p
                 g[rows[here], k[here] - c0] = (
                     c_true[here, 0] * np.where(ys[here] == k[here], -s[here], 1) / zz[here]
-                    + (eps / v) * (wsum - wts[k[here]] - wts[k[here]] * s[here]) / zz[here])
+                    + (eps / v) * (wsum - wts[k[here]] - wts[k[here]] * s[here]) / zz[here]
+                )
             g[bad] = np.nan
             g[~keep] = 0
             g64 = g.astype(np.float64)
@@ -640,9 +660,18 @@ def _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index, 
     return loss, gx, gw, gb
 
 
-def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=None,
-                         ignore_index=-100, label_smoothing=0.0, logits=None, chunk=None,
-                         precision="longdouble"):
+def linear_cross_entropy(
+    input,
+    linear_weight,
+    target,
+    linear_bias=None,
+    weight=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    logits=None,
+    chunk=None,
+    precision="longdouble",
+):
     """Per-row cross-entropy (N,) of z = input @ linear_weight.T + linear_bias.
 
     The logits come from :func:`linear_logits` (exact to about H 2^-53 of sum |x w| for
@@ -657,25 +686,76 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=
     cross-entropy of an implementation's own logits: the error split of the linear study);
     ``chunk`` sets the classes per chunk (so that ``logits`` can repeat an implementation's
     calls exactly). Returns an array of the ``precision``'s dtype."""
-    return _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index,
-                      label_smoothing, logits, chunk, False, precision)[0]
+    return _linear_ce(
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight,
+        ignore_index,
+        label_smoothing,
+        logits,
+        chunk,
+        False,
+        precision,
+    )[0]
 
 
-def linear_cross_entropy_grad(input, linear_weight, target, linear_bias=None, weight=None,
-                              ignore_index=-100, label_smoothing=0.0, logits=None, chunk=None,
-                              precision="longdouble"):
+def linear_cross_entropy_grad(
+    input,
+    linear_weight,
+    target,
+    linear_bias=None,
+    weight=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    logits=None,
+    chunk=None,
+    precision="longdouble",
+):
     """(grad_input, grad_weight, grad_bias) of the summed loss of :func:`linear_cross_entropy`,
     float64: dL/dz in the ``precision``, rounded to float64, and the products G @ W,
     G.T @ input in float64 BLAS (error at most V 2^-53 of (|G| @ |W|) and N 2^-53 of
     (|G|.T @ |input|): 2.9e-11 relative for V = 262144, 5e-4 of a float32 ulp)."""
-    return _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index,
-                      label_smoothing, logits, chunk, True, precision)[1:]
+    return _linear_ce(
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight,
+        ignore_index,
+        label_smoothing,
+        logits,
+        chunk,
+        True,
+        precision,
+    )[1:]
 
 
-def linear_cross_entropy_and_grad(input, linear_weight, target, linear_bias=None, weight=None,
-                                  ignore_index=-100, label_smoothing=0.0, logits=None,
-                                  chunk=None, precision="longdouble"):
+def linear_cross_entropy_and_grad(
+    input,
+    linear_weight,
+    target,
+    linear_bias=None,
+    weight=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    logits=None,
+    chunk=None,
+    precision="longdouble",
+):
     """(per-row loss, grad_input, grad_weight, grad_bias) in one call (two passes over the
     classes instead of three)."""
-    return _linear_ce(input, linear_weight, target, linear_bias, weight, ignore_index,
-                      label_smoothing, logits, chunk, True, precision)
+    return _linear_ce(
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight,
+        ignore_index,
+        label_smoothing,
+        logits,
+        chunk,
+        True,
+        precision,
+    )

@@ -8,6 +8,7 @@ Each study page is its header, then every section of ``cestudy.report.sections``
 kind of row the study holds, then its skipped cells. Every number in a finding is computed by
 the sections from the rows.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,7 +74,8 @@ def build_reports(source, out, export=True, code_version=None) -> list[Path]:
     if readme.exists() and headline.README_START in readme.read_text():
         text = readme.read_text()
         new = headline.replace_readme_section(
-            text, headline.readme_section(top, prefix=f"{out.resolve().name}/"))
+            text, headline.readme_section(top, prefix=f"{out.resolve().name}/")
+        )
         if new != text:
             readme.write_text(new)
         written.append(readme)
@@ -94,20 +96,27 @@ def _remove_stale_figures(folder: Path, keep):
 # --------------------------------------------------------------------------------------------
 def _runs_of(rows, runs):
     ids = {r["run_id"] for r in rows}
-    return sorted((r for r in runs if r["run_id"] in ids),
-                  key=lambda r: (r.get("manifest", {}).get("date", ""), r.get("finished") or ""))
+    return sorted(
+        (r for r in runs if r["run_id"] in ids),
+        key=lambda r: (r.get("manifest", {}).get("date", ""), r.get("finished") or ""),
+    )
 
 
 def study_page(ctx: Context, rows, runs, code_version):
     mine = _runs_of(rows, runs)
     manifest = mine[-1]["manifest"] if mine else {}
     desc = manifest.get("study_description", "")
-    parts = [f"# Study `{ctx.study}`\n", desc + "\n" if desc else "",
-             "Regenerate with `python -m cestudy report` (from stored results) or "
-             f"`python -m cestudy run {ctx.study}` (recompute).\n",
-             code_version_section(ctx.study, rows, code_version),
-             "## What was swept\n", swept_table(rows),
-             "## Machine and versions\n", machine_table(manifest, len(mine))]
+    parts = [
+        f"# Study `{ctx.study}`\n",
+        desc + "\n" if desc else "",
+        "Regenerate with `python -m cestudy report` (from stored results) or "
+        f"`python -m cestudy run {ctx.study}` (recompute).\n",
+        code_version_section(ctx.study, rows, code_version),
+        "## What was swept\n",
+        swept_table(rows),
+        "## Machine and versions\n",
+        machine_table(manifest, len(mine)),
+    ]
     found = []
     kinds = {r["kind"] for r in rows}
     for section in sections.for_kinds(kinds):
@@ -117,9 +126,12 @@ def study_page(ctx: Context, rows, runs, code_version):
         found += part.findings
     unknown = kinds - sections.known_kinds()
     if unknown:
-        parts.append("## Cells of unknown kinds\n\nNo report section knows the kinds "
-                     + ", ".join(f"`{k}`" for k in sorted(unknown)) + "; their rows are in "
-                     "the results but not on this page.\n")
+        parts.append(
+            "## Cells of unknown kinds\n\nNo report section knows the kinds "
+            + ", ".join(f"`{k}`" for k in sorted(unknown))
+            + "; their rows are in "
+            "the results but not on this page.\n"
+        )
     parts.append(status_section(rows))
     return "\n".join(p for p in parts if p), found
 
@@ -127,13 +139,16 @@ def study_page(ctx: Context, rows, runs, code_version):
 def code_version_section(study, rows, current):
     counts = {}
     for r in rows:
-        counts[r.get("code_version") or "unknown"] = counts.get(
-            r.get("code_version") or "unknown", 0) + 1
+        counts[r.get("code_version") or "unknown"] = (
+            counts.get(r.get("code_version") or "unknown", 0) + 1
+        )
     listed = ", ".join(f"`{v}` ({n} cells)" for v, n in sorted(counts.items()))
     text = f"## Code version\n\nThese results come from code version {listed}."
     if set(counts) != {current}:
-        text += (" **The code that produces them has changed since** (the current code version "
-                 f"differs): rerun `python -m cestudy run {study}` to bring them up to date.")
+        text += (
+            " **The code that produces them has changed since** (the current code version "
+            f"differs): rerun `python -m cestudy run {study}` to bring them up to date."
+        )
     else:
         text += " That is the current code version."
     return text + "\n"
@@ -159,17 +174,35 @@ def swept_table(rows):
     return f"{len(rows)} cells ({head}).\n\n" + table(["kind", "axis", "values"], out)
 
 
-MACHINE_KEYS = ("cpu_model", "cpu_count", "cpu_features", "threading_layer", "numba_threads",
-                "python", "numba", "llvmlite", "numpy", "scipy", "torch", "numba_cuda", "cuda",
-                "platform", "git_commit", "date")
+MACHINE_KEYS = (
+    "cpu_model",
+    "cpu_count",
+    "cpu_features",
+    "threading_layer",
+    "numba_threads",
+    "python",
+    "numba",
+    "llvmlite",
+    "numpy",
+    "scipy",
+    "torch",
+    "numba_cuda",
+    "cuda",
+    "platform",
+    "git_commit",
+    "date",
+)
 
 
 def machine_table(m, n_runs):
     if not m:
         return "No run manifest stored.\n"
     rows = [(k, str(m.get(k, ""))) for k in MACHINE_KEYS if k in m]
-    note = ("From the manifest of the run these cells come from." if n_runs == 1 else
-            f"From the manifest of the latest of the {n_runs} runs these cells come from.")
+    note = (
+        "From the manifest of the run these cells come from."
+        if n_runs == 1
+        else f"From the manifest of the latest of the {n_runs} runs these cells come from."
+    )
     return note + "\n\n" + table(["", ""], rows)
 
 
@@ -182,37 +215,43 @@ def status_section(rows):
         key = (r["status"], r.get("p_implementation", ""), r["message"][:120])
         reasons[key] = reasons.get(key, 0) + 1
     lines = [(s, impl, n, msg) for (s, impl, msg), n in sorted(reasons.items())]
-    return ("## Skipped and failed cells\n\nSkipped cells are implementations unavailable on the "
-            "machine that ran the study; they are recorded with the reason.\n\n"
-            + table(["status", "implementation", "cells", "reason"], lines))
+    return (
+        "## Skipped and failed cells\n\nSkipped cells are implementations unavailable on the "
+        "machine that ran the study; they are recorded with the reason.\n\n"
+        + table(["status", "implementation", "cells", "reason"], lines)
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Index
 # --------------------------------------------------------------------------------------------
 def index_page(top, by_study, runs, cuda_doc, code_version):
-    lines = ["# cestudy reports\n",
-             "Generated by `python -m cestudy report` from the results in `data/results.json` "
-             "(or a local `results/cestudy.sqlite`). Each study's page lists what was swept, "
-             "the code version and machine it ran on, tables, figures and findings computed "
-             "from the results.\n",
-             "## Headline findings\n"]
+    lines = [
+        "# cestudy reports\n",
+        "Generated by `python -m cestudy report` from the results in `data/results.json` "
+        "(or a local `results/cestudy.sqlite`). Each study's page lists what was swept, "
+        "the code version and machine it ran on, tables, figures and findings computed "
+        "from the results.\n",
+        "## Headline findings\n",
+    ]
     lines += [f"- {f.markdown()}" for f in top]
     lines.append("\n## Which formulation to use\n")
     lines.append(headline.which_table(by_study))
     lines.append("## Studies\n")
     if cuda_doc is not None:
-        lines.append(f"- [cuda](cuda.md): the CUDA kernels measured on "
-                     f"{cuda_doc.get('device', 'a GPU')}.")
+        lines.append(
+            f"- [cuda](cuda.md): the CUDA kernels measured on {cuda_doc.get('device', 'a GPU')}."
+        )
     for study in sorted(by_study):
         rows = by_study[study]
         mine = _runs_of(rows, runs)
         m = mine[-1]["manifest"] if mine else {}
         ok = sum(r["status"] == "ok" for r in rows)
         stale = any(r.get("code_version") != code_version for r in rows)
-        lines.append(f"- [{study}]({study}.md): {len(rows)} cells ({ok} ran), on "
-                     f"{m.get('cpu_model', 'unknown CPU')} with {m.get('cpu_count', '?')} cores"
-                     f", {m.get('date', '')[:10]}"
-                     + ("; older than the current code." if stale else "."))
+        lines.append(
+            f"- [{study}]({study}.md): {len(rows)} cells ({ok} ran), on "
+            f"{m.get('cpu_model', 'unknown CPU')} with {m.get('cpu_count', '?')} cores"
+            f", {m.get('date', '')[:10]}" + ("; older than the current code." if stale else ".")
+        )
     lines.append("")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ A row is one cell: study, kind, status, message, code_version, run_id, every par
 ``p_<name>`` and every metric under its own name. When the same cell was computed by several code
 versions, only the most recently finished is kept.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,9 +33,14 @@ def export_rows(store: Store, study=None) -> list[dict]:
             latest[ident] = c
     rows = []
     for (study_name, _), c in sorted(latest.items()):
-        row = {"study": c["study"], "kind": c["kind"], "status": c["status"],
-               "message": (c["message"] or "").splitlines()[0] if c["message"] else "",
-               "run_id": c["run_id"], "code_version": c["code_version"]}
+        row = {
+            "study": c["study"],
+            "kind": c["kind"],
+            "status": c["status"],
+            "message": (c["message"] or "").splitlines()[0] if c["message"] else "",
+            "run_id": c["run_id"],
+            "code_version": c["code_version"],
+        }
         row.update({f"p_{k}": v for k, v in c["params"].items() if k != "kind"})
         for k, v in c["metrics"].items():
             row[k] = v
@@ -59,8 +65,11 @@ def merge_documents(previous: dict, local: dict) -> dict:
 
     def key(row):
         row = canonical_row(row)
-        return (row["study"], canonical({k: v for k, v in row.items() if k.startswith("p_")}),
-                row["kind"])
+        return (
+            row["study"],
+            canonical({k: v for k, v in row.items() if k.startswith("p_")}),
+            row["kind"],
+        )
 
     local_keys = {key(r) for r in local["cells"]}
     kept = []
@@ -70,8 +79,11 @@ def merge_documents(previous: dict, local: dict) -> dict:
             row["run_id"] = ids.get(row["run_id"], row["run_id"])
             kept.append(row)
     used = {r["run_id"] for r in kept}
-    runs = [dict(r, run_id=ids[r["run_id"]]) for r in previous.get("runs", [])
-            if ids[r["run_id"]] in used]
+    runs = [
+        dict(r, run_id=ids[r["run_id"]])
+        for r in previous.get("runs", [])
+        if ids[r["run_id"]] in used
+    ]
     cells = sorted(local["cells"] + kept, key=lambda r: (r["study"], key(r)[1]))
     return {"format": local["format"], "runs": local["runs"] + runs, "cells": cells}
 
@@ -83,8 +95,9 @@ def write_export(store: Store, path) -> Path:
     if path.exists():
         doc = merge_documents(json.loads(path.read_text()), doc)
     # one cell per line keeps diffs readable
-    text = json.dumps(doc, sort_keys=True, allow_nan=False, default=str, indent=None,
-                      separators=(",", ":"))
+    text = json.dumps(
+        doc, sort_keys=True, allow_nan=False, default=str, indent=None, separators=(",", ":")
+    )
     path.write_text(text.replace('},{"', '},\n{"') + "\n")
     return path
 
@@ -116,6 +129,5 @@ def rows_to_csv(rows) -> str:
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
-                    for k, v in r.items()})
+        w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
     return buf.getvalue()

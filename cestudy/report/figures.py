@@ -4,6 +4,7 @@ Each ``fig_*`` function takes the rows of one study and a path, draws one figure
 PNG and returns True (or False when the rows hold nothing to draw). Colours are fixed per
 implementation across every figure.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,12 +16,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 COLOURS = {
-    "naive": "#d62728", "clipped": "#ff7f0e", "lse": "#9467bd", "accurate": "#8c564b",
-    "numba": "#2ca02c", "cuda": "#17becf", "torch": "#1f77b4", "scipy": "#7f7f7f",
-    "jax": "#e377c2", "tensorflow": "#bcbd22", "sklearn": "#393b79",
+    "naive": "#d62728",
+    "clipped": "#ff7f0e",
+    "lse": "#9467bd",
+    "accurate": "#8c564b",
+    "numba": "#2ca02c",
+    "cuda": "#17becf",
+    "torch": "#1f77b4",
+    "scipy": "#7f7f7f",
+    "jax": "#e377c2",
+    "tensorflow": "#bcbd22",
+    "sklearn": "#393b79",
 }
-IMPL_ORDER = ["naive", "clipped", "lse", "accurate", "scipy", "sklearn", "torch", "jax",
-              "tensorflow", "numba", "cuda"]
+IMPL_ORDER = [
+    "naive",
+    "clipped",
+    "lse",
+    "accurate",
+    "scipy",
+    "sklearn",
+    "torch",
+    "jax",
+    "tensorflow",
+    "numba",
+    "cuda",
+]
 DTYPE_ORDER = ["float64", "float32", "float16", "bfloat16"]
 # A value drawn for an infinite ulp error (NaN/inf where the exact value is finite); figures draw
 # a grey line labelled "non-finite" there and captions say so
@@ -63,8 +83,7 @@ def _num(v):
         return math.nan
 
 
-PLAIN = {"label_smoothing": 0.0, "class_weight": "none", "ignore_fraction": 0.0,
-         "imbalance": 1.0}
+PLAIN = {"label_smoothing": 0.0, "class_weight": "none", "ignore_fraction": 0.0, "imbalance": 1.0}
 
 
 def _acc(rows, plain=False, **where):
@@ -76,8 +95,10 @@ def _acc(rows, plain=False, **where):
             continue
         if plain and any(r.get(f"p_{k}", v) != v for k, v in PLAIN.items()):
             continue
-        if all(r.get(f"p_{k}") in (v if isinstance(v, (list, tuple)) else (v,))
-               for k, v in where.items()):
+        if all(
+            r.get(f"p_{k}") in (v if isinstance(v, (list, tuple)) else (v,))
+            for k, v in where.items()
+        ):
             out.append(r)
     return out
 
@@ -108,8 +129,16 @@ def _cap(*dicts):
 def _cap_line(ax, cap=INF_ULP):
     """The grey line at ``cap`` where non-finite results are drawn, labelled on the axes."""
     ax.axhline(cap, color="0.6", lw=1.5, zorder=0)
-    ax.text(0.98, cap, "non-finite ", transform=ax.get_yaxis_transform(), fontsize=7,
-            color="0.35", va="top", ha="right")
+    ax.text(
+        0.98,
+        cap,
+        "non-finite ",
+        transform=ax.get_yaxis_transform(),
+        fontsize=7,
+        color="0.35",
+        va="top",
+        ha="right",
+    )
     ax.set_ylim(1e-3 / 3, cap * 30)
 
 
@@ -121,8 +150,9 @@ def fig_error_vs_scale(rows, path, variant="cross_entropy"):
     dtypes = _ordered({r["p_dtype"] for r in rows}, DTYPE_ORDER)
     if not rows or not dtypes:
         return False
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(4.2 * len(dtypes), 3.6), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(dtypes), figsize=(4.2 * len(dtypes), 3.6), squeeze=False, sharey=True
+    )
     mx = _agg(rows, ("dtype", "implementation", "scale"), "fwd_max_ulp")
     p99 = _agg(rows, ("dtype", "implementation", "scale"), "fwd_p99_ulp")
     cap = _cap(mx, p99)
@@ -131,10 +161,21 @@ def fig_error_vs_scale(rows, path, variant="cross_entropy"):
         for impl in impls:
             scales = sorted(k[2] for k in mx if k[0] == dt and k[1] == impl)
             c = COLOURS.get(impl, "k")
-            ax.plot(scales, [_clip_inf(mx[(dt, impl, s)], cap) for s in scales], "-o",
-                    color=c, label=f"{impl} max", ms=3)
-            ax.plot(scales, [_clip_inf(p99[(dt, impl, s)], cap) for s in scales], ":",
-                    color=c, label=f"{impl} p99")
+            ax.plot(
+                scales,
+                [_clip_inf(mx[(dt, impl, s)], cap) for s in scales],
+                "-o",
+                color=c,
+                label=f"{impl} max",
+                ms=3,
+            )
+            ax.plot(
+                scales,
+                [_clip_inf(p99[(dt, impl, s)], cap) for s in scales],
+                ":",
+                color=c,
+                label=f"{impl} p99",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.axhline(4, color="k", lw=0.8, ls="--")
@@ -164,8 +205,15 @@ def fig_atlas(rows, path, variant="cross_entropy", dtype="float32"):
     inf = _agg(rows, ("implementation", "scale", "classes"), "fwd_frac_inf")
     ncol = min(4, len(impls))
     nrow = math.ceil(len(impls) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol + 1.2, 3.3 * nrow), squeeze=False,
-                             sharex=True, sharey=True, constrained_layout=True)
+    fig, axes = plt.subplots(
+        nrow,
+        ncol,
+        figsize=(3.6 * ncol + 1.2, 3.3 * nrow),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        constrained_layout=True,
+    )
     cmap = plt.get_cmap("viridis").copy()
     lo, hi = (math.log10(v) for v in ATLAS_RANGE)
     im = None
@@ -183,8 +231,15 @@ def fig_atlas(rows, path, variant="cross_entropy", dtype="float32"):
                 f = inf.get((impl, s, c), 0.0) or 0.0
                 if n > 0 or f > 0:
                     ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="#d62728"))
-                    ax.text(j, i, "NaN" if n >= f else "inf", ha="center", va="center",
-                            fontsize=6, color="white")
+                    ax.text(
+                        j,
+                        i,
+                        "NaN" if n >= f else "inf",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white",
+                    )
         ax.set_title(impl, fontsize=9)
         ax.set_xticks(range(len(scales)), [f"{s:g}" for s in scales], fontsize=6, rotation=90)
         ax.set_yticks(range(len(classes)), [str(c) for c in classes], fontsize=6)
@@ -193,14 +248,17 @@ def fig_atlas(rows, path, variant="cross_entropy", dtype="float32"):
             ax.tick_params(axis="x", labelbottom=True)
         if k % ncol == 0:
             ax.set_ylabel("classes", fontsize=7)
-    for ax in axes.ravel()[len(impls):]:
+    for ax in axes.ravel()[len(impls) :]:
         ax.axis("off")
     if im is not None:
         cb = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, extend="both")
         cb.set_ticks(range(int(lo), int(hi) + 1, 2))
         cb.set_ticklabels([f"1e{t}" for t in range(int(lo), int(hi) + 1, 2)])
-        cb.set_label(f"max forward error (ulp); saturates below {ATLAS_RANGE[0]:g} and above "
-                     f"{ATLAS_RANGE[1]:g}\nred: NaN or inf", fontsize=8)
+        cb.set_label(
+            f"max forward error (ulp); saturates below {ATLAS_RANGE[0]:g} and above "
+            f"{ATLAS_RANGE[1]:g}\nred: NaN or inf",
+            fontsize=8,
+        )
     fig.suptitle(f"Stability atlas, {variant}, {dtype}")
     return _save(fig, path)
 
@@ -213,44 +271,79 @@ def fig_nonfinite(rows, path, variant="cross_entropy"):
     dtypes = _ordered({r["p_dtype"] for r in rows}, DTYPE_ORDER)
     if not rows:
         return False
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(4.0 * len(dtypes), 3.3), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(dtypes), figsize=(4.0 * len(dtypes), 3.3), squeeze=False, sharey=True
+    )
     for r in rows:
         r["_nonfinite"] = _num(r.get("fwd_frac_nan")) + _num(r.get("fwd_frac_inf"))
-    frac = _agg(rows, ("dtype", "implementation", "scale"), "_nonfinite",
-                how=lambda v: float(np.mean(v)))
+    frac = _agg(
+        rows, ("dtype", "implementation", "scale"), "_nonfinite", how=lambda v: float(np.mean(v))
+    )
     for ax, dt in zip(axes[0], dtypes):
         for impl in _ordered({k[1] for k in frac if k[0] == dt}, IMPL_ORDER):
             scales = sorted(k[2] for k in frac if k[0] == dt and k[1] == impl)
-            ax.plot(scales, [100 * frac[(dt, impl, s)] for s in scales], "-o", ms=3,
-                    color=COLOURS.get(impl, "k"), label=impl)
-    return _log_x_panels(fig, axes, dtypes, "logit scale", "non-finite results (% of samples)",
-                         f"{variant}: NaN or inf where the exact loss is finite", path)
+            ax.plot(
+                scales,
+                [100 * frac[(dt, impl, s)] for s in scales],
+                "-o",
+                ms=3,
+                color=COLOURS.get(impl, "k"),
+                label=impl,
+            )
+    return _log_x_panels(
+        fig,
+        axes,
+        dtypes,
+        "logit scale",
+        "non-finite results (% of samples)",
+        f"{variant}: NaN or inf where the exact loss is finite",
+        path,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # 4. epsilon clipping
 # --------------------------------------------------------------------------------------------
 def fig_clipping(rows, path, variant="cross_entropy"):
-    rows = [r for r in _acc(rows, implementation="clipped", family="dominant",
-                            variant=variant) if r.get("clip_bias_nats") is not None]
+    rows = [
+        r
+        for r in _acc(rows, implementation="clipped", family="dominant", variant=variant)
+        if r.get("clip_bias_nats") is not None
+    ]
     if not rows:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    bias = _agg(rows, ("dtype", "clip_eps", "scale"), "clip_bias_nats",
-                how=lambda v: float(np.mean(v)))
-    zero = _agg(rows, ("dtype", "clip_eps", "scale"), "clip_frac_grad_zeroed",
-                how=lambda v: float(np.mean(v)))
+    bias = _agg(
+        rows, ("dtype", "clip_eps", "scale"), "clip_bias_nats", how=lambda v: float(np.mean(v))
+    )
+    zero = _agg(
+        rows,
+        ("dtype", "clip_eps", "scale"),
+        "clip_frac_grad_zeroed",
+        how=lambda v: float(np.mean(v)),
+    )
     styles = {"float64": "-", "float32": "--", "float16": ":", "bfloat16": "-."}
     for i, (dt, eps) in enumerate(sorted({k[:2] for k in bias})):
         margins = sorted(k[2] for k in bias if k[:2] == (dt, eps))
         col = plt.get_cmap("tab10")(i % 10)
         # float32 and float64 often coincide: hollow, larger markers keep both visible
         mk = dict(marker="o", ms=3 + 4 * i, mfc="none", lw=1 + 1.5 * (i == 0), alpha=0.85)
-        a1.plot(margins, [bias[(dt, eps, m)] for m in margins], styles.get(dt, "-"),
-                color=col, label=f"{dt}, eps={eps:.3g}", **mk)
-        a2.plot(margins, [100 * zero.get((dt, eps, m), 0.0) for m in margins],
-                styles.get(dt, "-"), color=col, label=f"{dt}, eps={eps:.3g}", **mk)
+        a1.plot(
+            margins,
+            [bias[(dt, eps, m)] for m in margins],
+            styles.get(dt, "-"),
+            color=col,
+            label=f"{dt}, eps={eps:.3g}",
+            **mk,
+        )
+        a2.plot(
+            margins,
+            [100 * zero.get((dt, eps, m), 0.0) for m in margins],
+            styles.get(dt, "-"),
+            color=col,
+            label=f"{dt}, eps={eps:.3g}",
+            **mk,
+        )
     a1.set_xlabel("logit margin of the dominant class")
     a1.set_ylabel("mean loss bias where the clip engages (nats)")
     a1.set_xscale("log")
@@ -260,8 +353,9 @@ def fig_clipping(rows, path, variant="cross_entropy"):
     a2.set_xscale("log")
     a2.grid(True, alpha=0.3)
     a2.legend(fontsize=7)
-    fig.suptitle(f"Epsilon clipping of probabilities ({variant}, confident-correct and -wrong "
-                 "rows)")
+    fig.suptitle(
+        f"Epsilon clipping of probabilities ({variant}, confident-correct and -wrong rows)"
+    )
     return _save(fig, path)
 
 
@@ -270,13 +364,17 @@ def fig_clipping(rows, path, variant="cross_entropy"):
 # --------------------------------------------------------------------------------------------
 def fig_true_class_gradient(rows, path, variant="cross_entropy"):
     rows = _acc(rows, plain=True, variant=variant, family="dominant")
-    rows = [r for r in rows if r.get("grad_true_max_ulp") is not None
-            and r["p_implementation"] != "clipped"]
+    rows = [
+        r
+        for r in rows
+        if r.get("grad_true_max_ulp") is not None and r["p_implementation"] != "clipped"
+    ]
     dtypes = _ordered({r["p_dtype"] for r in rows}, DTYPE_ORDER)
     if not rows:
         return False
-    fig, axes = plt.subplots(2, len(dtypes), figsize=(4.3 * len(dtypes), 6.2), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(
+        2, len(dtypes), figsize=(4.3 * len(dtypes), 6.2), squeeze=False, sharex=True
+    )
     err = _agg(rows, ("dtype", "implementation", "scale"), "grad_true_max_ulp")
     van = _agg(rows, ("dtype", "implementation", "scale"), "grad_true_frac_vanished")
     cap = _cap(err)
@@ -284,10 +382,17 @@ def fig_true_class_gradient(rows, path, variant="cross_entropy"):
         for impl in _ordered({k[1] for k in err if k[0] == dt}, IMPL_ORDER):
             ms = sorted(k[2] for k in err if k[0] == dt and k[1] == impl)
             c = COLOURS.get(impl, "k")
-            axes[0][j].plot(ms, [_clip_inf(err[(dt, impl, m)], cap) for m in ms], "-o", ms=3,
-                            color=c, label=impl)
-            axes[1][j].plot(ms, [100 * van.get((dt, impl, m), 0) for m in ms], "-o", ms=3,
-                            color=c, label=impl)
+            axes[0][j].plot(
+                ms,
+                [_clip_inf(err[(dt, impl, m)], cap) for m in ms],
+                "-o",
+                ms=3,
+                color=c,
+                label=impl,
+            )
+            axes[1][j].plot(
+                ms, [100 * van.get((dt, impl, m), 0) for m in ms], "-o", ms=3, color=c, label=impl
+            )
         axes[0][j].set_yscale("log")
         axes[0][j].set_xscale("log")
         axes[0][j].axhline(4, color="k", lw=0.8, ls="--")
@@ -326,9 +431,9 @@ def imbalance_series(rows):
             continue
         key = (imbalance_label(r), r["p_profile"], r["p_classes"])
         acc.setdefault(key, {}).setdefault(r["p_imbalance"], []).append(
-            (r["minority_loss_share"], r["minority_grad_share"], r["minority_sample_share"]))
-    return {k: {ratio: tuple(np.mean(v, axis=0)) for ratio, v in d.items()}
-            for k, d in acc.items()}
+            (r["minority_loss_share"], r["minority_grad_share"], r["minority_sample_share"])
+        )
+    return {k: {ratio: tuple(np.mean(v, axis=0)) for ratio, v in d.items()} for k, d in acc.items()}
 
 
 def fig_imbalance(rows, path):
@@ -337,8 +442,9 @@ def fig_imbalance(rows, path):
         return False
     profiles = sorted({k[1] for k in series})
     classes = min(k[2] for k in series)
-    fig, axes = plt.subplots(2, len(profiles), figsize=(5.2 * len(profiles), 7), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(
+        2, len(profiles), figsize=(5.2 * len(profiles), 7), squeeze=False, sharex=True
+    )
     labels = sorted({k[0] for k in series})
     cmap = plt.get_cmap("tab10")
     for j, prof in enumerate(profiles):
@@ -349,10 +455,12 @@ def fig_imbalance(rows, path):
                 continue
             # no minority sample drawn: the shares are not applicable there
             ratios = [x for x in sorted(d) if d[x][2] > 0]
-            axes[0][j].plot(ratios, [100 * d[x][0] for x in ratios], "-o", ms=3,
-                            color=cmap(i % 10), label=lab)
-            axes[1][j].plot(ratios, [100 * d[x][1] for x in ratios], "-o", ms=3,
-                            color=cmap(i % 10), label=lab)
+            axes[0][j].plot(
+                ratios, [100 * d[x][0] for x in ratios], "-o", ms=3, color=cmap(i % 10), label=lab
+            )
+            axes[1][j].plot(
+                ratios, [100 * d[x][1] for x in ratios], "-o", ms=3, color=cmap(i % 10), label=lab
+            )
             sample = [(x, 100 * d[x][2]) for x in ratios]
         for ax in axes[:, j]:
             if sample:
@@ -364,8 +472,15 @@ def fig_imbalance(rows, path):
     axes[0][0].set_ylabel("minority share of the loss (%)")
     axes[1][0].set_ylabel("minority share of gradient norms (%)")
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2,
-               fontsize=8, frameon=False)
+    fig.legend(
+        handles,
+        names,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=2,
+        fontsize=8,
+        frameon=False,
+    )
     fig.suptitle("What the minority classes get under each loss")
     return _save(fig, path)
 
@@ -376,8 +491,14 @@ def fig_imbalance(rows, path):
 def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
     """Throughput over class counts, one line per (implementation, batch size), and the speed-up
     over torch; a bar chart where only one shape was timed."""
-    rows = [r for r in rows if r["kind"] == "performance" and r["status"] == "ok"
-            and r["p_variant"] == variant and r["p_dtype"] == dtype]
+    rows = [
+        r
+        for r in rows
+        if r["kind"] == "performance"
+        and r["status"] == "ok"
+        and r["p_variant"] == variant
+        and r["p_dtype"] == dtype
+    ]
     if not rows:
         return False
     modes = _ordered({r["p_mode"] for r in rows}, ["forward", "forward_grad"])
@@ -389,19 +510,29 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
     for j, mode in enumerate(modes):
         sel = [r for r in rows if r["p_mode"] == mode]
         bw = float(np.median([r["bandwidth_gbs"] for r in sel]))
-        torch_t = {(r["p_batch"], r["p_classes"]): r["median_s"] for r in sel
-                   if r["p_implementation"] == "torch"}
+        torch_t = {
+            (r["p_batch"], r["p_classes"]): r["median_s"]
+            for r in sel
+            if r["p_implementation"] == "torch"
+        }
         impls = _ordered({r["p_implementation"] for r in sel}, IMPL_ORDER)
         if len(shapes) == 1:
             xs = np.arange(len(impls))
             gb = [next(r["gb_per_s"] for r in sel if r["p_implementation"] == i) for i in impls]
             axes[0][j].bar(xs, gb, color=[COLOURS.get(i, "k") for i in impls])
             axes[0][j].set_xticks(xs, impls, fontsize=8)
-            sp = [(i, torch_t[shapes[0]] / next(r["median_s"] for r in sel
-                                                 if r["p_implementation"] == i))
-                  for i in impls if shapes[0] in torch_t and i != "torch"]
-            axes[1][j].bar(np.arange(len(sp)), [v for _, v in sp],
-                           color=[COLOURS.get(i, "k") for i, _ in sp])
+            sp = [
+                (
+                    i,
+                    torch_t[shapes[0]]
+                    / next(r["median_s"] for r in sel if r["p_implementation"] == i),
+                )
+                for i in impls
+                if shapes[0] in torch_t and i != "torch"
+            ]
+            axes[1][j].bar(
+                np.arange(len(sp)), [v for _, v in sp], color=[COLOURS.get(i, "k") for i, _ in sp]
+            )
             axes[1][j].set_xticks(np.arange(len(sp)), [i for i, _ in sp], fontsize=8)
             n, c = shapes[0]
             axes[0][j].set_title(f"{mode}, {n} x {c}, {dtype}")
@@ -409,45 +540,67 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
             for impl in impls:
                 col = COLOURS.get(impl, "k")
                 for b in batches:
-                    pts = sorted((r["p_classes"], r["gb_per_s"], r["median_s"]) for r in sel
-                                 if r["p_implementation"] == impl and r["p_batch"] == b)
+                    pts = sorted(
+                        (r["p_classes"], r["gb_per_s"], r["median_s"])
+                        for r in sel
+                        if r["p_implementation"] == impl and r["p_batch"] == b
+                    )
                     if not pts:
                         continue
-                    axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], styles[b],
-                                    marker=markers[b], ms=4, color=col)
-                    rat = [(p[0], torch_t[(b, p[0])] / p[2]) for p in pts
-                           if (b, p[0]) in torch_t]
+                    axes[0][j].plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        styles[b],
+                        marker=markers[b],
+                        ms=4,
+                        color=col,
+                    )
+                    rat = [(p[0], torch_t[(b, p[0])] / p[2]) for p in pts if (b, p[0]) in torch_t]
                     if rat and impl != "torch":
-                        axes[1][j].plot(*zip(*rat), styles[b], marker=markers[b], ms=4,
-                                        color=col)
+                        axes[1][j].plot(*zip(*rat), styles[b], marker=markers[b], ms=4, color=col)
             for ax in axes[:, j]:
                 ax.set_xscale("log")
                 ax.set_xlabel("classes")
             axes[0][j].set_title(f"{mode}, {dtype}")
         axes[0][j].axhline(bw, color="k", ls="--", lw=1)
-        axes[0][j].text(0.01, bw, f"streaming-read bandwidth {bw:.1f} GB/s", fontsize=7,
-                        va="bottom", transform=axes[0][j].get_yaxis_transform())
+        axes[0][j].text(
+            0.01,
+            bw,
+            f"streaming-read bandwidth {bw:.1f} GB/s",
+            fontsize=7,
+            va="bottom",
+            transform=axes[0][j].get_yaxis_transform(),
+        )
         axes[0][j].set_ylim(0, bw * 1.15)
         axes[0][j].set_ylabel("throughput (GB/s moved)")
         axes[1][j].axhline(1, color="k", lw=0.8)
         axes[1][j].set_ylabel("speed-up over torch (x)")
         axes[1][j].set_yscale("log")
         axes[1][j].yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        axes[1][j].yaxis.set_major_formatter(
-            matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axes[1][j].yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         axes[1][j].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         for ax in axes[:, j]:
             ax.grid(True, alpha=0.3)
     from matplotlib.lines import Line2D
 
     impls = _ordered({r["p_implementation"] for r in rows}, IMPL_ORDER)
-    handles = [Line2D([], [], color=COLOURS.get(i, "k"), lw=6 if len(shapes) == 1 else 1.5,
-                      label=i) for i in impls]
+    handles = [
+        Line2D([], [], color=COLOURS.get(i, "k"), lw=6 if len(shapes) == 1 else 1.5, label=i)
+        for i in impls
+    ]
     if len(shapes) > 1:
-        handles += [Line2D([], [], color="0.3", ls=styles[b], marker=markers[b],
-                           label=f"batch {b}") for b in batches]
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
-               ncol=min(len(handles), 6), fontsize=8, frameon=False)
+        handles += [
+            Line2D([], [], color="0.3", ls=styles[b], marker=markers[b], label=f"batch {b}")
+            for b in batches
+        ]
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=min(len(handles), 6),
+        fontsize=8,
+        frameon=False,
+    )
     fig.suptitle(f"CPU throughput, {variant} (same run, medians of repeats)")
     fig.tight_layout()
     return _save(fig, path)
@@ -457,16 +610,23 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
 # 8. Blanchard-Higham reproduction
 # --------------------------------------------------------------------------------------------
 def fig_higham(rows, path):
-    rows = sorted((r for r in rows if r["kind"] == "higham" and r["status"] == "ok"),
-                  key=lambda r: (r["p_dtype"], r["p_formulation"]))
+    rows = sorted(
+        (r for r in rows if r["kind"] == "higham" and r["status"] == "ok"),
+        key=lambda r: (r["p_dtype"], r["p_formulation"]),
+    )
     if not rows:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
     labels = [f"{r['p_dtype']}\n{r['p_formulation']}" for r in rows]
     xs = np.arange(len(rows))
     a1.bar(xs - 0.2, [r["overflow"] for r in rows], 0.4, label="this run", color="#2ca02c")
-    a1.bar(xs + 0.2, [r["published_overflow"] or 0 for r in rows], 0.4,
-           label="published (Blanchard et al. 2021)", color="#7f7f7f")
+    a1.bar(
+        xs + 0.2,
+        [r["published_overflow"] or 0 for r in rows],
+        0.4,
+        label="published (Blanchard et al. 2021)",
+        color="#7f7f7f",
+    )
     for x, r in zip(xs, rows):
         a1.text(x - 0.2, r["overflow"], str(r["overflow"]), ha="center", va="bottom", fontsize=8)
     a1.set_xticks(xs, labels, fontsize=8)
@@ -497,16 +657,24 @@ def fig_cuda(doc, path):
     if not rows:
         return False
     shapes = sorted({(r["n"], r["c"]) for r in rows}, key=lambda s: s[1])
-    series = {"torch forward": [], "torch forward+backward": [], "cestudy forward": [],
-              "cestudy forward+grad": []}
+    series = {
+        "torch forward": [],
+        "torch forward+backward": [],
+        "cestudy forward": [],
+        "cestudy forward+grad": [],
+    }
     for s in shapes:
         for label in series:
             sel = [r["gb_per_s"] for r in rows if (r["n"], r["c"]) == s and r["kernel"] == label]
             series[label].append(max(sel) if sel else np.nan)
     fig, ax = plt.subplots(figsize=(8, 4))
     xs = np.arange(len(shapes))
-    styles = {"torch forward": ("#1f77b4", "-"), "torch forward+backward": ("#1f77b4", "--"),
-              "cestudy forward": ("#17becf", "-"), "cestudy forward+grad": ("#17becf", "--")}
+    styles = {
+        "torch forward": ("#1f77b4", "-"),
+        "torch forward+backward": ("#1f77b4", "--"),
+        "cestudy forward": ("#17becf", "-"),
+        "cestudy forward+grad": ("#17becf", "--"),
+    }
     for label, vals in series.items():
         col, ls = styles[label]
         ax.plot(xs, vals, ls, marker="o", color=col, label=label)
@@ -525,18 +693,33 @@ def fig_cuda(doc, path):
 # --------------------------------------------------------------------------------------------
 # Training study
 # --------------------------------------------------------------------------------------------
-LOSS_COLOURS = {"ce": "#1f77b4", "ce_inverse": "#ff7f0e", "ce_effective": "#bcbd22",
-                "focal1": "#9467bd", "focal2": "#8c564b", "smooth": "#e377c2",
-                "naive": "#d62728", "clipped": "#7f7f7f", "sklearn": "#17becf",
-                "sklearn_balanced": "#2ca02c"}
+LOSS_COLOURS = {
+    "ce": "#1f77b4",
+    "ce_inverse": "#ff7f0e",
+    "ce_effective": "#bcbd22",
+    "focal1": "#9467bd",
+    "focal2": "#8c564b",
+    "smooth": "#e377c2",
+    "naive": "#d62728",
+    "clipped": "#7f7f7f",
+    "sklearn": "#17becf",
+    "sklearn_balanced": "#2ca02c",
+}
 
 
 def fig_training_curves(rows, path):
     """Training loss per epoch (mini-batch GD, logistic regression, seed 0), one panel per
     (dataset, dtype) at the largest imbalance, one line per loss."""
-    rows = [r for r in rows if r["kind"] == "training" and r["status"] == "ok"
-            and r["p_optimizer"] == "gd" and r["p_model"] == "logreg" and r["p_seed"] == 0
-            and r.get("curve_train_loss")]
+    rows = [
+        r
+        for r in rows
+        if r["kind"] == "training"
+        and r["status"] == "ok"
+        and r["p_optimizer"] == "gd"
+        and r["p_model"] == "logreg"
+        and r["p_seed"] == 0
+        and r.get("curve_train_loss")
+    ]
     if not rows:
         return False
     top = max(r["p_imbalance"] for r in rows)
@@ -546,14 +729,24 @@ def fig_training_curves(rows, path):
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (ds, dt) in zip(axes[0], panels):
-        for r in sorted((r for r in rows if (r["p_dataset"], r["p_dtype"]) == (ds, dt)),
-                        key=lambda r: r["p_loss"]):
+        for r in sorted(
+            (r for r in rows if (r["p_dataset"], r["p_dtype"]) == (ds, dt)),
+            key=lambda r: r["p_loss"],
+        ):
             ys = [_num(v) for v in r["curve_train_loss"]]
-            ax.plot(range(1, len(ys) + 1), [v if math.isfinite(v) else np.nan for v in ys],
-                    color=LOSS_COLOURS.get(r["p_loss"], "k"), label=r["p_loss"])
+            ax.plot(
+                range(1, len(ys) + 1),
+                [v if math.isfinite(v) else np.nan for v in ys],
+                color=LOSS_COLOURS.get(r["p_loss"], "k"),
+                label=r["p_loss"],
+            )
             if r.get("first_nonfinite_step"):
-                ax.plot([len(ys)], [np.nanmax([v for v in ys if math.isfinite(v)] or [1])],
-                        "x", color=LOSS_COLOURS.get(r["p_loss"], "k"))
+                ax.plot(
+                    [len(ys)],
+                    [np.nanmax([v for v in ys if math.isfinite(v)] or [1])],
+                    "x",
+                    color=LOSS_COLOURS.get(r["p_loss"], "k"),
+                )
         ax.set_yscale("log")
         ax.set_title(f"{ds}, {dt}, imbalance {top:g}", fontsize=9)
         ax.set_xlabel("epoch")
@@ -567,9 +760,15 @@ def fig_training_curves(rows, path):
 def fig_training_bacc(rows, path):
     """Balanced accuracy (mean over seeds) vs imbalance ratio per loss, L-BFGS logistic
     regression, float32 (and scikit-learn's peers)."""
-    rows = [r for r in rows if r["kind"] == "training" and r["status"] == "ok"
-            and r["p_optimizer"] == "lbfgs" and r["p_dtype"] in ("float32", "float64")
-            and r["p_profile"] == "step"]
+    rows = [
+        r
+        for r in rows
+        if r["kind"] == "training"
+        and r["status"] == "ok"
+        and r["p_optimizer"] == "lbfgs"
+        and r["p_dtype"] in ("float32", "float64")
+        and r["p_profile"] == "step"
+    ]
     datasets = sorted({r["p_dataset"] for r in rows})
     if not datasets:
         return False
@@ -582,8 +781,20 @@ def fig_training_bacc(rows, path):
                 if r["p_loss"] == loss:
                     pts.setdefault(r["p_imbalance"], []).append(_num(r["balanced_accuracy"]))
             xs = sorted(pts)
-            ax.plot(xs, [np.nanmean(pts[x]) for x in xs], "-o", ms=3,
-                    color=LOSS_COLOURS.get(loss, "k"), label=loss)
-    return _log_x_panels(fig, axes, datasets, "imbalance ratio of the training split",
-                         "balanced accuracy on the balanced test split",
-                         "Logistic regression by L-BFGS: which loss copes with imbalance", path)
+            ax.plot(
+                xs,
+                [np.nanmean(pts[x]) for x in xs],
+                "-o",
+                ms=3,
+                color=LOSS_COLOURS.get(loss, "k"),
+                label=loss,
+            )
+    return _log_x_panels(
+        fig,
+        axes,
+        datasets,
+        "imbalance ratio of the training split",
+        "balanced accuracy on the balanced test split",
+        "Logistic regression by L-BFGS: which loss copes with imbalance",
+        path,
+    )

@@ -5,6 +5,7 @@ Each finding is one sentence with its number, its figure and its page, chosen fr
 that holds the most evidence for it. The README section is the same findings with links into
 ``reports/``, written between ``README_START`` and ``README_END``.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,22 +63,29 @@ def findings(by_study, figures, cuda_doc=None) -> list[Finding]:
     if study:
         text = accuracy.confident_sentence(acc)
         if text:
-            out.append(Finding(text, f"{study}.md",
-                               _figure(figures, study, "true-class-gradient")))
+            out.append(Finding(text, f"{study}.md", _figure(figures, study, "true-class-gradient")))
     # 2. the accuracy contract over every accuracy cell of every study, exclusions stated
     every = [r for s in sorted(by_study) for r in accuracy.ok_rows(by_study[s])]
     text = accuracy.contract_sentence(every)
     if text:
-        study, _ = _best_study(by_study, lambda a: sum(r["p_dtype"] in ("float16", "bfloat16")
-                                                       for r in a))
+        study, _ = _best_study(
+            by_study, lambda a: sum(r["p_dtype"] in ("float16", "bfloat16") for r in a)
+        )
         study = study or _home(by_study, "accuracy")
-        out.append(Finding(text, f"{study}.md",
-                           _figure(figures, study, f"error-vs-scale-{first}")))
+        out.append(Finding(text, f"{study}.md", _figure(figures, study, f"error-vs-scale-{first}")))
     # 3. naive and clipped: the study holding the cell where clipping biases the loss most
-    study, acc = _best_study(by_study, lambda a: -_num(
-        (accuracy.clipping_worst([r for r in a if r["p_dtype"] == "float32"])[0] or {})
-        .get("clip_bias_nats", math.nan)) if accuracy.naive_nonfinite_from(a, "float32")
-        else None)
+    study, acc = _best_study(
+        by_study,
+        lambda a: (
+            -_num(
+                (accuracy.clipping_worst([r for r in a if r["p_dtype"] == "float32"])[0] or {}).get(
+                    "clip_bias_nats", math.nan
+                )
+            )
+            if accuracy.naive_nonfinite_from(a, "float32")
+            else None
+        ),
+    )
     if study:
         text = accuracy.clipping_sentence(acc, "float32")
         if text:
@@ -97,10 +105,14 @@ def findings(by_study, figures, cuda_doc=None) -> list[Finding]:
         clause = cuda.speed_clause(cuda_doc) if cuda_doc else None
         if clause:
             text = text[:-1] + f"; {clause}."
-        out.append(Finding(
-            text, f"{study}.md",
-            _figure(figures, study, f"throughput-{big[0]['p_variant']}-{big[0]['p_dtype']}"),
-            ("cuda.md",) if clause else ()))
+        out.append(
+            Finding(
+                text,
+                f"{study}.md",
+                _figure(figures, study, f"throughput-{big[0]['p_variant']}-{big[0]['p_dtype']}"),
+                ("cuda.md",) if clause else (),
+            )
+        )
     # 5. imbalance
     study = _home(by_study, "imbalance")
     if study:
@@ -126,26 +138,40 @@ def findings(by_study, figures, cuda_doc=None) -> list[Finding]:
 # Which formulation to use
 # --------------------------------------------------------------------------------------------
 CASES = (
-    ("typical logits (scale <= 10)", lambda r: r["p_family"] == "gaussian"
-     and _num(r["p_scale"]) <= 10 and _plain(r)),
-    ("large logits (scale > 10)", lambda r: r["p_family"] == "gaussian"
-     and _num(r["p_scale"]) > 10 and _plain(r)),
-    (f"confident rows (margin >= {accuracy.CONFIDENT_MARGIN:g})",
-     lambda r: r["p_family"] == "dominant" and _num(r["p_scale"]) >= accuracy.CONFIDENT_MARGIN
-     and _plain(r)),
+    (
+        "typical logits (scale <= 10)",
+        lambda r: r["p_family"] == "gaussian" and _num(r["p_scale"]) <= 10 and _plain(r),
+    ),
+    (
+        "large logits (scale > 10)",
+        lambda r: r["p_family"] == "gaussian" and _num(r["p_scale"]) > 10 and _plain(r),
+    ),
+    (
+        f"confident rows (margin >= {accuracy.CONFIDENT_MARGIN:g})",
+        lambda r: (
+            r["p_family"] == "dominant"
+            and _num(r["p_scale"]) >= accuracy.CONFIDENT_MARGIN
+            and _plain(r)
+        ),
+    ),
     ("large equal offsets", lambda r: r["p_family"] == "equal_offset" and _plain(r)),
     ("masked classes (-inf)", lambda r: r["p_family"] == "masked"),
     ("near overflow", lambda r: r["p_family"] == "near_overflow"),
-    ("imbalance 100, class weights, ignored targets, smoothing",
-     lambda r: _num(r.get("p_imbalance", 1.0)) > 1),
+    (
+        "imbalance 100, class weights, ignored targets, smoothing",
+        lambda r: _num(r.get("p_imbalance", 1.0)) > 1,
+    ),
 )
 COLUMNS = ("naive", "clipped", "lse", "torch", "numba")
 
 
 def _plain(r):
-    return (_num(r.get("p_imbalance", 1.0)) == 1 and r.get("p_class_weight", "none") == "none"
-            and _num(r.get("p_ignore_fraction", 0.0)) == 0
-            and _num(r.get("p_label_smoothing", 0.0)) == 0)
+    return (
+        _num(r.get("p_imbalance", 1.0)) == 1
+        and r.get("p_class_weight", "none") == "none"
+        and _num(r.get("p_ignore_fraction", 0.0)) == 0
+        and _num(r.get("p_label_smoothing", 0.0)) == 0
+    )
 
 
 def _cell(rows):
@@ -162,8 +188,9 @@ def _cell(rows):
 
 def which_table(by_study, variant=None) -> str:
     every = [r for s in sorted(by_study) for r in accuracy.ok_rows(by_study[s])]
-    variant = variant or next((v for v in variants.VARIANTS
-                               if any(r["p_variant"] == v for r in every)), None)
+    variant = variant or next(
+        (v for v in variants.VARIANTS if any(r["p_variant"] == v for r in every)), None
+    )
     if variant is None:
         return ""
     every = [r for r in every if r["p_variant"] == variant]
@@ -172,35 +199,57 @@ def which_table(by_study, variant=None) -> str:
     for label, pred in CASES:
         sel = [r for r in every if pred(r)]
         for dt in _ordered({r["p_dtype"] for r in sel}, DTYPE_ORDER):
-            cells = {c: _cell([r for r in sel if r["p_dtype"] == dt
-                               and r["p_implementation"] == c]) for c in cols}
+            cells = {
+                c: _cell([r for r in sel if r["p_dtype"] == dt and r["p_implementation"] == c])
+                for c in cols
+            }
             measured = {c: v for c, (_, v) in cells.items() if not math.isnan(v)}
             if not measured:
                 continue
             good = [c for c, v in measured.items() if v <= accuracy.CONTRACT_ULP]
             best = min(measured.values())
-            use = ", ".join(good) if good else (
-                "none within 4 ulp; least bad: "
-                + ", ".join(c for c, v in measured.items() if v == best))
-            n = len({tuple(sorted((k, str(v)) for k, v in r.items() if k.startswith("p_")
-                                  and k != "p_implementation"))
-                     for r in sel if r["p_dtype"] == dt})
+            use = (
+                ", ".join(good)
+                if good
+                else (
+                    "none within 4 ulp; least bad: "
+                    + ", ".join(c for c, v in measured.items() if v == best)
+                )
+            )
+            n = len(
+                {
+                    tuple(
+                        sorted(
+                            (k, str(v))
+                            for k, v in r.items()
+                            if k.startswith("p_") and k != "p_implementation"
+                        )
+                    )
+                    for r in sel
+                    if r["p_dtype"] == dt
+                }
+            )
             out.append((label, dt, n, *(cells[c][0] for c in cols), use))
     head = ["case", "dtype", "cells", *cols, f"within {accuracy.CONTRACT_ULP:g} ulp"]
     v = variants.VARIANTS.get(variant)
-    return (f"Worst forward error of `{variant}`" + (f" ({v.description})" if v else "")
-            + " over every accuracy cell of each case, against the oracle; `numba` is cestudy's "
-            "kernels, `lse` the max-shifted log-sum-exp form, `non-finite` a NaN or infinite "
-            "loss where the exact one is finite. The last column lists the formulations within "
-            f"the kernels' {accuracy.CONTRACT_ULP:g}-ulp contract in that case.\n\n"
-            + table(head, out))
+    return (
+        f"Worst forward error of `{variant}`"
+        + (f" ({v.description})" if v else "")
+        + " over every accuracy cell of each case, against the oracle; `numba` is cestudy's "
+        "kernels, `lse` the max-shifted log-sum-exp form, `non-finite` a NaN or infinite "
+        "loss where the exact one is finite. The last column lists the formulations within "
+        f"the kernels' {accuracy.CONTRACT_ULP:g}-ulp contract in that case.\n\n" + table(head, out)
+    )
 
 
 def readme_section(found: list[Finding], prefix: str = "reports/") -> str:
-    lines = [README_START,
-             "Computed by `python -m cestudy report` from the committed results "
-             f"([{prefix}data/results.json]({prefix}data/results.json)); each finding links its "
-             "figure and the report page that holds the evidence.", ""]
+    lines = [
+        README_START,
+        "Computed by `python -m cestudy report` from the committed results "
+        f"([{prefix}data/results.json]({prefix}data/results.json)); each finding links its "
+        "figure and the report page that holds the evidence.",
+        "",
+    ]
     lines += [f"- {f.markdown(prefix)}" for f in found]
     lines.append(README_END)
     return "\n".join(lines)

@@ -4,6 +4,7 @@ Numbers are worded as a person would read them: errors in ulp ("0.5 ulp", "1.67e
 "non-finite" where a result is NaN or infinite although the exact value is finite, "n/a" where
 nothing was measured. Nothing here reads results or computes a metric.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -4,6 +4,7 @@
 process pool and Dask workers all call it. It never touches the results store. A cell that cannot
 run here raises ``Skip`` (``cestudy.backends.Skip``, the package's one skip exception).
 """
+
 from __future__ import annotations
 
 import time

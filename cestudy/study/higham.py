@@ -10,6 +10,7 @@ as in their loop, and the reference is the extended-precision oracle on the roun
 Published counts (the paper and the data's README): fp16 basic log-sum-exp overflows on 475 of
 2500 vectors, the shifted form on none; bf16: neither overflows.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,12 @@ import numpy as np
 from ..backends import Skip
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "higham2021"  # package data
-PUBLISHED_OVERFLOW = {("float16", "basic"): 475, ("float16", "shifted"): 0,
-                      ("bfloat16", "basic"): 0, ("bfloat16", "shifted"): 0}
+PUBLISHED_OVERFLOW = {
+    ("float16", "basic"): 475,
+    ("float16", "shifted"): 0,
+    ("bfloat16", "basic"): 0,
+    ("bfloat16", "shifted"): 0,
+}
 
 
 def data_path(path: str = "") -> Path:
@@ -36,11 +41,19 @@ def load_vectors(path: str = "") -> np.ndarray:
     f = data_path(path)
     if not f.exists():
         # the message names no local path: it may end up in a report
-        where = "the path given as data = ..." if path else (
-            "$CESTUDY_HIGHAM_DATA" if os.environ.get("CESTUDY_HIGHAM_DATA") else
-            "cestudy/data/higham2021/ of this installation")
-        raise Skip(f"the Blanchard-Higham data (data_presoftmax.mat) is not in {where} "
-                   f"(reinstall cestudy, pip install -e ., or set CESTUDY_HIGHAM_DATA)")
+        where = (
+            "the path given as data = ..."
+            if path
+            else (
+                "$CESTUDY_HIGHAM_DATA"
+                if os.environ.get("CESTUDY_HIGHAM_DATA")
+                else "cestudy/data/higham2021/ of this installation"
+            )
+        )
+        raise Skip(
+            f"the Blanchard-Higham data (data_presoftmax.mat) is not in {where} "
+            f"(reinstall cestudy, pip install -e ., or set CESTUDY_HIGHAM_DATA)"
+        )
     import warnings
 
     from scipy.io import loadmat

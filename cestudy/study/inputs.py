@@ -17,6 +17,7 @@ Class priors for imbalance follow Cui et al. 2019 ("Class-balanced loss based on
 number of samples"): ``step`` (half the classes have 1/rho of the others' frequency) and ``exp``
 (n_c = n_max rho^(-c / (C - 1))).
 """
+
 from __future__ import annotations
 
 import zlib
@@ -61,7 +62,7 @@ def minority_mask(prior: np.ndarray) -> np.ndarray:
     """The minority classes: the rarer half (by prior; ties broken by index)."""
     order = np.argsort(-prior, kind="stable")
     mask = np.zeros(prior.shape, bool)
-    mask[order[(len(prior) + 1) // 2:]] = True
+    mask[order[(len(prior) + 1) // 2 :]] = True
     return mask
 
 
@@ -74,7 +75,7 @@ def class_weights(kind: str, prior: np.ndarray, n_samples: int, beta: float = 0.
     if kind == "inverse":
         w = 1.0 / counts
     elif kind == "effective":
-        w = (1.0 - beta) / (1.0 - beta ** counts)
+        w = (1.0 - beta) / (1.0 - beta**counts)
     else:
         raise ValueError(f"class_weight must be none, inverse or effective; got {kind!r}")
     return w * (len(w) / w.sum())
@@ -108,8 +109,8 @@ def logits(family: str, scale: float, n: int, c: int, dtype, rng) -> tuple[np.nd
         k = max(1, n // 20)
         cols = rng.integers(0, c, n)
         x[rows[:k], cols[rows[:k]]] = np.nan
-        x[rows[k:2 * k], cols[rows[k:2 * k]]] = np.inf
-        x[rows[2 * k:3 * k], cols[rows[2 * k:3 * k]]] = -np.inf
+        x[rows[k : 2 * k], cols[rows[k : 2 * k]]] = np.inf
+        x[rows[2 * k : 3 * k], cols[rows[2 * k : 3 * k]]] = -np.inf
     else:
         raise ValueError(f"unknown family {family!r}")
     with np.errstate(over="ignore"):

@@ -3,6 +3,7 @@
 Each kind in ``cestudy.study.kinds`` declares its keys with these; ``spec`` validates study files
 against them and ``store`` migrates stored parameters with them. Nothing here knows a kind.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,5 +1,6 @@
 """The run manifest stored with every result (asv/pyperf style): versions, CPU, Numba threading,
 CUDA, commit and date. ``python -m cestudy info`` prints it for bug reports."""
+
 from __future__ import annotations
 
 import datetime
@@ -34,8 +35,11 @@ def cpu_features() -> str:
         from numba.misc.numba_sysinfo import get_sysinfo  # noqa: F401
 
         feats = llvm.get_host_cpu_features().flatten()
-        keep = [f for f in feats.split(",") if f.startswith("+") and any(
-            k in f for k in ("avx", "fma", "sse4", "neon", "sve"))]
+        keep = [
+            f
+            for f in feats.split(",")
+            if f.startswith("+") and any(k in f for k in ("avx", "fma", "sse4", "neon", "sve"))
+        ]
         return f"{llvm.get_host_cpu_name()}: {' '.join(sorted(k[1:] for k in keep))}"
     except Exception as exc:  # pragma: no cover
         return f"unknown ({exc})"
@@ -48,11 +52,17 @@ def git_commit() -> str:
         return os.environ["CESTUDY_GIT_COMMIT"]
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         if out.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                   cwd=here, capture_output=True, text=True, timeout=5).stdout
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout
             return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass

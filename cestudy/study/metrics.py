@@ -3,6 +3,7 @@ epsilon clipping, and the minority share of loss and gradient.
 
 All functions are pure numpy on (value, exact) pairs; ``exact`` comes from ``cestudy.oracle``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,7 @@ def _round_exact(exact, dtype):
 def _stats(prefix, err):
     err = np.asarray(err, dtype=np.float64).ravel()
     if err.size == 0:
-        return {f"{prefix}_median_ulp": None, f"{prefix}_p99_ulp": None,
-                f"{prefix}_max_ulp": None}
+        return {f"{prefix}_median_ulp": None, f"{prefix}_p99_ulp": None, f"{prefix}_max_ulp": None}
     return {
         f"{prefix}_median_ulp": float(np.median(err)),
         f"{prefix}_p99_ulp": float(np.quantile(err, 0.99, method="higher")),
@@ -42,13 +42,15 @@ def forward_metrics(value, exact, dtype) -> dict:
     n = max(int(defined.sum()), 1)
     finite_exact = defined & np.isfinite(ex)
     out = _stats("fwd", err[defined])
-    out.update({
-        "fwd_frac_nan": float(np.sum(np.isnan(v) & finite_exact) / n),
-        "fwd_frac_inf": float(np.sum(np.isinf(v) & finite_exact) / n),
-        "fwd_frac_over_4ulp": float(np.sum(err[defined] > 4) / n),
-        "fwd_nan_rows_kept": bool(np.all(np.isnan(v[~defined]))) if (~defined).any() else None,
-        "n_samples": int(v.size),
-    })
+    out.update(
+        {
+            "fwd_frac_nan": float(np.sum(np.isnan(v) & finite_exact) / n),
+            "fwd_frac_inf": float(np.sum(np.isinf(v) & finite_exact) / n),
+            "fwd_frac_over_4ulp": float(np.sum(err[defined] > 4) / n),
+            "fwd_nan_rows_kept": bool(np.all(np.isnan(v[~defined]))) if (~defined).any() else None,
+            "n_samples": int(v.size),
+        }
+    )
     return out
 
 
@@ -78,7 +80,8 @@ def gradient_metrics(grad, exact, dtype, target=None) -> dict:
         out.update(_stats("grad_true", true_err))
         nz = nonzero_exact[rows, t[rows]]
         out["grad_true_frac_vanished"] = float(
-            np.sum((g[rows, t[rows]] == 0) & nz) / max(int(nz.sum()), 1))
+            np.sum((g[rows, t[rows]] == 0) & nz) / max(int(nz.sum()), 1)
+        )
     return out
 
 

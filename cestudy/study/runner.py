@@ -10,6 +10,7 @@ so that they split the remaining cells; a heartbeat thread renews this runner's 
 claim whose runner died (kill -9) expires after ``LEASE_S`` seconds and is taken over. A runner
 returns once every cell of its study is stored, whoever computed it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -43,8 +44,13 @@ def result_sources(package: Path = PACKAGE) -> list[Path]:
     out = []
     for p in sorted(package.rglob("*")):
         rel = p.relative_to(package)
-        if (p.is_dir() or "__pycache__" in rel.parts or rel.parts[0] in NOT_RESULT_SOURCES
-                or p.name.startswith(".") or p.suffix in (".pyc", ".nbi", ".nbc")):
+        if (
+            p.is_dir()
+            or "__pycache__" in rel.parts
+            or rel.parts[0] in NOT_RESULT_SOURCES
+            or p.name.startswith(".")
+            or p.suffix in (".pyc", ".nbi", ".nbc")
+        ):
             continue
         if p.suffix == ".py" or "data" in rel.parts[:1]:
             out.append(p)
@@ -60,9 +66,13 @@ def _code_of(source: bytes, name) -> bytes:
         raise RuntimeError(f"code version: cannot parse {name}: {exc}") from exc
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             node.body = body[1:] or [ast.Pass()]
     return ast.dump(tree, include_attributes=False).encode()
 
@@ -81,8 +91,9 @@ def code_version(package: Path = PACKAGE) -> str:
         try:
             data = p.read_bytes()
         except OSError as exc:
-            raise RuntimeError(f"code version: cannot read {p.relative_to(package)}: {exc}") \
-                from exc
+            raise RuntimeError(
+                f"code version: cannot read {p.relative_to(package)}: {exc}"
+            ) from exc
         if p.suffix == ".py":
             data = _code_of(data, p.relative_to(package))
         h.update(p.relative_to(package).as_posix().encode())
@@ -93,8 +104,11 @@ def code_version(package: Path = PACKAGE) -> str:
 
 def _relative_paths(text: str) -> str:
     """A message without this machine's paths (it may end up in a tracked report)."""
-    for root, name in ((str(PACKAGE.parent), "."), (str(Path.home()), "~"),
-                       (sys.prefix, "<python>")):
+    for root, name in (
+        (str(PACKAGE.parent), "."),
+        (str(Path.home()), "~"),
+        (sys.prefix, "<python>"),
+    ):
         text = text.replace(root + os.sep, name + "/")
     return text
 
@@ -124,11 +138,13 @@ class Summary:
     skip_reasons: collections.Counter = field(default_factory=collections.Counter)
 
     def format(self) -> str:
-        lines = [f"study {self.study}: {self.total} cells, {self.done} computed, "
-                 f"{self.skipped_existing} already stored, "
-                 + (f"{self.by_others} computed by another runner, " if self.by_others else "")
-                 + f"{self.skipped} skipped (unavailable here), {self.failed} failed, "
-                 f"{self.seconds:.1f} s"]
+        lines = [
+            f"study {self.study}: {self.total} cells, {self.done} computed, "
+            f"{self.skipped_existing} already stored, "
+            + (f"{self.by_others} computed by another runner, " if self.by_others else "")
+            + f"{self.skipped} skipped (unavailable here), {self.failed} failed, "
+            f"{self.seconds:.1f} s"
+        ]
         if self.skip_reasons:
             lines.append("  skipped, and retried by the next run once what is missing is there:")
             for reason, n in self.skip_reasons.most_common():
@@ -162,26 +178,35 @@ def _executor(executor, jobs, scheduler):
         try:
             from distributed import Client, LocalCluster
         except ImportError:
-            raise SystemExit("--executor dask needs dask.distributed: pip install "
-                             "'cestudy[dask]'") from None
+            raise SystemExit(
+                "--executor dask needs dask.distributed: pip install 'cestudy[dask]'"
+            ) from None
         if executor == "dask":
             if not scheduler:
                 raise SystemExit("--executor dask needs --scheduler ADDRESS")
             client = Client(scheduler)
-            return client.get_executor(), client.close, max(jobs, len(
-                client.scheduler_info().get("workers", {})), 1)
-        cluster = LocalCluster(n_workers=max(jobs, 1), threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+            return (
+                client.get_executor(),
+                client.close,
+                max(jobs, len(client.scheduler_info().get("workers", {})), 1),
+            )
+        cluster = LocalCluster(
+            n_workers=max(jobs, 1), threads_per_worker=1, processes=True, dashboard_address=None
+        )
         client = Client(cluster)
 
         def close():
             client.close()
             cluster.close()
+
         return client.get_executor(), close, max(jobs, 1)
     if jobs > 1:
-        pool = cf.ProcessPoolExecutor(max_workers=jobs,
-                                      mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_exit_with_parent, initargs=(os.getpid(),))
+        pool = cf.ProcessPoolExecutor(
+            max_workers=jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_exit_with_parent,
+            initargs=(os.getpid(),),
+        )
         return pool, pool.shutdown, jobs
     return None, lambda: None, 1
 
@@ -211,8 +236,17 @@ class _Heartbeat:
         self.thread.join()
 
 
-def run_study(study: spec.Study, store: Store, *, jobs=1, executor="local", scheduler=None,
-              force=False, quiet=False, lease_s: float | None = None) -> Summary:
+def run_study(
+    study: spec.Study,
+    store: Store,
+    *,
+    jobs=1,
+    executor="local",
+    scheduler=None,
+    force=False,
+    quiet=False,
+    lease_s: float | None = None,
+) -> Summary:
     lease_s = LEASE_S if lease_s is None else lease_s
     cells = study.cells()
     version = code_version()
@@ -230,8 +264,22 @@ def run_study(study: spec.Study, store: Store, *, jobs=1, executor="local", sche
         since = now()
         try:
             with _Heartbeat(store.path, owner, lease_s):
-                _execute(study, store, todo, version, run_id, summary, jobs, executor,
-                         scheduler, quiet, owner, lease_s, force, since)
+                _execute(
+                    study,
+                    store,
+                    todo,
+                    version,
+                    run_id,
+                    summary,
+                    jobs,
+                    executor,
+                    scheduler,
+                    quiet,
+                    owner,
+                    lease_s,
+                    force,
+                    since,
+                )
         finally:
             store.release(owner)
         store.finish_run(run_id)
@@ -243,8 +291,15 @@ def run_study(study: spec.Study, store: Store, *, jobs=1, executor="local", sche
 def _progress(total, quiet, desc):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="cell", disable=quiet, file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.05)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="cell",
+        disable=quiet,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )
 
 
 def _record(store, study, key, cell, version, run_id, result, summary, owner):
@@ -259,8 +314,22 @@ def _record(store, study, key, cell, version, run_id, result, summary, owner):
         summary.failed += 1
 
 
-def _execute(study, store, todo, version, run_id, summary, jobs, executor, scheduler, quiet,
-             owner, lease_s, force, since):
+def _execute(
+    study,
+    store,
+    todo,
+    version,
+    run_id,
+    summary,
+    jobs,
+    executor,
+    scheduler,
+    quiet,
+    owner,
+    lease_s,
+    force,
+    since,
+):
     """Claim, compute and store the cells of ``todo`` until every one has an outcome (from this
     runner or another), keeping at most two cells per worker in flight."""
     pool, close, width = _executor(executor, jobs, scheduler)
@@ -290,8 +359,9 @@ def _execute(study, store, todo, version, run_id, summary, jobs, executor, sched
                     break
                 key, cell = nxt
                 if pool is None:
-                    _record(store, study, key, cell, version, run_id, _guarded(cell), summary,
-                            owner)
+                    _record(
+                        store, study, key, cell, version, run_id, _guarded(cell), summary, owner
+                    )
                     bar.update()
                 else:
                     futures[pool.submit(_guarded, cell)] = (key, cell)

@@ -22,6 +22,7 @@ duplicates dropped). The keys of each kind, and what applies, are declared by it
 ...) are migrated to today's (``cestudy.variants.canonical_name``). Any unknown key, wrong type,
 empty list or unknown name is a ``StudyError`` naming the file, the key and what is allowed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -112,8 +113,11 @@ def parse(data: dict, path: str = "<study>") -> Study:
     """Validate a parsed TOML document and return the Study."""
     unknown = set(data) - TOP_KEYS
     if unknown:
-        raise _err(path, sorted(unknown)[0], f"unknown top-level key; allowed: "
-                   f"{', '.join(sorted(TOP_KEYS))}")
+        raise _err(
+            path,
+            sorted(unknown)[0],
+            f"unknown top-level key; allowed: {', '.join(sorted(TOP_KEYS))}",
+        )
     name = data.get("name", Path(path).stem)
     if not isinstance(name, str) or not name:
         raise _err(path, "name", "expected a non-empty string")
@@ -130,16 +134,18 @@ def parse(data: dict, path: str = "<study>") -> Study:
             raise _err(path, where, "expected a table")
         kind = part.get("kind")
         if kind not in KINDS:
-            raise _err(path, f"{where}.kind", f"unknown kind {kind!r}; allowed: "
-                       f"{', '.join(KINDS)}")
+            raise _err(path, f"{where}.kind", f"unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
         allowed = KINDS[kind]
         clean = {"kind": kind}
         for key, raw in part.items():
             if key == "kind":
                 continue
             if key not in allowed:
-                raise _err(path, f"{where}.{key}", f"unknown key for kind {kind!r}; allowed: "
-                           f"{', '.join(sorted(allowed))}")
+                raise _err(
+                    path,
+                    f"{where}.{key}",
+                    f"unknown key for kind {kind!r}; allowed: {', '.join(sorted(allowed))}",
+                )
             values = raw if isinstance(raw, list) else [raw]
             if not values:
                 raise _err(path, f"{where}.{key}", "empty list: the grid would have no cells")
@@ -149,8 +155,12 @@ def parse(data: dict, path: str = "<study>") -> Study:
         out.append(clean)
     study = Study(name=name, description=description, path=str(path), parts=out)
     if not study.cells():
-        raise _err(path, "part", "the grid has no applicable cells (no implementation in the "
-                   "registry for any listed variant)")
+        raise _err(
+            path,
+            "part",
+            "the grid has no applicable cells (no implementation in the "
+            "registry for any listed variant)",
+        )
     return study
 
 

@@ -17,6 +17,7 @@ Three tables besides the runs:
 A file that is not a cestudy store (not SQLite, truncated, another program's database) raises
 ``StoreError`` naming it and is never written to.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -119,12 +120,15 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(str(self.path), timeout=60)
-            tables = {r[0] for r in self.db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            tables = {
+                r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
             if tables and "cells" not in tables:
                 self.db.close()
-                raise StoreError(f"{self.path}: an SQLite database, but not a cestudy results "
-                                 f"store (tables: {', '.join(sorted(tables))}); left unchanged")
+                raise StoreError(
+                    f"{self.path}: an SQLite database, but not a cestudy results "
+                    f"store (tables: {', '.join(sorted(tables))}); left unchanged"
+                )
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
@@ -134,8 +138,10 @@ class Store:
             why = "locked by another process" if "locked" in str(exc) else "cannot be opened"
             raise StoreError(f"{self.path}: {why} ({exc})") from None
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: not a readable cestudy results store ({exc}); "
-                             f"left unchanged: move it away or pass another --results") from None
+            raise StoreError(
+                f"{self.path}: not a readable cestudy results store ({exc}); "
+                f"left unchanged: move it away or pass another --results"
+            ) from None
 
     def _check_file(self):
         """Refuse, before SQLite opens it, a file that is not an SQLite database."""
@@ -146,29 +152,36 @@ class Store:
         with open(self.path, "rb") as f:
             head = f.read(16)
         if head and head != b"SQLite format 3\x00":
-            raise StoreError(f"{self.path}: not an SQLite file, so not a cestudy results store; "
-                             f"left unchanged: move it away or pass another --results")
+            raise StoreError(
+                f"{self.path}: not an SQLite file, so not a cestudy results store; "
+                f"left unchanged: move it away or pass another --results"
+            )
 
     def _migrate(self):
         """Stores written before this version: legacy variant names become today's (with the
         cell key recomputed, so results keep matching), and cells stored as skipped move to the
         ``skipped`` table (they are retried, not results)."""
         with self.db:
-            self.db.execute("INSERT OR IGNORE INTO skipped(cell_key, study, kind, params, "
-                            "code_version, reason, run_id, finished) SELECT cell_key, study, "
-                            "kind, params, code_version, COALESCE(message, ''), run_id, finished "
-                            "FROM cells WHERE status = 'skipped'")
+            self.db.execute(
+                "INSERT OR IGNORE INTO skipped(cell_key, study, kind, params, "
+                "code_version, reason, run_id, finished) SELECT cell_key, study, "
+                "kind, params, code_version, COALESCE(message, ''), run_id, finished "
+                "FROM cells WHERE status = 'skipped'"
+            )
             self.db.execute("DELETE FROM cells WHERE status = 'skipped'")
             for table in ("cells", "skipped"):
-                rows = self.db.execute(f"SELECT cell_key, study, kind, params, code_version "
-                                       f"FROM {table}").fetchall()
+                rows = self.db.execute(
+                    f"SELECT cell_key, study, kind, params, code_version FROM {table}"
+                ).fetchall()
                 for key, study, kind, params, version in rows:
                     p = json.loads(params)
                     new = migrate_params(kind, p)
                     if new != p:
-                        self.db.execute(f"UPDATE OR REPLACE {table} SET cell_key = ?, params = ? "
-                                        f"WHERE cell_key = ?",
-                                        (cell_key(study, new, version), canonical(new), key))
+                        self.db.execute(
+                            f"UPDATE OR REPLACE {table} SET cell_key = ?, params = ? "
+                            f"WHERE cell_key = ?",
+                            (cell_key(study, new, version), canonical(new), key),
+                        )
 
     def close(self):
         self.db.close()
@@ -181,8 +194,10 @@ class Store:
 
     # runs -----------------------------------------------------------------------------------
     def start_run(self, study: str, manifest: dict) -> int:
-        cur = self.db.execute("INSERT INTO runs(study, started, manifest) VALUES (?, ?, ?)",
-                              (study, now(), json.dumps(json_safe(manifest), sort_keys=True)))
+        cur = self.db.execute(
+            "INSERT INTO runs(study, started, manifest) VALUES (?, ?, ?)",
+            (study, now(), json.dumps(json_safe(manifest), sort_keys=True)),
+        )
         self.db.commit()
         return cur.lastrowid
 
@@ -191,10 +206,13 @@ class Store:
         self.db.commit()
 
     def runs(self):
-        rows = self.db.execute("SELECT run_id, study, started, finished, manifest FROM runs "
-                               "ORDER BY run_id").fetchall()
-        return [dict(run_id=r[0], study=r[1], started=r[2], finished=r[3],
-                     manifest=json.loads(r[4])) for r in rows]
+        rows = self.db.execute(
+            "SELECT run_id, study, started, finished, manifest FROM runs ORDER BY run_id"
+        ).fetchall()
+        return [
+            dict(run_id=r[0], study=r[1], started=r[2], finished=r[3], manifest=json.loads(r[4]))
+            for r in rows
+        ]
 
     # cells ----------------------------------------------------------------------------------
     def done_keys(self, keys) -> set:
@@ -202,14 +220,14 @@ class Store:
         keys = list(keys)
         found = set()
         for i in range(0, len(keys), 500):
-            chunk = keys[i:i + 500]
-            q = ("SELECT cell_key FROM cells WHERE status = 'ok' AND cell_key IN (%s)"
-                 % ",".join("?" * len(chunk)))
+            chunk = keys[i : i + 500]
+            q = "SELECT cell_key FROM cells WHERE status = 'ok' AND cell_key IN (%s)" % ",".join(
+                "?" * len(chunk)
+            )
             found.update(r[0] for r in self.db.execute(q, chunk))
         return found
 
-    def put(self, key, study, params, code_version, status, message, metrics, run_id,
-            owner=None):
+    def put(self, key, study, params, code_version, status, message, metrics, run_id, owner=None):
         """Store one cell's outcome and release its claim, in one transaction: ``ok`` and
         ``error`` go to ``cells``, ``skipped`` (with its reason) to ``skipped``."""
         with self.db:
@@ -217,26 +235,45 @@ class Store:
                 self.db.execute(
                     "INSERT OR REPLACE INTO skipped(cell_key, study, kind, params, code_version, "
                     "reason, run_id, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (key, study, params["kind"], canonical(params), code_version, message or "",
-                     run_id, now()))
+                    (
+                        key,
+                        study,
+                        params["kind"],
+                        canonical(params),
+                        code_version,
+                        message or "",
+                        run_id,
+                        now(),
+                    ),
+                )
             else:
                 self.db.execute(
                     "INSERT OR REPLACE INTO cells(cell_key, study, kind, params, code_version, "
                     "status, message, metrics, run_id, finished) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (key, study, params["kind"], canonical(params), code_version, status,
-                     message, None if metrics is None else json.dumps(json_safe(metrics),
-                                                                      sort_keys=True),
-                     run_id, now()))
+                    (
+                        key,
+                        study,
+                        params["kind"],
+                        canonical(params),
+                        code_version,
+                        status,
+                        message,
+                        None if metrics is None else json.dumps(json_safe(metrics), sort_keys=True),
+                        run_id,
+                        now(),
+                    ),
+                )
                 self.db.execute("DELETE FROM skipped WHERE cell_key = ?", (key,))
             if owner is not None:
-                self.db.execute("DELETE FROM claims WHERE cell_key = ? AND owner = ?",
-                                (key, owner))
+                self.db.execute("DELETE FROM claims WHERE cell_key = ? AND owner = ?", (key, owner))
 
     def cells(self, study=None, kind=None):
         """All stored results as dicts (params and metrics decoded), in key order."""
-        q = "SELECT cell_key, study, kind, params, code_version, status, message, metrics, " \
+        q = (
+            "SELECT cell_key, study, kind, params, code_version, status, message, metrics, "
             "run_id, finished FROM cells"
+        )
         cond, args = [], []
         if study is not None:
             cond.append("study = ?")
@@ -249,28 +286,50 @@ class Store:
         q += " ORDER BY study, cell_key"
         out = []
         for r in self.db.execute(q, args):
-            out.append(dict(cell_key=r[0], study=r[1], kind=r[2], params=json.loads(r[3]),
-                            code_version=r[4], status=r[5], message=r[6],
-                            metrics=load_metrics(r[7]), run_id=r[8], finished=r[9]))
+            out.append(
+                dict(
+                    cell_key=r[0],
+                    study=r[1],
+                    kind=r[2],
+                    params=json.loads(r[3]),
+                    code_version=r[4],
+                    status=r[5],
+                    message=r[6],
+                    metrics=load_metrics(r[7]),
+                    run_id=r[8],
+                    finished=r[9],
+                )
+            )
         return out
 
     def skipped(self, study=None):
         """Cells that could not run here, with their reasons (not results)."""
-        q = "SELECT cell_key, study, kind, params, code_version, reason, run_id, finished " \
+        q = (
+            "SELECT cell_key, study, kind, params, code_version, reason, run_id, finished "
             "FROM skipped"
+        )
         args = []
         if study is not None:
             q += " WHERE study = ?"
             args.append(study)
-        return [dict(cell_key=r[0], study=r[1], kind=r[2], params=json.loads(r[3]),
-                     code_version=r[4], reason=r[5], run_id=r[6], finished=r[7])
-                for r in self.db.execute(q + " ORDER BY study, cell_key", args)]
+        return [
+            dict(
+                cell_key=r[0],
+                study=r[1],
+                kind=r[2],
+                params=json.loads(r[3]),
+                code_version=r[4],
+                reason=r[5],
+                run_id=r[6],
+                finished=r[7],
+            )
+            for r in self.db.execute(q + " ORDER BY study, cell_key", args)
+        ]
 
     def count(self, study=None):
         if study is None:
             return self.db.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
-        return self.db.execute("SELECT COUNT(*) FROM cells WHERE study = ?",
-                               (study,)).fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM cells WHERE study = ?", (study,)).fetchone()[0]
 
     # claims ---------------------------------------------------------------------------------
     def settled_keys(self, keys, since: str, force: bool = False) -> set:
@@ -281,29 +340,34 @@ class Store:
         found = set()
         ok = "0" if force else "status = 'ok'"
         for i in range(0, len(keys), 400):
-            chunk = keys[i:i + 400]
+            chunk = keys[i : i + 400]
             marks = ",".join("?" * len(chunk))
-            q = (f"SELECT cell_key FROM cells WHERE cell_key IN ({marks}) AND ({ok} OR "
-                 f"finished >= ?) UNION SELECT cell_key FROM skipped WHERE cell_key IN "
-                 f"({marks}) AND finished >= ?")
+            q = (
+                f"SELECT cell_key FROM cells WHERE cell_key IN ({marks}) AND ({ok} OR "
+                f"finished >= ?) UNION SELECT cell_key FROM skipped WHERE cell_key IN "
+                f"({marks}) AND finished >= ?"
+            )
             found.update(r[0] for r in self.db.execute(q, [*chunk, since, *chunk, since]))
         return found
 
-    def claim(self, key: str, owner: str, lease_s: float, since: str,
-              force: bool = False) -> bool:
+    def claim(self, key: str, owner: str, lease_s: float, since: str, force: bool = False) -> bool:
         """Claim cell ``key`` for ``owner`` unless it is settled (``settled_keys``) or another
         live runner holds it. Atomic across processes (one write transaction)."""
         now = time.time()
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            held = self.db.execute("SELECT owner, expires FROM claims WHERE cell_key = ?",
-                                   (key,)).fetchone()
-            if (held and held[0] != owner and held[1] > now) or \
-                    self.settled_keys([key], since, force):
+            held = self.db.execute(
+                "SELECT owner, expires FROM claims WHERE cell_key = ?", (key,)
+            ).fetchone()
+            if (held and held[0] != owner and held[1] > now) or self.settled_keys(
+                [key], since, force
+            ):
                 self.db.execute("COMMIT")
                 return False
-            self.db.execute("INSERT OR REPLACE INTO claims(cell_key, owner, expires) "
-                            "VALUES (?, ?, ?)", (key, owner, now + lease_s))
+            self.db.execute(
+                "INSERT OR REPLACE INTO claims(cell_key, owner, expires) VALUES (?, ?, ?)",
+                (key, owner, now + lease_s),
+            )
             self.db.execute("COMMIT")
             return True
         except BaseException:
@@ -316,22 +380,24 @@ class Store:
         now = time.time()
         found = set()
         for i in range(0, len(keys), 500):
-            chunk = keys[i:i + 500]
-            q = ("SELECT cell_key FROM claims WHERE owner != ? AND expires > ? AND cell_key IN "
-                 "(%s)" % ",".join("?" * len(chunk)))
+            chunk = keys[i : i + 500]
+            q = (
+                "SELECT cell_key FROM claims WHERE owner != ? AND expires > ? AND cell_key IN "
+                "(%s)" % ",".join("?" * len(chunk))
+            )
             found.update(r[0] for r in self.db.execute(q, [owner, now, *chunk]))
         return found
 
     def renew(self, owner: str, lease_s: float):
         """Extend every claim of ``owner`` (its heartbeat)."""
         with self.db:
-            self.db.execute("UPDATE claims SET expires = ? WHERE owner = ?",
-                            (time.time() + lease_s, owner))
+            self.db.execute(
+                "UPDATE claims SET expires = ? WHERE owner = ?", (time.time() + lease_s, owner)
+            )
 
     def release(self, owner: str, key: str | None = None):
         with self.db:
             if key is None:
                 self.db.execute("DELETE FROM claims WHERE owner = ?", (owner,))
             else:
-                self.db.execute("DELETE FROM claims WHERE owner = ? AND cell_key = ?",
-                                (owner, key))
+                self.db.execute("DELETE FROM claims WHERE owner = ? AND cell_key = ?", (owner, key))

@@ -23,6 +23,7 @@ gamma 1 / 2), ``smooth`` (label smoothing 0.1), and the numpy formulations ``nai
 log) and ``clipped`` (eps = 1e-7), all fed logits rounded to the cell's dtype (float32, float16 or
 bfloat16): cestudy computes low precision in float32, the numpy formulations in the dtype itself.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,18 @@ from .. import dtypes
 from ..backends import Skip
 from . import inputs
 
-LOSSES = ("ce", "ce_inverse", "ce_effective", "focal1", "focal2", "smooth", "naive", "clipped",
-          "sklearn", "sklearn_balanced")
+LOSSES = (
+    "ce",
+    "ce_inverse",
+    "ce_effective",
+    "focal1",
+    "focal2",
+    "smooth",
+    "naive",
+    "clipped",
+    "sklearn",
+    "sklearn_balanced",
+)
 DATASETS = ("digits", "breast_cancer")
 MODELS = ("logreg", "mlp")
 OPTIMIZERS = ("gd", "lbfgs")
@@ -49,8 +60,7 @@ def load(dataset):
         from sklearn import datasets
     except ImportError:
         raise Skip("scikit-learn is not installed (pip install 'cestudy[train]')") from None
-    loader = {"digits": datasets.load_digits,
-              "breast_cancer": datasets.load_breast_cancer}[dataset]
+    loader = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer}[dataset]
     d = loader()
     return np.asarray(d.data, dtype=np.float64), np.asarray(d.target, dtype=np.int64)
 
@@ -81,7 +91,7 @@ def split(X, y, imbalance, profile, seed, test_per_class=None):
     sd = X[tr].std(axis=0)
     sd[sd == 0] = 1.0
     minority = np.zeros(len(classes), bool)
-    minority[order[(len(classes) + 1) // 2:]] = True if imbalance > 1 else False
+    minority[order[(len(classes) + 1) // 2 :]] = True if imbalance > 1 else False
     return (X[tr] - mu) / sd, y[tr], (X[te] - mu) / sd, y[te], minority
 
 
@@ -98,8 +108,11 @@ def loss_and_grad(kind, logits, y, dtype, weights):
     n = len(y)
     if kind in ("ce", "ce_inverse", "ce_effective", "smooth"):
         loss, g = cs.cross_entropy_with_grad(
-            z, y, weight=None if kind in ("ce", "smooth") else weights,
-            label_smoothing=0.1 if kind == "smooth" else 0.0)
+            z,
+            y,
+            weight=None if kind in ("ce", "smooth") else weights,
+            label_smoothing=0.1 if kind == "smooth" else 0.0,
+        )
     elif kind in ("focal1", "focal2"):
         loss, g = cs.softmax_focal_loss_with_grad(z, y, gamma=1.0 if kind == "focal1" else 2.0)
     elif kind in ("naive", "clipped"):
@@ -118,8 +131,12 @@ def loss_and_grad(kind, logits, y, dtype, weights):
 def init_params(model, d, c, rng):
     if model == "logreg":
         return [np.zeros((d, c)), np.zeros(c)]
-    return [rng.normal(size=(d, HIDDEN)) * np.sqrt(2.0 / d), np.zeros(HIDDEN),
-            rng.normal(size=(HIDDEN, c)) * np.sqrt(1.0 / HIDDEN), np.zeros(c)]
+    return [
+        rng.normal(size=(d, HIDDEN)) * np.sqrt(2.0 / d),
+        np.zeros(HIDDEN),
+        rng.normal(size=(HIDDEN, c)) * np.sqrt(1.0 / HIDDEN),
+        np.zeros(c),
+    ]
 
 
 def forward(model, params, X):
@@ -154,7 +171,7 @@ def _flat(params):
 def _unflat(theta, like):
     out, i = [], 0
     for p in like:
-        out.append(theta[i:i + p.size].reshape(p.shape))
+        out.append(theta[i : i + p.size].reshape(p.shape))
         i += p.size
     return out
 
@@ -189,10 +206,15 @@ def classification_metrics(probs, y, minority, bins=15):
         sel = (conf > lo) & (conf <= hi)
         if sel.any():
             ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    out = {"balanced_accuracy": float(np.mean(recall)), "macro_f1": float(np.mean(f1)),
-           "ece": float(ece), "accuracy": float(correct.mean())}
-    out["minority_recall"] = float(np.mean(np.asarray(recall)[minority])) if minority.any() \
-        else float(np.mean(recall))
+    out = {
+        "balanced_accuracy": float(np.mean(recall)),
+        "macro_f1": float(np.mean(f1)),
+        "ece": float(ece),
+        "accuracy": float(correct.mean()),
+    }
+    out["minority_recall"] = (
+        float(np.mean(np.asarray(recall)[minority])) if minority.any() else float(np.mean(recall))
+    )
     return out
 
 
@@ -228,15 +250,21 @@ def train_cell(cell):
         def fun(theta):
             nonlocal first_nonfinite, steps
             steps += 1
-            val, grads = objective(cell["model"], _unflat(theta, params), Xtr, ytr, kind, dtype,
-                                   weights, l2)
+            val, grads = objective(
+                cell["model"], _unflat(theta, params), Xtr, ytr, kind, dtype, weights, l2
+            )
             if not math.isfinite(val) and first_nonfinite is None:
                 first_nonfinite = steps
             curve_loss.append(val)
             return val, _flat(grads)
 
-        res = minimize(fun, _flat(params), jac=True, method="L-BFGS-B",
-                       options={"maxiter": cell["epochs"] * 10, "gtol": 1e-6})
+        res = minimize(
+            fun,
+            _flat(params),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": cell["epochs"] * 10, "gtol": 1e-6},
+        )
         params = _unflat(res.x, params)
         converged_at = int(res.nit)
         curve_bacc.append(evaluate(params)["balanced_accuracy"])
@@ -247,9 +275,10 @@ def train_cell(cell):
         for epoch in range(cell["epochs"]):
             order = rng.permutation(n)
             for s in range(0, n, batch):
-                idx = order[s:s + batch]
-                val, grads = objective(cell["model"], params, Xtr[idx], ytr[idx], kind, dtype,
-                                       weights, l2)
+                idx = order[s : s + batch]
+                val, grads = objective(
+                    cell["model"], params, Xtr[idx], ytr[idx], kind, dtype, weights, l2
+                )
                 steps += 1
                 if not math.isfinite(val) or not all(np.isfinite(g).all() for g in grads):
                     if first_nonfinite is None:
@@ -257,44 +286,70 @@ def train_cell(cell):
                 params = [p - lr * g for p, g in zip(params, grads)]
             full, _ = objective(cell["model"], params, Xtr, ytr, kind, dtype, weights, l2)
             curve_loss.append(full)
-            curve_bacc.append(evaluate(params)["balanced_accuracy"]
-                              if all(np.isfinite(p).all() for p in params) else math.nan)
+            curve_bacc.append(
+                evaluate(params)["balanced_accuracy"]
+                if all(np.isfinite(p).all() for p in params)
+                else math.nan
+            )
         final = curve_loss[-1]
         for e, v in enumerate(curve_loss):  # first epoch within 1% of the final loss
             if math.isfinite(final) and math.isfinite(v) and abs(v - final) <= 0.01 * abs(final):
                 converged_at = e + 1
                 break
     finite = all(np.isfinite(p).all() for p in params)
-    out = evaluate(params) if finite else {"balanced_accuracy": math.nan, "macro_f1": math.nan,
-                                           "ece": math.nan, "accuracy": math.nan,
-                                           "minority_recall": math.nan}
-    out.update({
-        "final_train_loss": float(curve_loss[-1]) if curve_loss else math.nan,
-        "steps": int(steps),
-        "converged_at": converged_at,
-        "first_nonfinite_step": first_nonfinite,
-        "curve_train_loss": [float(v) for v in curve_loss[-200:]],
-        "curve_test_bacc": [float(v) for v in curve_bacc],
-        "n_train": int(n), "n_test": int(len(yte)),
-        "minority_train_share": float(np.mean(minority[ytr])) if minority.any() else 0.0,
-    })
+    out = (
+        evaluate(params)
+        if finite
+        else {
+            "balanced_accuracy": math.nan,
+            "macro_f1": math.nan,
+            "ece": math.nan,
+            "accuracy": math.nan,
+            "minority_recall": math.nan,
+        }
+    )
+    out.update(
+        {
+            "final_train_loss": float(curve_loss[-1]) if curve_loss else math.nan,
+            "steps": int(steps),
+            "converged_at": converged_at,
+            "first_nonfinite_step": first_nonfinite,
+            "curve_train_loss": [float(v) for v in curve_loss[-200:]],
+            "curve_test_bacc": [float(v) for v in curve_bacc],
+            "n_train": int(n),
+            "n_test": int(len(yte)),
+            "minority_train_share": float(np.mean(minority[ytr])) if minority.any() else 0.0,
+        }
+    )
     return out
 
 
 def _sklearn(cell, Xtr, ytr, Xte, yte, minority, c, l2):
     from sklearn.linear_model import LogisticRegression
 
-    clf = LogisticRegression(C=cell["C"], class_weight="balanced" if cell["loss"].endswith(
-        "balanced") else None, max_iter=2000, tol=1e-8)
+    clf = LogisticRegression(
+        C=cell["C"],
+        class_weight="balanced" if cell["loss"].endswith("balanced") else None,
+        max_iter=2000,
+        tol=1e-8,
+    )
     clf.fit(Xtr, ytr)
     probs = clf.predict_proba(Xte)
     out = classification_metrics(probs, yte, minority)
     p_tr = clf.predict_proba(Xtr)
-    out.update({"final_train_loss": float(-np.mean(np.log(p_tr[np.arange(len(ytr)), ytr]))
-                                          + 0.5 * l2 * np.sum(clf.coef_ ** 2)),
-                "steps": int(np.max(clf.n_iter_)), "converged_at": int(np.max(clf.n_iter_)),
-                "first_nonfinite_step": None, "curve_train_loss": [], "curve_test_bacc": [],
-                "n_train": int(len(ytr)), "n_test": int(len(yte)),
-                "minority_train_share": float(np.mean(minority[ytr])) if minority.any()
-                else 0.0})
+    out.update(
+        {
+            "final_train_loss": float(
+                -np.mean(np.log(p_tr[np.arange(len(ytr)), ytr])) + 0.5 * l2 * np.sum(clf.coef_**2)
+            ),
+            "steps": int(np.max(clf.n_iter_)),
+            "converged_at": int(np.max(clf.n_iter_)),
+            "first_nonfinite_step": None,
+            "curve_train_loss": [],
+            "curve_test_bacc": [],
+            "n_train": int(len(ytr)),
+            "n_test": int(len(yte)),
+            "minority_train_share": float(np.mean(minority[ytr])) if minority.any() else 0.0,
+        }
+    )
     return out

@@ -7,6 +7,7 @@ run on the device with CESTUDY_CUDA_GPU_TESTS=1:
 
 Tests marked ``gpu_only`` (torch CUDA tensors) are deselected in the simulator, tests marked
 ``simulator_only`` (emulated shuffles) on a GPU, so that neither run reports a skip."""
+
 import os
 import sys
 from pathlib import Path
@@ -15,8 +16,11 @@ import pytest
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 if not SIMULATOR and os.environ.get("CESTUDY_CUDA_GPU_TESTS") != "1":
-    pytest.skip("run through tests/test_cuda.py (needs NUMBA_ENABLE_CUDASIM=1 at start-up), or "
-                "on a GPU with CESTUDY_CUDA_GPU_TESTS=1", allow_module_level=True)
+    pytest.skip(
+        "run through tests/test_cuda.py (needs NUMBA_ENABLE_CUDASIM=1 at start-up), or "
+        "on a GPU with CESTUDY_CUDA_GPU_TESTS=1",
+        allow_module_level=True,
+    )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

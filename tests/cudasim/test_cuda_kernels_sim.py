@@ -5,6 +5,7 @@ tests/test_cuda.py starts this module with 8 threads per block and 2 elements pe
 row of 29 classes spreads over the whole block and one of 200 runs the 8-load chunks. The
 simulator reduces with shared-memory trees; ``shuffle`` tests run the warp-shuffle code on
 emulated shuffles (a 4-lane warp, so that 8-thread groups take the cross-warp step too)."""
+
 import os
 
 import ml_dtypes
@@ -49,9 +50,9 @@ def test_backend_reports_the_simulator_or_the_gpu():
 
 def rows(dtype, rng):
     x = rng.normal(size=(7, 29)) * 4
-    x[0, 3] += 40            # confident-correct (tiny loss)
-    x[1] = 1e6               # equal logits at an offset (all ties)
-    x[2, ::3] = -np.inf      # masked classes
+    x[0, 3] += 40  # confident-correct (tiny loss)
+    x[1] = 1e6  # equal logits at an offset (all ties)
+    x[2, ::3] = -np.inf  # masked classes
     x[3, 5] = x[3, 6] = 9.0  # ties at the max
     x[3] = np.minimum(x[3], 9.0)
     return x.astype(dtype)
@@ -65,16 +66,16 @@ def to_device(a):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "weight": True},
-                                  {"ignore_index": 4}])
+@pytest.mark.parametrize(
+    "opts", [{}, {"label_smoothing": 0.1, "weight": True}, {"ignore_index": 4}]
+)
 def test_cross_entropy_index(dtype, opts):
     rng = np.random.default_rng(0)
     x = rows(dtype, rng)
     y = np.array([3, 0, 1, 5, 4, 4, 10])
     o = dict(opts)
     w = rng.uniform(0.5, 2, 29) if o.pop("weight", False) else None
-    loss, grad = cs.cross_entropy_with_grad(x, y, weight=w, reduction="none", backend="cuda",
-                                            **o)
+    loss, grad = cs.cross_entropy_with_grad(x, y, weight=w, reduction="none", backend="cuda", **o)
     ref_l, ref_g = cs.cross_entropy_with_grad(x, y, weight=w, reduction="none", **o)
     ls = o.get("label_smoothing", 0.0)
     ign = o.get("ignore_index", -100)
@@ -97,8 +98,9 @@ def test_rows_packed_several_to_a_block_and_rows_wider_than_the_block(dtype, c):
     x = (rng.normal(size=(n, c)) * 20).astype(dtype)
     y = np.where(np.arange(n) % 2 == 0, np.argmax(x, 1), rng.integers(0, c, n))
     y[3] = -100
-    loss, grad = cs.cross_entropy_with_grad(x, y, reduction="none", backend="cuda",
-                                            label_smoothing=0.05)
+    loss, grad = cs.cross_entropy_with_grad(
+        x, y, reduction="none", backend="cuda", label_smoothing=0.05
+    )
     assert_ulp(loss, oracle.cross_entropy(x, y, label_smoothing=0.05), dtype)
     assert_grad_ulp(grad, oracle.cross_entropy_grad(x, y, label_smoothing=0.05), dtype)
     p = rng.dirichlet(np.ones(c), n).astype(dtype)
@@ -115,8 +117,9 @@ def test_rows_packed_several_to_a_block_and_rows_wider_than_the_block(dtype, c):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_inf_rows(dtype):
     x = np.array([[np.nan, 0, 1], [np.inf, 0, 1], [-np.inf] * 3, [1, 2, 3]], dtype)
-    loss, grad = cs.cross_entropy_with_grad(x, np.array([0, 1, 2, 2]), reduction="none",
-                                            backend="cuda")
+    loss, grad = cs.cross_entropy_with_grad(
+        x, np.array([0, 1, 2, 2]), reduction="none", backend="cuda"
+    )
     assert np.isnan(loss[:3]).all() and np.isnan(grad[:3]).all() and np.isfinite(grad[3]).all()
 
 
@@ -127,10 +130,16 @@ def test_soft_targets_kl_and_focal(dtype):
     x[2] = rng.normal(size=29)  # soft targets put mass everywhere
     p = rng.dirichlet(np.ones(29), 7).astype(dtype)
     for fn, ref, ref_g in (
-        (lambda b: cs.cross_entropy_with_grad(x, p, reduction="none", backend=b),
-         oracle.cross_entropy_probs(x, p), oracle.cross_entropy_probs_grad(x, p)),
-        (lambda b: cs.kl_divergence_with_grad(x, p, reduction="none", backend=b),
-         oracle.kl_divergence(x, p), oracle.kl_divergence_grad(x, p)),
+        (
+            lambda b: cs.cross_entropy_with_grad(x, p, reduction="none", backend=b),
+            oracle.cross_entropy_probs(x, p),
+            oracle.cross_entropy_probs_grad(x, p),
+        ),
+        (
+            lambda b: cs.kl_divergence_with_grad(x, p, reduction="none", backend=b),
+            oracle.kl_divergence(x, p),
+            oracle.kl_divergence_grad(x, p),
+        ),
     ):
         loss, grad = fn("cuda")
         assert_ulp(loss, ref, dtype)
@@ -147,8 +156,9 @@ def test_elementwise_kernels(dtype):
     x = (rng.normal(size=(5, 9)) * 12).astype(dtype)
     t = np.round(rng.uniform(size=x.shape)).astype(dtype)
     pw = rng.uniform(0.5, 3, 9)
-    loss, grad = cs.binary_cross_entropy_with_logits_with_grad(x, t, pos_weight=pw,
-                                                               reduction="none", backend="cuda")
+    loss, grad = cs.binary_cross_entropy_with_logits_with_grad(
+        x, t, pos_weight=pw, reduction="none", backend="cuda"
+    )
     assert_ulp(loss, oracle.binary_cross_entropy_with_logits(x, t, pos_weight=pw), dtype)
     assert_ulp(grad, oracle.binary_cross_entropy_with_logits_grad(x, t, pos_weight=pw), dtype)
     tol = 4.0 if dtype == np.float32 else 8.0
@@ -173,7 +183,8 @@ def test_exp32_of_an_exact_difference_is_within_0_65_ulp():
     differences down to -150 (terms that are float32 subnormals unscaled) and large |m|."""
     rng = np.random.default_rng(5)
     m = np.concatenate([rng.uniform(-300, 300, 1500), rng.uniform(-1, 1, 500) * 1e6]).astype(
-        np.float32)
+        np.float32
+    )
     d = -np.concatenate([rng.uniform(0, 150, 1000), rng.exponential(3, 1000)])
     v = (m + d).astype(np.float32)
     keep = (v <= m) & (v.astype(np.float64) - m >= -150)
@@ -191,9 +202,10 @@ def test_exp32_of_an_exact_difference_is_within_0_65_ulp():
 def test_bfloat16_bits_round_to_nearest_even_like_ml_dtypes():
     rng = np.random.default_rng(6)
     f = (rng.standard_normal(20000) * 10.0 ** rng.integers(-44, 38, 20000)).astype(np.float32)
-    ties = ((rng.integers(0, 2 ** 16, 2000).astype(np.uint32) << 16) | 0x8000).view(np.float32)
-    special = np.array([0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-45, 1e-40, np.nan],
-                       np.float32)
+    ties = ((rng.integers(0, 2**16, 2000).astype(np.uint32) << 16) | 0x8000).view(np.float32)
+    special = np.array(
+        [0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-45, 1e-40, np.nan], np.float32
+    )
     f = np.concatenate([f, ties, special])
     got = np.array([ck.f32_to_bf16(v) for v in f], np.uint16)
     ref = f.astype(ml_dtypes.bfloat16).view(np.uint16)
@@ -209,16 +221,16 @@ def extreme_rows(c=200):
     rng = np.random.default_rng(7)
     x = rng.normal(size=(9, c)).astype(np.float32)
     x[0] = 0
-    x[0, 5] = 100                               # loss 199 e^-100 = 7e-42: a float32 subnormal
+    x[0, 5] = 100  # loss 199 e^-100 = 7e-42: a float32 subnormal
     x[1] = 0
-    x[1, 7] = 30                                # loss ~1e-11, gradients ~1e-13
-    x[2] = np.linspace(0, 1e-3, c)              # ascending: the maximum moves at every chunk
-    x[3] = np.linspace(-50, 0, c)               # ascending, wide
-    x[4] = 1e8 + np.arange(c) % 3 * 8.0         # large offset, exact differences of 8
-    x[5, ::2] = -np.inf                         # masked half
-    x[6] = rng.normal(size=c) * 40              # gaussian at scale 40
-    x[7] = 0.1 + rng.uniform(0, 1e-6, c)        # near-equal logits
-    x[8] = -rng.exponential(30, c)              # terms down to underflow
+    x[1, 7] = 30  # loss ~1e-11, gradients ~1e-13
+    x[2] = np.linspace(0, 1e-3, c)  # ascending: the maximum moves at every chunk
+    x[3] = np.linspace(-50, 0, c)  # ascending, wide
+    x[4] = 1e8 + np.arange(c) % 3 * 8.0  # large offset, exact differences of 8
+    x[5, ::2] = -np.inf  # masked half
+    x[6] = rng.normal(size=c) * 40  # gaussian at scale 40
+    x[7] = 0.1 + rng.uniform(0, 1e-6, c)  # near-equal logits
+    x[8] = -rng.exponential(30, c)  # terms down to underflow
     y = np.array([5, 7, c - 1, 0, 2, 1, 3, c // 2, 0])
     return x.astype(np.float32), y
 
@@ -232,12 +244,12 @@ def test_extreme_rows_on_device_arrays_within_the_contract(method, c, dtype):
     x, y = extreme_rows(c)
     x = x.astype(dtype)
     tol = 4 if dtype == np.float32 else 1
-    loss, grad = cs.cross_entropy_with_grad(to_device(x), cuda.to_device(y), reduction="none",
-                                            backend="cuda")
+    loss, grad = cs.cross_entropy_with_grad(
+        to_device(x), cuda.to_device(y), reduction="none", backend="cuda"
+    )
     assert loss.dtype == np.float32 and grad.dtype == dtype
     assert_ulp(loss.copy_to_host().astype(dtype), oracle.cross_entropy(x, y), dtype, tol=tol)
-    assert_ulp(grad.copy_to_host(), oracle.cross_entropy_grad(x, y), dtype, tol=tol,
-               what="grad")
+    assert_ulp(grad.copy_to_host(), oracle.cross_entropy_grad(x, y), dtype, tol=tol, what="grad")
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,8 +258,8 @@ def test_extreme_rows_on_device_arrays_within_the_contract(method, c, dtype):
 def rows16(dtype, c=29):
     rng = np.random.default_rng(8)
     x = rng.normal(size=(6, c)) * 3
-    x[0, 3] += 12        # confident (float16 holds e^-12)
-    x[1] = 200.0         # ties at an offset
+    x[0, 3] += 12  # confident (float16 holds e^-12)
+    x[1] = 200.0  # ties at an offset
     x[2, ::3] = -np.inf  # masked classes
     x[3, 1] = x[3, 4] = x[3].max() + 1  # tied maxima
     return x.astype(dtype)
@@ -267,19 +279,33 @@ def test_16bit_device_logits(method, dtype, c):
     p = rng.dirichlet(np.ones(c), x.shape[0]).astype(np.float32)
     dx, dy, dp = to_device(x), cuda.to_device(y), cuda.to_device(p)
     cases = [
-        (lambda: cs.cross_entropy_with_grad(dx, dy, weight=w, reduction="none",
-                                            backend="cuda"),
-         oracle.cross_entropy(x, y, w), oracle.cross_entropy_grad(x, y, w)),
-        (lambda: cs.cross_entropy_with_grad(dx, dy, label_smoothing=0.1, reduction="none",
-                                            backend="cuda"),
-         oracle.cross_entropy(x, y, label_smoothing=0.1),
-         oracle.cross_entropy_grad(x, y, label_smoothing=0.1)),
-        (lambda: cs.cross_entropy_with_grad(dx, dp, reduction="none", backend="cuda"),
-         oracle.cross_entropy_probs(x, p), oracle.cross_entropy_probs_grad(x, p)),
-        (lambda: cs.kl_divergence_with_grad(dx, dp, reduction="none", backend="cuda"),
-         oracle.kl_divergence(x, p), oracle.kl_divergence_grad(x, p)),
-        (lambda: cs.softmax_focal_loss_with_grad(dx, dy, reduction="none", backend="cuda"),
-         oracle.softmax_focal_loss(x, y), oracle.softmax_focal_loss_grad(x, y)),
+        (
+            lambda: cs.cross_entropy_with_grad(dx, dy, weight=w, reduction="none", backend="cuda"),
+            oracle.cross_entropy(x, y, w),
+            oracle.cross_entropy_grad(x, y, w),
+        ),
+        (
+            lambda: cs.cross_entropy_with_grad(
+                dx, dy, label_smoothing=0.1, reduction="none", backend="cuda"
+            ),
+            oracle.cross_entropy(x, y, label_smoothing=0.1),
+            oracle.cross_entropy_grad(x, y, label_smoothing=0.1),
+        ),
+        (
+            lambda: cs.cross_entropy_with_grad(dx, dp, reduction="none", backend="cuda"),
+            oracle.cross_entropy_probs(x, p),
+            oracle.cross_entropy_probs_grad(x, p),
+        ),
+        (
+            lambda: cs.kl_divergence_with_grad(dx, dp, reduction="none", backend="cuda"),
+            oracle.kl_divergence(x, p),
+            oracle.kl_divergence_grad(x, p),
+        ),
+        (
+            lambda: cs.softmax_focal_loss_with_grad(dx, dy, reduction="none", backend="cuda"),
+            oracle.softmax_focal_loss(x, y),
+            oracle.softmax_focal_loss_grad(x, y),
+        ),
     ]
     for fn, ref_l, ref_g in cases:
         loss, grad = fn()
@@ -297,22 +323,28 @@ def test_16bit_elementwise_device_logits(dtype):
     x = (rng.normal(size=(5, 9)) * 6).astype(dtype)
     t = np.round(rng.uniform(size=x.shape)).astype(np.float32)
     dx, dt = to_device(x), cuda.to_device(t)
-    loss, grad = cs.binary_cross_entropy_with_logits_with_grad(dx, dt, reduction="none",
-                                                               backend="cuda")
+    loss, grad = cs.binary_cross_entropy_with_logits_with_grad(
+        dx, dt, reduction="none", backend="cuda"
+    )
     assert loss.dtype == np.float32 and grad.dtype == dtype
-    assert_ulp(loss.copy_to_host().astype(dtype), oracle.binary_cross_entropy_with_logits(x, t),
-               dtype, tol=1)
-    assert_ulp(grad.copy_to_host(), oracle.binary_cross_entropy_with_logits_grad(x, t), dtype,
-               tol=1)
+    assert_ulp(
+        loss.copy_to_host().astype(dtype),
+        oracle.binary_cross_entropy_with_logits(x, t),
+        dtype,
+        tol=1,
+    )
+    assert_ulp(
+        grad.copy_to_host(), oracle.binary_cross_entropy_with_logits_grad(x, t), dtype, tol=1
+    )
     loss, grad = cs.sigmoid_focal_loss_with_grad(dx, dt, reduction="sum", backend="cuda")
     assert loss.shape == (1,) and grad.dtype == dtype
     assert_ulp(grad.copy_to_host(), oracle.sigmoid_focal_loss_grad(x, t), dtype, tol=1)
     assert loss.copy_to_host()[0] == pytest.approx(
-        float(np.sum(oracle.sigmoid_focal_loss(x, t), dtype=np.float64)), rel=1e-6)
+        float(np.sum(oracle.sigmoid_focal_loss(x, t), dtype=np.float64)), rel=1e-6
+    )
 
 
-@pytest.mark.parametrize("dtype", [np.float32, BF16, F16], ids=["float32", "bfloat16",
-                                                                  "float16"])
+@pytest.mark.parametrize("dtype", [np.float32, BF16, F16], ids=["float32", "bfloat16", "float16"])
 def test_gradient_written_into_the_logits(dtype):
     """out=logits: the gradient replaces the logits, in their dtype, equal to the gradient
     written elsewhere; the call returns ``out`` itself."""
@@ -377,8 +409,12 @@ def test_one_launch_per_call_and_no_host_transfer(variant, monkeypatch):
     grad = cuda.device_array_like(dx)
     expected = []
     for red in ("none", "sum", "mean"):  # warm-up: compiled kernels and cached buffers
-        expected.append((fwd(dx, dt, reduction=red, backend="cuda").copy_to_host(),
-                         fused(dx, dt, reduction=red, backend="cuda", out=grad)[0].copy_to_host()))
+        expected.append(
+            (
+                fwd(dx, dt, reduction=red, backend="cuda").copy_to_host(),
+                fused(dx, dt, reduction=red, backend="cuda", out=grad)[0].copy_to_host(),
+            )
+        )
 
     def no_transfer(*args, **kwargs):
         raise AssertionError("host <-> device transfer")
@@ -412,8 +448,7 @@ def test_reductions_match_the_host(method):
     w = np.array([0.5, 2.0, 1.5])
     dx, dy, dw = cuda.to_device(x), cuda.to_device(y), cuda.to_device(w)
     for red in ("sum", "mean"):
-        loss, grad = cs.cross_entropy_with_grad(dx, dy, weight=dw, reduction=red,
-                                                backend="cuda")
+        loss, grad = cs.cross_entropy_with_grad(dx, dy, weight=dw, reduction=red, backend="cuda")
         ref_l, ref_g = cs.cross_entropy_with_grad(x, y, weight=w, reduction=red)
         assert loss.copy_to_host()[0] == pytest.approx(ref_l, rel=4e-7)
         np.testing.assert_allclose(grad.copy_to_host(), ref_g, rtol=4e-7, atol=1e-12)
@@ -492,16 +527,16 @@ def test_raw_kernels_take_device_arrays_and_write_the_gradient_in_place(v):
     getattr(ck, v.kernel + "_fwd_grad")(dx, dt, *opts, 1.0, d_loss, d_grad)
     ref_l = np.empty(loss_shape)
     ref_g = np.empty_like(x)
-    getattr(cpu_fast if v.fast_cpu else cpu, v.kernel + "_fwd_grad")(x, t, *opts, 1.0, ref_l,
-                                                                       ref_g)
+    getattr(cpu_fast if v.fast_cpu else cpu, v.kernel + "_fwd_grad")(x, t, *opts, 1.0, ref_l, ref_g)
     np.testing.assert_allclose(d_loss.copy_to_host(), ref_l, rtol=1e-6)
     np.testing.assert_allclose(d_grad.copy_to_host(), ref_g, rtol=1e-6, atol=1e-9)
     d_fwd = ck.device_array(loss_shape, np.float64)
     getattr(ck, v.kernel + "_fwd")(dx, dt, *opts, d_fwd)
     np.testing.assert_array_equal(d_fwd.copy_to_host(), d_loss.copy_to_host())
     buf = cuda.to_device(x)
-    getattr(ck, v.kernel + "_fwd_grad")(buf, dt, *opts, 1.0, ck.device_array(loss_shape,
-                                                                              np.float64), buf)
+    getattr(ck, v.kernel + "_fwd_grad")(
+        buf, dt, *opts, 1.0, ck.device_array(loss_shape, np.float64), buf
+    )
     np.testing.assert_allclose(buf.copy_to_host(), ref_g, rtol=1e-6, atol=1e-9)
     if v.elementwise:  # a 1-D out_loss takes row sums, as on the CPU
         sums = ck.device_array(n, np.float64)
@@ -513,9 +548,10 @@ def test_device_helpers():
     w = np.array([1.0, 2.0, 3.0, 4.0])
     k = ck.kernels()
     ws = ck.workspace()
-    k["index_weight_sum"][1, k["threads"]](cuda.to_device(np.array([0, 3, -100, 3, 9, -1])),
-                                           cuda.to_device(w), -100, ws)
-    assert ws[ck.WS_DENOM:ck.WS_DENOM + 1].copy_to_host()[0] == 9.0  # 9 and -1: out of range
+    k["index_weight_sum"][1, k["threads"]](
+        cuda.to_device(np.array([0, 3, -100, 3, 9, -1])), cuda.to_device(w), -100, ws
+    )
+    assert ws[ck.WS_DENOM : ck.WS_DENOM + 1].copy_to_host()[0] == 9.0  # 9 and -1: out of range
     bits = cuda.to_device(np.array([[1.5, -2.0]], ml_dtypes.bfloat16).view(np.int16))
     b = ck.bfloat16_bits(bits)
     assert b.dtype == BF16 and b.shape == (1, 2) and b.bits.dtype == np.uint16
@@ -568,12 +604,13 @@ def test_public_functions_take_device_arrays_and_return_device_arrays():
     np.testing.assert_allclose(loss.copy_to_host()[0], ref_l, rtol=1e-6)
     np.testing.assert_allclose(grad.copy_to_host(), ref_g, rtol=1e-6, atol=1e-9)
     t = np.round(rng.uniform(size=x.shape)).astype(np.float32)
-    out = cs.binary_cross_entropy_with_logits(dx, cuda.to_device(t), backend="cuda",
-                                              reduction="none")
+    out = cs.binary_cross_entropy_with_logits(
+        dx, cuda.to_device(t), backend="cuda", reduction="none"
+    )
     assert ck.is_device_array(out)
-    np.testing.assert_allclose(out.copy_to_host(),
-                               cs.binary_cross_entropy_with_logits(x, t, reduction="none"),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        out.copy_to_host(), cs.binary_cross_entropy_with_logits(x, t, reduction="none"), rtol=1e-6
+    )
     with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
         cs.cross_entropy(cuda.to_device(np.ones((2, 3), np.int16)), dy[:2], backend="cuda")
 
@@ -592,8 +629,7 @@ def test_torch_cuda_tensors_bfloat16_in_place():
         ref.backward()
         loss, g = cs.cross_entropy_with_grad(x, y, backend="cuda", out=x)
         assert g is x and x.dtype == dt
-        assert float(torch.as_tensor(loss, device="cuda")[0]) == pytest.approx(float(ref),
-                                                                               rel=1e-5)
+        assert float(torch.as_tensor(loss, device="cuda")[0]) == pytest.approx(float(ref), rel=1e-5)
         torch.testing.assert_close(x.float(), xr.grad.to(dt).float(), rtol=0.01, atol=1e-7)
 
 
@@ -615,8 +651,10 @@ def test_gpu_benchmark_checks_run_and_record_no_timing(tmp_path):
     assert doc["timed"] is False and doc["read_bandwidth_gbs"] is None
     rows = doc["rows"]
     assert {(r["dtype"], r["kernel"]) for r in rows} == {
-        (d, k) for d in ("float32", "bfloat16")
-        for k in ("cestudy forward", "cestudy forward+grad", "cestudy forward+grad inplace")}
+        (d, k)
+        for d in ("float32", "bfloat16")
+        for k in ("cestudy forward", "cestudy forward+grad", "cestudy forward+grad inplace")
+    }
     for r in rows:
         assert r["ms"] is None and r["frac_read_bw"] is None and r["vs_torch"] is None
         assert r["ulp"] <= 1 and r["grad_ulp"] <= 1, r

@@ -5,6 +5,7 @@ Each study-kind module declares ``KINDS`` (the kinds of rows it reports) and
 this order for every study page. ``cuda`` renders a page of its own from the GPU benchmark's JSON.
 A section reads result rows only: it never imports the study runner's compute code or the CLI.
 """
+
 from . import accuracy, cuda, higham, imbalance, linear, performance, training
 
 SECTIONS = (accuracy, imbalance, performance, training, higham, linear)
@@ -19,5 +20,15 @@ def known_kinds() -> set[str]:
     return {k for s in SECTIONS for k in s.KINDS}
 
 
-__all__ = ["SECTIONS", "accuracy", "cuda", "for_kinds", "higham", "imbalance", "known_kinds",
-           "linear", "performance", "training"]
+__all__ = [
+    "SECTIONS",
+    "accuracy",
+    "cuda",
+    "for_kinds",
+    "higham",
+    "imbalance",
+    "known_kinds",
+    "linear",
+    "performance",
+    "training",
+]

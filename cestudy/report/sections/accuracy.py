@@ -4,6 +4,7 @@ Holds the tables, figures and findings of the accuracy studies (``default``, ``s
 ``precision``) and the computations the index's findings and its "which formulation to use"
 table reuse. Reads result rows only.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,15 +53,23 @@ def has_grad(variant):
 def without_kernel(names):
     """Variants that cestudy computes without a kernel of its own (in numpy, with a peer's
     semantics): their error is the peer's, so the kernels' findings leave them out and say so."""
-    return [n for n in variant_order(names) if n in variants.VARIANTS
-            and variants.VARIANTS[n].kernel is None]
+    return [
+        n
+        for n in variant_order(names)
+        if n in variants.VARIANTS and variants.VARIANTS[n].kernel is None
+    ]
 
 
 def _same_cells(rows, impl, like):
     """The rows of implementation ``impl`` on the same cells (every other parameter equal)."""
+
     def key(r):
-        return tuple(sorted((k, str(v)) for k, v in r.items()
-                            if k.startswith("p_") and k != "p_implementation"))
+        return tuple(
+            sorted(
+                (k, str(v)) for k, v in r.items() if k.startswith("p_") and k != "p_implementation"
+            )
+        )
+
     keys = {key(r) for r in like}
     return [r for r in rows if r["p_implementation"] == impl and key(r) in keys]
 
@@ -82,14 +91,19 @@ def kernel_worst(acc, dtypes):
         mine = [r for r in kern if r["p_variant"] == name]
         theirs = _same_cells(acc, "torch", mine)
         left.append((name, worst(mine, "fwd_max_ulp"), worst(theirs, "fwd_max_ulp")))
-    return {"cells": len(kept), "fwd": worst(kept, "fwd_max_ulp"),
-            "fwd_row": worst_row(kept, "fwd_max_ulp"), "grad": worst(grad_rows, "grad_max_ulp"),
-            "grad_row": worst_row(grad_rows, "grad_max_ulp"),
-            "torch": _same_cells(acc, "torch", kept), "left_out": left}
+    return {
+        "cells": len(kept),
+        "fwd": worst(kept, "fwd_max_ulp"),
+        "fwd_row": worst_row(kept, "fwd_max_ulp"),
+        "grad": worst(grad_rows, "grad_max_ulp"),
+        "grad_row": worst_row(grad_rows, "grad_max_ulp"),
+        "torch": _same_cells(acc, "torch", kept),
+        "left_out": left,
+    }
 
 
 def peer_phrase(cells) -> str:
-    """"up to 1.67e+07 ulp where finite, non-finite in 12 of 390 cells" for a peer's cells."""
+    """ "up to 1.67e+07 ulp where finite, non-finite in 12 of 390 cells" for a peer's cells."""
     errs = [_num(r.get("fwd_max_ulp")) for r in cells]
     finite = [e for e in errs if math.isfinite(e)]
     text = f"up to {ulp_phrase(max(finite))}" if finite else "no finite result"
@@ -100,7 +114,7 @@ def peer_phrase(cells) -> str:
 
 
 def left_out_clause(left):
-    """", leaving out binary_cross_entropy, which has no kernel of its own (4.33e+07 ulp, as
+    """ ", leaving out binary_cross_entropy, which has no kernel of its own (4.33e+07 ulp, as
     torch's)" for the variants ``kernel_worst`` left out."""
     parts = []
     for name, mine, theirs in left:
@@ -112,8 +126,14 @@ def left_out_clause(left):
 def confident(acc, dtype="float32", variant="cross_entropy"):
     """{implementation: (worst forward error, worst fraction of true-class gradients wrongly 0)}
     on confident rows (dominant logits with a margin of at least ``CONFIDENT_MARGIN``)."""
-    sel = [r for r in acc if r["p_family"] == "dominant" and r["p_variant"] == variant
-           and r["p_dtype"] == dtype and _num(r["p_scale"]) >= CONFIDENT_MARGIN]
+    sel = [
+        r
+        for r in acc
+        if r["p_family"] == "dominant"
+        and r["p_variant"] == variant
+        and r["p_dtype"] == dtype
+        and _num(r["p_scale"]) >= CONFIDENT_MARGIN
+    ]
     out = {}
     for impl in _ordered({r["p_implementation"] for r in sel}, IMPL_ORDER):
         g = [r for r in sel if r["p_implementation"] == impl]
@@ -123,22 +143,34 @@ def confident(acc, dtype="float32", variant="cross_entropy"):
 
 def naive_nonfinite_from(acc, dtype, variant="cross_entropy"):
     """The smallest logit scale at which naive softmax-then-log gives a non-finite loss."""
-    bad = sorted(_num(r["p_scale"]) for r in acc
-                 if r["p_implementation"] == "naive" and r["p_family"] == "gaussian"
-                 and r["p_variant"] == variant and r["p_dtype"] == dtype
-                 and _num(r.get("fwd_frac_nan")) + _num(r.get("fwd_frac_inf")) > 0)
+    bad = sorted(
+        _num(r["p_scale"])
+        for r in acc
+        if r["p_implementation"] == "naive"
+        and r["p_family"] == "gaussian"
+        and r["p_variant"] == variant
+        and r["p_dtype"] == dtype
+        and _num(r.get("fwd_frac_nan")) + _num(r.get("fwd_frac_inf")) > 0
+    )
     return bad[0] if bad else None
 
 
 def clipping_worst(acc, variant="cross_entropy"):
     """The clipped cell with the most negative mean bias, and the worst fraction of rows whose
     gradient the clip zeroes."""
-    clip = [r for r in acc if r["p_implementation"] == "clipped" and r["p_variant"] == variant
-            and not math.isnan(_num(r.get("clip_bias_nats")))]
+    clip = [
+        r
+        for r in acc
+        if r["p_implementation"] == "clipped"
+        and r["p_variant"] == variant
+        and not math.isnan(_num(r.get("clip_bias_nats")))
+    ]
     if not clip:
         return None, math.nan
-    return (min(clip, key=lambda r: _num(r["clip_bias_nats"])),
-            worst(clip, "clip_frac_grad_zeroed"))
+    return (
+        min(clip, key=lambda r: _num(r["clip_bias_nats"])),
+        worst(clip, "clip_frac_grad_zeroed"),
+    )
 
 
 def clipping_sentence(acc, dtype):
@@ -148,12 +180,14 @@ def clipping_sentence(acc, dtype):
         return None
     if naive_from is None or cell is None:
         return None
-    return (f"In {dtype}, naive softmax-then-log cross_entropy is non-finite from logit scale "
-            f"{naive_from:g} upward; clipping the probabilities at {cell['p_clip_eps']:g} keeps "
-            f"it finite but biases the loss by {_num(cell['clip_bias_nats']):.3g} nats on "
-            f"average where the clip engages in the worst cell ({cell['p_family']} logits at "
-            f"scale {cell['p_scale']:g}, {cell['p_classes']} classes) and zeroes the gradient "
-            f"of up to {fmt_pct(zeroed)} of a cell's rows.")
+    return (
+        f"In {dtype}, naive softmax-then-log cross_entropy is non-finite from logit scale "
+        f"{naive_from:g} upward; clipping the probabilities at {cell['p_clip_eps']:g} keeps "
+        f"it finite but biases the loss by {_num(cell['clip_bias_nats']):.3g} nats on "
+        f"average where the clip engages in the worst cell ({cell['p_family']} logits at "
+        f"scale {cell['p_scale']:g}, {cell['p_classes']} classes) and zeroes the gradient "
+        f"of up to {fmt_pct(zeroed)} of a cell's rows."
+    )
 
 
 def confident_sentence(acc, dtype="float32"):
@@ -166,13 +200,14 @@ def confident_sentence(acc, dtype="float32"):
     who = "torch's F.cross_entropy" if peer == "torch" else "the lse - x_y form"
     same = ""
     if peer == "torch" and "lse" in c:
-        same = (" (the lse - x_y form of optax: "
-                f"{ulp_phrase(c['lse'][0])}, {fmt_pct(c['lse'][1])})")
-    return (f"On confident rows (logit margin {CONFIDENT_MARGIN:g} or more, {dtype}), {who} "
-            f"has a forward error of up to {ulp_phrase(pf)} and returns exactly 0 for "
-            f"{fmt_pct(pz)} of the true-class gradients in its worst cell{same}, where "
-            f"cestudy's kernels stay within {ulp_phrase(kf)} and return 0 for "
-            + ("none." if kz == 0 else f"{fmt_pct(kz)}."))
+        same = f" (the lse - x_y form of optax: {ulp_phrase(c['lse'][0])}, {fmt_pct(c['lse'][1])})"
+    return (
+        f"On confident rows (logit margin {CONFIDENT_MARGIN:g} or more, {dtype}), {who} "
+        f"has a forward error of up to {ulp_phrase(pf)} and returns exactly 0 for "
+        f"{fmt_pct(pz)} of the true-class gradients in its worst cell{same}, where "
+        f"cestudy's kernels stay within {ulp_phrase(kf)} and return 0 for "
+        + ("none." if kz == 0 else f"{fmt_pct(kz)}.")
+    )
 
 
 def contract_sentence(acc, low=("float32", "float16", "bfloat16"), high=("float64",)):
@@ -181,13 +216,16 @@ def contract_sentence(acc, low=("float32", "float16", "bfloat16"), high=("float6
     present = [d for d in low if any(r["p_dtype"] == d for r in acc)]
     if not lo["cells"] or not present:
         return None
-    text = (f"Over every {', '.join(present[:-1]) + ' and ' if len(present) > 1 else ''}"
-            f"{present[-1]} accuracy cell of the studies ({lo['cells']} cells), cestudy's losses "
-            f"are within {ulp_phrase(lo['fwd'])} of the exact values and their gradients within "
-            f"{ulp_phrase(lo['grad'])} (torch on the same cells: {peer_phrase(lo['torch'])})")
+    text = (
+        f"Over every {', '.join(present[:-1]) + ' and ' if len(present) > 1 else ''}"
+        f"{present[-1]} accuracy cell of the studies ({lo['cells']} cells), cestudy's losses "
+        f"are within {ulp_phrase(lo['fwd'])} of the exact values and their gradients within "
+        f"{ulp_phrase(lo['grad'])} (torch on the same cells: {peer_phrase(lo['torch'])})"
+    )
     if hi["cells"]:
-        text += (f", and within {ulp_phrase(hi['fwd'])} in float64 (worst: "
-                 f"{hi['fwd_row']['p_variant']})")
+        text += (
+            f", and within {ulp_phrase(hi['fwd'])} in float64 (worst: {hi['fwd_row']['p_variant']})"
+        )
     return text + left_out_clause(lo["left_out"]) + "."
 
 
@@ -203,18 +241,45 @@ def accuracy_table(rows):
         for dt in _ordered({k[1] for k in groups if k[0] == impl}, DTYPE_ORDER):
             g = groups[(impl, dt)]
             over = np.mean([_num(r.get("fwd_frac_over_4ulp")) for r in g])
-            nonfin = np.mean([_num(r.get("fwd_frac_nan")) + _num(r.get("fwd_frac_inf"))
-                              for r in g])
-            finite_max = max((_num(r.get("fwd_max_ulp")) for r in g
-                              if math.isfinite(_num(r.get("fwd_max_ulp")))), default=math.nan)
+            nonfin = np.mean([_num(r.get("fwd_frac_nan")) + _num(r.get("fwd_frac_inf")) for r in g])
+            finite_max = max(
+                (
+                    _num(r.get("fwd_max_ulp"))
+                    for r in g
+                    if math.isfinite(_num(r.get("fwd_max_ulp")))
+                ),
+                default=math.nan,
+            )
             grad = worst(g, "grad_max_ulp") if has_grad(g[0]["p_variant"]) else math.nan
-            out.append((impl, dt, len(g), fmt_ulp(worst(g, "fwd_p99_ulp")),
-                        fmt_ulp(worst(g, "fwd_max_ulp")), fmt_ulp(finite_max),
-                        fmt_pct(over), fmt_pct(nonfin), fmt_ulp(grad),
-                        fmt_pct(worst(g, "grad_true_frac_vanished"))))
-    return table(["implementation", "dtype", "cells", "worst p99 (ulp)", "worst max (ulp)",
-                  "worst finite max (ulp)", "samples > 4 ulp", "non-finite samples",
-                  "grad worst (ulp)", "true-class grad wrongly 0 (worst cell)"], out)
+            out.append(
+                (
+                    impl,
+                    dt,
+                    len(g),
+                    fmt_ulp(worst(g, "fwd_p99_ulp")),
+                    fmt_ulp(worst(g, "fwd_max_ulp")),
+                    fmt_ulp(finite_max),
+                    fmt_pct(over),
+                    fmt_pct(nonfin),
+                    fmt_ulp(grad),
+                    fmt_pct(worst(g, "grad_true_frac_vanished")),
+                )
+            )
+    return table(
+        [
+            "implementation",
+            "dtype",
+            "cells",
+            "worst p99 (ulp)",
+            "worst max (ulp)",
+            "worst finite max (ulp)",
+            "samples > 4 ulp",
+            "non-finite samples",
+            "grad worst (ulp)",
+            "true-class grad wrongly 0 (worst cell)",
+        ],
+        out,
+    )
 
 
 def render(ctx: Context, rows) -> Part:
@@ -222,58 +287,86 @@ def render(ctx: Context, rows) -> Part:
     if not acc:
         return Part("")
     names = variant_order({r["p_variant"] for r in acc})
-    parts = [f"## {TITLE}\n",
-             "Errors are in ulps of the dtype under test against the extended-precision oracle "
-             "(`cestudy.reference.oracle`); `non-finite` means an unbounded error: a NaN or "
-             "infinite result where the exact loss is finite (counted in `non-finite "
-             "samples`), or a finite one where the exact loss is infinite; `n/a` means that "
-             "nothing was measured (no gradient, or every exact value non-finite). Gradient "
-             "errors use the contract's measure "
-             "(relative, or in ulps of the row's largest element). `numba` is cestudy's "
-             f"kernels; their contract is {CONTRACT_ULP:g} ulp.\n"]
+    parts = [
+        f"## {TITLE}\n",
+        "Errors are in ulps of the dtype under test against the extended-precision oracle "
+        "(`cestudy.reference.oracle`); `non-finite` means an unbounded error: a NaN or "
+        "infinite result where the exact loss is finite (counted in `non-finite "
+        "samples`), or a finite one where the exact loss is infinite; `n/a` means that "
+        "nothing was measured (no gradient, or every exact value non-finite). Gradient "
+        "errors use the contract's measure "
+        "(relative, or in ulps of the row's largest element). `numba` is cestudy's "
+        f"kernels; their contract is {CONTRACT_ULP:g} ulp.\n",
+    ]
     for name in names:
         v = variants.VARIANTS.get(name)
         parts.append(f"### `{name}`" + (f": {v.description}" if v else "") + "\n")
         if v is not None and v.kernel is None:
-            parts.append("cestudy has no kernel of its own for this variant: the public "
-                         "function computes it in numpy with its peer's semantics.\n")
+            parts.append(
+                "cestudy has no kernel of its own for this variant: the public "
+                "function computes it in numpy with its peer's semantics.\n"
+            )
         parts.append(accuracy_table([r for r in acc if r["p_variant"] == name]))
     figs = []
     first = names[0]
     rel = ctx.figure(f"error-vs-scale-{first}", figures.fig_error_vs_scale, acc, variant=first)
     if rel:
-        figs.append((f"Forward error vs logit scale, {first}",
-                     "Worst and 99th-percentile forward error per logit scale (dashed: the "
-                     "4-ulp contract); points on the grey line labelled non-finite at the top "
-                     "are non-finite results, not measured errors, and errors of 0 are drawn at "
-                     "1e-3.", rel))
+        figs.append(
+            (
+                f"Forward error vs logit scale, {first}",
+                "Worst and 99th-percentile forward error per logit scale (dashed: the "
+                "4-ulp contract); points on the grey line labelled non-finite at the top "
+                "are non-finite results, not measured errors, and errors of 0 are drawn at "
+                "1e-3.",
+                rel,
+            )
+        )
     for dt in ("float32", "float64"):
         rel = ctx.figure(f"atlas-{dt}", figures.fig_atlas, acc, variant=first, dtype=dt)
         if rel:
-            figs.append((f"Stability atlas, {dt}",
-                         f"Worst forward error of {first} ({dt}) by logit scale and class "
-                         f"count; the colour scale saturates below {figures.ATLAS_RANGE[0]:g} "
-                         f"and above {figures.ATLAS_RANGE[1]:g} ulp (arrows on the colour "
-                         "bar); red cells hold non-finite results.", rel))
+            figs.append(
+                (
+                    f"Stability atlas, {dt}",
+                    f"Worst forward error of {first} ({dt}) by logit scale and class "
+                    f"count; the colour scale saturates below {figures.ATLAS_RANGE[0]:g} "
+                    f"and above {figures.ATLAS_RANGE[1]:g} ulp (arrows on the colour "
+                    "bar); red cells hold non-finite results.",
+                    rel,
+                )
+            )
     rel = ctx.figure("nonfinite", figures.fig_nonfinite, acc, variant=first)
     if rel:
-        figs.append(("Non-finite results vs logit scale",
-                     "Share of samples whose loss is NaN or infinite although the exact loss "
-                     "is finite.", rel))
+        figs.append(
+            (
+                "Non-finite results vs logit scale",
+                "Share of samples whose loss is NaN or infinite although the exact loss is finite.",
+                rel,
+            )
+        )
     rel = ctx.figure("clipping", figures.fig_clipping, acc, variant=first)
     if rel:
-        figs.append(("Epsilon clipping: bias and zeroed gradients",
-                     "Mean bias of the clipped loss where the clip engages, and the share of "
-                     "rows whose gradient the clip sets to 0, on confident rows.", rel))
+        figs.append(
+            (
+                "Epsilon clipping: bias and zeroed gradients",
+                "Mean bias of the clipped loss where the clip engages, and the share of "
+                "rows whose gradient the clip sets to 0, on confident rows.",
+                rel,
+            )
+        )
     rel = ctx.figure("true-class-gradient", figures.fig_true_class_gradient, acc, variant=first)
     if rel:
-        figs.append(("True-class gradient on confident rows",
-                     "Top: worst error of the true-class gradient p_y - 1 (dashed: 4 ulp); "
-                     "points on the grey line labelled non-finite are NaN or infinite "
-                     "gradients, not measured errors (the cap sits two decades above the "
-                     "largest finite error, at least at 1e12), and errors of 0 are drawn at "
-                     "1e-3. Bottom: share of true-class gradients that are exactly 0 although "
-                     "the exact value is not.", rel))
+        figs.append(
+            (
+                "True-class gradient on confident rows",
+                "Top: worst error of the true-class gradient p_y - 1 (dashed: 4 ulp); "
+                "points on the grey line labelled non-finite are NaN or infinite "
+                "gradients, not measured errors (the cap sits two decades above the "
+                "largest finite error, at least at 1e12), and errors of 0 are drawn at "
+                "1e-3. Bottom: share of true-class gradients that are exactly 0 although "
+                "the exact value is not.",
+                rel,
+            )
+        )
     if figs:
         parts.append("### Figures\n")
         for title, caption, rel in figs:
@@ -299,11 +392,15 @@ def page_findings(ctx, acc):
             continue
         cell = w["fwd_row"]
         where = f" (worst: {cell['p_variant']}, {cell['p_family']} logits)" if cell else ""
-        f.append(ctx.finding(
-            f"{dt}: cestudy's worst forward error is {ulp_phrase(w['fwd'])} over {w['cells']} "
-            f"cells{where}; torch on the same cells: {peer_phrase(w['torch'])}"
-            + left_out_clause(w["left_out"]) + ".",
-            _fig(ctx, f"atlas-{dt}") or _fig(ctx, f"error-vs-scale-{first}")))
+        f.append(
+            ctx.finding(
+                f"{dt}: cestudy's worst forward error is {ulp_phrase(w['fwd'])} over {w['cells']} "
+                f"cells{where}; torch on the same cells: {peer_phrase(w['torch'])}"
+                + left_out_clause(w["left_out"])
+                + ".",
+                _fig(ctx, f"atlas-{dt}") or _fig(ctx, f"error-vs-scale-{first}"),
+            )
+        )
     text = confident_sentence(acc)
     if text:
         f.append(ctx.finding(text, _fig(ctx, "true-class-gradient")))

@@ -2,6 +2,7 @@
 
 Reads result rows only; the loss labels come from the variants' registry names.
 """
+
 from __future__ import annotations
 
 from .. import figures
@@ -34,20 +35,26 @@ def share_sentence(rows, profile="step", labels=None):
     ratio, classes, shares = top
     samp = next(iter(shares.values()))[2]
     if samp <= 0:
-        return (f"At an imbalance of {ratio:g} ({profile} profile, {classes} classes) no "
-                f"minority sample was drawn, so the minority share of the loss is not "
-                f"applicable there.")
+        return (
+            f"At an imbalance of {ratio:g} ({profile} profile, {classes} classes) no "
+            f"minority sample was drawn, so the minority share of the loss is not "
+            f"applicable there."
+        )
     chosen = [lab for lab in (labels or sorted(shares)) if lab in shares]
     items = [f"{fmt_pct(shares[lab][0])} of the {lab} loss" for lab in chosen]
     desc = ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
-    return (f"At an imbalance of {ratio:g} ({profile} profile, {classes} classes) the minority "
-            f"classes are {fmt_pct(samp)} of the samples and carry {desc}.")
+    return (
+        f"At an imbalance of {ratio:g} ({profile} profile, {classes} classes) the minority "
+        f"classes are {fmt_pct(samp)} of the samples and carry {desc}."
+    )
 
 
-INTRO = ("A classifier that has learned the class prior (logits log prior + N(0, 1) noise + a "
-         "margin of 2 on the true class) scored under each loss. Shares are means over seeds; "
-         "the minority classes are the rarer half. A share of the loss is not applicable "
-         "(`n/a`) where no minority sample was drawn.\n")
+INTRO = (
+    "A classifier that has learned the class prior (logits log prior + N(0, 1) noise + a "
+    "margin of 2 on the true class) scored under each loss. Shares are means over seeds; "
+    "the minority classes are the rarer half. A share of the loss is not applicable "
+    "(`n/a`) where no minority sample was drawn.\n"
+)
 
 
 def render(ctx: Context, rows) -> Part:
@@ -60,17 +67,39 @@ def render(ctx: Context, rows) -> Part:
         for ratio in sorted(d):
             loss_s, grad_s, samp = d[ratio]
             none = samp <= 0
-            out_rows.append((label, prof, classes, f"{ratio:g}", fmt_pct(samp),
-                             "n/a" if none else fmt_pct(loss_s),
-                             "n/a" if none else fmt_pct(grad_s)))
-    parts.append(table(["loss", "profile", "classes", "ratio", "minority samples",
-                        "minority loss", "minority gradient"], out_rows))
+            out_rows.append(
+                (
+                    label,
+                    prof,
+                    classes,
+                    f"{ratio:g}",
+                    fmt_pct(samp),
+                    "n/a" if none else fmt_pct(loss_s),
+                    "n/a" if none else fmt_pct(grad_s),
+                )
+            )
+    parts.append(
+        table(
+            [
+                "loss",
+                "profile",
+                "classes",
+                "ratio",
+                "minority samples",
+                "minority loss",
+                "minority gradient",
+            ],
+            out_rows,
+        )
+    )
     rel = ctx.figure("imbalance", figures.fig_imbalance, rows)
     if rel:
-        parts.append(f"![Minority share of loss and gradient]({rel})\n\n*Share of the loss "
-                     "(top) and of the gradient norms (bottom) that the minority classes get, "
-                     "against the imbalance ratio; the dashed black line is their share of the "
-                     "samples. Ratios at which no minority sample was drawn are left out.*\n")
+        parts.append(
+            f"![Minority share of loss and gradient]({rel})\n\n*Share of the loss "
+            "(top) and of the gradient norms (bottom) that the minority classes get, "
+            "against the imbalance ratio; the dashed black line is their share of the "
+            "samples. Ratios at which no minority sample was drawn are left out.*\n"
+        )
     findings = []
     for prof in sorted({k[1] for k in s}, key=lambda p: (p != "step", p)):
         text = share_sentence(rows, prof)

@@ -5,6 +5,7 @@ Reads result rows only (the metric names are those of ``cestudy.study.kinds.line
 ``<formulation>__<metric>`` per formulation); errors are shown in units of the dtype's unit
 roundoff u, so that 1 is the rounding of the result itself.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,13 @@ from ..markdown import Context, Part, fmt_num, fmt_pct, table
 
 KINDS = ("linear",)
 TITLE = "Fused linear cross-entropy"
-FORMULATIONS = ("materialised_numpy", "materialised_torch", "torch_chunked", "fused",
-                "fused_filtered")
+FORMULATIONS = (
+    "materialised_numpy",
+    "materialised_torch",
+    "torch_chunked",
+    "fused",
+    "fused_filtered",
+)
 LABELS = {
     "materialised_numpy": "numpy logits + cestudy CE",
     "materialised_torch": "torch F.linear + F.cross_entropy",
@@ -25,20 +31,37 @@ LABELS = {
     "fused": "cestudy fused",
     "fused_filtered": "cestudy fused, CCE filter",
 }
-SHORT = {"materialised_numpy": "numpy", "materialised_torch": "torch", "torch_chunked":
-         "torch chunked", "fused": "fused", "fused_filtered": "filtered"}
-COLOURS = {"materialised_numpy": "#8c564b", "materialised_torch": "#1f77b4",
-           "torch_chunked": "#17becf", "fused": "#2ca02c", "fused_filtered": "#bcbd22"}
+SHORT = {
+    "materialised_numpy": "numpy",
+    "materialised_torch": "torch",
+    "torch_chunked": "torch chunked",
+    "fused": "fused",
+    "fused_filtered": "filtered",
+}
+COLOURS = {
+    "materialised_numpy": "#8c564b",
+    "materialised_torch": "#1f77b4",
+    "torch_chunked": "#17becf",
+    "fused": "#2ca02c",
+    "fused_filtered": "#bcbd22",
+}
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_LIMIT = 1.5
 MIB = float(1 << 20)
 
 
 def ok_rows(rows):
-    return sorted((r for r in rows if r["kind"] == "linear" and r["status"] == "ok"),
-                  key=lambda r: (DTYPES.index(r["p_dtype"]) if r["p_dtype"] in DTYPES else 9,
-                                 r["p_family"], r["p_scale"], r["p_vocab"], r["p_hidden"],
-                                 r["p_tokens"]))
+    return sorted(
+        (r for r in rows if r["kind"] == "linear" and r["status"] == "ok"),
+        key=lambda r: (
+            DTYPES.index(r["p_dtype"]) if r["p_dtype"] in DTYPES else 9,
+            r["p_family"],
+            r["p_scale"],
+            r["p_vocab"],
+            r["p_hidden"],
+            r["p_tokens"],
+        ),
+    )
 
 
 def _get(r, f, metric):
@@ -68,8 +91,7 @@ def _shape(r) -> str:
 
 
 def _present(hr):
-    return [f for f in FORMULATIONS if any(not math.isnan(_get(r, f, "loss_rel_err"))
-                                            for r in hr)]
+    return [f for f in FORMULATIONS if any(not math.isnan(_get(r, f, "loss_rel_err")) for r in hr)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,22 +116,43 @@ def accuracy_table(hr) -> str:
 
 
 def split_table(hr) -> str:
-    head = ["N x H x V", "dtype", "inputs", "formulation", "loss: product", "loss: CE",
-            "worst row: product", "worst row: CE", "gradients: product", "gradients: CE"]
+    head = [
+        "N x H x V",
+        "dtype",
+        "inputs",
+        "formulation",
+        "loss: product",
+        "loss: CE",
+        "worst row: product",
+        "worst row: CE",
+        "gradients: product",
+        "gradients: CE",
+    ]
     rows = []
     for r in hr:
         for f in ("fused", "materialised_torch", "materialised_numpy"):
             if math.isnan(_get(r, f, "loss_rel_err_logits")):
                 continue
-            if f == "materialised_numpy" and r.get(f"{f}__split_shared_with") is None and \
-                    r.get("fused__split_shared_with") == f:
+            if (
+                f == "materialised_numpy"
+                and r.get(f"{f}__split_shared_with") is None
+                and r.get("fused__split_shared_with") == f
+            ):
                 continue  # the fused row already shows these logits' split
-            rows.append((_shape(r), r["p_dtype"], _inputs(r), SHORT[f],
-                         _u(_in_u(r, f, "loss_rel_err_logits")), _u(_in_u(r, f, "loss_rel_err_ce")),
-                         _u(_in_u(r, f, "row_rel_err_max_logits")),
-                         _u(_in_u(r, f, "row_rel_err_max_ce")),
-                         _u(max(_in_u(r, f, "gx_err_logits"), _in_u(r, f, "gw_err_logits"))),
-                         _u(max(_in_u(r, f, "gx_err_ce"), _in_u(r, f, "gw_err_ce")))))
+            rows.append(
+                (
+                    _shape(r),
+                    r["p_dtype"],
+                    _inputs(r),
+                    SHORT[f],
+                    _u(_in_u(r, f, "loss_rel_err_logits")),
+                    _u(_in_u(r, f, "loss_rel_err_ce")),
+                    _u(_in_u(r, f, "row_rel_err_max_logits")),
+                    _u(_in_u(r, f, "row_rel_err_max_ce")),
+                    _u(max(_in_u(r, f, "gx_err_logits"), _in_u(r, f, "gw_err_logits"))),
+                    _u(max(_in_u(r, f, "gx_err_ce"), _in_u(r, f, "gw_err_ce"))),
+                )
+            )
     return table(head, rows)
 
 
@@ -126,22 +169,40 @@ def resources_table(hr) -> str:
             mem = f"{traced / MIB:.3g}" if not math.isnan(traced) else f"({rss / MIB:.3g})"
             cells.append("-" if math.isnan(secs) else f"{secs:.3g} s, {mem} MiB")
         logits = r["p_tokens"] * r["p_vocab"] * 4 / MIB
-        rows.append((_shape(r), r["p_dtype"], f"{logits:.3g}", f"{r.get('load', math.nan):.2f}",
-                     *cells))
+        rows.append(
+            (_shape(r), r["p_dtype"], f"{logits:.3g}", f"{r.get('load', math.nan):.2f}", *cells)
+        )
     return table(head, rows)
 
 
 def filter_table(hr) -> str:
-    head = ["N x H x V", "dtype", "inputs", "gradient mass dropped", "tiles dropped",
-            "grad_weight change / max", "SGD-step loss bias", "bias / decrease"]
+    head = [
+        "N x H x V",
+        "dtype",
+        "inputs",
+        "gradient mass dropped",
+        "tiles dropped",
+        "grad_weight change / max",
+        "SGD-step loss bias",
+        "bias / decrease",
+    ]
     rows = []
     for r in hr:
         f = "fused_filtered"
         if math.isnan(_get(r, f, "dropped_mass")):
             continue
-        rows.append((_shape(r), r["p_dtype"], _inputs(r), fmt_pct(_get(r, f, "dropped_mass")),
-                     fmt_pct(_get(r, f, "tiles_dropped")), fmt_num(_get(r, f, "gw_diff")),
-                     fmt_num(_get(r, f, "step_bias")), fmt_pct(_get(r, f, "step_bias_rel"))))
+        rows.append(
+            (
+                _shape(r),
+                r["p_dtype"],
+                _inputs(r),
+                fmt_pct(_get(r, f, "dropped_mass")),
+                fmt_pct(_get(r, f, "tiles_dropped")),
+                fmt_num(_get(r, f, "gw_diff")),
+                fmt_num(_get(r, f, "step_bias")),
+                fmt_pct(_get(r, f, "step_bias_rel")),
+            )
+        )
     return table(head, rows)
 
 
@@ -171,18 +232,29 @@ def fig_split(hr, path) -> bool:
                     continue
                 xs = sorted(pts)
                 what = "product" if part == "logits" else "cross-entropy"
-                ax.plot(xs, [max(pts[x], 1e-6) for x in xs], style, marker="o",
-                        color=COLOURS[f], label=f"{SHORT[f]}: {what}")
+                ax.plot(
+                    xs,
+                    [max(pts[x], 1e-6) for x in xs],
+                    style,
+                    marker="o",
+                    color=COLOURS[f],
+                    label=f"{SHORT[f]}: {what}",
+                )
                 drawn = True
         ax.set_yscale("log")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     if not drawn:
         plt.close(fig)
         return False
-    return figures._log_x_panels(fig, axes, [f"{d}" for d in dts], "vocabulary V",
-                                 "worst per-token loss error / u",
-                                 "Where the error comes from: the matrix product or the "
-                                 "cross-entropy", path)
+    return figures._log_x_panels(
+        fig,
+        axes,
+        [f"{d}" for d in dts],
+        "vocabulary V",
+        "worst per-token loss error / u",
+        "Where the error comes from: the matrix product or the cross-entropy",
+        path,
+    )
 
 
 def fig_memory(hr, path) -> bool:
@@ -193,8 +265,9 @@ def fig_memory(hr, path) -> bool:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     drawn = False
     for f in FORMULATIONS:
-        metric = "traced_peak" if f in ("materialised_numpy", "fused", "fused_filtered") \
-            else "rss_peak"
+        metric = (
+            "traced_peak" if f in ("materialised_numpy", "fused", "fused_filtered") else "rss_peak"
+        )
         pts = {}
         for r in hr:
             v = _get(r, f, metric)
@@ -203,8 +276,13 @@ def fig_memory(hr, path) -> bool:
                 pts[nv] = max(pts.get(nv, 0.0), v / MIB)
         if pts:
             xs = sorted(pts)
-            ax.plot(xs, [pts[x] for x in xs], marker="o", color=COLOURS[f],
-                    label=LABELS[f] + ("" if metric == "traced_peak" else " (RSS)"))
+            ax.plot(
+                xs,
+                [pts[x] for x in xs],
+                marker="o",
+                color=COLOURS[f],
+                label=LABELS[f] + ("" if metric == "traced_peak" else " (RSS)"),
+            )
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -231,9 +309,15 @@ def product_dominates_sentence(hr):
     for f in ("fused", "materialised_torch"):
         bits = []
         for dt in DTYPES:
-            pts = sorted((r["p_vocab"], _get(r, f, "row_rel_err_max_logits"),
-                          _get(r, f, "row_rel_err_max_ce")) for r in hr
-                         if r["p_dtype"] == dt and r["p_family"] == "gaussian")
+            pts = sorted(
+                (
+                    r["p_vocab"],
+                    _get(r, f, "row_rel_err_max_logits"),
+                    _get(r, f, "row_rel_err_max_ce"),
+                )
+                for r in hr
+                if r["p_dtype"] == dt and r["p_family"] == "gaussian"
+            )
             pts = [p for p in pts if not (math.isnan(p[1]) or math.isnan(p[2]))]
             if not pts:
                 continue
@@ -248,8 +332,10 @@ def product_dominates_sentence(hr):
             parts.append(f"{LABELS[f]}: " + ", ".join(bits))
     if not parts:
         return None
-    return ("The matrix product's error exceeds the cross-entropy's (worst per-token loss, "
-            "gaussian logits) for " + "; ".join(parts) + ".")
+    return (
+        "The matrix product's error exceeds the cross-entropy's (worst per-token loss, "
+        "gaussian logits) for " + "; ".join(parts) + "."
+    )
 
 
 def confident_sentence(hr):
@@ -262,23 +348,36 @@ def confident_sentence(hr):
         zeros = [z for z in zeros if not math.isnan(z)]
         if zeros:
             worst[f] = max(zeros)
-    fused = max((_in_u(r, "fused", "row_rel_err_max_normal") for r in conf),
-                default=math.nan)
+    fused = max((_in_u(r, "fused", "row_rel_err_max_normal") for r in conf), default=math.nan)
     fused_zero = max((_get(r, "fused", "rows_zero") for r in conf), default=math.nan)
-    torch_bits = [f"{LABELS[f]} {fmt_pct(worst[f])}" for f in ("materialised_torch",
-                                                                "torch_chunked") if f in worst]
+    torch_bits = [
+        f"{LABELS[f]} {fmt_pct(worst[f])}"
+        for f in ("materialised_torch", "torch_chunked")
+        if f in worst
+    ]
     if math.isnan(fused) or not torch_bits:
         return None
     margins = ", ".join(f"{m:g}" for m in sorted({r["p_scale"] for r in conf}))
     zero = "none" if fused_zero == 0 else fmt_pct(fused_zero)
-    ce = max((_in_u(r, "fused", "row_rel_err_max_ce") for r in conf
-              if figures._num(r.get("rows_below_normal")) == 0), default=math.nan)
-    ce_text = "" if math.isnan(ce) else (
-        f" (the cross-entropy's part within {_u(ce)} u, the rest the float32 product's)")
-    return (f"On confident rows (margins {margins}), the share of tokens whose loss comes "
-            f"back as exactly 0 reaches {' and '.join(torch_bits)}; cestudy's fused kernel "
-            f"returns {zero} as 0 and stays within {_u(fused)} u of the exact per-token losses "
-            f"that its dtype holds as normal numbers{ce_text}.")
+    ce = max(
+        (
+            _in_u(r, "fused", "row_rel_err_max_ce")
+            for r in conf
+            if figures._num(r.get("rows_below_normal")) == 0
+        ),
+        default=math.nan,
+    )
+    ce_text = (
+        ""
+        if math.isnan(ce)
+        else (f" (the cross-entropy's part within {_u(ce)} u, the rest the float32 product's)")
+    )
+    return (
+        f"On confident rows (margins {margins}), the share of tokens whose loss comes "
+        f"back as exactly 0 reaches {' and '.join(torch_bits)}; cestudy's fused kernel "
+        f"returns {zero} as 0 and stays within {_u(fused)} u of the exact per-token losses "
+        f"that its dtype holds as normal numbers{ce_text}."
+    )
 
 
 def filter_sentence(hr):
@@ -287,12 +386,14 @@ def filter_sentence(hr):
         return None
     worst = max(rs, key=lambda r: _get(r, "fused_filtered", "dropped_mass"))
     bias = max(rs, key=lambda r: abs(_get(r, "fused_filtered", "step_bias_rel")))
-    return (f"Cut Cross-Entropy's gradient filter (eps/32 of the input dtype, 128 x 128 tiles) "
-            f"drops up to {fmt_pct(_get(worst, 'fused_filtered', 'dropped_mass'))} of the "
-            f"gradient mass ({worst['p_dtype']}, {_inputs(worst)}, {_shape(worst)}); the "
-            f"largest effect on an SGD step is "
-            f"{fmt_pct(_get(bias, 'fused_filtered', 'step_bias_rel'))} of the step's loss "
-            f"decrease lost ({bias['p_dtype']}, {_inputs(bias)}).")
+    return (
+        f"Cut Cross-Entropy's gradient filter (eps/32 of the input dtype, 128 x 128 tiles) "
+        f"drops up to {fmt_pct(_get(worst, 'fused_filtered', 'dropped_mass'))} of the "
+        f"gradient mass ({worst['p_dtype']}, {_inputs(worst)}, {_shape(worst)}); the "
+        f"largest effect on an SGD step is "
+        f"{fmt_pct(_get(bias, 'fused_filtered', 'step_bias_rel'))} of the step's loss "
+        f"decrease lost ({bias['p_dtype']}, {_inputs(bias)})."
+    )
 
 
 def memory_sentence(hr):
@@ -302,9 +403,11 @@ def memory_sentence(hr):
     big = max(rs, key=lambda r: r["p_tokens"] * r["p_vocab"])
     logits = big["p_tokens"] * big["p_vocab"] * 4
     fused = _get(big, "fused", "traced_peak")
-    text = (f"At {_shape(big)} ({big['p_dtype']}) the fused kernel's peak traced memory is "
-            f"{fused / MIB:.3g} MiB, {fmt_pct(fused / logits)} of the float32 logits it does not "
-            f"materialise")
+    text = (
+        f"At {_shape(big)} ({big['p_dtype']}) the fused kernel's peak traced memory is "
+        f"{fused / MIB:.3g} MiB, {fmt_pct(fused / logits)} of the float32 logits it does not "
+        f"materialise"
+    )
     mat = _get(big, "materialised_numpy", "traced_peak")
     if not math.isnan(mat):
         text += f" (materialised: {mat / MIB:.3g} MiB)"
@@ -312,20 +415,28 @@ def memory_sentence(hr):
 
 
 def speed_sentence(hr):
-    rs = [r for r in hr if not math.isnan(_get(r, "fused", "seconds"))
-          and not math.isnan(_get(r, "torch_chunked", "seconds"))]
+    rs = [
+        r
+        for r in hr
+        if not math.isnan(_get(r, "fused", "seconds"))
+        and not math.isnan(_get(r, "torch_chunked", "seconds"))
+    ]
     if not rs:
         return None
     big = max(rs, key=lambda r: r["p_tokens"] * r["p_hidden"] * r["p_vocab"])
     ratio = _get(big, "torch_chunked", "seconds") / _get(big, "fused", "seconds")
     mat = _get(big, "materialised_torch", "seconds") / _get(big, "fused", "seconds")
     load = figures._num(big.get("load"))
-    caveat = ("" if load <= LOAD_LIMIT else
-              f" (measured at a load average of {load:.2f} on this machine: not a reliable "
-              "timing)")
-    return (f"At {_shape(big)} ({big['p_dtype']}), forward and backward, the fused kernel is "
-            f"{ratio:.3g}x the speed of torch's chunked F.linear_cross_entropy and "
-            f"{mat:.3g}x that of torch's materialised logits{caveat}.")
+    caveat = (
+        ""
+        if load <= LOAD_LIMIT
+        else f" (measured at a load average of {load:.2f} on this machine: not a reliable timing)"
+    )
+    return (
+        f"At {_shape(big)} ({big['p_dtype']}), forward and backward, the fused kernel is "
+        f"{ratio:.3g}x the speed of torch's chunked F.linear_cross_entropy and "
+        f"{mat:.3g}x that of torch's materialised logits{caveat}."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,8 +444,9 @@ def speed_sentence(hr):
 # --------------------------------------------------------------------------------------------
 INTRO = (
     "The loss of logits z = X W^T over a large vocabulary, five ways on the same inputs (drawn "
-    "in float64, rounded to the dtype): " + "; ".join(f"**{SHORT[f]}**: {LABELS[f]}"
-                                                         for f in FORMULATIONS) + ". "
+    "in float64, rounded to the dtype): "
+    + "; ".join(f"**{SHORT[f]}**: {LABELS[f]}" for f in FORMULATIONS)
+    + ". "
     "Errors are against the float64 oracle (logits from exact products summed in float64, the "
     "cross-entropy in float64 with exact-difference exponentials: about 1e-13 relative) and are "
     "shown in units of the dtype's unit roundoff u (1 u is the rounding of the result itself). "
@@ -342,46 +454,64 @@ INTRO = (
     "is the error those logits alone cause, **CE** the rest (the cross-entropy's arithmetic, "
     "the rounding of the result and, for gradients, the backward products). Memory is "
     "tracemalloc's peak (numpy allocations) beyond the inputs and the returned gradients; for "
-    "torch, in parentheses, the growth of the resident high-water mark.\n")
+    "torch, in parentheses, the growth of the resident high-water mark.\n"
+)
 
 
 def render(ctx: Context, rows) -> Part:
     hr = ok_rows(rows)
     if not hr:
         return Part("")
-    parts = [f"## {TITLE}\n", INTRO,
-             "### Accuracy\n",
-             "Mean loss error / gradient error (the larger of grad_input's and grad_weight's, "
-             "relative to the largest exact entry), both in u; rows that came back as exactly "
-             "0 where the exact loss is not.\n",
-             accuracy_table(hr),
-             "### Where the error comes from\n",
-             split_table(hr)]
+    parts = [
+        f"## {TITLE}\n",
+        INTRO,
+        "### Accuracy\n",
+        "Mean loss error / gradient error (the larger of grad_input's and grad_weight's, "
+        "relative to the largest exact entry), both in u; rows that came back as exactly "
+        "0 where the exact loss is not.\n",
+        accuracy_table(hr),
+        "### Where the error comes from\n",
+        split_table(hr),
+    ]
     rel = ctx.figure("linear-split", fig_split, hr)
     if rel:
-        parts.append(f"![Error split]({rel})\n\n*Worst per-token loss error in u against the "
-                     "vocabulary, gaussian logits: solid, the error the formulation's logits "
-                     "cause (exact cross-entropy of its logits); dashed, the rest. The dotted "
-                     "line is 1 u.*\n")
-    parts += ["### Memory and time\n",
-              "Forward and backward, reduction \"mean\"; time of the best of the cell's "
-              f"repeats. Timings at a load average above {LOAD_LIMIT} are not reliable on this "
-              "2-core machine.\n", resources_table(hr)]
+        parts.append(
+            f"![Error split]({rel})\n\n*Worst per-token loss error in u against the "
+            "vocabulary, gaussian logits: solid, the error the formulation's logits "
+            "cause (exact cross-entropy of its logits); dashed, the rest. The dotted "
+            "line is 1 u.*\n"
+        )
+    parts += [
+        "### Memory and time\n",
+        'Forward and backward, reduction "mean"; time of the best of the cell\'s '
+        f"repeats. Timings at a load average above {LOAD_LIMIT} are not reliable on this "
+        "2-core machine.\n",
+        resources_table(hr),
+    ]
     mem = ctx.figure("linear-memory", fig_memory, hr)
     if mem:
-        parts.append(f"![Peak memory]({mem})\n\n*Peak extra memory against tokens x "
-                     "vocabulary; the dotted line is the float32 logits.*\n")
+        parts.append(
+            f"![Peak memory]({mem})\n\n*Peak extra memory against tokens x "
+            "vocabulary; the dotted line is the float32 logits.*\n"
+        )
     ftab = filter_table(hr)
     if ftab.count("\n") > 2:
-        parts += ["### Cut Cross-Entropy's gradient filter\n",
-                  "Tiles of dL/dz whose entries are all below eps/32 of the input dtype are "
-                  "dropped. The bias is that of one SGD step on (X, W) with the filtered "
-                  "gradient against the unfiltered one, the step sized for a 1% first-order "
-                  "decrease.\n", ftab]
+        parts += [
+            "### Cut Cross-Entropy's gradient filter\n",
+            "Tiles of dL/dz whose entries are all below eps/32 of the input dtype are "
+            "dropped. The bias is that of one SGD step on (X, W) with the filtered "
+            "gradient against the unfiltered one, the step sized for a 1% first-order "
+            "decrease.\n",
+            ftab,
+        ]
     findings = []
-    for text, fig in ((product_dominates_sentence(hr), rel), (confident_sentence(hr), None),
-                      (filter_sentence(hr), None), (memory_sentence(hr), mem),
-                      (speed_sentence(hr), None)):
+    for text, fig in (
+        (product_dominates_sentence(hr), rel),
+        (confident_sentence(hr), None),
+        (filter_sentence(hr), None),
+        (memory_sentence(hr), mem),
+        (speed_sentence(hr), None),
+    ):
         if text:
             findings.append(ctx.finding(text, fig))
     if findings:

@@ -4,6 +4,7 @@
 Every shape, ratio and verdict is read from the rows: the findings quote the largest shape that
 both cestudy's kernels and torch were timed on.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,13 +36,20 @@ def largest(perf, variant=None, dtype="float32"):
     """cestudy's rows (one per mode) at the largest shape timed for both cestudy and torch."""
     variant = variant or (variant_order({r["p_variant"] for r in perf}) or [None])[0]
     tt = torch_times(perf)
-    mine = [r for r in perf if r["p_implementation"] == "numba" and r["p_variant"] == variant
-            and r["p_dtype"] == dtype and _key(r) in tt]
+    mine = [
+        r
+        for r in perf
+        if r["p_implementation"] == "numba"
+        and r["p_variant"] == variant
+        and r["p_dtype"] == dtype
+        and _key(r) in tt
+    ]
     if not mine:
         return []
     top = max(r["p_batch"] * r["p_classes"] for r in mine)
-    return sorted((r for r in mine if r["p_batch"] * r["p_classes"] == top),
-                  key=lambda r: r["p_mode"])
+    return sorted(
+        (r for r in mine if r["p_batch"] * r["p_classes"] == top), key=lambda r: r["p_mode"]
+    )
 
 
 def speed_sentence(perf):
@@ -55,15 +63,20 @@ def speed_sentence(perf):
     for r in big:
         ratio = tt[_key(r)] / r["median_s"]
         if r["p_mode"] == "forward":
-            parts.append(f"forward takes {1e3 * r['median_s']:.3g} ms, {ratio:.2f}x the speed "
-                         f"of torch's forward, at {fmt_pct(r['frac_bandwidth'])} of the measured "
-                         "streaming-read bandwidth")
+            parts.append(
+                f"forward takes {1e3 * r['median_s']:.3g} ms, {ratio:.2f}x the speed "
+                f"of torch's forward, at {fmt_pct(r['frac_bandwidth'])} of the measured "
+                "streaming-read bandwidth"
+            )
         else:
-            parts.append(f"fused forward and gradient is {ratio:.2f}x the speed of torch's "
-                         "forward and backward")
-    return (f"On the CPU at {fmt_shape(r0['p_batch'], r0['p_classes'])} {r0['p_dtype']} (the "
-            f"largest shape timed), cestudy's {r0['p_variant']} " + " and its ".join(parts)
-            + ".")
+            parts.append(
+                f"fused forward and gradient is {ratio:.2f}x the speed of torch's "
+                "forward and backward"
+            )
+    return (
+        f"On the CPU at {fmt_shape(r0['p_batch'], r0['p_classes'])} {r0['p_dtype']} (the "
+        f"largest shape timed), cestudy's {r0['p_variant']} " + " and its ".join(parts) + "."
+    )
 
 
 def render(ctx: Context, rows) -> Part:
@@ -71,43 +84,82 @@ def render(ctx: Context, rows) -> Part:
     parts, findings = [], []
     if perf:
         parts.append(f"## {TITLE}\n")
-        parts.append("Medians of repeats after warm-up; the first call (JIT compilation, from the "
-                     "disk cache when present) is reported on its own. GB/s counts the logits "
-                     "and targets read plus the gradient written; the bandwidth is this "
-                     "machine's streaming-read bandwidth measured in the same run. Every timed "
-                     "result was checked against the oracle first (mean loss, and the gradient "
-                     "of the first rows).\n")
+        parts.append(
+            "Medians of repeats after warm-up; the first call (JIT compilation, from the "
+            "disk cache when present) is reported on its own. GB/s counts the logits "
+            "and targets read plus the gradient written; the bandwidth is this "
+            "machine's streaming-read bandwidth measured in the same run. Every timed "
+            "result was checked against the oracle first (mean loss, and the gradient "
+            "of the first rows).\n"
+        )
         tt = torch_times(perf)
         out_rows = []
-        for r in sorted(perf, key=lambda r: (variant_order([r["p_variant"]]), _key(r),
-                                             IMPL_ORDER.index(r["p_implementation"])
-                                             if r["p_implementation"] in IMPL_ORDER else 99)):
+        for r in sorted(
+            perf,
+            key=lambda r: (
+                variant_order([r["p_variant"]]),
+                _key(r),
+                IMPL_ORDER.index(r["p_implementation"])
+                if r["p_implementation"] in IMPL_ORDER
+                else 99,
+            ),
+        ):
             ratio = tt.get(_key(r), math.nan) / r["median_s"]
-            out_rows.append((r["p_variant"], r["p_implementation"], r["p_mode"],
-                             fmt_shape(r["p_batch"], r["p_classes"]), r["p_dtype"],
-                             f"{1e3 * r['median_s']:.3g}", f"{r['gb_per_s']:.3g}",
-                             fmt_pct(r["frac_bandwidth"]),
-                             "n/a" if math.isnan(ratio) else f"{ratio:.2f}x",
-                             f"{1e3 * r['compile_s']:.0f}", fmt_ulp(r.get("check_ulp"))))
-        parts.append(table(["variant", "kernel", "mode", "shape", "dtype", "ms", "GB/s",
-                            "of bandwidth", "vs torch", "first-call extra (ms)",
-                            "mean-loss error (ulp)"], out_rows))
+            out_rows.append(
+                (
+                    r["p_variant"],
+                    r["p_implementation"],
+                    r["p_mode"],
+                    fmt_shape(r["p_batch"], r["p_classes"]),
+                    r["p_dtype"],
+                    f"{1e3 * r['median_s']:.3g}",
+                    f"{r['gb_per_s']:.3g}",
+                    fmt_pct(r["frac_bandwidth"]),
+                    "n/a" if math.isnan(ratio) else f"{ratio:.2f}x",
+                    f"{1e3 * r['compile_s']:.0f}",
+                    fmt_ulp(r.get("check_ulp")),
+                )
+            )
+        parts.append(
+            table(
+                [
+                    "variant",
+                    "kernel",
+                    "mode",
+                    "shape",
+                    "dtype",
+                    "ms",
+                    "GB/s",
+                    "of bandwidth",
+                    "vs torch",
+                    "first-call extra (ms)",
+                    "mean-loss error (ulp)",
+                ],
+                out_rows,
+            )
+        )
         figs = {}
         for variant in variant_order({r["p_variant"] for r in perf}):
             for dt in ("float32", "float64"):
-                rel = ctx.figure(f"throughput-{variant}-{dt}", figures.fig_performance, perf,
-                                 variant=variant, dtype=dt)
+                rel = ctx.figure(
+                    f"throughput-{variant}-{dt}",
+                    figures.fig_performance,
+                    perf,
+                    variant=variant,
+                    dtype=dt,
+                )
                 if rel:
                     figs[(variant, dt)] = rel
-                    parts.append(f"![Throughput {variant} {dt}]({rel})\n\n*{variant}, {dt}: "
-                                 "throughput per class count, one line per batch size (a bar "
-                                 "chart where one shape was timed), and the speed-up over "
-                                 "torch on the same shapes.*\n")
+                    parts.append(
+                        f"![Throughput {variant} {dt}]({rel})\n\n*{variant}, {dt}: "
+                        "throughput per class count, one line per batch size (a bar "
+                        "chart where one shape was timed), and the speed-up over "
+                        "torch on the same shapes.*\n"
+                    )
         text = speed_sentence(perf)
         if text:
             big = largest(perf)
-            findings.append(ctx.finding(text, figs.get((big[0]["p_variant"],
-                                                        big[0]["p_dtype"]))))
+            findings.append(ctx.finding(text, figs.get((big[0]["p_variant"], big[0]["p_dtype"]))))
     extras = extras_section(rows, perf)
     if extras:
         parts.append(extras)
@@ -120,48 +172,78 @@ def render(ctx: Context, rows) -> Part:
 
 def extras_section(rows, perf):
     cold = ok_rows(rows, "coldstart")
-    sc = sorted(ok_rows(rows, "scaling"),
-                key=lambda r: (r["p_mode"], r["p_implementation"], r["p_threads"]))
+    sc = sorted(
+        ok_rows(rows, "scaling"), key=lambda r: (r["p_mode"], r["p_implementation"], r["p_threads"])
+    )
     wc = ok_rows(rows, "worstcase")
     if not (cold or sc or wc):
         return ""
     parts = ["## Cold start, threads and the worst case\n"]
     for r in cold:
-        parts.append(f"- Cold start (a fresh process: `import cestudy`, then the first forward "
-                     f"and fused call of {r.get('p_variant', 'cross_entropy')} on "
-                     f"{r.get('p_dtype', 'float32')}): **{r['cold_s']:.2f} s** with an empty "
-                     f"Numba cache (compilation), **{r['warm_cache_s']:.2f} s** with the cache "
-                     f"it left.")
+        parts.append(
+            f"- Cold start (a fresh process: `import cestudy`, then the first forward "
+            f"and fused call of {r.get('p_variant', 'cross_entropy')} on "
+            f"{r.get('p_dtype', 'float32')}): **{r['cold_s']:.2f} s** with an empty "
+            f"Numba cache (compilation), **{r['warm_cache_s']:.2f} s** with the cache "
+            f"it left."
+        )
     if sc:
-        shapes = sorted({(r["p_variant"], r["p_batch"], r["p_classes"], r["p_dtype"])
-                         for r in sc})
+        shapes = sorted({(r["p_variant"], r["p_batch"], r["p_classes"], r["p_dtype"]) for r in sc})
         for variant, n, c, dt in shapes:
-            sel = [r for r in sc if (r["p_variant"], r["p_batch"], r["p_classes"],
-                                     r["p_dtype"]) == (variant, n, c, dt)]
+            sel = [
+                r
+                for r in sc
+                if (r["p_variant"], r["p_batch"], r["p_classes"], r["p_dtype"])
+                == (variant, n, c, dt)
+            ]
             parts.append(f"\nThreads ({variant}, {fmt_shape(n, c)} {dt}, the same run):\n")
-            parts.append(table(["kernel", "mode", "threads", "ms"],
-                               [(r["p_implementation"], r["p_mode"], r["p_threads"],
-                                 f"{1e3 * r['median_s']:.2f}") for r in sel]))
+            parts.append(
+                table(
+                    ["kernel", "mode", "threads", "ms"],
+                    [
+                        (
+                            r["p_implementation"],
+                            r["p_mode"],
+                            r["p_threads"],
+                            f"{1e3 * r['median_s']:.2f}",
+                        )
+                        for r in sel
+                    ],
+                )
+            )
             for impl in sorted({r["p_implementation"] for r in sel}):
                 for mode in sorted({r["p_mode"] for r in sel}):
-                    t = {r["p_threads"]: r["median_s"] for r in sel
-                         if r["p_implementation"] == impl and r["p_mode"] == mode}
+                    t = {
+                        r["p_threads"]: r["median_s"]
+                        for r in sel
+                        if r["p_implementation"] == impl and r["p_mode"] == mode
+                    }
                     if len(t) > 1:
                         lo, hi = min(t), max(t)
-                        parts.append(f"- {impl} {mode}: {t[lo] / t[hi]:.2f}x faster with {hi} "
-                                     f"threads than with {lo}.")
-    typical = {(r["p_variant"], r["p_mode"], r["p_dtype"], r["p_batch"], r["p_classes"]):
-               r["median_s"] for r in perf if r["p_implementation"] == "numba"}
+                        parts.append(
+                            f"- {impl} {mode}: {t[lo] / t[hi]:.2f}x faster with {hi} "
+                            f"threads than with {lo}."
+                        )
+    typical = {
+        (r["p_variant"], r["p_mode"], r["p_dtype"], r["p_batch"], r["p_classes"]): r["median_s"]
+        for r in perf
+        if r["p_implementation"] == "numba"
+    }
     for r in sorted(wc, key=lambda r: r["p_mode"]):
         key = (r["p_variant"], r["p_mode"], r["p_dtype"], r["p_batch"], r["p_classes"])
         t = typical.get(key)
-        text = (f"- Every row confident-correct, {r['p_variant']} {r['p_mode']}, "
-                f"{fmt_shape(r['p_batch'], r['p_classes'])} {r['p_dtype']}: "
-                f"{1e3 * r['median_s']:.2f} ms")
+        text = (
+            f"- Every row confident-correct, {r['p_variant']} {r['p_mode']}, "
+            f"{fmt_shape(r['p_batch'], r['p_classes'])} {r['p_dtype']}: "
+            f"{1e3 * r['median_s']:.2f} ms"
+        )
         if t:
             ratio = r["median_s"] / t
-            verdict = ("no slower than on typical rows" if ratio <= SAME_SPEED
-                       else f"{ratio:.2f}x the time of typical rows")
+            verdict = (
+                "no slower than on typical rows"
+                if ratio <= SAME_SPEED
+                else f"{ratio:.2f}x the time of typical rows"
+            )
             text += f" against {1e3 * t:.2f} ms on typical rows of the same shape: {verdict}."
         else:
             text += " (no typical-row timing of this shape in the same study)."

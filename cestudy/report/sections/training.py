@@ -3,6 +3,7 @@
 Reads result rows only. A run's loss is cestudy's unless it is one of the numpy baseline
 formulations (``cestudy.reference.formulations``) or scikit-learn's fit (``sklearn*``).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,15 @@ def ok_rows(rows):
 def groups(tr):
     g = {}
     for r in tr:
-        key = (r["p_dataset"], r["p_model"], r["p_optimizer"], r["p_imbalance"], r["p_profile"],
-               r["p_loss"], r["p_dtype"])
+        key = (
+            r["p_dataset"],
+            r["p_model"],
+            r["p_optimizer"],
+            r["p_imbalance"],
+            r["p_profile"],
+            r["p_loss"],
+            r["p_dtype"],
+        )
         g.setdefault(key, []).append(r)
     return g
 
@@ -71,24 +79,28 @@ def nonfinite_sentence(tr, dtype):
     names = sorted(loss for (loss, _) in runs if loss in FORMULATIONS)
     b_bad, b_all = sum(v[0] for v in base), sum(v[1] for v in base)
     o_bad, o_all = sum(v[0] for v in ours), sum(v[1] for v in ours)
-    return (f"In {dtype} training, the {' and '.join(names)} losses hit a non-finite value in "
-            f"{b_bad} of {b_all} runs, cestudy's losses in {o_bad if o_bad else 'none'} of "
-            f"{o_all}.")
+    return (
+        f"In {dtype} training, the {' and '.join(names)} losses hit a non-finite value in "
+        f"{b_bad} of {b_all} runs, cestudy's losses in {o_bad if o_bad else 'none'} of "
+        f"{o_all}."
+    )
 
 
 def render(ctx: Context, rows) -> Part:
     tr = ok_rows(rows)
     if not tr:
         return Part("")
-    parts = [f"## {TITLE}\n",
-             "Multinomial logistic regression (and a one-hidden-layer network) on scikit-learn's "
-             "bundled `digits` and `breast_cancer`, the training split subsampled to each "
-             "imbalance ratio, the test split balanced. Objective: mean loss + l2/2 ||W||^2 with "
-             "l2 = 1/(C N), scikit-learn's LogisticRegression objective divided by C N, so the "
-             "plain-CE L-BFGS run and `sklearn` solve the same problem. Values are mean ± "
-             "standard deviation over seeds; `non-finite runs` counts runs in which the loss or "
-             "a gradient became NaN or infinite (the first such step is in the cell's "
-             "metrics).\n"]
+    parts = [
+        f"## {TITLE}\n",
+        "Multinomial logistic regression (and a one-hidden-layer network) on scikit-learn's "
+        "bundled `digits` and `breast_cancer`, the training split subsampled to each "
+        "imbalance ratio, the test split balanced. Objective: mean loss + l2/2 ||W||^2 with "
+        "l2 = 1/(C N), scikit-learn's LogisticRegression objective divided by C N, so the "
+        "plain-CE L-BFGS run and `sklearn` solve the same problem. Values are mean ± "
+        "standard deviation over seeds; `non-finite runs` counts runs in which the loss or "
+        "a gradient became NaN or infinite (the first such step is in the cell's "
+        "metrics).\n",
+    ]
     g = groups(tr)
     for ratio in sorted({k[3] for k in g}):
         parts.append(f"### Imbalance ratio {ratio:g}\n")
@@ -96,25 +108,58 @@ def render(ctx: Context, rows) -> Part:
         for key in sorted(k for k in g if k[3] == ratio):
             rs = g[key]
             bad = sum(1 for r in rs if r.get("first_nonfinite_step"))
-            out_rows.append((key[0], key[1], key[2], key[4], key[5], key[6], len(rs),
-                             _mean_sd(r["balanced_accuracy"] for r in rs),
-                             _mean_sd(r["minority_recall"] for r in rs),
-                             _mean_sd(r["macro_f1"] for r in rs), _mean_sd(r["ece"] for r in rs),
-                             _mean_sd(r["final_train_loss"] for r in rs),
-                             _mean_sd(r["converged_at"] for r in rs), bad))
-        parts.append(table(["dataset", "model", "optimiser", "profile", "loss", "dtype", "runs",
-                            "balanced acc.", "minority recall", "macro F1", "ECE",
-                            "final train loss", "converged at (epoch/iter)", "non-finite runs"],
-                           out_rows))
+            out_rows.append(
+                (
+                    key[0],
+                    key[1],
+                    key[2],
+                    key[4],
+                    key[5],
+                    key[6],
+                    len(rs),
+                    _mean_sd(r["balanced_accuracy"] for r in rs),
+                    _mean_sd(r["minority_recall"] for r in rs),
+                    _mean_sd(r["macro_f1"] for r in rs),
+                    _mean_sd(r["ece"] for r in rs),
+                    _mean_sd(r["final_train_loss"] for r in rs),
+                    _mean_sd(r["converged_at"] for r in rs),
+                    bad,
+                )
+            )
+        parts.append(
+            table(
+                [
+                    "dataset",
+                    "model",
+                    "optimiser",
+                    "profile",
+                    "loss",
+                    "dtype",
+                    "runs",
+                    "balanced acc.",
+                    "minority recall",
+                    "macro F1",
+                    "ECE",
+                    "final train loss",
+                    "converged at (epoch/iter)",
+                    "non-finite runs",
+                ],
+                out_rows,
+            )
+        )
     curves = ctx.figure("training-curves", figures.fig_training_curves, tr)
     if curves:
-        parts.append(f"![Learning curves]({curves})\n\n*Training objective per epoch at the "
-                     "largest imbalance (seed 0); a cross marks the last finite value of a run "
-                     "that became non-finite.*\n")
+        parts.append(
+            f"![Learning curves]({curves})\n\n*Training objective per epoch at the "
+            "largest imbalance (seed 0); a cross marks the last finite value of a run "
+            "that became non-finite.*\n"
+        )
     bacc = ctx.figure("training-bacc", figures.fig_training_bacc, tr)
     if bacc:
-        parts.append(f"![Balanced accuracy vs imbalance]({bacc})\n\n*Balanced accuracy on the "
-                     "balanced test split, mean over seeds.*\n")
+        parts.append(
+            f"![Balanced accuracy vs imbalance]({bacc})\n\n*Balanced accuracy on the "
+            "balanced test split, mean over seeds.*\n"
+        )
     findings = page_findings(ctx, tr, g, curves, bacc)
     parts.append("### Findings\n")
     parts += [f"- {f.markdown(own_page=True)}" for f in findings]
@@ -130,14 +175,18 @@ def balanced_accuracy_sentence(tr, dataset, g=None):
     top = ratios[-1]
     base = (dataset, "logreg", "lbfgs", top, "step")
     found = [(k[5], k[6]) for k in g if k[:5] == base]
-    vals = [(loss, dt, _mean(g, base + (loss, dt), "balanced_accuracy"))
-            for loss, dt in sorted(found, key=lambda x: (is_baseline(x[0]), x))
-            if dt in ("float32", "float64")]
+    vals = [
+        (loss, dt, _mean(g, base + (loss, dt), "balanced_accuracy"))
+        for loss, dt in sorted(found, key=lambda x: (is_baseline(x[0]), x))
+        if dt in ("float32", "float64")
+    ]
     vals = [v for v in vals if not math.isnan(v[2])]
     if not vals:
         return None
-    return (f"{dataset}, imbalance {top:g} (step), L-BFGS logistic regression, balanced "
-            f"accuracy: " + ", ".join(f"{loss} {v:.3f}" for loss, _, v in vals) + ".")
+    return (
+        f"{dataset}, imbalance {top:g} (step), L-BFGS logistic regression, balanced "
+        f"accuracy: " + ", ".join(f"{loss} {v:.3f}" for loss, _, v in vals) + "."
+    )
 
 
 def page_findings(ctx, tr, g, curves, bacc):
@@ -146,18 +195,22 @@ def page_findings(ctx, tr, g, curves, bacc):
         text = balanced_accuracy_sentence(tr, ds, g)
         if text:
             f.append(ctx.finding(text, bacc))
-        ours = _mean(g, (ds, "logreg", "lbfgs", 1.0, "step", "ce", "float32"),
-                     "final_train_loss")
-        sk = _mean(g, (ds, "logreg", "lbfgs", 1.0, "step", "sklearn", "float64"),
-                   "final_train_loss")
+        ours = _mean(g, (ds, "logreg", "lbfgs", 1.0, "step", "ce", "float32"), "final_train_loss")
+        sk = _mean(
+            g, (ds, "logreg", "lbfgs", 1.0, "step", "sklearn", "float64"), "final_train_loss"
+        )
         if math.isnan(ours) or math.isnan(sk):
             continue
         gap = abs(ours - sk) / abs(sk)
-        text = (f"{ds}: the plain-CE L-BFGS objective is {ours:.6g} against scikit-learn's "
-                f"{sk:.6g} on the same balanced splits (relative gap {gap:.1e})")
+        text = (
+            f"{ds}: the plain-CE L-BFGS objective is {ours:.6g} against scikit-learn's "
+            f"{sk:.6g} on the same balanced splits (relative gap {gap:.1e})"
+        )
         if gap > 1e-3:
-            text += ("; scikit-learn fits a two-class problem with one weight vector where the "
-                     "softmax model has two, so a gap there is by design")
+            text += (
+                "; scikit-learn fits a two-class problem with one weight vector where the "
+                "softmax model has two, so a gap there is by design"
+            )
         f.append(ctx.finding(text + ".", bacc))
     for dt in sorted({r["p_dtype"] for r in tr}):
         text = nonfinite_sentence(tr, dt)

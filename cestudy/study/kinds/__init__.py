@@ -14,14 +14,16 @@ A kind module declares:
 
 Adding a kind is one module here and one line below (and a report section).
 """
+
 from __future__ import annotations
 
 from types import ModuleType
 
 from . import accuracy, higham, imbalance, linear, performance, training
 
-KINDS: dict[str, ModuleType] = {m.NAME: m for m in (accuracy, imbalance, performance, training,
-                                                    higham, linear)}
+KINDS: dict[str, ModuleType] = {
+    m.NAME: m for m in (accuracy, imbalance, performance, training, higham, linear)
+}
 
 
 def get(name: str) -> ModuleType:

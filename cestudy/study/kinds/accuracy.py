@@ -15,6 +15,7 @@ does follows the registry entry:
 - ``option_names`` says which of the study's option keys apply: a key whose option the variant
   does not take is reset to its default (and the duplicate cells dropped).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -48,12 +49,24 @@ KEYS = {
     "ignore_fraction": number(0.0, 0.0),
     **SEED,
 }
-SEED_FIELDS = ("variant", "family", "scale", "classes", "batch", "imbalance", "profile",
-               "ignore_fraction")
+SEED_FIELDS = (
+    "variant",
+    "family",
+    "scale",
+    "classes",
+    "batch",
+    "imbalance",
+    "profile",
+    "ignore_fraction",
+)
 
 # study keys that set a variant's option, and the option they set
-OPTION_KEYS = {"label_smoothing": "label_smoothing", "gamma": "gamma", "class_weight": "weight",
-               "ignore_fraction": "ignore_index"}
+OPTION_KEYS = {
+    "label_smoothing": "label_smoothing",
+    "gamma": "gamma",
+    "class_weight": "weight",
+    "ignore_fraction": "ignore_index",
+}
 
 
 def _takes(v: variants.Variant, key: str) -> bool:
@@ -105,8 +118,7 @@ def estimate_seconds(cell: dict) -> float:
 def _targets(v, cell, x, hint, prior, dtype, rng):
     n, c = x.shape
     if v.target == "index":
-        return inputs.index_targets(n, c, prior, hint, rng, cell["ignore_fraction"],
-                                    IGNORE_INDEX)
+        return inputs.index_targets(n, c, prior, hint, rng, cell["ignore_fraction"], IGNORE_INDEX)
     if v.target == "probs":
         return inputs.prob_targets(n, c, dtype, rng)
     pos_rate = 0.5 * prior / prior.max()
@@ -168,8 +180,11 @@ def compute(cell: dict) -> dict:
         out.update(metrics.gradient_metrics(grad, exact_grad, dtype, target_for_grad))
     # the bias of clipping, where the loss is a plain negative log-likelihood of hard targets
     if cell["implementation"] == "clipped" and v.target != "probs" and "gamma" not in options:
-        plain = all(options[k] is None or options[k] == d for k, d in v.options
-                    if k in ("weight", "label_smoothing"))
+        plain = all(
+            options[k] is None or options[k] == d
+            for k, d in v.options
+            if k in ("weight", "label_smoothing")
+        )
         ex_nll = exact if plain else oracle.loss(ref, ref_input, t)
         out.update(metrics.clipping_metrics(loss, grad, ex_nll, cell["clip_eps"]))
     return out

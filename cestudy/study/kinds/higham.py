@@ -1,5 +1,6 @@
 """Higham cells: the basic or shifted log-sum-exp of Blanchard, Higham & Higham 2021 on their 2500
 MNIST vectors in simulated float16 or bfloat16 (the algorithms: ``cestudy.study.higham``)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,14 +44,14 @@ def compute(cell: dict) -> dict:
     return {
         "n_vectors": int(len(y)),
         "overflow": int(overflow.sum()),
-        "published_overflow": higham.PUBLISHED_OVERFLOW.get((cell["dtype"],
-                                                             cell["formulation"])),
+        "published_overflow": higham.PUBLISHED_OVERFLOW.get((cell["dtype"], cell["formulation"])),
         "err_over_u_median": float(np.median(rel)) if rel.size else None,
         "err_over_u_p99": float(np.quantile(rel, 0.99)) if rel.size else None,
         "err_over_u_max": float(rel.max()) if rel.size else None,
         "bound_median": float(np.median(bound)) if bound.size else None,
         "frac_within_bound": float(np.mean(rel <= bound)) if rel.size else None,
         # the error/u distribution, kept in full for the report's figure (2500 numbers)
-        "err_over_u_hist": np.histogram(np.log10(np.maximum(rel, 1e-6)),
-                                        bins=np.linspace(-6, 3, 37))[0].tolist(),
+        "err_over_u_hist": np.histogram(
+            np.log10(np.maximum(rel, 1e-6)), bins=np.linspace(-6, 3, 37)
+        )[0].tolist(),
     }

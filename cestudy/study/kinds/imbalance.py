@@ -10,6 +10,7 @@ random draw, so cells whose draw covered every class are unchanged) and the cell
 rows were relabelled (``forced_samples``). Without that, a 10^4 imbalance with a batch of 4096
 draws no minority sample and every minority share reads 0.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,9 +21,11 @@ from ..keys import SEED, choice, integer, number
 from .accuracy import CLASS_WEIGHTS, PROFILES
 
 NAME = "imbalance"
-VARIANTS = tuple(name for name, v in variants.VARIANTS.items()
-                 if v.target == "index" and v.input == "logits" and v.has_grad
-                 and not v.elementwise)
+VARIANTS = tuple(
+    name
+    for name, v in variants.VARIANTS.items()
+    if v.target == "index" and v.input == "logits" and v.has_grad and not v.elementwise
+)
 KEYS = {
     "variant": choice("cross_entropy", VARIANTS, migrate=variants.canonical_name),
     "class_weight": choice("none", CLASS_WEIGHTS),
@@ -58,7 +61,7 @@ def every_class_sampled(y: np.ndarray, classes: int) -> tuple[np.ndarray, int]:
     if missing.size == 0:
         return y, 0
     y = y.copy()
-    donors = np.flatnonzero(y == np.argmax(counts))[::-1][:missing.size]
+    donors = np.flatnonzero(y == np.argmax(counts))[::-1][: missing.size]
     y[donors] = missing
     return y, int(missing.size)
 

@@ -53,6 +53,7 @@ chunk, about 2 V / H times; at V = 262144 that is minutes per cell.
 ``load`` is the 1-minute load average when the cell started: timings taken above 1.5 on a
 2-core machine are not to be trusted.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,13 @@ from .. import inputs
 from ..keys import SEED, Key, choice, integer, number
 
 NAME = "linear"
-FORMULATIONS = ("materialised_numpy", "materialised_torch", "torch_chunked", "fused",
-                "fused_filtered")
+FORMULATIONS = (
+    "materialised_numpy",
+    "materialised_torch",
+    "torch_chunked",
+    "fused",
+    "fused_filtered",
+)
 FAMILIES = ("gaussian", "confident")
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_WEIGHTS = 1 << 27
@@ -99,8 +105,9 @@ def skipped(cell: dict) -> tuple[str, ...]:
     names = tuple(n.strip() for n in str(cell.get("skip", "")).split(",") if n.strip())
     unknown = [n for n in names if n not in FORMULATIONS]
     if unknown:
-        raise ValueError(f"skip: unknown formulations {unknown}; allowed: "
-                         f"{', '.join(FORMULATIONS)}")
+        raise ValueError(
+            f"skip: unknown formulations {unknown}; allowed: {', '.join(FORMULATIONS)}"
+        )
     return names
 
 
@@ -182,15 +189,21 @@ def measure(fn, repeats: int = 1):
     finally:
         tracemalloc.stop()
     hwm = _status("VmHWM") - rss0 if hwm_ok else None
-    kept_bytes = sum(int(a.nbytes) if hasattr(a, "nbytes") else
-                     int(a.element_size() * a.nelement()) for a in kept)
+    kept_bytes = sum(
+        int(a.nbytes) if hasattr(a, "nbytes") else int(a.element_size() * a.nelement())
+        for a in kept
+    )
     for _ in range(repeats - 1):
         del result, kept
         t0 = time.perf_counter()
         result, kept = fn()
         best = min(best, time.perf_counter() - t0)
-    return (result, best, max(0, peak - kept_bytes),
-            None if hwm is None else max(0, hwm - kept_bytes))
+    return (
+        result,
+        best,
+        max(0, peak - kept_bytes),
+        None if hwm is None else max(0, hwm - kept_bytes),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,8 +233,17 @@ def run_fused(x, w, y, chunk, repeats, filter_eps=0.0):
         kern.chunk_logits(xc, w, None, c0, c1, out, wbuf)
         return out
 
-    out = dict(loss=float(r.loss), rows=rows, gx=r.grad_input, gw=r.grad_weight, seconds=secs,
-               traced_peak=traced, rss_peak=rss, logits=logits, logits_chunk=used)
+    out = dict(
+        loss=float(r.loss),
+        rows=rows,
+        gx=r.grad_input,
+        gw=r.grad_weight,
+        seconds=secs,
+        traced_peak=traced,
+        rss_peak=rss,
+        logits=logits,
+        logits_chunk=used,
+    )
     if r.filter_stats is not None:
         out["filter_stats"] = r.filter_stats
     return out
@@ -244,8 +266,17 @@ def run_materialised_numpy(x, w, y, chunk, repeats):
     (loss, gx, gw), secs, traced, rss = measure(fn, repeats)
     z = np.asarray(x, dtype=cdt) @ np.asarray(w, dtype=cdt).T
     rows = losses.cross_entropy(z, y, reduction="none").astype(x.dtype)
-    return dict(loss=float(loss), rows=rows, gx=gx, gw=gw, seconds=secs, traced_peak=traced,
-                rss_peak=rss, logits=lambda c0, c1: z[:, c0:c1], logits_chunk=None)
+    return dict(
+        loss=float(loss),
+        rows=rows,
+        gx=gx,
+        gw=gw,
+        seconds=secs,
+        traced_peak=traced,
+        rss_peak=rss,
+        logits=lambda c0, c1: z[:, c0:c1],
+        logits_chunk=None,
+    )
 
 
 def _torch():
@@ -299,12 +330,19 @@ def run_torch(x, w, y, chunked, repeats):
         rows = _from_torch(call("none"), x.dtype)
         logits = None
         if not chunked:
-            z = _from_torch(F.linear(xt, wt), np.float64 if x.dtype == np.float64
-                            else np.float32)
+            z = _from_torch(F.linear(xt, wt), np.float64 if x.dtype == np.float64 else np.float32)
             logits = lambda c0, c1: z[:, c0:c1]  # noqa: E731
-    return dict(loss=float(_from_torch(loss, np.float64)), rows=rows, gx=gx, gw=gw,
-                seconds=secs, traced_peak=None, rss_peak=rss, logits=logits,
-                logits_chunk=None)
+    return dict(
+        loss=float(_from_torch(loss, np.float64)),
+        rows=rows,
+        gx=gx,
+        gw=gw,
+        seconds=secs,
+        traced_peak=None,
+        rss_peak=rss,
+        logits=logits,
+        logits_chunk=None,
+    )
 
 
 def warm_up(x, w, y, chunk, leave_out=()):
@@ -340,10 +378,10 @@ def _max_rel_to_largest(g, exact):
     worst = 0.0
     step = max(1, (1 << 22) // max(1, exact.shape[1]))
     for r0 in range(0, exact.shape[0], step):
-        gc = np.asarray(g[r0:r0 + step])
+        gc = np.asarray(g[r0 : r0 + step])
         if gc.dtype not in (np.float32, np.float64):
             gc = gc.astype(np.float32)  # bfloat16 -> float64 directly is 25 times slower
-        d = np.subtract(gc, exact[r0:r0 + step], dtype=np.float64)
+        d = np.subtract(gc, exact[r0 : r0 + step], dtype=np.float64)
         np.abs(d, out=d)
         worst = max(worst, float(np.max(d)) if d.size else 0.0)
     return worst / scale if scale > 0 else math.inf
@@ -359,17 +397,20 @@ def _row_errors(rows, exact_rows, tiny=0.0):
         rel = np.abs(got[pos] - ex[pos]) / ex[pos]
     rel = np.where(np.isnan(rel), np.inf, rel)
     normal = rel[ex[pos] >= tiny]
-    return (float(np.max(rel)) if rel.size else 0.0,
-            float(np.median(rel)) if rel.size else 0.0,
-            float(np.mean(got[pos] == 0)) if rel.size else 0.0,
-            float(np.max(normal)) if normal.size else 0.0)
+    return (
+        float(np.max(rel)) if rel.size else 0.0,
+        float(np.median(rel)) if rel.size else 0.0,
+        float(np.mean(got[pos] == 0)) if rel.size else 0.0,
+        float(np.max(normal)) if normal.size else 0.0,
+    )
 
 
 def _oracle(x, w, y, logits=None, chunk=None):
     """(per-row losses, mean (float), grad_input, grad_weight) of the "mean" loss: the oracle in
     float64 (about 1e-13 relative: 2e-6 of a float32 ulp)."""
-    rows, gx, gw, _ = oracle.linear_cross_entropy_and_grad(x, w, y, logits=logits, chunk=chunk,
-                                                           precision="float64")
+    rows, gx, gw, _ = oracle.linear_cross_entropy_and_grad(
+        x, w, y, logits=logits, chunk=chunk, precision="float64"
+    )
     n = x.shape[0]
     gx /= n
     gw /= n
@@ -378,8 +419,7 @@ def _oracle(x, w, y, logits=None, chunk=None):
 
 def _f64(a):
     a = np.asarray(a)
-    return (a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)).astype(
-        np.float64)
+    return (a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)).astype(np.float64)
 
 
 def _sgd_loss(x64, w64, y, gx, gw, eta):
@@ -400,9 +440,12 @@ def compute(cell: dict) -> dict:
 
     ex_rows, ex_mean, ex_gx, ex_gw = _oracle(x, w, y)
     tiny = float(dtypes.finfo(dt).tiny)  # the smallest normal: below it results are subnormal
-    out.update(exact_loss=ex_mean, exact_row_min=float(np.min(ex_rows)),
-               exact_row_median=float(np.median(ex_rows.astype(np.float64))),
-               rows_below_normal=float(np.mean(ex_rows < tiny)))
+    out.update(
+        exact_loss=ex_mean,
+        exact_row_min=float(np.min(ex_rows)),
+        exact_row_median=float(np.median(ex_rows.astype(np.float64))),
+        rows_below_normal=float(np.mean(ex_rows < tiny)),
+    )
 
     results = {}
     split_of = {}  # formulation -> (o_rows, o_mean, o_gx, o_gw, its logits) for reuse
@@ -413,8 +456,7 @@ def compute(cell: dict) -> dict:
             if f == "fused":
                 r = run_fused(x, w, y, chunk, repeats)
             elif f == "fused_filtered":
-                r = run_fused(x, w, y, chunk, repeats,
-                              filter_eps=float(dtypes.finfo(dt).eps) / 32)
+                r = run_fused(x, w, y, chunk, repeats, filter_eps=float(dtypes.finfo(dt).eps) / 32)
             elif f == "materialised_numpy":
                 r = run_materialised_numpy(x, w, y, chunk, repeats)
             else:
@@ -423,13 +465,21 @@ def compute(cell: dict) -> dict:
             out[f"{f}__skipped"] = str(exc)
             continue
         results[f] = r
-        m = {"loss": r["loss"], "loss_rel_err": _rel(r["loss"], ex_mean),
-             "gx_err": _max_rel_to_largest(r["gx"], ex_gx),
-             "gw_err": _max_rel_to_largest(r["gw"], ex_gw),
-             "seconds": r["seconds"], "traced_peak": r["traced_peak"],
-             "rss_peak": r["rss_peak"]}
-        (m["row_rel_err_max"], m["row_rel_err_median"], m["rows_zero"],
-         m["row_rel_err_max_normal"]) = _row_errors(r["rows"], ex_rows, tiny)
+        m = {
+            "loss": r["loss"],
+            "loss_rel_err": _rel(r["loss"], ex_mean),
+            "gx_err": _max_rel_to_largest(r["gx"], ex_gx),
+            "gw_err": _max_rel_to_largest(r["gw"], ex_gw),
+            "seconds": r["seconds"],
+            "traced_peak": r["traced_peak"],
+            "rss_peak": r["rss_peak"],
+        }
+        (
+            m["row_rel_err_max"],
+            m["row_rel_err_median"],
+            m["rows_zero"],
+            m["row_rel_err_max_normal"],
+        ) = _row_errors(r["rows"], ex_rows, tiny)
         if r["logits"] is not None and f != "fused_filtered":
             same = _same_logits(r, split_of, w.shape[0])
             if same is not None:  # the same logits as an earlier formulation: its split
@@ -457,7 +507,8 @@ def compute(cell: dict) -> dict:
     if "fused" in results and "fused_filtered" in results:
         a, b = results["fused"], results["fused_filtered"]
         out["fused_filtered__gw_diff"] = _max_rel_to_largest(b["gw"], _f64(a["gw"])) * _ratio(
-            a["gw"], ex_gw)
+            a["gw"], ex_gw
+        )
         out["fused_filtered__step_bias"] = out["fused_filtered__step_bias_rel"] = 0.0
         if out.get("fused_filtered__dropped_mass", 0.0) > 0:  # else the same step exactly
             x64, w64 = _f64(x), _f64(w)
@@ -467,8 +518,9 @@ def compute(cell: dict) -> dict:
             l_full = _sgd_loss(x64, w64, y, a["gx"], a["gw"], eta)
             l_filt = _sgd_loss(x64, w64, y, b["gx"], b["gw"], eta)
             out["fused_filtered__step_bias"] = l_filt - l_full
-            out["fused_filtered__step_bias_rel"] = (l_filt - l_full) / (l0 - l_full) \
-                if l0 != l_full else math.nan
+            out["fused_filtered__step_bias_rel"] = (
+                (l_filt - l_full) / (l0 - l_full) if l0 != l_full else math.nan
+            )
     return out
 
 
@@ -478,9 +530,13 @@ def _same_logits(r, split_of, v):
     step = r["logits_chunk"] or 4096
     for name, (*_, logits, chunk) in split_of.items():
         step = chunk or step
-        if all(np.array_equal(np.asarray(r["logits"](c0, min(v, c0 + step))),
-                              np.asarray(logits(c0, min(v, c0 + step))))
-               for c0 in range(0, v, step)):
+        if all(
+            np.array_equal(
+                np.asarray(r["logits"](c0, min(v, c0 + step))),
+                np.asarray(logits(c0, min(v, c0 + step))),
+            )
+            for c0 in range(0, v, step)
+        ):
             return name
     return None
 
@@ -494,40 +550,61 @@ def _ratio(a, b) -> float:
 # --------------------------------------------------------------------------------------------
 # The benchmark of the issue's target: python -m cestudy.study.kinds.linear
 # --------------------------------------------------------------------------------------------
-def benchmark(tokens=2048, hidden=512, vocab=65536, dtype="float32", repeats=3, chunk=None,
-              reference=True, stream=print) -> dict:
+def benchmark(
+    tokens=2048,
+    hidden=512,
+    vocab=65536,
+    dtype="float32",
+    repeats=3,
+    chunk=None,
+    reference=True,
+    stream=print,
+) -> dict:
     """Time, memory and accuracy of the fused kernel against torch's F.linear_cross_entropy,
     chunked (``options=LinearCrossEntropyOptions()``) and materialised (F.cross_entropy of
     F.linear: what F.linear_cross_entropy computes with its default ``options=None``), in the
     same process, at one shape (forward and backward, "mean"); with ``reference``, torch in
     float64 as the accuracy reference. Prints one line per measurement and returns them."""
     torch = _torch()
-    cell = dict(tokens=tokens, hidden=hidden, vocab=vocab, dtype=dtype, family="gaussian",
-                scale=4.0, seed=0)
+    cell = dict(
+        tokens=tokens, hidden=hidden, vocab=vocab, dtype=dtype, family="gaussian", scale=4.0, seed=0
+    )
     x, w, y = make_inputs(cell)
     out = {"load_before": os.getloadavg()[0], "threads_torch": torch.get_num_threads()}
     warm_up(x, w, y, chunk, ("materialised_numpy", "fused_filtered"))
-    runs = {"fused": run_fused(x, w, y, chunk, repeats),
-            "torch_chunked": run_torch(x, w, y, True, repeats),
-            "materialised_torch": run_torch(x, w, y, False, repeats)}
+    runs = {
+        "fused": run_fused(x, w, y, chunk, repeats),
+        "torch_chunked": run_torch(x, w, y, True, repeats),
+        "materialised_torch": run_torch(x, w, y, False, repeats),
+    }
     out.update(logits_bytes=tokens * vocab * 4, chunk=runs["fused"]["logits_chunk"])
     for name, r in runs.items():
-        out.update({f"{name}_seconds": r["seconds"], f"{name}_traced_peak": r["traced_peak"],
-                    f"{name}_rss_peak": r["rss_peak"]})
+        out.update(
+            {
+                f"{name}_seconds": r["seconds"],
+                f"{name}_traced_peak": r["traced_peak"],
+                f"{name}_rss_peak": r["rss_peak"],
+            }
+        )
     if reference:
         # torch in float64, in batch chunks of 256 rows (the same function; 128 MiB of logits)
         F = torch.nn.functional
         xt = torch.from_numpy(_f64(x)).requires_grad_(True)
         wt = torch.from_numpy(_f64(w)).requires_grad_(True)
-        opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=min(256, tokens),
-                                                  chunking_method=None)
+        opts = torch.nn.LinearCrossEntropyOptions(
+            batch_chunk_size=min(256, tokens), chunking_method=None
+        )
         ref = F.linear_cross_entropy(xt, wt, torch.from_numpy(y), options=opts)
         ref.backward()
         rgx, rgw = xt.grad.numpy(), wt.grad.numpy()
         for name, r in runs.items():
-            out.update({f"{name}_loss_rel_err": _rel(r["loss"], float(ref)),
-                        f"{name}_gx_err": _max_rel_to_largest(r["gx"], rgx),
-                        f"{name}_gw_err": _max_rel_to_largest(r["gw"], rgw)})
+            out.update(
+                {
+                    f"{name}_loss_rel_err": _rel(r["loss"], float(ref)),
+                    f"{name}_gx_err": _max_rel_to_largest(r["gx"], rgx),
+                    f"{name}_gw_err": _max_rel_to_largest(r["gw"], rgw),
+                }
+            )
     out["load_after"] = os.getloadavg()[0]
     for k, v in out.items():
         stream(f"{k:28s} {v}")
@@ -537,8 +614,9 @@ def benchmark(tokens=2048, hidden=512, vocab=65536, dtype="float32", repeats=3, 
 if __name__ == "__main__":  # pragma: no cover - a command
     import argparse
 
-    ap = argparse.ArgumentParser(description="fused linear cross-entropy vs torch: time, "
-                                             "traced memory, accuracy")
+    ap = argparse.ArgumentParser(
+        description="fused linear cross-entropy vs torch: time, traced memory, accuracy"
+    )
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=65536)

@@ -1,5 +1,6 @@
 """Performance cells: one implementation of one variant timed at one shape, by
 ``cestudy.bench.cpu.performance_cell`` (the same machinery as ``python -m cestudy bench``)."""
+
 from __future__ import annotations
 
 from ... import variants

@@ -1,5 +1,6 @@
 """Training cells: a model trained with one loss on a real data set with induced imbalance (the
 models, optimisers and data: ``cestudy.study.training``)."""
+
 from __future__ import annotations
 
 from ... import dtypes
