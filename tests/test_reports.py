@@ -258,3 +258,12 @@ def test_running_one_study_keeps_the_other_studies_results_in_the_export(store_p
     assert (out / "mini.md").exists() and (out / "other.md").exists()
     run_ids = {r["run_id"] for r in after["runs"]}
     assert {r["run_id"] for r in after["cells"]} <= run_ids
+
+
+def test_the_non_finite_line_stays_finite_above_huge_finite_errors():
+    """A finite error of 1e308 ulp (a tiny exact value, a result of order 1) once overflowed
+    10^(log10(top) + 2) and stopped the report."""
+    from cestudy.report import figures
+
+    assert figures._cap({"a": 1.5e308}) == 1e307
+    assert figures._cap({"a": 100.0}, {"b": float("inf")}) == figures.INF_ULP

@@ -123,7 +123,8 @@ def _cap(*dicts):
     """Where to draw infinite errors: INF_ULP, or two decades above the largest finite error."""
     finite = [v for d in dicts for v in d.values() if math.isfinite(v) and v > 0]
     top = max(finite, default=1.0)
-    return max(INF_ULP, 10.0 ** (math.ceil(math.log10(top)) + 2))
+    # finite errors reach 1e308 ulp (a tiny exact value, a result of order 1): keep 10^e finite
+    return max(INF_ULP, 10.0 ** min(math.ceil(math.log10(top)) + 2, 307))
 
 
 def _cap_line(ax, cap=INF_ULP):
