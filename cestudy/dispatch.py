@@ -283,9 +283,17 @@ _SCALAR_OPTIONS = {
 def _kernel_module(variant: variants.Variant, backend: str, work: np.dtype):
     if backend == "cuda":
         return backends.require_cuda()
-    if work == np.float32 and variant.fast_cpu:
+    if variant.fast_cpu and work in (np.float32, np.float64):
         return cpu_fast
     return cpu
+
+
+def _kernel(module, name: str, size: int):
+    """The CPU kernel ``name`` for ``size`` elements (its serial twin for small calls, where
+    starting threads costs more than it gives), or the CUDA host wrapper."""
+    if module is cpu or module is cpu_fast:
+        return cpu.kernel_for(module, name, size)
+    return getattr(module, name)
 
 
 def _is_device(a: Any) -> bool:
@@ -379,12 +387,14 @@ def run(
         denom = _index_denominator(t, args[0], opts["ignore_index"])
 
     if not with_grad:
-        getattr(module, v.kernel + "_fwd")(x, t, *args, loss)
+        _kernel(module, v.kernel + "_fwd", x.size)(x, t, *args, loss)
         return finish_loss(loss, reduction, denom, arr.dtype, loss_shape)
     grad = _grad_buffer(out, arr, x, v.elementwise)
-    if module is cpu_fast and np.shares_memory(grad, x):
-        grad = np.empty_like(x)  # the fast float32 kernels read the row after writing it
-    getattr(module, v.kernel + "_fwd_grad")(x, t, *args, grad_scale(reduction, denom), loss, grad)
+    if np.shares_memory(grad, x) and grad.ctypes.data != x.ctypes.data:
+        grad = np.empty_like(x)  # a partial overlap; out=logits itself is safe in every kernel
+    _kernel(module, v.kernel + "_fwd_grad", x.size)(
+        x, t, *args, grad_scale(reduction, denom), loss, grad
+    )
     result = finish_loss(loss, reduction, denom, arr.dtype, loss_shape)
     if out is not None:
         if not np.shares_memory(grad, out):
@@ -450,7 +460,7 @@ def rows(
     if per_row:
         out = np.full(x.shape[0], -np.inf) if width == 0 else np.empty(x.shape[0])
         if width and x.shape[0]:
-            getattr(cpu, kernel)(x, out)
+            cpu.kernel_for(cpu, kernel, x.size)(x, out)
         result = out.reshape(outer)
         if keepdim:
             result = np.expand_dims(result, axes) if arr.ndim else result.reshape(())
@@ -459,7 +469,7 @@ def rows(
         return result.astype(arr.dtype)
     out = np.empty(x.shape, dtype=np.float64)
     if x.size:
-        getattr(cpu, kernel)(x, out)
+        cpu.kernel_for(cpu, kernel, x.size)(x, out)
     back = np.transpose(out.reshape(moved.shape), np.argsort(kept + list(axes)))
     return back.reshape(arr.shape).astype(arr.dtype)
 

@@ -283,7 +283,7 @@ def entropy(p: ArrayLike, *, reduction: Reduction = "none") -> Loss:
     if np.any(x < 0):
         raise ValueError("p must be non-negative; got a negative entry")
     out = np.empty(x.shape[0], dtype=np.float64)
-    cpu.entropy_fwd(x, out)
+    cpu.kernel_for(cpu, "entropy_fwd", x.size)(x, out)
     return dispatch.finish_loss(
         out, reduction, x.shape[0], arr.dtype, () if squeeze else (x.shape[0],)
     )

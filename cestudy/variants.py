@@ -56,7 +56,7 @@ class Variant:
     kernel: str | None = None
     """Stem of the raw kernels (``None``: computed in numpy by the public function)."""
     fast_cpu: bool = False
-    """``cestudy.kernels.cpu_fast`` has the kernel for float32 inputs."""
+    """``cestudy.kernels.cpu_fast`` has the vectorised kernel (float32 and float64 inputs)."""
     cuda: bool = True
     """``cestudy.kernels.cuda`` has the kernel."""
     oracle: str = ""
