@@ -286,9 +286,41 @@ def cmd_report(args):
     return 0
 
 
+BENCH_DTYPES = ("float32", "float64")
+BENCH_MODES = ("forward", "forward_grad")
+
+
+def _bench_error(message):
+    print(f"cestudy bench: error: {message}", file=sys.stderr)
+    return 2
+
+
 def cmd_bench(args):
+    """Check the benchmark's arguments (each error names its argument), then run it. A --quick
+    smoke run is not stored unless --results names a store."""
+    import re
+
+    from . import variants
     from .bench import command as bench_command
 
+    for item in (args.shapes or "").split(",") if args.shapes else ():
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", item)
+        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+            return _bench_error(f"--shapes: {item!r} is not NxC with N, C >= 1 (e.g. 2048x32768)")
+    for name in args.variants.split(","):
+        if variants.canonical_name(name.strip()) not in variants.VARIANTS:
+            return _bench_error(
+                f"--variants: unknown variant {name!r}; allowed: {', '.join(variants.VARIANTS)}"
+            )
+    if args.backend == "cpu":
+        for option, allowed in (("dtypes", BENCH_DTYPES), ("modes", BENCH_MODES)):
+            for value in getattr(args, option).split(","):
+                if value not in allowed:
+                    return _bench_error(f"--{option}: {value!r} is not one of {', '.join(allowed)}")
+    if args.repeats < 1:
+        return _bench_error(f"--repeats must be >= 1; got {args.repeats}")
+    if args.quick and args.results == str(DEFAULT_RESULTS):
+        args.results = ""  # a smoke run never mixes into the committed bench page
     return bench_command.main(args)
 
 

@@ -39,6 +39,36 @@ def test_jobs_must_be_at_least_one(jobs, tmp_path):
     assert not (tmp_path / "r.sqlite").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--shapes", "10by10"], "--shapes"),
+        (["--shapes", "0x10"], "--shapes"),
+        (["--variants", "ce_indx"], "--variants"),
+        (["--dtypes", "float8"], "--dtypes"),
+        (["--modes", "fwd"], "--modes"),
+        (["--repeats", "0"], "--repeats"),
+    ],
+)
+def test_bench_arguments_are_checked_and_named(argv, named, tmp_path):
+    """Bad bench arguments end in a message naming the argument and exit 2, before any timing
+    (a typo once ran and printed torch-only rows; '10by10' ended in a traceback)."""
+    store = tmp_path / "r.sqlite"
+    proc = run_cli("bench", *argv, "--results", str(store))
+    assert proc.returncode == 2 and named in proc.stderr and "Traceback" not in proc.stderr
+    assert not store.exists()
+
+
+def test_bench_quick_is_not_stored_unless_asked(monkeypatch):
+    from cestudy.bench import command as bench_command
+
+    monkeypatch.setattr(bench_command, "main", lambda args: args.results)
+    args = cli.build_parser().parse_args(["bench", "--quick"])
+    assert cli.cmd_bench(args) == ""
+    args = cli.build_parser().parse_args(["bench", "--quick", "--results", "x.sqlite"])
+    assert cli.cmd_bench(args) == "x.sqlite"
+
+
 def test_every_command_is_in_cli_and_main_only_calls_it():
     assert set(cli.COMMANDS) == {"run", "list", "export", "report", "bench", "info"}
     main_src = (ROOT / "cestudy" / "__main__.py").read_text()
