@@ -114,9 +114,13 @@ def _agg(rows, key_fields, metric, how=max):
     return {k: how(v) for k, v in groups.items()}
 
 
+MAX_CAP = 1e30  # beyond this a log axis of ulps tells nothing more (and 1e308 breaks it)
+
+
 def _clip_inf(v, cap=INF_ULP):
-    """The value drawn for an error: ``cap`` where it is infinite, at least 1e-3 (exact)."""
-    return cap if math.isinf(v) else max(v, 1e-3)
+    """The value drawn for an error: ``cap`` where it is infinite or beyond the cap, at least
+    1e-3 (exact)."""
+    return cap if math.isinf(v) or v > cap else max(v, 1e-3)
 
 
 def _cap(*dicts):
@@ -124,7 +128,7 @@ def _cap(*dicts):
     finite = [v for d in dicts for v in d.values() if math.isfinite(v) and v > 0]
     top = max(finite, default=1.0)
     # finite errors reach 1e308 ulp (a tiny exact value, a result of order 1): keep 10^e finite
-    return max(INF_ULP, 10.0 ** min(math.ceil(math.log10(top)) + 2, 307))
+    return max(INF_ULP, min(10.0 ** min(math.ceil(math.log10(top)) + 2, 300), MAX_CAP))
 
 
 def _cap_line(ax, cap=INF_ULP):
@@ -133,7 +137,7 @@ def _cap_line(ax, cap=INF_ULP):
     ax.text(
         0.98,
         cap,
-        "non-finite ",
+        "non-finite " if cap < MAX_CAP else f"non-finite or > {MAX_CAP:.0e} ulp ",
         transform=ax.get_yaxis_transform(),
         fontsize=7,
         color="0.35",

@@ -190,23 +190,39 @@ def clipping_sentence(acc, dtype):
     )
 
 
+PEER_NAMES = {
+    "torch": "torch",
+    "jax": "optax (JAX)",
+    "tensorflow": "TensorFlow",
+    "sklearn": "scikit-learn",
+    "lse": "the lse - x_y form",
+}
+
+
 def confident_sentence(acc, dtype="float32"):
+    """Which frameworks lose the tiny losses and the true-class gradients of confident rows."""
     c = confident(acc, dtype)
-    if KERNEL not in c or not ({"torch", "lse"} & set(c)):
+    peers = [p for p in ("torch", "jax", "tensorflow", "sklearn") if p in c] or (
+        ["lse"] if "lse" in c else []
+    )
+    if KERNEL not in c or not peers:
         return None
-    peer = "torch" if "torch" in c else "lse"
-    pf, pz, _ = c[peer]
+
+    def phrase(p):
+        fwd, zero, _ = c[p]
+        grad = (
+            "no gradient"
+            if math.isnan(_num(zero))
+            else f"{fmt_pct(zero)} of true-class gradients exactly 0"
+        )
+        return f"{PEER_NAMES[p]} {ulp_phrase(fwd)} ({grad})"
+
     kf, kz, _ = c[KERNEL]
-    who = "torch's F.cross_entropy" if peer == "torch" else "the lse - x_y form"
-    same = ""
-    if peer == "torch" and "lse" in c:
-        same = f" (the lse - x_y form of optax: {ulp_phrase(c['lse'][0])}, {fmt_pct(c['lse'][1])})"
     return (
-        f"On confident rows (logit margin {CONFIDENT_MARGIN:g} or more, {dtype}), {who} "
-        f"has a forward error of up to {ulp_phrase(pf)} and returns exactly 0 for "
-        f"{fmt_pct(pz)} of the true-class gradients in its worst cell{same}, where "
-        f"cestudy's kernels stay within {ulp_phrase(kf)} and return 0 for "
-        + ("none." if kz == 0 else f"{fmt_pct(kz)}.")
+        f"On confident rows (logit margin {CONFIDENT_MARGIN:g} or more, {dtype}), the "
+        f"frameworks' cross-entropy loses the tiny loss and the true-class gradient, worst "
+        f"cell forward error: {'; '.join(phrase(p) for p in peers)}; cestudy's kernels stay "
+        f"within {ulp_phrase(kf)} and return 0 for " + ("none." if kz == 0 else f"{fmt_pct(kz)}.")
     )
 
 
