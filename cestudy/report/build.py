@@ -65,7 +65,7 @@ def build_reports(source, out, export=True, code_version=None) -> list[Path]:
         (out / "cuda.md").write_text(part.markdown)
         written.append(out / "cuda.md")
         figures += ctx.figures
-    top = headline.findings(by_study, set(figures), cuda_doc)
+    top = headline.findings(by_study, set(figures), cuda_doc, code_version)
     index = out / "README.md"
     index.write_text(index_page(top, by_study, doc["runs"], cuda_doc, code_version))
     written.append(index)

@@ -55,7 +55,7 @@ def _best_study(by_study, fn):
     return (best[1], best[2]) if best else (None, [])
 
 
-def findings(by_study, figures, cuda_doc=None) -> list[Finding]:
+def findings(by_study, figures, cuda_doc=None, code_version=None) -> list[Finding]:
     out = []
     first = variants.VARIANTS and next(iter(variants.VARIANTS))
     # 1. confident rows
@@ -101,6 +101,11 @@ def findings(by_study, figures, cuda_doc=None) -> list[Finding]:
         study = best_perf[1]
         perf = performance.ok_rows(by_study[study])
         text = performance.speed_sentence(perf)
+        if code_version and any(r.get("code_version") != code_version for r in perf):
+            text = text[:-1] + (
+                " (timed by code older than the current version; "
+                "`python -m cestudy bench` re-times it)."
+            )
         big = performance.largest(perf)
         clause = cuda.speed_clause(cuda_doc) if cuda_doc else None
         if clause:
