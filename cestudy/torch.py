@@ -566,9 +566,31 @@ def sigmoid_focal_loss(
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
-class CrossEntropyLoss(torch.nn.Module):
+class _LossModule(torch.nn.Module):
+    """A loss Module: keeps its function's arguments (tensors as buffers, so that
+    ``.to(device)`` moves them) and hands them to the function in ``forward``."""
+
+    _function: Any  # staticmethod(the function) in each subclass
+
+    def __init__(self, buffers: dict, **arguments: Any) -> None:
+        super().__init__()
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor)
+        for name, value in arguments.items():
+            setattr(self, name, value)
+        self._arguments = tuple(buffers) + tuple(arguments)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._function(
+            input, target, **{name: getattr(self, name) for name in self._arguments}
+        )
+
+
+class CrossEntropyLoss(_LossModule):
     """``torch.nn.CrossEntropyLoss`` computed by cestudy (see :func:`cross_entropy`); ``weight``
     is a buffer, so ``.to(device)`` moves it."""
+
+    _function = staticmethod(cross_entropy)
 
     def __init__(
         self,
@@ -579,26 +601,19 @@ class CrossEntropyLoss(torch.nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = _legacy_reduction(size_average, reduce, reduction)
-        self.label_smoothing = label_smoothing
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
+        super().__init__(
+            {"weight": weight},
+            ignore_index=ignore_index,
+            reduction=_legacy_reduction(size_average, reduce, reduction),
+            label_smoothing=label_smoothing,
         )
 
 
-class BCEWithLogitsLoss(torch.nn.Module):
+class BCEWithLogitsLoss(_LossModule):
     """``torch.nn.BCEWithLogitsLoss`` computed by cestudy (see
     :func:`binary_cross_entropy_with_logits`); ``weight`` and ``pos_weight`` are buffers."""
+
+    _function = staticmethod(binary_cross_entropy_with_logits)
 
     def __init__(
         self,
@@ -608,19 +623,16 @@ class BCEWithLogitsLoss(torch.nn.Module):
         reduction: str = "mean",
         pos_weight: Optional[torch.Tensor] = None,
     ) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("pos_weight", pos_weight)
-        self.reduction = _legacy_reduction(size_average, reduce, reduction)
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return binary_cross_entropy_with_logits(
-            input, target, weight=self.weight, reduction=self.reduction, pos_weight=self.pos_weight
+        super().__init__(
+            {"weight": weight, "pos_weight": pos_weight},
+            reduction=_legacy_reduction(size_average, reduce, reduction),
         )
 
 
-class NLLLoss(torch.nn.Module):
+class NLLLoss(_LossModule):
     """``torch.nn.NLLLoss`` computed by cestudy (see :func:`nll_loss`)."""
+
+    _function = staticmethod(nll_loss)
 
     def __init__(
         self,
@@ -630,37 +642,32 @@ class NLLLoss(torch.nn.Module):
         reduce=None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = _legacy_reduction(size_average, reduce, reduction)
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return nll_loss(
-            input,
-            target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
+        super().__init__(
+            {"weight": weight},
+            ignore_index=ignore_index,
+            reduction=_legacy_reduction(size_average, reduce, reduction),
         )
 
 
-class KLDivLoss(torch.nn.Module):
+class KLDivLoss(_LossModule):
     """``torch.nn.KLDivLoss`` computed by cestudy (see :func:`kl_div`)."""
+
+    _function = staticmethod(kl_div)
 
     def __init__(
         self, size_average=None, reduce=None, reduction: str = "mean", log_target: bool = False
     ) -> None:
-        super().__init__()
-        self.reduction = _legacy_reduction(size_average, reduce, reduction)
-        self.log_target = log_target
+        super().__init__(
+            {},
+            reduction=_legacy_reduction(size_average, reduce, reduction),
+            log_target=log_target,
+        )
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
 
-
-class SoftmaxFocalLoss(torch.nn.Module):
+class SoftmaxFocalLoss(_LossModule):
     """The multiclass focal loss as a Module (see :func:`softmax_focal_loss`)."""
+
+    _function = staticmethod(softmax_focal_loss)
 
     def __init__(
         self,
@@ -669,34 +676,16 @@ class SoftmaxFocalLoss(torch.nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
     ) -> None:
-        super().__init__()
-        self.gamma = gamma
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return softmax_focal_loss(
-            input,
-            target,
-            gamma=self.gamma,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
+        super().__init__(
+            {"weight": weight}, gamma=gamma, ignore_index=ignore_index, reduction=reduction
         )
 
 
-class SigmoidFocalLoss(torch.nn.Module):
+class SigmoidFocalLoss(_LossModule):
     """torchvision's sigmoid focal loss as a Module (see :func:`sigmoid_focal_loss`; the default
     reduction is torchvision's "none")."""
 
-    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
-        super().__init__()
-        self.alpha = alpha
-        self.gamma = gamma
-        self.reduction = reduction
+    _function = staticmethod(sigmoid_focal_loss)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return sigmoid_focal_loss(
-            input, target, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction
-        )
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, reduction: str = "none") -> None:
+        super().__init__({}, alpha=alpha, gamma=gamma, reduction=reduction)
