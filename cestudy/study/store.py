@@ -100,6 +100,25 @@ def load_metrics(text):
     return {k: (float(v) if v in ("inf", "-inf", "nan") else v) for k, v in d.items()}
 
 
+# the columns that name a stored cell, first in every row read back, then a result's or a
+# skip's own columns
+_CELL_COLUMNS = ("cell_key", "study", "kind", "params", "code_version")
+_RESULT_COLUMNS = ("status", "message", "metrics", "run_id", "finished")
+_SKIP_COLUMNS = ("reason", "run_id", "finished")
+
+
+def _columns(own) -> str:
+    """The SELECT list of a cell's columns and then ``own``."""
+    return ", ".join(_CELL_COLUMNS + own)
+
+
+def _cell_dict(row, own) -> dict:
+    """A row selected with ``_columns(own)`` as a dict in column order, params decoded."""
+    d = dict(zip(_CELL_COLUMNS + own, row))
+    d["params"] = json.loads(d["params"])
+    return d
+
+
 def migrate_params(kind: str, params: dict) -> dict:
     """Stored parameters with names used before a rename migrated (legacy variant names)."""
     from .kinds import migrate
@@ -270,10 +289,7 @@ class Store:
 
     def cells(self, study=None, kind=None):
         """All stored results as dicts (params and metrics decoded), in key order."""
-        q = (
-            "SELECT cell_key, study, kind, params, code_version, status, message, metrics, "
-            "run_id, finished FROM cells"
-        )
+        q = f"SELECT {_columns(_RESULT_COLUMNS)} FROM cells"
         cond, args = [], []
         if study is not None:
             cond.append("study = ?")
@@ -286,43 +302,20 @@ class Store:
         q += " ORDER BY study, cell_key"
         out = []
         for r in self.db.execute(q, args):
-            out.append(
-                dict(
-                    cell_key=r[0],
-                    study=r[1],
-                    kind=r[2],
-                    params=json.loads(r[3]),
-                    code_version=r[4],
-                    status=r[5],
-                    message=r[6],
-                    metrics=load_metrics(r[7]),
-                    run_id=r[8],
-                    finished=r[9],
-                )
-            )
+            d = _cell_dict(r, _RESULT_COLUMNS)
+            d["metrics"] = load_metrics(d["metrics"])
+            out.append(d)
         return out
 
     def skipped(self, study=None):
         """Cells that could not run here, with their reasons (not results)."""
-        q = (
-            "SELECT cell_key, study, kind, params, code_version, reason, run_id, finished "
-            "FROM skipped"
-        )
+        q = f"SELECT {_columns(_SKIP_COLUMNS)} FROM skipped"
         args = []
         if study is not None:
             q += " WHERE study = ?"
             args.append(study)
         return [
-            dict(
-                cell_key=r[0],
-                study=r[1],
-                kind=r[2],
-                params=json.loads(r[3]),
-                code_version=r[4],
-                reason=r[5],
-                run_id=r[6],
-                finished=r[7],
-            )
+            _cell_dict(r, _SKIP_COLUMNS)
             for r in self.db.execute(q + " ORDER BY study, cell_key", args)
         ]
 
