@@ -214,12 +214,31 @@ def _compute_dtype(dt):
     return np.float64 if dt == np.float64 else np.float32
 
 
+def _formulation(loss, rows, gx, gw, measured, logits, logits_chunk, traced=True):
+    """The dict a formulation returns, from its mean loss, per-token losses, gradients, what
+    :func:`measure` measured (result, seconds, traced peak, RSS peak) and its logits (None
+    where they are not at hand). ``traced=False``: tracemalloc does not see the allocations."""
+    _, seconds, traced_peak, rss_peak = measured
+    return dict(
+        loss=float(loss),
+        rows=rows,
+        gx=gx,
+        gw=gw,
+        seconds=seconds,
+        traced_peak=traced_peak if traced else None,
+        rss_peak=rss_peak,
+        logits=logits,
+        logits_chunk=logits_chunk,
+    )
+
+
 def run_fused(x, w, y, chunk, repeats, filter_eps=0.0):
     def fn():
         r = lin.run_fused(x, w, y, chunk_size=chunk, with_grad=True, filter_eps=filter_eps)
         return r, [r.grad_input, r.grad_weight]
 
-    r, secs, traced, rss = measure(fn, repeats)
+    measured = measure(fn, repeats)
+    r = measured[0]
     rows = lin.run_fused(x, w, y, chunk_size=chunk, reduction="none").loss
     cdt = _compute_dtype(x.dtype)
     xc = np.ascontiguousarray(x, dtype=cdt)
@@ -233,17 +252,7 @@ def run_fused(x, w, y, chunk, repeats, filter_eps=0.0):
         kern.chunk_logits(xc, w, None, c0, c1, out, wbuf)
         return out
 
-    out = dict(
-        loss=float(r.loss),
-        rows=rows,
-        gx=r.grad_input,
-        gw=r.grad_weight,
-        seconds=secs,
-        traced_peak=traced,
-        rss_peak=rss,
-        logits=logits,
-        logits_chunk=used,
-    )
+    out = _formulation(r.loss, rows, r.grad_input, r.grad_weight, measured, logits, used)
     if r.filter_stats is not None:
         out["filter_stats"] = r.filter_stats
     return out
@@ -263,20 +272,11 @@ def run_materialised_numpy(x, w, y, chunk, repeats):
         gw = (g.T @ x32).astype(x.dtype)
         return (np.asarray(loss).astype(x.dtype), gx, gw), [gx, gw]
 
-    (loss, gx, gw), secs, traced, rss = measure(fn, repeats)
+    measured = measure(fn, repeats)
+    loss, gx, gw = measured[0]
     z = np.asarray(x, dtype=cdt) @ np.asarray(w, dtype=cdt).T
     rows = losses.cross_entropy(z, y, reduction="none").astype(x.dtype)
-    return dict(
-        loss=float(loss),
-        rows=rows,
-        gx=gx,
-        gw=gw,
-        seconds=secs,
-        traced_peak=traced,
-        rss_peak=rss,
-        logits=lambda c0, c1: z[:, c0:c1],
-        logits_chunk=None,
-    )
+    return _formulation(loss, rows, gx, gw, measured, lambda c0, c1: z[:, c0:c1], None)
 
 
 def _torch():
@@ -322,7 +322,7 @@ def run_torch(x, w, y, chunked, repeats):
         loss.backward()
         return loss.detach(), [xt.grad, wt.grad]
 
-    loss, secs, traced, rss = measure(fn, repeats)
+    measured = measure(fn, repeats)
     gx, gw = _from_torch(xt.grad, x.dtype), _from_torch(wt.grad, x.dtype)
     xt.requires_grad_(False)
     wt.requires_grad_(False)
@@ -332,17 +332,8 @@ def run_torch(x, w, y, chunked, repeats):
         if not chunked:
             z = _from_torch(F.linear(xt, wt), np.float64 if x.dtype == np.float64 else np.float32)
             logits = lambda c0, c1: z[:, c0:c1]  # noqa: E731
-    return dict(
-        loss=float(_from_torch(loss, np.float64)),
-        rows=rows,
-        gx=gx,
-        gw=gw,
-        seconds=secs,
-        traced_peak=None,
-        rss_peak=rss,
-        logits=logits,
-        logits_chunk=None,
-    )
+    loss = _from_torch(measured[0], np.float64)
+    return _formulation(loss, rows, gx, gw, measured, logits, None, traced=False)
 
 
 def warm_up(x, w, y, chunk, leave_out=()):
