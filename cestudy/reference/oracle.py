@@ -14,6 +14,8 @@ Conventions match ``cestudy.api`` (torch semantics, NaN rows, 0 log 0 = 0). Ever
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from .. import dtypes, variants
@@ -686,76 +688,33 @@ def linear_cross_entropy(
     cross-entropy of an implementation's own logits: the error split of the linear study);
     ``chunk`` sets the classes per chunk (so that ``logits`` can repeat an implementation's
     calls exactly). Returns an array of the ``precision``'s dtype."""
-    return _linear_ce(
-        input,
-        linear_weight,
-        target,
-        linear_bias,
-        weight,
-        ignore_index,
-        label_smoothing,
-        logits,
-        chunk,
-        False,
-        precision,
-    )[0]
+    return _linear_ce(with_grad=False, **locals())[0]
 
 
-def linear_cross_entropy_grad(
-    input,
-    linear_weight,
-    target,
-    linear_bias=None,
-    weight=None,
-    ignore_index=-100,
-    label_smoothing=0.0,
-    logits=None,
-    chunk=None,
-    precision="longdouble",
-):
-    """(grad_input, grad_weight, grad_bias) of the summed loss of :func:`linear_cross_entropy`,
-    float64: dL/dz in the ``precision``, rounded to float64, and the products G @ W,
-    G.T @ input in float64 BLAS (error at most V 2^-53 of (|G| @ |W|) and N 2^-53 of
+_LINEAR_SIGNATURE = inspect.signature(linear_cross_entropy)
+
+
+def _linear_arguments(args, kwargs):
+    """The arguments of a call with :func:`linear_cross_entropy`'s signature, by name (defaults
+    filled in), as that function would bind them."""
+    bound = _LINEAR_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def linear_cross_entropy_grad(*args, **kwargs):
+    """(grad_input, grad_weight, grad_bias) of the summed loss of :func:`linear_cross_entropy`
+    (same arguments), float64: dL/dz in the ``precision``, rounded to float64, and the products
+    G @ W, G.T @ input in float64 BLAS (error at most V 2^-53 of (|G| @ |W|) and N 2^-53 of
     (|G|.T @ |input|): 2.9e-11 relative for V = 262144, 5e-4 of a float32 ulp)."""
-    return _linear_ce(
-        input,
-        linear_weight,
-        target,
-        linear_bias,
-        weight,
-        ignore_index,
-        label_smoothing,
-        logits,
-        chunk,
-        True,
-        precision,
-    )[1:]
+    return linear_cross_entropy_and_grad(*args, **kwargs)[1:]
 
 
-def linear_cross_entropy_and_grad(
-    input,
-    linear_weight,
-    target,
-    linear_bias=None,
-    weight=None,
-    ignore_index=-100,
-    label_smoothing=0.0,
-    logits=None,
-    chunk=None,
-    precision="longdouble",
-):
-    """(per-row loss, grad_input, grad_weight, grad_bias) in one call (two passes over the
-    classes instead of three)."""
-    return _linear_ce(
-        input,
-        linear_weight,
-        target,
-        linear_bias,
-        weight,
-        ignore_index,
-        label_smoothing,
-        logits,
-        chunk,
-        True,
-        precision,
-    )
+def linear_cross_entropy_and_grad(*args, **kwargs):
+    """(per-row loss, grad_input, grad_weight, grad_bias) of :func:`linear_cross_entropy`'s
+    arguments in one call (two passes over the classes instead of three)."""
+    return _linear_ce(with_grad=True, **_linear_arguments(args, kwargs))
+
+
+linear_cross_entropy_grad.__signature__ = _LINEAR_SIGNATURE
+linear_cross_entropy_and_grad.__signature__ = _LINEAR_SIGNATURE
