@@ -41,7 +41,7 @@ def add_arguments(parser, default_results: str = "") -> None:
     b.add_argument("--shapes", help="comma-separated NxC list, e.g. 256x10,2048x32768")
     b.add_argument(
         "--variants",
-        default="cross_entropy,cross_entropy_probs,binary_cross_entropy_with_logits",
+        default=",".join(bench.VARIANTS),
         help="registry names (cestudy.variants); old names are migrated",
     )
     b.add_argument("--dtypes", default="float32,float64")

@@ -2,7 +2,8 @@
 
 ``python -m cestudy bench`` times, in one process and interleaved (round r runs every
 implementation once before round r + 1, so machine drift hits all alike), the forward and fused
-forward+gradient of softmax CE with class indices, soft-target CE and BCE with logits. It
+forward+gradient of softmax CE with class indices, soft-target CE, BCE with logits, KL of
+softmax and the softmax and sigmoid focal losses (:data:`VARIANTS`). It
 measures this machine's memory ceiling in the same run (``bench.ceiling``: vectorised read, and
 read + write, of the kernel's dtype over buffers far larger than the caches), checks each timed
 result against the oracle before it counts, and reports ms, GB/s, the fraction of the ceiling
@@ -29,16 +30,22 @@ from . import ceiling
 CE = "cross_entropy"
 CE_PROBS = "cross_entropy_probs"
 BCE = "binary_cross_entropy_with_logits"
+# every variant of logits with a gradient, each against torch (its own functional, or the
+# torch-op expression of cestudy.reference.peers where torch has none)
+VARIANTS = (CE, CE_PROBS, BCE, "kl_divergence", "softmax_focal_loss", "sigmoid_focal_loss")
 
 
 def make_inputs(variant, dtype, n, c, seed=0):
+    """Logits N(0, 3^2) of ``dtype`` and a target of the variant's kind (registry): class
+    indices, probability rows, or 0/1 labels."""
     variant = variants.canonical_name(variant)
     rng = np.random.default_rng([seed, zlib.crc32(f"{variant}|{n}|{c}".encode())])
     dt = dtypes.dtype_from_name(dtype) if isinstance(dtype, str) else np.dtype(dtype)
     x = (rng.standard_normal((n, c), dtype=np.float32) * 3).astype(dt)
-    if variant == CE:
+    target = variants.get(variant).target
+    if target == "index":
         t = rng.integers(0, c, n)
-    elif variant == CE_PROBS:
+    elif target == "probs":
         t = rng.random((n, c), dtype=np.float32).astype(dt)
         t /= t.sum(axis=1, keepdims=True)
     else:
@@ -46,10 +53,42 @@ def make_inputs(variant, dtype, n, c, seed=0):
     return x, t
 
 
+def _mean_denominator(variant, x):
+    """What the mean reduction divides by: every element for element-wise losses, else rows."""
+    return x.size if variants.get(variant).elementwise else x.shape[0]
+
+
 # cestudy's fused call with a gradient buffer it is given: a new array per call ("numba"), one
 # buffer reused by every call ("numba_out": no N x C pages faulted in per step), or the logits
 # themselves ("numba_inplace": the gradient written over them, restored before each timed call)
 GRAD_BUFFERS = ("numba_out", "numba_inplace")
+
+
+def _cestudy_function(variant, grad):
+    """cestudy's public function for ``variant`` (its ``_with_grad`` twin for a gradient), with
+    the mean reduction (sigmoid_focal_loss defaults to 'none', as in torchvision)."""
+    import functools
+
+    import cestudy as cs
+
+    function = variants.get(variant).function
+    return functools.partial(
+        getattr(cs, function + "_with_grad" if grad else function), reduction="mean"
+    )
+
+
+def _torch_mean_loss(variant):
+    """torch's mean loss of ``variant`` as f(xt, tt): its own functional where it has one
+    (F.cross_entropy, F.binary_cross_entropy_with_logits), otherwise the torch-op expression
+    the conformance peer uses (cestudy.reference.peers), reduced by mean as cestudy does."""
+    import torch.nn.functional as F
+
+    if variant in (CE, CE_PROBS):
+        return F.cross_entropy
+    if variant == BCE:
+        return F.binary_cross_entropy_with_logits
+    per_sample = peers.torch_loss_expression(variant)
+    return lambda xt, tt: per_sample(xt, tt, None).mean()
 
 
 def make_callable(variant, impl, mode, x, t):
@@ -59,11 +98,9 @@ def make_callable(variant, impl, mode, x, t):
     grad = mode == "forward_grad"
     variant = variants.canonical_name(variant)
     if impl in GRAD_BUFFERS:
-        import cestudy as cs
-
         if not grad:
             raise KeyError(f"{impl} times the fused call only")
-        fn = getattr(cs, variants.get(variant).function + "_with_grad")
+        fn = _cestudy_function(variant, grad=True)
         if impl == "numba_out":
             buf = np.empty_like(x)
             return lambda: fn(x, t, out=buf)
@@ -80,20 +117,16 @@ def make_callable(variant, impl, mode, x, t):
     if impl in peers.TIMED:  # jax, tensorflow, sklearn: run as their users run them
         return peers.timed_callable(variant, impl, mode, x, t)
     if impl == "numba":
-        import cestudy as cs
-
-        function = variants.get(variant).function
-        fn = getattr(cs, function + "_with_grad" if grad else function)
+        fn = _cestudy_function(variant, grad)
         if grad:
             return lambda: fn(x, t)
         return lambda: (fn(x, t), None)
     if impl == "torch":
         import torch
-        import torch.nn.functional as F
 
         xt = torch.from_numpy(x)
         tt = torch.from_numpy(t)
-        f = F.binary_cross_entropy_with_logits if variant == BCE else F.cross_entropy
+        f = _torch_mean_loss(variant)
         if not grad:
 
             def run():
@@ -130,8 +163,9 @@ def make_callable(variant, impl, mode, x, t):
     from ..reference import implementations
 
     f = implementations.get(variant, impl).fn
-
-    denom = x.size if variant == BCE else x.shape[0]
+    if grad and f(x[:1], t[:1])[1] is None:
+        raise KeyError(f"the {impl} formulation of {variant} has no gradient")
+    denom = _mean_denominator(variant, x)
 
     def run_numpy():
         loss, g = f(x, t)
@@ -143,27 +177,15 @@ def make_callable(variant, impl, mode, x, t):
 
 def _oracle_mean(variant, x, t, chunk=256):
     """Exact mean loss, in row chunks so that extended precision fits in memory."""
-    variant = variants.canonical_name(variant)
     total = oracle.LD(0)
     for i in range(0, x.shape[0], chunk):
-        xs, ts = x[i : i + chunk], t[i : i + chunk]
-        if variant == CE:
-            total += oracle.cross_entropy(xs, ts).sum()
-        elif variant == CE_PROBS:
-            total += oracle.cross_entropy_probs(xs, ts).sum()
-        else:
-            total += oracle.binary_cross_entropy_with_logits(xs, ts).sum()
-    return total / (x.shape[0] if variant != BCE else x.size)
+        total += oracle.loss(variant, x[i : i + chunk], t[i : i + chunk]).sum()
+    return total / _mean_denominator(variant, x)
 
 
 def _oracle_grad_rows(variant, x, t, rows=8):
-    variant = variants.canonical_name(variant)
-    xs, ts = x[:rows], t[:rows]
-    if variant == CE:
-        return oracle.cross_entropy_grad(xs, ts) / x.shape[0]
-    if variant == CE_PROBS:
-        return oracle.cross_entropy_probs_grad(xs, ts) / x.shape[0]
-    return oracle.binary_cross_entropy_with_logits_grad(xs, ts) / x.size
+    """The exact gradient of the mean loss on the first ``rows`` rows."""
+    return oracle.grad(variant, x[:rows], t[:rows]) / _mean_denominator(variant, x)
 
 
 def check(variant, x, t, result, dtype, exact_mean=None, exact_grad=None):

@@ -190,27 +190,65 @@ def torch_cross_entropy_probs(x, target, weight=None, label_smoothing=0.0, **_):
     return _torch_call(fn, x, target, False, weight)
 
 
-def torch_kl_divergence(x, target, **_):
+def _torch_kl_divergence_rows(xt, tt, wt):
+    """KL(t || softmax(x)) per row with torch ops."""
     import torch.nn.functional as F
 
-    def fn(xt, tt, wt):
-        return F.kl_div(F.log_softmax(xt, dim=-1), tt, reduction="none").sum(-1)
+    return F.kl_div(F.log_softmax(xt, dim=-1), tt, reduction="none").sum(-1)
 
-    return _torch_call(fn, x, target, False)
+
+def _torch_softmax_focal_rows(xt, tt, wt, gamma=2.0, ignore_index=-100):
+    """-w_y (1 - p_y)^gamma log p_y per row with torch ops (torch has no softmax focal loss)."""
+    import torch
+    import torch.nn.functional as F
+
+    logp = F.log_softmax(xt, dim=-1)
+    keep = tt != ignore_index
+    ys = torch.where(keep, tt, torch.zeros_like(tt))
+    lp = logp.gather(1, ys[:, None])[:, 0]
+    wy = torch.ones_like(lp) if wt is None else wt[ys]
+    return torch.where(keep, -wy * (1 - lp.exp()) ** gamma * lp, torch.zeros_like(lp))
+
+
+def _torch_sigmoid_focal_elements(xt, tt, wt, alpha=0.25, gamma=2.0):
+    """torchvision.ops.sigmoid_focal_loss (reduction 'none'), verbatim."""
+    import torch
+    import torch.nn.functional as F
+
+    p = torch.sigmoid(xt)
+    ce = F.binary_cross_entropy_with_logits(xt, tt, reduction="none")
+    p_t = p * tt + (1 - p) * (1 - tt)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * tt + (1 - alpha) * (1 - tt)) * loss
+    return loss
+
+
+_TORCH_EXPRESSIONS = {
+    "kl_divergence": _torch_kl_divergence_rows,
+    "softmax_focal_loss": _torch_softmax_focal_rows,
+    "sigmoid_focal_loss": _torch_sigmoid_focal_elements,
+}
+
+
+def torch_loss_expression(variant: str):
+    """f(xt, tt, wt) -> per-sample loss with default options, for the variants torch has no
+    functional of its own for (KL of softmax, the focal losses); the benchmark times these."""
+    try:
+        return _TORCH_EXPRESSIONS[variant]
+    except KeyError:
+        raise KeyError(f"variant: torch has its own functional for {variant!r}") from None
+
+
+def torch_kl_divergence(x, target, **_):
+    return _torch_call(_torch_kl_divergence_rows, x, target, False)
 
 
 def torch_softmax_focal_loss(x, target, gamma=2.0, weight=None, ignore_index=-100, **_):
     """-w_y (1 - p_y)^gamma log p_y written with torch ops (torch has no softmax focal loss)."""
-    import torch
-    import torch.nn.functional as F
 
     def fn(xt, tt, wt):
-        logp = F.log_softmax(xt, dim=-1)
-        keep = tt != ignore_index
-        ys = torch.where(keep, tt, torch.zeros_like(tt))
-        lp = logp.gather(1, ys[:, None])[:, 0]
-        wy = torch.ones_like(lp) if wt is None else wt[ys]
-        return torch.where(keep, -wy * (1 - lp.exp()) ** gamma * lp, torch.zeros_like(lp))
+        return _torch_softmax_focal_rows(xt, tt, wt, gamma=gamma, ignore_index=ignore_index)
 
     return _torch_call(fn, x, target, True, weight)
 
@@ -239,17 +277,9 @@ def torch_binary_cross_entropy(probs, target, weight=None, **_):
 
 def torch_sigmoid_focal_loss(x, target, alpha=0.25, gamma=2.0, **_):
     """torchvision.ops.sigmoid_focal_loss, verbatim."""
-    import torch
-    import torch.nn.functional as F
 
     def fn(xt, tt, wt):
-        p = torch.sigmoid(xt)
-        ce = F.binary_cross_entropy_with_logits(xt, tt, reduction="none")
-        p_t = p * tt + (1 - p) * (1 - tt)
-        loss = ce * ((1 - p_t) ** gamma)
-        if alpha >= 0:
-            loss = (alpha * tt + (1 - alpha) * (1 - tt)) * loss
-        return loss
+        return _torch_sigmoid_focal_elements(xt, tt, wt, alpha=alpha, gamma=gamma)
 
     return _torch_call(fn, x, target, False)
 

@@ -1,0 +1,35 @@
+"""The CPU benchmark times what it claims: every variant it times computes, in every
+implementation, the same mean loss and gradient as the oracle (a wrong semantics, e.g. a torch
+expression summing where cestudy averages, would show as a huge ulp error here). No timing is
+asserted: speed is measured by ``python -m cestudy bench``, never by tests."""
+
+import pytest
+
+from cestudy import variants
+from cestudy.bench import cpu as bench
+
+pytest.importorskip("torch")
+
+
+def test_the_benchmark_times_every_variant_of_logits_with_a_gradient():
+    timed = {v.name for v in variants.VARIANTS.values() if v.input == "logits" and v.has_grad}
+    assert set(bench.VARIANTS) == timed
+
+
+@pytest.mark.parametrize("variant", bench.VARIANTS)
+@pytest.mark.parametrize("mode", ["forward", "forward_grad"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_timed_implementation_agrees_with_the_oracle(variant, mode, dtype):
+    impls = ["numba", "torch", "lse"]
+    if mode == "forward_grad":
+        impls += list(bench.GRAD_BUFFERS)
+    res = bench.time_group(variant, dtype, mode, 16, 7, impls, repeats=1)
+    for impl in impls:
+        r = res[impl]
+        if "skipped" in r:
+            assert impl == "lse" and "no gradient" in r["skipped"], (impl, r)
+            continue
+        # the mean loss within a few ulp of the exact mean, and the gradient too
+        assert r["check_ulp"] <= 8, (impl, r)
+        if mode == "forward_grad":
+            assert r["grad_check_ulp"] <= 8, (impl, r)
