@@ -63,6 +63,11 @@ def bullets(items) -> str:
     return "\n".join(f"- {i}" for i in items) + "\n" if items else ""
 
 
+def figure_block(rel: str, alt: str, caption: str) -> str:
+    """A figure with its caption in italics below it."""
+    return f"![{alt}]({rel})\n\n*{caption}*\n"
+
+
 @dataclasses.dataclass(frozen=True)
 class Finding:
     """One finding: a sentence computed from the rows, the page that holds its evidence and the
@@ -92,6 +97,16 @@ class Part:
     findings: list[Finding] = dataclasses.field(default_factory=list)
 
 
+def with_findings(parts: list[str], findings: list[Finding], level: int = 3, always=True) -> Part:
+    """A section's Part: ``parts`` followed by its findings as a bulleted list under a
+    "Findings" heading of ``level`` (the heading left out, when not ``always``, where there are
+    no findings)."""
+    if always or findings:
+        parts = [*parts, "#" * level + " Findings\n"]
+        parts += [f"- {f.markdown(own_page=True)}" for f in findings]
+    return Part("\n".join([*parts, ""]), findings)
+
+
 @dataclasses.dataclass
 class Context:
     """Where a study's page and figures go, and the figures written so far."""
@@ -112,6 +127,16 @@ class Context:
             self.figures.append(rel)
             return rel
         return None
+
+    def add_figure(
+        self, parts: list[str], name: str, fn: Callable, *args, alt: str, caption: str, **kw
+    ) -> str | None:
+        """Draw a figure as ``figure`` does and, where drawn, append it with its caption to
+        ``parts``; its relative path or None."""
+        rel = self.figure(name, fn, *args, **kw)
+        if rel:
+            parts.append(figure_block(rel, alt, caption))
+        return rel
 
     def finding(self, text: str, figure: str | None = None, also=()) -> Finding:
         return Finding(text, self.page, figure, tuple(also))

@@ -14,7 +14,16 @@ import numpy as np
 from ... import variants
 from .. import figures
 from ..figures import DTYPE_ORDER, IMPL_ORDER, _num, _ordered
-from ..markdown import Context, Part, fmt_pct, fmt_ulp, table, ulp_phrase
+from ..markdown import (
+    Context,
+    Part,
+    figure_block,
+    fmt_pct,
+    fmt_ulp,
+    table,
+    ulp_phrase,
+    with_findings,
+)
 
 KINDS = ("accuracy",)
 TITLE = "Accuracy against the oracle"
@@ -298,6 +307,36 @@ def accuracy_table(rows):
     )
 
 
+VARIANT_FIGURES = (
+    (
+        "nonfinite",
+        figures.fig_nonfinite,
+        "Non-finite results vs logit scale",
+        "Share of samples whose loss is NaN or infinite although the exact loss is finite.",
+    ),
+    (
+        "clipping",
+        figures.fig_clipping,
+        "Epsilon clipping: bias and zeroed gradients",
+        "Mean bias of the clipped loss where the clip engages, and the share of "
+        "rows whose gradient the clip sets to 0, on confident rows.",
+    ),
+    (
+        "true-class-gradient",
+        figures.fig_true_class_gradient,
+        "True-class gradient on confident rows",
+        "Top: worst error of the true-class gradient p_y - 1 (dashed: 4 ulp); "
+        "points on the grey line labelled non-finite are NaN or infinite "
+        "gradients, not measured errors (the cap sits two decades above the "
+        "largest finite error, at least at 1e12), and errors of 0 are drawn at "
+        "1e-3. Bottom: share of true-class gradients that are exactly 0 although "
+        "the exact value is not.",
+    ),
+)
+"""The figures drawn for the first variant after the atlases: (name, function, title,
+caption)."""
+
+
 def render(ctx: Context, rows) -> Part:
     acc = ok_rows(rows)
     if not acc:
@@ -350,48 +389,16 @@ def render(ctx: Context, rows) -> Part:
                     rel,
                 )
             )
-    rel = ctx.figure("nonfinite", figures.fig_nonfinite, acc, variant=first)
-    if rel:
-        figs.append(
-            (
-                "Non-finite results vs logit scale",
-                "Share of samples whose loss is NaN or infinite although the exact loss is finite.",
-                rel,
-            )
-        )
-    rel = ctx.figure("clipping", figures.fig_clipping, acc, variant=first)
-    if rel:
-        figs.append(
-            (
-                "Epsilon clipping: bias and zeroed gradients",
-                "Mean bias of the clipped loss where the clip engages, and the share of "
-                "rows whose gradient the clip sets to 0, on confident rows.",
-                rel,
-            )
-        )
-    rel = ctx.figure("true-class-gradient", figures.fig_true_class_gradient, acc, variant=first)
-    if rel:
-        figs.append(
-            (
-                "True-class gradient on confident rows",
-                "Top: worst error of the true-class gradient p_y - 1 (dashed: 4 ulp); "
-                "points on the grey line labelled non-finite are NaN or infinite "
-                "gradients, not measured errors (the cap sits two decades above the "
-                "largest finite error, at least at 1e12), and errors of 0 are drawn at "
-                "1e-3. Bottom: share of true-class gradients that are exactly 0 although "
-                "the exact value is not.",
-                rel,
-            )
-        )
+    for name, fn, title, caption in VARIANT_FIGURES:
+        rel = ctx.figure(name, fn, acc, variant=first)
+        if rel:
+            figs.append((title, caption, rel))
     if figs:
         parts.append("### Figures\n")
         for title, caption, rel in figs:
-            parts.append(f"![{title}]({rel})\n\n*{caption}*\n")
+            parts.append(figure_block(rel, title, caption))
     findings = page_findings(ctx, acc)
-    parts.append("### Findings\n")
-    parts += [f"- {f.markdown(own_page=True)}" for f in findings]
-    parts.append("")
-    return Part("\n".join(parts), findings)
+    return with_findings(parts, findings)
 
 
 def _fig(ctx, name):

@@ -7,7 +7,7 @@ Every shape, ratio and verdict is read from the benchmark's rows.
 from __future__ import annotations
 
 from .. import figures
-from ..markdown import Context, Part, fmt_pct, fmt_shape, fmt_ulp, table
+from ..markdown import Context, Part, fmt_pct, fmt_shape, fmt_ulp, table, with_findings
 
 PAGE = "cuda"
 TARGET = 0.8
@@ -115,13 +115,15 @@ def render(ctx: Context, doc) -> Part:
             rows,
         )
     )
-    rel = ctx.figure("throughput", figures.fig_cuda, doc)
-    if rel:
-        parts.append(
-            f"![GPU throughput]({rel})\n\n*float32 throughput per shape (cestudy at "
-            "its best block size), with the measured copy bandwidth and "
-            f"{TARGET:.0%} of it as dotted lines.*\n"
-        )
+    rel = ctx.add_figure(
+        parts,
+        "throughput",
+        figures.fig_cuda,
+        doc,
+        alt="GPU throughput",
+        caption="float32 throughput per shape (cestudy at its best block size), with the "
+        f"measured copy bandwidth and {TARGET:.0%} of it as dotted lines.",
+    )
     findings = []
     for r in largest(doc):
         met = "met" if r["frac_copy_bw"] >= TARGET else "not met"
@@ -154,7 +156,4 @@ def render(ctx: Context, doc) -> Part:
                 rel,
             )
         )
-    parts.append("## Findings\n")
-    parts += [f"- {f.markdown(own_page=True)}" for f in findings]
-    parts.append("")
-    return Part("\n".join(parts), findings)
+    return with_findings(parts, findings, level=2)

@@ -6,7 +6,7 @@ Reads result rows only; every count in a finding is the stored one.
 from __future__ import annotations
 
 from .. import figures
-from ..markdown import Context, Part, fmt_pct, fmt_ulp, table
+from ..markdown import Context, Part, fmt_pct, fmt_ulp, table, with_findings
 
 KINDS = ("higham",)
 TITLE = "Blanchard, Higham & Higham 2021 reproduction"
@@ -81,13 +81,15 @@ def render(ctx: Context, rows) -> Part:
             ],
         )
     )
-    rel = ctx.figure("higham", figures.fig_higham, rows)
-    if rel:
-        parts.append(
-            f"![Blanchard-Higham reproduction]({rel})\n\n*Left: vectors whose "
-            "log-sum-exp overflows, this run against the published count. Right: "
-            "relative error over u of the finite results.*\n"
-        )
+    rel = ctx.add_figure(
+        parts,
+        "higham",
+        figures.fig_higham,
+        rows,
+        alt="Blanchard-Higham reproduction",
+        caption="Left: vectors whose log-sum-exp overflows, this run against the published "
+        "count. Right: relative error over u of the finite results.",
+    )
     findings = []
     text = overflow_sentence(hr)
     if text:
@@ -107,7 +109,4 @@ def render(ctx: Context, rows) -> Part:
             rel,
         )
     )
-    parts.append("### Findings\n")
-    parts += [f"- {f.markdown(own_page=True)}" for f in findings]
-    parts.append("")
-    return Part("\n".join(parts), findings)
+    return with_findings(parts, findings)

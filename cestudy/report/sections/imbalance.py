@@ -6,7 +6,7 @@ Reads result rows only; the loss labels come from the variants' registry names.
 from __future__ import annotations
 
 from .. import figures
-from ..markdown import Context, Part, fmt_pct, table
+from ..markdown import Context, Part, fmt_pct, table, with_findings
 
 KINDS = ("imbalance",)
 TITLE = "Class imbalance"
@@ -92,20 +92,19 @@ def render(ctx: Context, rows) -> Part:
             out_rows,
         )
     )
-    rel = ctx.figure("imbalance", figures.fig_imbalance, rows)
-    if rel:
-        parts.append(
-            f"![Minority share of loss and gradient]({rel})\n\n*Share of the loss "
-            "(top) and of the gradient norms (bottom) that the minority classes get, "
-            "against the imbalance ratio; the dashed black line is their share of the "
-            "samples. Ratios at which no minority sample was drawn are left out.*\n"
-        )
+    rel = ctx.add_figure(
+        parts,
+        "imbalance",
+        figures.fig_imbalance,
+        rows,
+        alt="Minority share of loss and gradient",
+        caption="Share of the loss (top) and of the gradient norms (bottom) that the minority "
+        "classes get, against the imbalance ratio; the dashed black line is their share of the "
+        "samples. Ratios at which no minority sample was drawn are left out.",
+    )
     findings = []
     for prof in sorted({k[1] for k in s}, key=lambda p: (p != "step", p)):
         text = share_sentence(rows, prof)
         if text:
             findings.append(ctx.finding(text, rel))
-    parts.append("### Findings\n")
-    parts += [f"- {f.markdown(own_page=True)}" for f in findings]
-    parts.append("")
-    return Part("\n".join(parts), findings)
+    return with_findings(parts, findings)

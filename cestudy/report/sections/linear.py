@@ -12,18 +12,12 @@ import math
 
 import matplotlib.pyplot as plt
 
+from ...study.kinds.linear import FORMULATIONS
 from .. import figures
-from ..markdown import Context, Part, fmt_num, fmt_pct, table
+from ..markdown import Context, Part, fmt_num, fmt_pct, table, with_findings
 
 KINDS = ("linear",)
 TITLE = "Fused linear cross-entropy"
-FORMULATIONS = (
-    "materialised_numpy",
-    "materialised_torch",
-    "torch_chunked",
-    "fused",
-    "fused_filtered",
-)
 LABELS = {
     "materialised_numpy": "numpy logits + cestudy CE",
     "materialised_torch": "torch F.linear + F.cross_entropy",
@@ -473,14 +467,16 @@ def render(ctx: Context, rows) -> Part:
         "### Where the error comes from\n",
         split_table(hr),
     ]
-    rel = ctx.figure("linear-split", fig_split, hr)
-    if rel:
-        parts.append(
-            f"![Error split]({rel})\n\n*Worst per-token loss error in u against the "
-            "vocabulary, gaussian logits: solid, the error the formulation's logits "
-            "cause (exact cross-entropy of its logits); dashed, the rest. The dotted "
-            "line is 1 u.*\n"
-        )
+    rel = ctx.add_figure(
+        parts,
+        "linear-split",
+        fig_split,
+        hr,
+        alt="Error split",
+        caption="Worst per-token loss error in u against the vocabulary, gaussian logits: "
+        "solid, the error the formulation's logits cause (exact cross-entropy of its logits); "
+        "dashed, the rest. The dotted line is 1 u.",
+    )
     parts += [
         "### Memory and time\n",
         'Forward and backward, reduction "mean"; time of the best of the cell\'s '
@@ -488,12 +484,15 @@ def render(ctx: Context, rows) -> Part:
         "2-core machine.\n",
         resources_table(hr),
     ]
-    mem = ctx.figure("linear-memory", fig_memory, hr)
-    if mem:
-        parts.append(
-            f"![Peak memory]({mem})\n\n*Peak extra memory against tokens x "
-            "vocabulary; the dotted line is the float32 logits.*\n"
-        )
+    mem = ctx.add_figure(
+        parts,
+        "linear-memory",
+        fig_memory,
+        hr,
+        alt="Peak memory",
+        caption="Peak extra memory against tokens x vocabulary; the dotted line is the float32 "
+        "logits.",
+    )
     ftab = filter_table(hr)
     if ftab.count("\n") > 2:
         parts += [
@@ -514,8 +513,4 @@ def render(ctx: Context, rows) -> Part:
     ):
         if text:
             findings.append(ctx.finding(text, fig))
-    if findings:
-        parts.append("### Findings\n")
-        parts += [f"- {f.markdown(own_page=True)}" for f in findings]
-    parts.append("")
-    return Part("\n".join(parts), findings)
+    return with_findings(parts, findings, always=False)

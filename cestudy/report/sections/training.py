@@ -13,7 +13,7 @@ import numpy as np
 from ...reference.formulations import DESCRIPTIONS as FORMULATIONS
 from .. import figures
 from ..figures import _num
-from ..markdown import Context, Part, table
+from ..markdown import Context, Part, table, with_findings
 
 KINDS = ("training",)
 TITLE = "Training: the losses in gradient descent on real data"
@@ -147,24 +147,25 @@ def render(ctx: Context, rows) -> Part:
                 out_rows,
             )
         )
-    curves = ctx.figure("training-curves", figures.fig_training_curves, tr)
-    if curves:
-        parts.append(
-            f"![Learning curves]({curves})\n\n*Training objective per epoch at the "
-            "largest imbalance (seed 0); a cross marks the last finite value of a run "
-            "that became non-finite.*\n"
-        )
-    bacc = ctx.figure("training-bacc", figures.fig_training_bacc, tr)
-    if bacc:
-        parts.append(
-            f"![Balanced accuracy vs imbalance]({bacc})\n\n*Balanced accuracy on the "
-            "balanced test split, mean over seeds.*\n"
-        )
+    curves = ctx.add_figure(
+        parts,
+        "training-curves",
+        figures.fig_training_curves,
+        tr,
+        alt="Learning curves",
+        caption="Training objective per epoch at the largest imbalance (seed 0); a cross "
+        "marks the last finite value of a run that became non-finite.",
+    )
+    bacc = ctx.add_figure(
+        parts,
+        "training-bacc",
+        figures.fig_training_bacc,
+        tr,
+        alt="Balanced accuracy vs imbalance",
+        caption="Balanced accuracy on the balanced test split, mean over seeds.",
+    )
     findings = page_findings(ctx, tr, g, curves, bacc)
-    parts.append("### Findings\n")
-    parts += [f"- {f.markdown(own_page=True)}" for f in findings]
-    parts.append("")
-    return Part("\n".join(parts), findings)
+    return with_findings(parts, findings)
 
 
 def balanced_accuracy_sentence(tr, dataset, g=None):
