@@ -87,6 +87,13 @@ def serial_twin(kernel):
     return njit(**_OPTS)(g)
 
 
+def serial_twins(namespace, names):
+    """Put :func:`serial_twin` of each kernel ``name`` in ``namespace`` (a module's globals) as
+    ``<name>_serial``."""
+    for name in names:
+        namespace[name + "_serial"] = serial_twin(namespace[name])
+
+
 def kernel_for(module, name, size):
     """The kernel ``name`` of ``module`` (``cpu`` or ``cpu_fast``) to run on ``size`` elements:
     its serial twin below :data:`SERIAL_BELOW`, else the parallel kernel."""
@@ -697,23 +704,4 @@ KERNELS = (
     "kl_div_fwd",
     "kl_div_fwd_grad",
 )
-cross_entropy_index_fwd_serial = serial_twin(cross_entropy_index_fwd)
-cross_entropy_index_fwd_grad_serial = serial_twin(cross_entropy_index_fwd_grad)
-cross_entropy_prob_fwd_serial = serial_twin(cross_entropy_prob_fwd)
-cross_entropy_prob_fwd_grad_serial = serial_twin(cross_entropy_prob_fwd_grad)
-kl_divergence_fwd_serial = serial_twin(kl_divergence_fwd)
-kl_divergence_fwd_grad_serial = serial_twin(kl_divergence_fwd_grad)
-entropy_fwd_serial = serial_twin(entropy_fwd)
-softmax_focal_fwd_serial = serial_twin(softmax_focal_fwd)
-softmax_focal_fwd_grad_serial = serial_twin(softmax_focal_fwd_grad)
-bce_with_logits_fwd_serial = serial_twin(bce_with_logits_fwd)
-bce_with_logits_fwd_grad_serial = serial_twin(bce_with_logits_fwd_grad)
-sigmoid_focal_fwd_serial = serial_twin(sigmoid_focal_fwd)
-sigmoid_focal_fwd_grad_serial = serial_twin(sigmoid_focal_fwd_grad)
-logsumexp_rows_serial = serial_twin(logsumexp_rows)
-log_softmax_rows_serial = serial_twin(log_softmax_rows)
-softmax_rows_serial = serial_twin(softmax_rows)
-nll_fwd_serial = serial_twin(nll_fwd)
-nll_fwd_grad_serial = serial_twin(nll_fwd_grad)
-kl_div_fwd_serial = serial_twin(kl_div_fwd)
-kl_div_fwd_grad_serial = serial_twin(kl_div_fwd_grad)
+serial_twins(globals(), KERNELS)

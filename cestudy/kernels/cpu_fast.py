@@ -80,13 +80,16 @@ from numba.extending import intrinsic, overload
 
 from . import scalar
 from .cpu import (
+    KERNELS as CPU_KERNELS,
+)
+from .cpu import (
     argmax_grad,
     bcast_row,
     compensated_sum,
     loss_row,
     neumaier_add,
     row_guard,
-    serial_twin,
+    serial_twins,
     store_row_sum,
 )
 
@@ -1481,17 +1484,6 @@ def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out
 # --------------------------------------------------------------------------------------------
 # Serial twins (no thread start-up: for small calls)
 # --------------------------------------------------------------------------------------------
-KERNELS = (
-    "cross_entropy_index_fwd",
-    "cross_entropy_index_fwd_grad",
-    "cross_entropy_prob_fwd",
-    "cross_entropy_prob_fwd_grad",
-    "bce_with_logits_fwd",
-    "bce_with_logits_fwd_grad",
-)
-cross_entropy_index_fwd_serial = serial_twin(cross_entropy_index_fwd)
-cross_entropy_index_fwd_grad_serial = serial_twin(cross_entropy_index_fwd_grad)
-cross_entropy_prob_fwd_serial = serial_twin(cross_entropy_prob_fwd)
-cross_entropy_prob_fwd_grad_serial = serial_twin(cross_entropy_prob_fwd_grad)
-bce_with_logits_fwd_serial = serial_twin(bce_with_logits_fwd)
-bce_with_logits_fwd_grad_serial = serial_twin(bce_with_logits_fwd_grad)
+# this module's kernels: the cross-entropy and BCE-with-logits ones of cpu.KERNELS
+KERNELS = tuple(k for k in CPU_KERNELS if k.startswith(("cross_entropy_", "bce_with_logits_")))
+serial_twins(globals(), KERNELS)
