@@ -658,7 +658,9 @@ def fig_higham(rows, path):
 def fig_cuda(doc, path):
     """Throughput per shape on the GPU: torch vs cestudy (best block size), with the measured
     copy bandwidth as the ceiling."""
-    rows = [r for r in doc.get("rows", []) if "ms" in r and r.get("dtype") == "float32"]
+    rows = [
+        r for r in doc.get("rows", []) if r.get("ms") is not None and r.get("dtype") == "float32"
+    ]
     if not rows:
         return False
     shapes = sorted({(r["n"], r["c"]) for r in rows}, key=lambda s: s[1])
