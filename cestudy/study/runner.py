@@ -262,24 +262,10 @@ def run_study(
         run_id = store.start_run(study.name, m)
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         since = now()
+        run = _Run(study, store, version, run_id, summary, owner, lease_s, force, since)
         try:
             with _Heartbeat(store.path, owner, lease_s):
-                _execute(
-                    study,
-                    store,
-                    todo,
-                    version,
-                    run_id,
-                    summary,
-                    jobs,
-                    executor,
-                    scheduler,
-                    quiet,
-                    owner,
-                    lease_s,
-                    force,
-                    since,
-                )
+                _execute(run, todo, jobs, executor, scheduler, quiet)
         finally:
             store.release(owner)
         store.finish_run(run_id)
@@ -302,9 +288,26 @@ def _progress(total, quiet, desc):
     )
 
 
-def _record(store, study, key, cell, version, run_id, result, summary, owner):
+@dataclass
+class _Run:
+    """What every cell of one ``run_study`` call shares: where and as whom it is claimed and
+    stored, and the summary its outcomes are counted in."""
+
+    study: spec.Study
+    store: Store
+    version: str
+    run_id: int
+    summary: Summary
+    owner: str
+    lease_s: float
+    force: bool
+    since: str
+
+
+def _record(run, key, cell, result):
     status, message, metrics = result
-    store.put(key, study.name, cell, version, status, message, metrics, run_id, owner=owner)
+    run.store.put(key, run.study.name, cell, run.version, *result, run.run_id, owner=run.owner)
+    summary = run.summary
     if status == "ok":
         summary.done += 1
     elif status == "skipped":
@@ -314,26 +317,11 @@ def _record(store, study, key, cell, version, run_id, result, summary, owner):
         summary.failed += 1
 
 
-def _execute(
-    study,
-    store,
-    todo,
-    version,
-    run_id,
-    summary,
-    jobs,
-    executor,
-    scheduler,
-    quiet,
-    owner,
-    lease_s,
-    force,
-    since,
-):
+def _execute(run, todo, jobs, executor, scheduler, quiet):
     """Claim, compute and store the cells of ``todo`` until every one has an outcome (from this
     runner or another), keeping at most two cells per worker in flight."""
     pool, close, width = _executor(executor, jobs, scheduler)
-    bar = _progress(len(todo), quiet, study.name)
+    bar = _progress(len(todo), quiet, run.study.name)
     pending = collections.deque(todo)  # cells this runner has not claimed
     held = []  # cells another live runner holds: looked at again later
     futures = {}
@@ -342,10 +330,10 @@ def _execute(
         """The next cell this runner may compute, claimed; None if none is free now."""
         while pending:
             key, cell = pending.popleft()
-            if store.claim(key, owner, lease_s, since, force):
+            if run.store.claim(key, run.owner, run.lease_s, run.since, run.force):
                 return key, cell
-            if store.settled_keys([key], since, force):
-                summary.by_others += 1  # another runner stored it meanwhile
+            if run.store.settled_keys([key], run.since, run.force):
+                run.summary.by_others += 1  # another runner stored it meanwhile
                 bar.update()
             else:
                 held.append((key, cell))
@@ -359,9 +347,7 @@ def _execute(
                     break
                 key, cell = nxt
                 if pool is None:
-                    _record(
-                        store, study, key, cell, version, run_id, _guarded(cell), summary, owner
-                    )
+                    _record(run, key, cell, _guarded(cell))
                     bar.update()
                 else:
                     futures[pool.submit(_guarded, cell)] = (key, cell)
@@ -373,14 +359,14 @@ def _execute(
                         result = fut.result()
                     except Exception as exc:  # a worker died: record and go on
                         result = ("error", f"worker failure: {type(exc).__name__}: {exc}", None)
-                    _record(store, study, key, cell, version, run_id, result, summary, owner)
+                    _record(run, key, cell, result)
                     bar.update()
             elif not held:
                 break
             else:
                 # only cells other runners hold are left: wait until they store them, or until
                 # their leases expire (their runner died) and they can be claimed here
-                time.sleep(min(1.0, lease_s / 10))
+                time.sleep(min(1.0, run.lease_s / 10))
             pending.extend(held)
             held.clear()
     finally:
