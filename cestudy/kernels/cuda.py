@@ -206,29 +206,25 @@ BIASED_ONE = F32(2.0**EXP_BIAS)  # exp(0) 2^96: a term at the maximum
 UNBIAS = 2.0**-EXP_BIAS
 EXP32_FLUSH = F32(-150.0)  # exp(-150) 2^96 = 2^-120.4 is still a normal float32
 _SHIFTER_BITS = 0x4B400000  # the bits of 1.5 * 2^23
-_LOG2E, _SHIFTER, _LN2_HI, _LN2_LO, _ONE, _ZERO = (
-    F32(v)
-    for v in (
-        1.4426950408889634,
-        12582912.0,
-        0.693145751953125,
-        math.log(2.0) - 0.693145751953125,
-        1,
-        0,
-    )
+
+
+def _f32s(*values):
+    """``values`` rounded to float32 (constants of the float32 exp)."""
+    return tuple(F32(v) for v in values)
+
+
+_LOG2E, _SHIFTER, _LN2_HI, _LN2_LO, _ONE, _ZERO = _f32s(
+    1.4426950408889634, 12582912.0, 0.693145751953125, math.log(2.0) - 0.693145751953125, 1, 0
 )
 # q(r) ~ (exp(r) - 1 - r) / r^2 on |r| <= ln2 / 2: the minimax coefficients of cpu_fast.py
 # (relative truncation 5e-11, 0.001 ulp)
-_Q0, _Q1, _Q2, _Q3, _Q4, _Q5 = (
-    F32(v)
-    for v in (
-        0.5,
-        0.1666666567325592,
-        0.04166629910469055,
-        0.008333495818078518,
-        0.001394452410750091,
-        0.00019791295926552266,
-    )
+_Q0, _Q1, _Q2, _Q3, _Q4, _Q5 = _f32s(
+    0.5,
+    0.1666666567325592,
+    0.04166629910469055,
+    0.008333495818078518,
+    0.001394452410750091,
+    0.00019791295926552266,
 )
 _NEG_INF32 = F32(-np.inf)
 _NAN32 = F32(np.nan)
@@ -711,6 +707,21 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
             return True, math.nan
         return skip, fill
 
+    @cuda.jit(device=True)
+    def class_row_start(x, target, weight, ignore_index, tpr):
+        """The class-index kernels' start: the thread's place (``locate``), the class count, the
+        row's target (``class_target``: y, ignored, valid), x_y in the working dtype, the row's
+        (m, S, k), the target's class weight and ``tpr``: the tuple that the row losses of
+        ``class_index_kernel`` take. x_y is read before the row statistics: with the
+        gradient written in place, no read of the row may follow the group reduction."""
+        tid, lane, base, i, active, r = locate(x.shape[0], tpr)
+        nc = x.shape[1]
+        y, ignored, valid, yy = class_target(target, r, ignore_index, nc)
+        xy = load(x, r, yy)
+        m, tot, ties, k = row_stats(x, r, tid, lane, tpr, base)
+        s = stats_s(tot, ties)
+        return tid, lane, base, i, active, r, nc, y, ignored, valid, xy, m, s, k, weight[yy], tpr
+
     # ---- kernels -------------------------------------------------------------------------
     @cuda.jit(device=True)
     def ce_elem(v, j, y, gy, m, hi, lo, post):
@@ -728,29 +739,13 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
             return gj + c_smooth * argmax_grad(wsum, wj, s, z)
         return gj + c_smooth * (wsum * p - wj)
 
-    def ce_index(
-        x,
-        target,
-        weight,
-        ignore_index,
-        eps,
-        gscale,
-        use_denom,
-        with_grad,
-        tpr,
-        mode,
-        out_loss,
-        out_grad,
-        ws,
-    ):
-        tid, lane, base, i, active, r = locate(x.shape[0], tpr)
-        nc = x.shape[1]
-        y, ignored, valid, yy = class_target(target, r, ignore_index, nc)
-        xy = load(x, r, yy)
-        m, tot, ties, k = row_stats(x, r, tid, lane, tpr, base)
-        s = stats_s(tot, ties)
+    @cuda.jit(device=True)
+    def ce_index_row(x, row, weight, eps, gscale, use_denom, with_grad, out_grad, ws):
+        """The class-index cross-entropy (label smoothing ``eps``) of ``class_row_start``'s
+        ``row``, its gradient row written when asked; returns the row's loss (its fill when
+        skipped)."""
+        tid, lane, base, i, active, r, nc, y, ignored, valid, xy, m, s, k, w, tpr = row
         L = math.log1p(s) if s == s else math.nan
-        w = weight[yy]
         loss = w * neg_log_prob(float64(xy), float64(m), L)
         wsum = 0.0
         if eps != 0.0:
@@ -810,34 +805,28 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
                             weight[j],
                         ),
                     )
-        emit_row(mode, writer, i, fill if skip else loss, 0.0 if ignored else w, out_loss, ws)
+        return fill if skip else loss
 
     @cuda.jit(device=True)
     def soft_row_start(x, tpr):
-        """The soft-target kernels' start: the thread's place (``locate``), the class count and
-        the row's (m, S, k). (The class-index kernels read x_y before the row statistics: with
-        the gradient written in place, no read of the row may follow the group reduction.)"""
+        """The soft-target kernels' start: the thread's place (``locate``), the class count, the
+        row's (m, S, k) and ``tpr``, the tuple that ``soft_row_end`` takes. (The class-index
+        kernels read x_y before the row statistics: with the gradient written in place, no read
+        of the row may follow the group reduction.)"""
         tid, lane, base, i, active, r = locate(x.shape[0], tpr)
         m, tot, ties, k = row_stats(x, r, tid, lane, tpr, base)
-        return tid, lane, base, i, active, r, x.shape[1], m, stats_s(tot, ties), k
+        return tid, lane, base, i, active, r, x.shape[1], m, stats_s(tot, ties), k, tpr
 
     @cuda.jit(device=True)
     def soft_row_end(
         x,
-        r,
-        i,
+        row,
         target,
         weight,
         eps,
         weighted,
-        m,
-        s,
-        k,
         a_sum,
         neg,
-        active,
-        lane,
-        tpr,
         gscale,
         use_denom,
         with_grad,
@@ -847,7 +836,8 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
         """The soft-target kernels' ending: the row guard (NaN for a NaN row or a negative
         target, which is also counted) and the gradient A p_j - a_j, the argmax entry without
         cancellation; a_j is the smoothed, weighted target (``weighted``) or the target itself.
-        Returns (skip, fill)."""
+        ``row`` is what ``soft_row_start`` returned. Returns (skip, fill)."""
+        _, lane, _, i, active, r, nc, m, s, k, tpr = row
         skip, fill = row_guard(False, s != s or neg > 0, float64(m))
         flag(ws, WS_BAD_VALUE, active and lane == 0, neg > 0)
         if with_grad and active and skip:
@@ -856,7 +846,6 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
             gs = grad_factor(gscale, use_denom, ws)
             z = 1.0 + s
             iz = BIAS_DOWN / z
-            nc = x.shape[1]
             for j in range(lane, nc, tpr):
                 t = float64(target[r, j])
                 a = soft_target(weight[j], t, eps, nc) if weighted else t
@@ -870,8 +859,9 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
     def ce_prob(
         x, target, weight, eps, gscale, use_denom, with_grad, tpr, mode, out_loss, out_grad, ws
     ):
-        tid, lane, base, i, active, r, nc, m, s, k = soft_row_start(x, tpr)
-        sa = ca = st = ct = 0.0  # compensated sums of a_j and of a_j (m - x_j)
+        row = soft_row_start(x, tpr)
+        tid, lane, base, i, active, r, nc, m, s, k, _ = row
+        sa = ca = st = ct = 0.0  # compensated sums of a_j (A) and of a_j (m - x_j)
         neg = 0
         for j in range(lane, nc, tpr):
             tj = float64(target[r, j])
@@ -882,34 +872,16 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
                 hi, lo = two_diff(float64(m), float64(load(x, r, j)))
                 st, ct = neumaier_add(st, ct, a * hi)
                 ct += a * lo
-        a_sum, t_sum, neg, _ = group_sums(sa + ca, st + ct, neg, 0, tid, lane, tpr, base)
+        A, t_sum, neg, _ = group_sums(sa + ca, st + ct, neg, 0, tid, lane, tpr, base)
         skip, fill = soft_row_end(
-            x,
-            r,
-            i,
-            target,
-            weight,
-            eps,
-            True,
-            m,
-            s,
-            k,
-            a_sum,
-            neg,
-            active,
-            lane,
-            tpr,
-            gscale,
-            use_denom,
-            with_grad,
-            out_grad,
-            ws,
+            x, row, target, weight, eps, True, A, neg, gscale, use_denom, with_grad, out_grad, ws
         )
-        loss = t_sum + a_sum * math.log1p(s) if not skip else fill
+        loss = t_sum + A * math.log1p(s) if not skip else fill
         emit_row(mode, active and lane == 0, i, loss, 1.0, out_loss, ws)
 
     def kl(x, target, gscale, use_denom, with_grad, tpr, mode, out_loss, out_grad, ws):
-        tid, lane, base, i, active, r, nc, m, s, k = soft_row_start(x, tpr)
+        row = soft_row_start(x, tpr)
+        tid, lane, base, i, active, r, nc, m, s, k, _ = row
         L = math.log1p(s) if s == s else math.nan
         ks = kc = ps = pc = 0.0  # compensated sums of the KL terms and of p_j
         neg = 0
@@ -921,52 +893,17 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
             ps, pc = neumaier_add(ps, pc, p)
         total, p_sum, neg, _ = group_sums(ks + kc, ps + pc, neg, 0, tid, lane, tpr, base)
         skip, fill = soft_row_end(
-            x,
-            r,
-            i,
-            target,
-            ws,
-            0.0,
-            False,
-            m,
-            s,
-            k,
-            p_sum,
-            neg,
-            active,
-            lane,
-            tpr,
-            gscale,
-            use_denom,
-            with_grad,
-            out_grad,
-            ws,
+            x, row, target, ws, 0.0, False, p_sum, neg, gscale, use_denom, with_grad, out_grad, ws
         )
         emit_row(mode, active and lane == 0, i, fill if skip else total, 1.0, out_loss, ws)
 
-    def focal_softmax(
-        x,
-        target,
-        weight,
-        ignore_index,
-        gamma,
-        gscale,
-        use_denom,
-        with_grad,
-        tpr,
-        mode,
-        out_loss,
-        out_grad,
-        ws,
-    ):
-        tid, lane, base, i, active, r = locate(x.shape[0], tpr)
-        nc = x.shape[1]
-        y, ignored, valid, yy = class_target(target, r, ignore_index, nc)
-        xy = float64(load(x, r, yy))
-        m, tot, ties, k = row_stats(x, r, tid, lane, tpr, base)
-        s = stats_s(tot, ties)
+    @cuda.jit(device=True)
+    def focal_softmax_row(x, row, weight, gamma, gscale, use_denom, with_grad, out_grad, ws):
+        """The softmax focal loss (focusing ``gamma``) of ``class_row_start``'s ``row``, its
+        gradient row written when asked; returns the row's loss (its fill when skipped)."""
+        tid, lane, base, i, active, r, nc, y, ignored, valid, xv, m, s, k, w, tpr = row
+        xy = float64(xv)
         m64 = float64(m)
-        w = weight[yy]
         writer = active and lane == 0
         skip, fill = class_row_guard(ws, writer, ignored, valid, w, s, m)
         z = 1.0 + s
@@ -984,7 +921,38 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
             for j in range(lane, nc, tpr):
                 p = prob(load(x, r, j), m, z, iz)
                 put(out_grad, i, j, focal_grad(j == y, p, a, a_gamma, inner, w) * gs)
-        emit_row(mode, writer, i, fill if skip else loss, 0.0 if ignored else w, out_loss, ws)
+        return fill if skip else loss
+
+    def class_index_kernel(row_loss):
+        """A class-index row kernel: ``class_row_start``, then ``row_loss(x, row, weight, p,
+        gscale, use_denom, with_grad, out_grad, ws)`` with the loss's own parameter ``p``
+        (``ce_index_row``, ``focal_softmax_row``), then the row's loss stored or reduced with
+        the row's weight (0 when ignored)."""
+
+        def kernel(
+            x,
+            target,
+            weight,
+            ignore_index,
+            p,
+            gscale,
+            use_denom,
+            with_grad,
+            tpr,
+            mode,
+            out_loss,
+            out_grad,
+            ws,
+        ):
+            row = class_row_start(x, target, weight, ignore_index, tpr)
+            loss = row_loss(x, row, weight, p, gscale, use_denom, with_grad, out_grad, ws)
+            _, lane, _, i, active, _, _, _, ignored, _, _, _, _, _, w, _ = row
+            emit_row(mode, active and lane == 0, i, loss, 0.0 if ignored else w, out_loss, ws)
+
+        return kernel
+
+    ce_index = class_index_kernel(ce_index_row)
+    focal_softmax = class_index_kernel(focal_softmax_row)
 
     # ---- element-wise kernels ------------------------------------------------------------
     @cuda.jit(device=True)
