@@ -117,6 +117,11 @@ def _agg(rows, key_fields, metric, how=max):
 MAX_CAP = 1e30  # beyond this a log axis of ulps tells nothing more (and 1e308 breaks it)
 
 
+def _series(ax, xs, ys, colour, label):
+    """One series in the figures' usual style: a line with small dots."""
+    ax.plot(xs, ys, "-o", ms=3, color=colour, label=label)
+
+
 def _clip_inf(v, cap=INF_ULP):
     """The value drawn for an error: ``cap`` where it is infinite or beyond the cap, at least
     1e-3 (exact)."""
@@ -166,13 +171,8 @@ def fig_error_vs_scale(rows, path, variant="cross_entropy"):
         for impl in impls:
             scales = sorted(k[2] for k in mx if k[0] == dt and k[1] == impl)
             c = COLOURS.get(impl, "k")
-            ax.plot(
-                scales,
-                [_clip_inf(mx[(dt, impl, s)], cap) for s in scales],
-                "-o",
-                color=c,
-                label=f"{impl} max",
-                ms=3,
+            _series(
+                ax, scales, [_clip_inf(mx[(dt, impl, s)], cap) for s in scales], c, f"{impl} max"
             )
             ax.plot(
                 scales,
@@ -287,13 +287,12 @@ def fig_nonfinite(rows, path, variant="cross_entropy"):
     for ax, dt in zip(axes[0], dtypes):
         for impl in _ordered({k[1] for k in frac if k[0] == dt}, IMPL_ORDER):
             scales = sorted(k[2] for k in frac if k[0] == dt and k[1] == impl)
-            ax.plot(
+            _series(
+                ax,
                 scales,
                 [100 * frac[(dt, impl, s)] for s in scales],
-                "-o",
-                ms=3,
-                color=COLOURS.get(impl, "k"),
-                label=impl,
+                COLOURS.get(impl, "k"),
+                impl,
             )
     return _log_x_panels(
         fig,
@@ -387,17 +386,8 @@ def fig_true_class_gradient(rows, path, variant="cross_entropy"):
         for impl in _ordered({k[1] for k in err if k[0] == dt}, IMPL_ORDER):
             ms = sorted(k[2] for k in err if k[0] == dt and k[1] == impl)
             c = COLOURS.get(impl, "k")
-            axes[0][j].plot(
-                ms,
-                [_clip_inf(err[(dt, impl, m)], cap) for m in ms],
-                "-o",
-                ms=3,
-                color=c,
-                label=impl,
-            )
-            axes[1][j].plot(
-                ms, [100 * van.get((dt, impl, m), 0) for m in ms], "-o", ms=3, color=c, label=impl
-            )
+            _series(axes[0][j], ms, [_clip_inf(err[(dt, impl, m)], cap) for m in ms], c, impl)
+            _series(axes[1][j], ms, [100 * van.get((dt, impl, m), 0) for m in ms], c, impl)
         axes[0][j].set_yscale("log")
         axes[0][j].set_xscale("log")
         axes[0][j].axhline(4, color="k", lw=0.8, ls="--")
@@ -460,12 +450,8 @@ def fig_imbalance(rows, path):
                 continue
             # no minority sample drawn: the shares are not applicable there
             ratios = [x for x in sorted(d) if d[x][2] > 0]
-            axes[0][j].plot(
-                ratios, [100 * d[x][0] for x in ratios], "-o", ms=3, color=cmap(i % 10), label=lab
-            )
-            axes[1][j].plot(
-                ratios, [100 * d[x][1] for x in ratios], "-o", ms=3, color=cmap(i % 10), label=lab
-            )
+            _series(axes[0][j], ratios, [100 * d[x][0] for x in ratios], cmap(i % 10), lab)
+            _series(axes[1][j], ratios, [100 * d[x][1] for x in ratios], cmap(i % 10), lab)
             sample = [(x, 100 * d[x][2]) for x in ratios]
         for ax in axes[:, j]:
             if sample:
@@ -788,14 +774,7 @@ def fig_training_bacc(rows, path):
                 if r["p_loss"] == loss:
                     pts.setdefault(r["p_imbalance"], []).append(_num(r["balanced_accuracy"]))
             xs = sorted(pts)
-            ax.plot(
-                xs,
-                [np.nanmean(pts[x]) for x in xs],
-                "-o",
-                ms=3,
-                color=LOSS_COLOURS.get(loss, "k"),
-                label=loss,
-            )
+            _series(ax, xs, [np.nanmean(pts[x]) for x in xs], LOSS_COLOURS.get(loss, "k"), loss)
     return _log_x_panels(
         fig,
         axes,

@@ -84,6 +84,11 @@ def _shape(r) -> str:
     return f"{r['p_tokens']} x {r['p_hidden']} x {r['p_vocab']}"
 
 
+def _measured(hr, f, *metrics):
+    """The rows of ``hr`` in which formulation ``f`` measured every one of ``metrics``."""
+    return [r for r in hr if not any(math.isnan(_get(r, f, m)) for m in metrics)]
+
+
 def _present(hr):
     return [f for f in FORMULATIONS if any(not math.isnan(_get(r, f, "loss_rel_err")) for r in hr)]
 
@@ -181,10 +186,8 @@ def filter_table(hr) -> str:
         "bias / decrease",
     ]
     rows = []
-    for r in hr:
-        f = "fused_filtered"
-        if math.isnan(_get(r, f, "dropped_mass")):
-            continue
+    f = "fused_filtered"
+    for r in _measured(hr, f, "dropped_mass"):
         rows.append(
             (
                 _shape(r),
@@ -375,7 +378,7 @@ def confident_sentence(hr):
 
 
 def filter_sentence(hr):
-    rs = [r for r in hr if not math.isnan(_get(r, "fused_filtered", "dropped_mass"))]
+    rs = _measured(hr, "fused_filtered", "dropped_mass")
     if not rs:
         return None
     worst = max(rs, key=lambda r: _get(r, "fused_filtered", "dropped_mass"))
@@ -391,7 +394,7 @@ def filter_sentence(hr):
 
 
 def memory_sentence(hr):
-    rs = [r for r in hr if not math.isnan(_get(r, "fused", "traced_peak"))]
+    rs = _measured(hr, "fused", "traced_peak")
     if not rs:
         return None
     big = max(rs, key=lambda r: r["p_tokens"] * r["p_vocab"])
@@ -409,12 +412,7 @@ def memory_sentence(hr):
 
 
 def speed_sentence(hr):
-    rs = [
-        r
-        for r in hr
-        if not math.isnan(_get(r, "fused", "seconds"))
-        and not math.isnan(_get(r, "torch_chunked", "seconds"))
-    ]
+    rs = _measured(_measured(hr, "fused", "seconds"), "torch_chunked", "seconds")
     if not rs:
         return None
     big = max(rs, key=lambda r: r["p_tokens"] * r["p_hidden"] * r["p_vocab"])
