@@ -78,10 +78,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from . import scalar
-from .cpu import (
-    KERNELS as CPU_KERNELS,
-)
+from . import cpu, scalar
 from .cpu import (
     argmax_grad,
     bcast_row,
@@ -171,30 +168,44 @@ _Q5 = F32(0.00019791295926552266)
 
 
 @njit(**_FMA)
-def two_diff_f32(a, b):
-    """``(hi, lo)`` with ``hi = fl(a - b)`` and ``hi + lo = a - b`` exactly (TwoSum, float32)."""
+def two_diff_lanes(a, b):
+    """``(hi, lo)`` with ``hi = fl(a - b)`` and ``hi + lo = a - b`` exactly (TwoSum in the
+    arguments' float type, no branch, so that loops over it vectorise; non-finite ``hi`` gives a
+    meaningless ``lo``)."""
     s = a - b
     bb = s - a
     err = (a - (s - bb)) + (-b - bb)
     return s, err
 
 
+two_diff_f32 = two_diff_f64 = two_diff_lanes  # the names the float32 / float64 paths use
+
+
+# (float type, its bits' int type, LLVM int width, LLVM float type, mantissa bits, exponent bias)
+_WIDTHS = {
+    types.float32: (types.int32, 32, ir.FloatType(), 23, 127),
+    types.float64: (types.int64, 64, ir.DoubleType(), 52, 1023),
+}
+
+
 @intrinsic
 def _pow2_biased(typingctx, t):
-    """2^(n + EXP_BIAS) as float32 for t = fl(v + 1.5 * 2^23), n = t - 1.5 * 2^23 an integer in
-    [-222, 30]: t's low mantissa bits hold n, so (bits(t) << 23) = n << 23 modulo 2^32 (the bits
-    of 1.5 * 2^23 shift out), and adding the biased exponent gives the float's bits."""
-    if t != types.float32:
+    """2^(n + EXP_BIAS) in t's type for t = fl(v + 1.5 * 2^p), p the mantissa bits (23, 52),
+    n = t - 1.5 * 2^p an integer in [-222, 30] (float32) or [-1118, 927] (float64): t's low
+    mantissa bits hold n, so (bits(t) << p) = n << p modulo 2^32 (2^64) (the bits of
+    1.5 * 2^p shift out), and adding the biased exponent gives the float's bits."""
+    if t not in _WIDTHS:
         return None
+    _, width, llvm_float, mant, bias = _WIDTHS[t]
 
     def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        b = builder.shl(builder.bitcast(args[0], i32), ir.Constant(i32, 23))
+        iw = ir.IntType(width)
+        b = builder.shl(builder.bitcast(args[0], iw), ir.Constant(iw, mant))
         return builder.bitcast(
-            builder.add(b, ir.Constant(i32, (127 + EXP_BIAS) << 23)), ir.FloatType()
+            builder.add(b, ir.Constant(iw, (bias + EXP_BIAS) << mant)), llvm_float
         )
 
-    return types.float32(types.float32), codegen
+    return t(t), codegen
 
 
 @njit(**_FMA)
@@ -222,37 +233,44 @@ def exp_f32_biased(hi, lo):
 # --------------------------------------------------------------------------------------------
 # Block primitives (each one loop LLVM vectorises)
 # --------------------------------------------------------------------------------------------
+def _flip_sign_bits(builder, b, width):
+    """bits ^ ((bits >> (width - 1)) & (2^(width - 1) - 1)) on an int of ``width`` bits."""
+    iw = ir.IntType(width)
+    sign = builder.and_(
+        builder.ashr(b, ir.Constant(iw, width - 1)), ir.Constant(iw, (1 << (width - 1)) - 1)
+    )
+    return builder.xor(b, sign)
+
+
 @intrinsic
 def _order_key(typingctx, x):
-    """The int32 key of a float32 that orders as the float does (-0 just below +0; NaNs with
-    the sign bit clear above +inf, with it set below -inf): bits ^ ((bits >> 31) & 0x7fffffff).
-    An intrinsic so that the arithmetic stays in int32 lanes (numba widens int32 to int64)."""
-    if x != types.float32:
+    """The int key of a float32 (int32) or float64 (int64) that orders as the float does (-0
+    just below +0; NaNs with the sign bit clear above +inf, with it set below -inf):
+    bits ^ ((bits >> 31) & 0x7fffffff) for float32. An intrinsic so that the arithmetic stays in
+    int32 lanes for float32 (numba widens int32 to int64)."""
+    if x not in _WIDTHS:
         return None
+    int_type, width, _, _, _ = _WIDTHS[x]
 
     def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        b = builder.bitcast(args[0], i32)
-        sign = builder.and_(builder.ashr(b, ir.Constant(i32, 31)), ir.Constant(i32, 0x7FFFFFFF))
-        return builder.xor(b, sign)
+        return _flip_sign_bits(builder, builder.bitcast(args[0], ir.IntType(width)), width)
 
-    return types.int32(types.float32), codegen
+    return int_type(x), codegen
 
 
 @intrinsic
 def _key_value(typingctx, k):
-    """The float32 whose :func:`_order_key` is ``k`` (the key map is its own inverse)."""
-    if k != types.int32:
+    """The float whose :func:`_order_key` is ``k`` (the key map is its own inverse): float32
+    for an int32 key, float64 for an int64 one."""
+    float_type = {w[0]: f for f, w in _WIDTHS.items()}.get(k)
+    if float_type is None:
         return None
+    _, width, llvm_float, _, _ = _WIDTHS[float_type]
 
     def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        sign = builder.and_(
-            builder.ashr(args[0], ir.Constant(i32, 31)), ir.Constant(i32, 0x7FFFFFFF)
-        )
-        return builder.bitcast(builder.xor(args[0], sign), ir.FloatType())
+        return builder.bitcast(_flip_sign_bits(builder, args[0], width), llvm_float)
 
-    return types.float32(types.int32), codegen
+    return float_type(k), codegen
 
 
 _KEY_POSINF = np.int32(0x7F800000)  # keys above: NaNs with the sign bit clear
@@ -302,26 +320,20 @@ def first_index_of(x, m):
 @njit(**_SUM)
 def _exp_block_f32(x, m, out):
     """out_j = exp(x_j - m) 2^96 (float32, from the exact difference) for x_j <= m; returns the
-    number of terms equal to 2^96 (x_j == m, or so close that exp rounds to 1)."""
+    number of terms equal to 2^96 (x_j == m, or so close that exp rounds to 1).
+
+    ``out=None`` writes over ``x`` itself: a test numba prunes at compile time, so that the loop
+    reads and writes one array. LLVM guards a loop that reads one array and writes another with
+    a runtime overlap check and, when they are the same memory, runs it scalar (5x slower);
+    reading and writing one array it vectorises."""
     ties = _ZERO
     for j in range(x.shape[0]):
         hi, lo = two_diff_f32(x[j], m)
         e = exp_f32_biased(hi, lo)
-        out[j] = e
-        ties += _ONE if e == BIASED_ONE else _ZERO
-    return np.float64(ties)
-
-
-@njit(**_SUM)
-def _exp_block_inplace_f32(x, m):
-    """:func:`_exp_block_f32` writing over ``x`` itself. A separate loop because LLVM guards a loop
-    that reads one array and writes another with a runtime overlap check and, when they are the
-    same memory, runs it scalar (5x slower); reading and writing one array it vectorises."""
-    ties = _ZERO
-    for j in range(x.shape[0]):
-        hi, lo = two_diff_f32(x[j], m)
-        e = exp_f32_biased(hi, lo)
-        x[j] = e
+        if out is None:  # pruned at compile time
+            x[j] = e
+        else:
+            out[j] = e
         ties += _ONE if e == BIASED_ONE else _ZERO
     return np.float64(ties)
 
@@ -364,33 +376,6 @@ _BIASED_ONE64 = 2.0**EXP_BIAS
 
 
 @njit(**_FMA)
-def two_diff_f64(a, b):
-    """``(hi, lo)`` with ``hi = fl(a - b)`` and ``hi + lo = a - b`` exactly (TwoSum, no branch,
-    so that loops over it vectorise; non-finite ``hi`` gives a meaningless ``lo``)."""
-    s = a - b
-    bb = s - a
-    err = (a - (s - bb)) + (-b - bb)
-    return s, err
-
-
-@intrinsic
-def _pow2_biased64(typingctx, t):
-    """2^(n + EXP_BIAS) as float64 for t = fl(v + 1.5 * 2^52), n = t - 1.5 * 2^52 in
-    [-1118, 927] (see :func:`_pow2_biased`)."""
-    if t != types.float64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        b = builder.shl(builder.bitcast(args[0], i64), ir.Constant(i64, 52))
-        return builder.bitcast(
-            builder.add(b, ir.Constant(i64, (1023 + EXP_BIAS) << 52)), ir.DoubleType()
-        )
-
-    return types.float64(types.float64), codegen
-
-
-@njit(**_FMA)
 def exp_f64_biased(hi, lo):
     """exp(hi + lo) * 2^96 in float64 for hi <= 0 and |lo| <= ulp(hi): within 0.55 ulp down to
     hi = -770, 0 below (and for -inf / NaN). The scheme of :func:`exp_f32_biased`: r1 exact,
@@ -414,40 +399,7 @@ def exp_f64_biased(hi, lo):
     s1 = 1.0 + r1
     es = (1.0 - s1) + r1
     p = s1 + ((r * r) * q + (es + c))
-    return p * _pow2_biased64(t) if hi >= EXP64_FLUSH else 0.0
-
-
-@intrinsic
-def _order_key64(typingctx, x):
-    """:func:`_order_key` for float64: an int64 key that orders as the float does."""
-    if x != types.float64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        b = builder.bitcast(args[0], i64)
-        sign = builder.and_(
-            builder.ashr(b, ir.Constant(i64, 63)), ir.Constant(i64, 0x7FFFFFFFFFFFFFFF)
-        )
-        return builder.xor(b, sign)
-
-    return types.int64(types.float64), codegen
-
-
-@intrinsic
-def _key_value64(typingctx, k):
-    """The float64 whose :func:`_order_key64` is ``k``."""
-    if k != types.int64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        i64 = ir.IntType(64)
-        sign = builder.and_(
-            builder.ashr(args[0], ir.Constant(i64, 63)), ir.Constant(i64, 0x7FFFFFFFFFFFFFFF)
-        )
-        return builder.bitcast(builder.xor(args[0], sign), ir.DoubleType())
-
-    return types.float64(types.int64), codegen
+    return p * _pow2_biased(t) if hi >= EXP64_FLUSH else 0.0
 
 
 @intrinsic
@@ -484,36 +436,26 @@ def row_max_f64(x):
     hi = np.int64(-9223372036854775808)
     lo = np.int64(9223372036854775807)
     for j in range(x.shape[0]):
-        key = _order_key64(x[j])
+        key = _order_key(x[j])
         hi = max(hi, key)
         lo = min(lo, key)
-    return _key_value64(hi), hi > _KEY64_POSINF or lo < _KEY64_NEGINF
+    return _key_value(hi), hi > _KEY64_POSINF or lo < _KEY64_NEGINF
 
 
 @njit(**_SUM)
 def _exp_block_f64(x, m, out):
     """out_j = exp(x_j - m) 2^96 (float64, from the exact difference); returns the number of
-    terms equal to 2^96 and the bits of the largest term below it (see :func:`_sum_below_f64`)."""
+    terms equal to 2^96 and the bits of the largest term below it (see :func:`_sum_below_f64`).
+    ``out=None`` writes over ``x`` (see :func:`_exp_block_f32`)."""
     ties = 0.0
     top = np.int64(0)
     for j in range(x.shape[0]):
         hi, lo = two_diff_f64(x[j], m)
         e = exp_f64_biased(hi, lo)
-        out[j] = e
-        ties += 1.0 if e >= _BIASED_ONE64 else 0.0
-        top = max(top, _bits_below(e))
-    return ties, top
-
-
-@njit(**_SUM)
-def _exp_block_inplace_f64(x, m):
-    """:func:`_exp_block_f64` writing over ``x`` (see :func:`_exp_block_inplace_f32`)."""
-    ties = 0.0
-    top = np.int64(0)
-    for j in range(x.shape[0]):
-        hi, lo = two_diff_f64(x[j], m)
-        e = exp_f64_biased(hi, lo)
-        x[j] = e
+        if out is None:  # pruned at compile time
+            x[j] = e
+        else:
+            out[j] = e
         ties += 1.0 if e >= _BIASED_ONE64 else 0.0
         top = max(top, _bits_below(e))
     return ties, top
@@ -540,7 +482,7 @@ def _sum_below_f64(e, top):
     at least 2^E. Blocks hold at most 4096 terms (BLOCK)."""
     if top == 0:
         return 0.0
-    sigma = _key_value64(((top >> 52) + 14) << 52)  # a positive float's key is its bits
+    sigma = _key_value(((top >> 52) + 14) << 52)  # a positive float's key is its bits
     hi = 0.0
     lo = 0.0
     for j in range(e.shape[0]):
@@ -602,8 +544,8 @@ def _ov_exp_block(x, m, out):
 @overload(exp_block_inplace, jit_options=_ROW)
 def _ov_exp_block_inplace(x, m):
     if x.dtype == types.float32:
-        return lambda x, m: (_exp_block_inplace_f32(x, m), np.int64(0))
-    return lambda x, m: _exp_block_inplace_f64(x, m)
+        return lambda x, m: (_exp_block_f32(x, m, None), np.int64(0))
+    return lambda x, m: _exp_block_f64(x, m, None)
 
 
 @overload(sum_below, jit_options=_ROW)
@@ -651,7 +593,7 @@ _BITS_INF64 = np.int64(0x7FF0000000000000)
 @njit(**_ROW)
 def _split_scale(top):
     """sigma = 2^(E + 14) for the largest term's bits ``top`` (see :func:`_sum_below_f64`)."""
-    return _key_value64(((top >> 52) + 14) << 52)
+    return _key_value(((top >> 52) + 14) << 52)
 
 
 @njit(**_SUM)
@@ -1186,14 +1128,15 @@ def log1p_unit(e):
 
 
 @njit(**_SUM)
-def _bce_row_f32(x, t, w, pw, grad_scale, lrow, g):
+def _bce_row_f32(x, t, w, pw, grad_scale, lrow, g, over_x):
     """One float32 row of BCE with logits, in float64: loss =
     w (pw t softplus(-x) + (1 - t) softplus(x)) with softplus(+-x) = max(+-x, 0) + log1p(e),
     e = exp(-|x|) (one exp, one log1p), and w ((1 - t) s(x) - pw t s(-x)). Losses into
     ``lrow`` and gradients into ``g`` unless they are None (a test numba prunes at compile
-    time: a flag tested in the loop would keep LLVM from vectorising it); returns the row sum
-    (float64 partial sums of non-negative terms: relative error <= C 2^-53, far below a float32
-    ulp)."""
+    time: a flag tested in the loop would keep LLVM from vectorising it); with ``over_x`` not
+    None (``g`` None) the gradients are written over ``x``, one array read and written, which
+    LLVM vectorises (see :func:`_exp_block_f32`). Returns the row sum (float64 partial sums of
+    non-negative terms: relative error <= C 2^-53, far below a float32 ulp)."""
     total = 0.0
     for j in range(x.shape[0]):
         v = np.float64(x[j])
@@ -1206,34 +1149,15 @@ def _bce_row_f32(x, t, w, pw, grad_scale, lrow, g):
         total += loss
         if lrow is not None:  # pruned at compile time when None
             lrow[j] = loss
-        if g is not None:  # pruned at compile time when None
+        if g is not None or over_x is not None:  # pruned at compile time when both None
             r = 1.0 / (1.0 + e)
             sig_pos = r if v >= 0.0 else e * r
             sig_neg = e * r if v >= 0.0 else r
-            g[j] = np.float32(w[j] * ((1.0 - tj) * sig_pos - pw[j] * tj * sig_neg) * grad_scale)
-    return total
-
-
-@njit(**_SUM)
-def _bce_row_inplace_f32(x, t, w, pw, grad_scale, lrow):
-    """:func:`_bce_row_f32` with the gradient written over ``x`` (one array read and written,
-    which LLVM vectorises; see :func:`_exp_block_inplace_f32`)."""
-    total = 0.0
-    for j in range(x.shape[0]):
-        v = np.float64(x[j])
-        tj = np.float64(t[j])
-        e = exp_neg(-abs(v))
-        lp = log1p_unit(e)
-        sp_pos = max(v, 0.0) + lp
-        sp_neg = max(-v, 0.0) + lp
-        loss = w[j] * (pw[j] * tj * sp_neg + (1.0 - tj) * sp_pos)
-        total += loss
-        if lrow is not None:  # pruned at compile time when None
-            lrow[j] = loss
-        r = 1.0 / (1.0 + e)
-        sig_pos = r if v >= 0.0 else e * r
-        sig_neg = e * r if v >= 0.0 else r
-        x[j] = np.float32(w[j] * ((1.0 - tj) * sig_pos - pw[j] * tj * sig_neg) * grad_scale)
+            gj = np.float32(w[j] * ((1.0 - tj) * sig_pos - pw[j] * tj * sig_neg) * grad_scale)
+            if over_x is None:  # pruned at compile time
+                g[j] = gj
+            else:
+                x[j] = gj
     return total
 
 
@@ -1402,7 +1326,7 @@ def bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch):
 def _ov_bce_row(x, t, w, pw, grad_scale, lrow, g, scratch):
     if x.dtype == types.float32:
         return lambda x, t, w, pw, grad_scale, lrow, g, scratch: _bce_row_f32(
-            x, t, w, pw, grad_scale, lrow, g
+            x, t, w, pw, grad_scale, lrow, g, None
         )
     return lambda x, t, w, pw, grad_scale, lrow, g, scratch: _bce_row_f64(
         x, t, w, pw, grad_scale, False, lrow, g, scratch
@@ -1412,8 +1336,8 @@ def _ov_bce_row(x, t, w, pw, grad_scale, lrow, g, scratch):
 @overload(bce_row_inplace, jit_options=_ROW)
 def _ov_bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch):
     if x.dtype == types.float32:
-        return lambda x, t, w, pw, grad_scale, lrow, scratch: _bce_row_inplace_f32(
-            x, t, w, pw, grad_scale, lrow
+        return lambda x, t, w, pw, grad_scale, lrow, scratch: _bce_row_f32(
+            x, t, w, pw, grad_scale, lrow, None, True
         )
     return lambda x, t, w, pw, grad_scale, lrow, scratch: _bce_row_f64(
         x, t, w, pw, grad_scale, True, lrow, x, scratch
@@ -1485,5 +1409,5 @@ def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out
 # Serial twins (no thread start-up: for small calls)
 # --------------------------------------------------------------------------------------------
 # this module's kernels: the cross-entropy and BCE-with-logits ones of cpu.KERNELS
-KERNELS = tuple(k for k in CPU_KERNELS if k.startswith(("cross_entropy_", "bce_with_logits_")))
+KERNELS = tuple(k for k in cpu.KERNELS if k.startswith(("cross_entropy_", "bce_with_logits_")))
 serial_twins(globals(), KERNELS)
