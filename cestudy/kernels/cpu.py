@@ -222,6 +222,24 @@ def bcast_row(a, i):
 # Softmax cross-entropy with class-index targets
 # --------------------------------------------------------------------------------------------
 @njit(**_OPTS)
+def index_grad_entry(p, j, y, k, w_j, wsum, s, z, eps, c_true, c_smooth):
+    """d loss / d x_j of a class-index row, before the ``grad_scale`` in ``c_true`` and
+    ``c_smooth``: c_true (p_j - [j == y]) + c_smooth (W p_j - w_j), with p_y - 1 = -S / (1 + S)
+    when y is the argmax k and the smoothing term at k by :func:`argmax_grad` (no cancellation).
+    ``p`` = p_j, ``z`` = 1 + S, ``wsum`` = W."""
+    if j == y:
+        gj = c_true * (-s / z if y == k else p - 1.0)
+    else:
+        gj = c_true * p
+    if eps != 0.0:
+        if j == k:
+            gj += c_smooth * argmax_grad(wsum, w_j, s, z)
+        else:
+            gj += c_smooth * (wsum * p - w_j)
+    return gj
+
+
+@njit(**_OPTS)
 def _ce_index_row(x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, g):
     """Loss of one row (and, with ``with_grad``, its gradient into ``g``); see the kernels."""
     skip, fill, m, k = row_start(x, y == ignore_index, with_grad, g)
@@ -241,16 +259,7 @@ def _ce_index_row(x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, 
     c_smooth = (eps / nc) * grad_scale
     for j in range(nc):
         p = row_exp_shifted(x, j, m, k) / z
-        if j == y:
-            gj = c_true * (-s / z if y == k else p - 1.0)
-        else:
-            gj = c_true * p
-        if eps != 0.0:
-            if j == k:
-                gj += c_smooth * argmax_grad(wsum, weight[j], s, z)
-            else:
-                gj += c_smooth * (wsum * p - weight[j])
-        g[j] = gj
+        g[j] = index_grad_entry(p, j, y, k, weight[j], wsum, s, z, eps, c_true, c_smooth)
     return loss
 
 

@@ -312,6 +312,21 @@ def probs_loss(state, out_loss):
 # --------------------------------------------------------------------------------------------
 # Gradient of a chunk, written over its logits
 # --------------------------------------------------------------------------------------------
+@njit(**_OPTS)
+def _index_grad_start(g, st, y, ignore_index, weight, eps, grad_scale):
+    """The start of a class-index gradient row ``g`` from its state ``st``: ``(skip, m, S,
+    1 + S, c_true, c_smooth)``, c_true = (1 - eps) w_y grad_scale and c_smooth =
+    (eps / V) grad_scale; when ``skip`` the row is filled (0 ignored, NaN invalid)."""
+    skip, fill = row_guard(y == ignore_index, st[BAD] != 0.0, st[M])
+    if skip:
+        g[:] = fill
+        return True, 0.0, 0.0, 0.0, 0.0, 0.0
+    s = st[S] + st[SC]
+    c_true = (1.0 - eps) * weight[y] * grad_scale
+    c_smooth = (eps / weight.shape[0]) * grad_scale
+    return False, st[M], s, 1.0 + s, c_true, c_smooth
+
+
 @njit(parallel=PARALLEL, **_OPTS)
 def index_grad_chunk(z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state, kidx):
     """Overwrite the logits ``z`` (N, vc) of classes c0 .. with dL/dz times ``grad_scale``:
@@ -319,36 +334,22 @@ def index_grad_chunk(z, c0, target, weight, ignore_index, eps, wsum, grad_scale,
         (1 - eps) w_y (p_j - [j == y]) + (eps / V) (W p_j - w_j),   p_j = exp(z_j - m) / (1 + S)
 
     with p_y - 1 = -S / (1 + S) when y is the argmax and the smoothing term at the argmax by
-    ``argmax_grad`` (no cancellation). Ignored rows get 0, NaN rows NaN. Any float dtype."""
-    nc = weight.shape[0]
+    ``argmax_grad`` (no cancellation): :func:`cestudy.kernels.cpu.index_grad_entry`. Ignored
+    rows get 0, NaN rows NaN. Any float dtype."""
     vc = z.shape[1]
     for i in prange(z.shape[0]):
         g = z[i]
-        st = state[i]
         y = target[i]
-        skip, fill = row_guard(y == ignore_index, st[BAD] != 0.0, st[M])
+        skip, m, s, zz, c_true, c_smooth = _index_grad_start(
+            g, state[i], y, ignore_index, weight, eps, grad_scale
+        )
         if skip:
-            g[:] = fill
             continue
-        m = st[M]
-        s = st[S] + st[SC]
-        zz = 1.0 + s
         k = kidx[i]
-        c_true = (1.0 - eps) * weight[y] * grad_scale
-        c_smooth = (eps / nc) * grad_scale
         for j in range(vc):
             jg = c0 + j
             p = (1.0 if jg == k else exp_diff(np.float64(g[j]), m)) / zz
-            if jg == y:
-                gj = c_true * (-s / zz if y == k else p - 1.0)
-            else:
-                gj = c_true * p
-            if eps != 0.0:
-                if jg == k:
-                    gj += c_smooth * argmax_grad(wsum, weight[jg], s, zz)
-                else:
-                    gj += c_smooth * (wsum * p - weight[jg])
-            g[j] = gj
+            g[j] = cpu.index_grad_entry(p, jg, y, k, weight[jg], wsum, s, zz, eps, c_true, c_smooth)
 
 
 @njit(**_SUM)
@@ -363,22 +364,16 @@ def index_grad_chunk_f32(z, c0, target, weight, ignore_index, eps, wsum, grad_sc
     """:func:`index_grad_chunk` for float32 logits: one vectorised pass
     g_j = a exp(z_j - m) - b w_j, then the true-class entry and, with smoothing, the argmax entry
     rewritten by their cancellation-free formulas (as ``cpu_fast`` does)."""
-    nc = weight.shape[0]
     vc = z.shape[1]
     for i in prange(z.shape[0]):
         g = z[i]
-        st = state[i]
         y = target[i]
-        skip, fill = row_guard(y == ignore_index, st[BAD] != 0.0, st[M])
+        skip, m, s, zz, c_true, c_smooth = _index_grad_start(
+            g, state[i], y, ignore_index, weight, eps, grad_scale
+        )
         if skip:
-            g[:] = fill
             continue
-        m = st[M]
-        s = st[S] + st[SC]
-        zz = 1.0 + s
         k = kidx[i]
-        c_true = (1.0 - eps) * weight[y] * grad_scale
-        c_smooth = (eps / nc) * grad_scale
         y_here = c0 <= y < c0 + vc
         k_here = c0 <= k < c0 + vc
         z_y = np.float64(g[y - c0]) if y_here else 0.0
