@@ -308,17 +308,13 @@ def cross_entropy_index_fwd_grad(
 # Softmax cross-entropy with probability (soft) targets, H(p, q)
 # --------------------------------------------------------------------------------------------
 @njit(**_OPTS)
-def _ce_prob_row(x, t, weight, eps, grad_scale, with_grad, g):
-    skip, fill, m, k = row_start(x, False, with_grad, g)
-    if skip:
-        return fill
-    nc = x.shape[0]
-    s = row_sumexp(x, m, k)
-    sa = 0.0
-    ca = 0.0
-    st = 0.0
-    ct = 0.0
-    for j in range(nc):
+def add_soft_target_sums(x, t, weight, eps, nc, m, sums):
+    """Add a row's (A, T) = (sum_j a_j, sum_j a_j (m - x_j)), a_j = w_j ((1 - eps) t_j + eps / nc),
+    to ``sums`` = (A, its Neumaier compensation, T, its compensation), returned updated: terms
+    with a_j == 0 contribute 0 (also where x_j = -inf), m - x_j is carried exactly (TwoSum).
+    ``weight`` holds the w_j of the row's classes."""
+    sa, ca, st, ct = sums
+    for j in range(x.shape[0]):
         a = soft_target(weight[j], np.float64(t[j]), eps, nc)
         if a == 0.0:
             continue
@@ -326,6 +322,17 @@ def _ce_prob_row(x, t, weight, eps, grad_scale, with_grad, g):
         hi, lo = two_diff(m, np.float64(x[j]))
         st, ct = neumaier_add(st, ct, a * hi)
         ct += a * lo
+    return sa, ca, st, ct
+
+
+@njit(**_OPTS)
+def _ce_prob_row(x, t, weight, eps, grad_scale, with_grad, g):
+    skip, fill, m, k = row_start(x, False, with_grad, g)
+    if skip:
+        return fill
+    nc = x.shape[0]
+    s = row_sumexp(x, m, k)
+    sa, ca, st, ct = add_soft_target_sums(x, t, weight, eps, nc, m, (0.0, 0.0, 0.0, 0.0))
     a_sum = sa + ca
     loss = (st + ct) + a_sum * math.log1p(s)
     if with_grad:

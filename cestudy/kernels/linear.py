@@ -256,22 +256,9 @@ def probs_chunk(z, t, c0, weight, eps, nc, state, kidx):
         if not math.isfinite(m) or st[BAD] != 0.0:
             continue
         _add_terms_f64(x, c0, m, kidx[i], st)
-        a_s = st[A]
-        a_c = st[AC]
-        s = st[T]
-        sc = st[TC]
-        for j in range(vc):
-            a = cpu.soft_target(weight[c0 + j], np.float64(t[i, j]), eps, nc)
-            if a == 0.0:
-                continue
-            a_s, a_c = neumaier_add(a_s, a_c, a)
-            hi, lo = two_diff(m, np.float64(x[j]))
-            s, sc = neumaier_add(s, sc, a * hi)
-            sc += a * lo
-        st[A] = a_s
-        st[AC] = a_c
-        st[T] = s
-        st[TC] = sc
+        st[A], st[AC], st[T], st[TC] = cpu.add_soft_target_sums(
+            x, t[i], weight[c0 : c0 + vc], eps, nc, m, (st[A], st[AC], st[T], st[TC])
+        )
 
 
 # --------------------------------------------------------------------------------------------
