@@ -110,6 +110,9 @@ def findings(by_study, figures, cuda_doc=None, code_version=None) -> list[Findin
         clause = cuda.speed_clause(cuda_doc) if cuda_doc else None
         if clause:
             text = text[:-1] + f"; {clause}."
+        cases = performance.cases_sentence(perf)
+        if cases:  # every shape, not only the largest
+            text += " " + cases
         out.append(
             Finding(
                 text,

@@ -79,6 +79,91 @@ def speed_sentence(perf):
     )
 
 
+# cestudy's kernels set against torch: the plain call, and the fused call writing into a
+# gradient buffer reused from call to call (what a training loop does)
+RATIO_KERNELS = ("numba", "numba_out")
+
+
+def torch_ratios(perf):
+    """{(variant, mode, kernel): {(dtype, batch, classes): torch time / cestudy time}} for every
+    cell timed for both cestudy (:data:`RATIO_KERNELS`) and torch."""
+    tt = torch_times(perf)
+    out = {}
+    for r in perf:
+        if r["p_implementation"] in RATIO_KERNELS and _key(r) in tt:
+            line = (r["p_variant"], r["p_mode"], r["p_implementation"])
+            shape = (r["p_dtype"], r["p_batch"], r["p_classes"])
+            out.setdefault(line, {})[shape] = tt[_key(r)] / r["median_s"]
+    return out
+
+
+def ratio_table(perf):
+    """Markdown: one row per variant, mode and kernel, one column per dtype and shape, each cell
+    torch's time over cestudy's (above 1: cestudy faster); '' where no table can be made."""
+    ratios = torch_ratios(perf)
+    if not ratios:
+        return ""
+    shapes = sorted({s for line in ratios.values() for s in line})
+    order = variant_order({v for v, _, _ in ratios})
+    lines = sorted(ratios, key=lambda k: (order.index(k[0]), k[1], RATIO_KERNELS.index(k[2])))
+    rows = []
+    for variant, mode, kernel in lines:
+        got = ratios[(variant, mode, kernel)]
+        label = "fused, reused buffer" if kernel == "numba_out" else mode.replace("_", "+")
+        rows.append(
+            (variant, label) + tuple("" if s not in got else f"{got[s]:.2f}x" for s in shapes)
+        )
+    head = ["variant", "call"] + [f"{fmt_shape(n, c)} {dt}" for dt, n, c in shapes]
+    return table(head, rows)
+
+
+def cases_sentence(perf):
+    """How often cestudy beats torch over every variant, shape and dtype timed for both, with
+    the range of ratios and the cells where it is slower; None without such cells."""
+    ratios = torch_ratios(perf)
+    if not ratios:
+        return None
+
+    def count(mode, kernel):
+        vals = [
+            (q, v, s)
+            for (v, m, k), line in ratios.items()
+            if m == mode and k == kernel
+            for s, q in line.items()
+        ]
+        return vals
+
+    parts = []
+    slower = []
+    for mode, kernel, what in (
+        ("forward", "numba", "forward"),
+        ("forward_grad", "numba", "fused forward and gradient"),
+        ("forward_grad", "numba_out", "fused call with a reused gradient buffer"),
+    ):
+        vals = count(mode, kernel)
+        if not vals:
+            continue
+        qs = [q for q, _, _ in vals]
+        faster = sum(q >= 1.0 for q in qs)
+        parts.append(f"its {what} in {faster} of {len(qs)} ({min(qs):.2f}x to {max(qs):.2f}x)")
+        if kernel == "numba":
+            slower += [(q, v, mode, s) for q, v, s in vals if q < 1.0]
+    n_lines = len({v for v, _, _ in ratios})
+    text = (
+        f"Against torch at every shape and dtype timed ({n_lines} variants), cestudy is faster: "
+        + ", ".join(parts)
+    )
+    if slower:
+        slower.sort()
+        shown = [
+            f"{v} {m.replace('_', '+')} {fmt_shape(n, c)} {dt} {q:.2f}x"
+            for q, v, m, (dt, n, c) in slower[:6]
+        ]
+        more = f" and {len(slower) - 6} more" if len(slower) > 6 else ""
+        text += "; slower than torch: " + ", ".join(shown) + more
+    return text + "."
+
+
 def render(ctx: Context, rows) -> Part:
     perf = ok_rows(rows)
     parts, findings = [], []
@@ -138,6 +223,16 @@ def render(ctx: Context, rows) -> Part:
                 out_rows,
             )
         )
+        ratios = ratio_table(perf)
+        if ratios:
+            parts.append(
+                "### cestudy against torch, every shape\n\ntorch's median time over "
+                "cestudy's, from the same interleaved run (above 1.00x cestudy is faster). "
+                "forward and forward+grad are the plain calls (the fused one returns a new "
+                "gradient array); *fused, reused buffer* passes `out=` a gradient array kept "
+                "from call to call, as a training loop would.\n"
+            )
+            parts.append(ratios)
         figs = {}
         for variant in variant_order({r["p_variant"] for r in perf}):
             for dt in ("float32", "float64"):
@@ -160,6 +255,9 @@ def render(ctx: Context, rows) -> Part:
         if text:
             big = largest(perf)
             findings.append(ctx.finding(text, figs.get((big[0]["p_variant"], big[0]["p_dtype"]))))
+        text = cases_sentence(perf)
+        if text:
+            findings.append(ctx.finding(text))
     extras = extras_section(rows, perf)
     if extras:
         parts.append(extras)

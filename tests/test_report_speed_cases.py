@@ -1,0 +1,60 @@
+"""The speed finding quotes every shape and dtype timed, not only the largest: counts, ranges
+and each cell where cestudy is slower than torch, read from the rows."""
+
+from cestudy.report.sections import performance
+
+
+def _row(impl, mode, n, c, seconds, dtype="float32", variant="cross_entropy"):
+    return {
+        "kind": "performance",
+        "status": "ok",
+        "p_variant": variant,
+        "p_implementation": impl,
+        "p_mode": mode,
+        "p_dtype": dtype,
+        "p_batch": n,
+        "p_classes": c,
+        "median_s": seconds,
+    }
+
+
+ROWS = [
+    _row("torch", "forward", 256, 10, 2.0),
+    _row("numba", "forward", 256, 10, 1.0),  # 2x faster
+    _row("torch", "forward", 2048, 1000, 1.0),
+    _row("numba", "forward", 2048, 1000, 4.0),  # 4x slower
+    _row("torch", "forward_grad", 256, 10, 3.0),
+    _row("numba", "forward_grad", 256, 10, 1.0),
+    _row("numba_out", "forward_grad", 256, 10, 0.5),
+    _row("lse", "forward", 256, 10, 0.1),  # not cestudy's kernel: left out
+]
+
+
+def test_ratios_are_torch_time_over_cestudy_time_for_each_kernel_and_shape():
+    r = performance.torch_ratios(ROWS)
+    assert r[("cross_entropy", "forward", "numba")] == {
+        ("float32", 256, 10): 2.0,
+        ("float32", 2048, 1000): 0.25,
+    }
+    assert r[("cross_entropy", "forward_grad", "numba_out")] == {("float32", 256, 10): 6.0}
+    assert all(k[2] in performance.RATIO_KERNELS for k in r)
+
+
+def test_the_sentence_counts_every_cell_and_names_the_slower_ones():
+    text = performance.cases_sentence(ROWS)
+    assert "forward in 1 of 2 (0.25x to 2.00x)" in text
+    assert "fused forward and gradient in 1 of 1 (3.00x to 3.00x)" in text
+    assert "reused gradient buffer in 1 of 1 (6.00x to 6.00x)" in text
+    assert "slower than torch: cross_entropy forward 2048 x 1000 float32 0.25x" in text
+
+
+def test_the_table_has_a_column_per_shape_and_a_row_per_call():
+    md = performance.ratio_table(ROWS)
+    head = md.splitlines()[0]
+    assert "256 x 10 float32" in head and "2048 x 1000 float32" in head
+    assert "| cross_entropy | forward | 2.00x | 0.25x |" in md
+    assert "| cross_entropy | fused, reused buffer | 6.00x |  |" in md
+
+
+def test_no_torch_timing_means_no_sentence():
+    assert performance.cases_sentence([r for r in ROWS if r["p_implementation"] != "torch"]) is None
