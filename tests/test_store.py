@@ -192,3 +192,31 @@ def test_every_class_gets_a_sample_at_any_imbalance():
         assert out["forced_samples"] >= 1  # a 4096 batch draws none of the rarest classes
     y, forced = imbalance.every_class_sampled(np.array([0, 0, 0, 1, 0, 0]), 4)
     assert forced == 2 and set(np.bincount(y, minlength=4)) >= {1} and min(np.bincount(y)) >= 1
+
+
+def test_a_second_store_in_one_process_keeps_the_first_ones_locks(tmp_path):
+    """Guards the corruption of a shared store: SQLite's locks are POSIX locks of the whole
+    process, so a second Store in the same process (a runner's heartbeat thread) that opened
+    and closed the file to check its header dropped the runner's locks; another process
+    closing its connection then found the database unused and removed the write-ahead log
+    under the runner ('database disk image is malformed' with two runners on one store)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "locks.sqlite"
+    first = Store(path)
+    first.start_run("s", {})  # a write: the WAL file exists while a connection is open
+    wal = Path(str(path) + "-wal")
+    assert wal.exists()
+    second = Store(path)  # in the same process, as the heartbeat's
+    code = (
+        "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+        "c.execute('SELECT COUNT(*) FROM runs').fetchone(); c.close()"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    # the other process must have seen this one using the file, and left its log alone
+    assert wal.exists()
+    second.close()
+    first.close()
+    with Store(path) as st:
+        assert len(st.runs()) == 1

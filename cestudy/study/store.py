@@ -20,11 +20,13 @@ A file that is not a cestudy store (not SQLite, truncated, another program's dat
 
 from __future__ import annotations
 
+import collections
 import datetime
 import hashlib
 import json
 import math
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -132,11 +134,29 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
 
+# SQLite locks a database with POSIX advisory locks, which belong to the process: closing *any*
+# descriptor of the file in this process drops every lock its connections hold, and another
+# process's writer can then corrupt the file (sqlite.org/howtocorrupt.html, 2.2). So the header
+# check, which opens and closes the file, runs only while this process has no connection to it
+# (a runner's heartbeat thread opens a second one beside the runner's).
+_CONNECTIONS: collections.Counter = collections.Counter()
+_CONNECTIONS_LOCK = threading.Lock()
+
+
 class Store:
     def __init__(self, path):
         self.path = Path(path)
-        self._check_file()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._key = None
+        with _CONNECTIONS_LOCK:
+            key = self.path.resolve()
+            if _CONNECTIONS[key] == 0:
+                self._check_file()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+            self._key = key
+            _CONNECTIONS[key] += 1
+
+    def _open(self):
         try:
             self.db = sqlite3.connect(str(self.path), timeout=60)
             tables = {
@@ -203,7 +223,14 @@ class Store:
                         )
 
     def close(self):
+        if self._key is None:  # closed already
+            return
         self.db.close()
+        with _CONNECTIONS_LOCK:
+            _CONNECTIONS[self._key] -= 1
+            if _CONNECTIONS[self._key] <= 0:
+                del _CONNECTIONS[self._key]
+        self._key = None
 
     def __enter__(self):
         return self
