@@ -56,6 +56,11 @@ def export_document(store: Store) -> dict:
     return {"format": "cestudy-results-1", "runs": runs, "cells": rows}
 
 
+SETTINGS = ("p_repeats",)
+"""Cell parameters that say how a result was measured rather than what: ignored when an export
+is merged into an earlier one."""
+
+
 def merge_documents(previous: dict, local: dict) -> dict:
     """The union of an earlier export and the local store's export: local cells replace the same
     (study, parameters) from before, so running one study never drops the others' committed
@@ -64,10 +69,12 @@ def merge_documents(previous: dict, local: dict) -> dict:
     ids = {r["run_id"]: r["run_id"] + offset for r in previous.get("runs", [])}
 
     def key(row):
+        # what was measured, not how often: a timing re-run with another repeat count replaces
+        # the earlier one instead of standing beside it
         row = canonical_row(row)
         return (
             row["study"],
-            canonical({k: v for k, v in row.items() if k.startswith("p_")}),
+            canonical({k: v for k, v in row.items() if k.startswith("p_") and k not in SETTINGS}),
             row["kind"],
         )
 
