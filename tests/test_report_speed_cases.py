@@ -58,3 +58,16 @@ def test_the_table_has_a_column_per_shape_and_a_row_per_call():
 
 def test_no_torch_timing_means_no_sentence():
     assert performance.cases_sentence([r for r in ROWS if r["p_implementation"] != "torch"]) is None
+
+
+def test_the_frameworks_sentence_times_each_peer_against_cestudy():
+    rows = ROWS + [
+        _row("jax", "forward", 2048, 1000, 2.0),
+        _row("sklearn", "forward", 2048, 1000, 40.0),
+    ]
+    text = performance.frameworks_sentence(rows)
+    assert "at 2048 x 1000 float32" in text
+    assert "cestudy 4000 ms" in text
+    assert "optax (JAX) 2000 ms (0.50x cestudy's time)" in text
+    assert "scikit-learn 40000 ms (10.00x cestudy's time)" in text
+    assert performance.frameworks_sentence(ROWS) is None  # no other framework timed

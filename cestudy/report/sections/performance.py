@@ -164,6 +164,56 @@ def cases_sentence(perf):
     return text + "."
 
 
+PEER_LABELS = {
+    "torch": "torch",
+    "jax": "optax (JAX)",
+    "tensorflow": "TensorFlow",
+    "sklearn": "scikit-learn",
+}
+OTHER_FRAMEWORKS = ("jax", "tensorflow", "sklearn")
+
+
+def _ms(seconds):
+    """Milliseconds with three significant digits, never in exponent notation."""
+    ms = 1e3 * seconds
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def frameworks_sentence(perf, variant="cross_entropy", dtype="float32"):
+    """How fast each framework is beside cestudy, at the largest shape where one of JAX,
+    TensorFlow or scikit-learn was timed with cestudy in the same run; None without one."""
+    rows = [r for r in perf if r["p_variant"] == variant and r["p_dtype"] == dtype]
+    shapes = {
+        (r["p_batch"], r["p_classes"]) for r in rows if r["p_implementation"] in OTHER_FRAMEWORKS
+    }
+    if not shapes:
+        return None
+    n, c = max(shapes, key=lambda s: s[0] * s[1])
+    parts = []
+    for mode, what in (("forward", "forward"), ("forward_grad", "forward and gradient")):
+        at = {
+            r["p_implementation"]: r["median_s"]
+            for r in rows
+            if (r["p_batch"], r["p_classes"]) == (n, c) and r["p_mode"] == mode
+        }
+        if "numba" not in at:
+            continue
+        items = [f"cestudy {_ms(at['numba'])} ms"] + [
+            f"{PEER_LABELS[p]} {_ms(at[p])} ms ({at[p] / at['numba']:.2f}x cestudy's time)"
+            for p in PEER_LABELS
+            if p in at
+        ]
+        parts.append(f"{what}: " + ", ".join(items))
+    if not parts:
+        return None
+    return (
+        f"Every framework timed in the same process on {variant} at {fmt_shape(n, c)} {dtype} "
+        "(JAX after jit compilation, each call ended by block_until_ready): "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def render(ctx: Context, rows) -> Part:
     perf = ok_rows(rows)
     parts, findings = [], []
@@ -256,6 +306,9 @@ def render(ctx: Context, rows) -> Part:
             big = largest(perf)
             findings.append(ctx.finding(text, figs.get((big[0]["p_variant"], big[0]["p_dtype"]))))
         text = cases_sentence(perf)
+        if text:
+            findings.append(ctx.finding(text))
+        text = frameworks_sentence(perf)
         if text:
             findings.append(ctx.finding(text))
     extras = extras_section(rows, perf)
