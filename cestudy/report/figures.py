@@ -21,6 +21,9 @@ COLOURS = {
     "lse": "#9467bd",
     "accurate": "#8c564b",
     "numba": "#2ca02c",
+    # the fused call with a reused gradient buffer, and writing over the logits: greens of numba
+    "numba_out": "#0b6e0b",
+    "numba_inplace": "#98df8a",
     "cuda": "#17becf",
     "torch": "#1f77b4",
     "scipy": "#7f7f7f",
@@ -39,6 +42,8 @@ IMPL_ORDER = [
     "jax",
     "tensorflow",
     "numba",
+    "numba_out",
+    "numba_inplace",
     "cuda",
 ]
 DTYPE_ORDER = ["float64", "float32", "float16", "bfloat16"]
