@@ -8,6 +8,7 @@ nothing was measured. Nothing here reads results or computes a metric.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Callable
@@ -95,6 +96,22 @@ class Part:
 
     markdown: str
     findings: list[Finding] = dataclasses.field(default_factory=list)
+
+
+def section(select: Callable):
+    """Decorator making a section's ``render(ctx, rows)`` out of ``body(ctx, kept)``: ``kept =
+    select(rows)`` are the rows the section draws on, and a page without any gets an empty
+    Part from it."""
+
+    def decorate(body):
+        @functools.wraps(body)
+        def render(ctx, rows) -> Part:
+            kept = select(rows)
+            return body(ctx, kept) if kept else Part("")
+
+        return render
+
+    return decorate
 
 
 def with_findings(parts: list[str], findings: list[Finding], level: int = 3, always=True) -> Part:

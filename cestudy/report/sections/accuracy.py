@@ -20,6 +20,7 @@ from ..markdown import (
     figure_block,
     fmt_pct,
     fmt_ulp,
+    section,
     table,
     ulp_phrase,
     with_findings,
@@ -337,10 +338,8 @@ VARIANT_FIGURES = (
 caption)."""
 
 
-def render(ctx: Context, rows) -> Part:
-    acc = ok_rows(rows)
-    if not acc:
-        return Part("")
+@section(ok_rows)
+def render(ctx: Context, acc) -> Part:
     names = variant_order({r["p_variant"] for r in acc})
     parts = [
         f"## {TITLE}\n",

@@ -10,6 +10,12 @@ from ..markdown import Context, Part, fmt_pct, table, with_findings
 
 KINDS = ("imbalance",)
 TITLE = "Class imbalance"
+INTRO = (
+    "A classifier that has learned the class prior (logits log prior + N(0, 1) noise + a "
+    "margin of 2 on the true class) scored under each loss. Shares are means over seeds; "
+    "the minority classes are the rarer half. A share of the loss is not applicable "
+    "(`n/a`) where no minority sample was drawn.\n"
+)
 
 
 def series(rows):
@@ -47,14 +53,6 @@ def share_sentence(rows, profile="step", labels=None):
         f"At an imbalance of {ratio:g} ({profile} profile, {classes} classes) the minority "
         f"classes are {fmt_pct(samp)} of the samples and carry {desc}."
     )
-
-
-INTRO = (
-    "A classifier that has learned the class prior (logits log prior + N(0, 1) noise + a "
-    "margin of 2 on the true class) scored under each loss. Shares are means over seeds; "
-    "the minority classes are the rarer half. A share of the loss is not applicable "
-    "(`n/a`) where no minority sample was drawn.\n"
-)
 
 
 def render(ctx: Context, rows) -> Part:

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 
 from ...study.kinds.linear import FORMULATIONS
 from .. import figures
-from ..markdown import Context, Part, fmt_num, fmt_pct, table, with_findings
+from ..markdown import Context, Part, fmt_num, fmt_pct, section, table, with_findings
 
 KINDS = ("linear",)
 TITLE = "Fused linear cross-entropy"
@@ -42,6 +42,20 @@ COLOURS = {
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_LIMIT = 1.5
 MIB = float(1 << 20)
+INTRO = (
+    "The loss of logits z = X W^T over a large vocabulary, five ways on the same inputs (drawn "
+    "in float64, rounded to the dtype): "
+    + "; ".join(f"**{SHORT[f]}**: {LABELS[f]}" for f in FORMULATIONS)
+    + ". "
+    "Errors are against the float64 oracle (logits from exact products summed in float64, the "
+    "cross-entropy in float64 with exact-difference exponentials: about 1e-13 relative) and are "
+    "shown in units of the dtype's unit roundoff u (1 u is the rounding of the result itself). "
+    "The split evaluates the exact cross-entropy on each formulation's own logits: **product** "
+    "is the error those logits alone cause, **CE** the rest (the cross-entropy's arithmetic, "
+    "the rounding of the result and, for gradients, the backward products). Memory is "
+    "tracemalloc's peak (numpy allocations) beyond the inputs and the returned gradients; for "
+    "torch, in parentheses, the growth of the resident high-water mark.\n"
+)
 
 
 def ok_rows(rows):
@@ -96,22 +110,29 @@ def _present(hr):
 # --------------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------------
-def accuracy_table(hr) -> str:
+def _formulation_table(hr, head, lead, cell) -> str:
+    """A row per cell: the columns ``lead(r)`` under ``head``, then ``cell(r, f)`` for each
+    formulation measured on the page."""
     forms = _present(hr)
-    head = ["N x H x V", "dtype", "inputs", "exact loss"] + [SHORT[f] for f in forms]
-    rows = []
-    for r in hr:
-        cells = []
-        for f in forms:
-            loss = _in_u(r, f, "loss_rel_err")
-            grad = max(_in_u(r, f, "gx_err"), _in_u(r, f, "gw_err"))
-            zero = _get(r, f, "rows_zero")
-            text = f"{_u(loss)} / {_u(grad)}"
-            if zero > 0:
-                text += f" ({fmt_pct(zero)} rows 0)"
-            cells.append(text)
-        rows.append((_shape(r), r["p_dtype"], _inputs(r), fmt_num(r.get("exact_loss")), *cells))
-    return table(head, rows)
+    rows = [(*lead(r), *(cell(r, f) for f in forms)) for r in hr]
+    return table(head + [SHORT[f] for f in forms], rows)
+
+
+def _accuracy_cell(r, f) -> str:
+    loss = _in_u(r, f, "loss_rel_err")
+    grad = max(_in_u(r, f, "gx_err"), _in_u(r, f, "gw_err"))
+    zero = _get(r, f, "rows_zero")
+    text = f"{_u(loss)} / {_u(grad)}"
+    return text + (f" ({fmt_pct(zero)} rows 0)" if zero > 0 else "")
+
+
+def accuracy_table(hr) -> str:
+    return _formulation_table(
+        hr,
+        ["N x H x V", "dtype", "inputs", "exact loss"],
+        lambda r: (_shape(r), r["p_dtype"], _inputs(r), fmt_num(r.get("exact_loss"))),
+        _accuracy_cell,
+    )
 
 
 def split_table(hr) -> str:
@@ -155,23 +176,26 @@ def split_table(hr) -> str:
     return table(head, rows)
 
 
+def _resources_cell(r, f) -> str:
+    secs = _get(r, f, "seconds")
+    traced = _get(r, f, "traced_peak")
+    rss = _get(r, f, "rss_peak")
+    mem = f"{traced / MIB:.3g}" if not math.isnan(traced) else f"({rss / MIB:.3g})"
+    return "-" if math.isnan(secs) else f"{secs:.3g} s, {mem} MiB"
+
+
 def resources_table(hr) -> str:
-    forms = _present(hr)
-    head = ["N x H x V", "dtype", "logits (MiB)", "load"] + [SHORT[f] for f in forms]
-    rows = []
-    for r in hr:
-        cells = []
-        for f in forms:
-            secs = _get(r, f, "seconds")
-            traced = _get(r, f, "traced_peak")
-            rss = _get(r, f, "rss_peak")
-            mem = f"{traced / MIB:.3g}" if not math.isnan(traced) else f"({rss / MIB:.3g})"
-            cells.append("-" if math.isnan(secs) else f"{secs:.3g} s, {mem} MiB")
-        logits = r["p_tokens"] * r["p_vocab"] * 4 / MIB
-        rows.append(
-            (_shape(r), r["p_dtype"], f"{logits:.3g}", f"{r.get('load', math.nan):.2f}", *cells)
-        )
-    return table(head, rows)
+    return _formulation_table(
+        hr,
+        ["N x H x V", "dtype", "logits (MiB)", "load"],
+        lambda r: (
+            _shape(r),
+            r["p_dtype"],
+            f"{r['p_tokens'] * r['p_vocab'] * 4 / MIB:.3g}",
+            f"{r.get('load', math.nan):.2f}",
+        ),
+        _resources_cell,
+    )
 
 
 def filter_table(hr) -> str:
@@ -393,11 +417,15 @@ def filter_sentence(hr):
     )
 
 
+def _largest(rs, size):
+    """The row of ``rs`` with the largest ``size(row)``, or None when there is none."""
+    return max(rs, key=size) if rs else None
+
+
 def memory_sentence(hr):
-    rs = _measured(hr, "fused", "traced_peak")
-    if not rs:
+    big = _largest(_measured(hr, "fused", "traced_peak"), lambda r: r["p_tokens"] * r["p_vocab"])
+    if big is None:
         return None
-    big = max(rs, key=lambda r: r["p_tokens"] * r["p_vocab"])
     logits = big["p_tokens"] * big["p_vocab"] * 4
     fused = _get(big, "fused", "traced_peak")
     text = (
@@ -412,10 +440,12 @@ def memory_sentence(hr):
 
 
 def speed_sentence(hr):
-    rs = _measured(_measured(hr, "fused", "seconds"), "torch_chunked", "seconds")
-    if not rs:
+    big = _largest(
+        _measured(_measured(hr, "fused", "seconds"), "torch_chunked", "seconds"),
+        lambda r: r["p_tokens"] * r["p_hidden"] * r["p_vocab"],
+    )
+    if big is None:
         return None
-    big = max(rs, key=lambda r: r["p_tokens"] * r["p_hidden"] * r["p_vocab"])
     ratio = _get(big, "torch_chunked", "seconds") / _get(big, "fused", "seconds")
     mat = _get(big, "materialised_torch", "seconds") / _get(big, "fused", "seconds")
     load = figures._num(big.get("load"))
@@ -434,29 +464,12 @@ def speed_sentence(hr):
 # --------------------------------------------------------------------------------------------
 # The section
 # --------------------------------------------------------------------------------------------
-INTRO = (
-    "The loss of logits z = X W^T over a large vocabulary, five ways on the same inputs (drawn "
-    "in float64, rounded to the dtype): "
-    + "; ".join(f"**{SHORT[f]}**: {LABELS[f]}" for f in FORMULATIONS)
-    + ". "
-    "Errors are against the float64 oracle (logits from exact products summed in float64, the "
-    "cross-entropy in float64 with exact-difference exponentials: about 1e-13 relative) and are "
-    "shown in units of the dtype's unit roundoff u (1 u is the rounding of the result itself). "
-    "The split evaluates the exact cross-entropy on each formulation's own logits: **product** "
-    "is the error those logits alone cause, **CE** the rest (the cross-entropy's arithmetic, "
-    "the rounding of the result and, for gradients, the backward products). Memory is "
-    "tracemalloc's peak (numpy allocations) beyond the inputs and the returned gradients; for "
-    "torch, in parentheses, the growth of the resident high-water mark.\n"
-)
 
 
-def render(ctx: Context, rows) -> Part:
-    hr = ok_rows(rows)
-    if not hr:
-        return Part("")
-    parts = [
-        f"## {TITLE}\n",
-        INTRO,
+@section(ok_rows)
+def render(ctx: Context, hr) -> Part:
+    parts = [f"## {TITLE}\n", INTRO]
+    parts += [
         "### Accuracy\n",
         "Mean loss error / gradient error (the larger of grad_input's and grad_weight's, "
         "relative to the largest exact entry), both in u; rows that came back as exactly "

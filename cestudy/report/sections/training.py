@@ -13,7 +13,7 @@ import numpy as np
 from ...reference.formulations import DESCRIPTIONS as FORMULATIONS
 from .. import figures
 from ..figures import _num
-from ..markdown import Context, Part, table, with_findings
+from ..markdown import Context, Part, section, table, with_findings
 
 KINDS = ("training",)
 TITLE = "Training: the losses in gradient descent on real data"
@@ -86,10 +86,38 @@ def nonfinite_sentence(tr, dtype):
     )
 
 
-def render(ctx: Context, rows) -> Part:
-    tr = ok_rows(rows)
-    if not tr:
-        return Part("")
+def page_findings(ctx, tr, g, curves, bacc):
+    f = []
+    for ds in sorted({k[0] for k in g}):
+        text = balanced_accuracy_sentence(tr, ds, g)
+        if text:
+            f.append(ctx.finding(text, bacc))
+        ours = _mean(g, (ds, "logreg", "lbfgs", 1.0, "step", "ce", "float32"), "final_train_loss")
+        sk = _mean(
+            g, (ds, "logreg", "lbfgs", 1.0, "step", "sklearn", "float64"), "final_train_loss"
+        )
+        if math.isnan(ours) or math.isnan(sk):
+            continue
+        gap = abs(ours - sk) / abs(sk)
+        text = (
+            f"{ds}: the plain-CE L-BFGS objective is {ours:.6g} against scikit-learn's "
+            f"{sk:.6g} on the same balanced splits (relative gap {gap:.1e})"
+        )
+        if gap > 1e-3:
+            text += (
+                "; scikit-learn fits a two-class problem with one weight vector where the "
+                "softmax model has two, so a gap there is by design"
+            )
+        f.append(ctx.finding(text + ".", bacc))
+    for dt in sorted({r["p_dtype"] for r in tr}):
+        text = nonfinite_sentence(tr, dt)
+        if text:
+            f.append(ctx.finding(text, curves))
+    return f
+
+
+@section(ok_rows)
+def render(ctx: Context, tr) -> Part:
     parts = [
         f"## {TITLE}\n",
         "Multinomial logistic regression (and a one-hidden-layer network) on scikit-learn's "
@@ -188,33 +216,3 @@ def balanced_accuracy_sentence(tr, dataset, g=None):
         f"{dataset}, imbalance {top:g} (step), L-BFGS logistic regression, balanced "
         f"accuracy: " + ", ".join(f"{loss} {v:.3f}" for loss, _, v in vals) + "."
     )
-
-
-def page_findings(ctx, tr, g, curves, bacc):
-    f = []
-    for ds in sorted({k[0] for k in g}):
-        text = balanced_accuracy_sentence(tr, ds, g)
-        if text:
-            f.append(ctx.finding(text, bacc))
-        ours = _mean(g, (ds, "logreg", "lbfgs", 1.0, "step", "ce", "float32"), "final_train_loss")
-        sk = _mean(
-            g, (ds, "logreg", "lbfgs", 1.0, "step", "sklearn", "float64"), "final_train_loss"
-        )
-        if math.isnan(ours) or math.isnan(sk):
-            continue
-        gap = abs(ours - sk) / abs(sk)
-        text = (
-            f"{ds}: the plain-CE L-BFGS objective is {ours:.6g} against scikit-learn's "
-            f"{sk:.6g} on the same balanced splits (relative gap {gap:.1e})"
-        )
-        if gap > 1e-3:
-            text += (
-                "; scikit-learn fits a two-class problem with one weight vector where the "
-                "softmax model has two, so a gap there is by design"
-            )
-        f.append(ctx.finding(text + ".", bacc))
-    for dt in sorted({r["p_dtype"] for r in tr}):
-        text = nonfinite_sentence(tr, dt)
-        if text:
-            f.append(ctx.finding(text, curves))
-    return f
