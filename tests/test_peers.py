@@ -405,7 +405,7 @@ def test_timed_callable_computes_the_mean_loss_and_its_gradient(peer, name, mode
 def test_timed_callable_refuses_what_it_does_not_time():
     x, t = _inputs(variants.get("kl_divergence"), "float32")
     with pytest.raises(KeyError, match="not timed"):
-        peers.timed_callable("kl_divergence", "jax", "forward", x, t)
+        peers.timed_callable("kl_divergence", "sklearn", "forward", x, t)
 
 
 def test_every_implementation_has_a_fixed_colour_and_place():

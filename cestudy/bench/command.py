@@ -76,13 +76,32 @@ def _shapes(text):
 
 
 def _impls(variant, n, c):
-    impls = ["numba", *bench.GRAD_BUFFERS, "torch"]
-    impls += [p for p, timed in peers.TIMED.items() if variant in timed and peers.available(p)[0]]
-    if n * c <= NUMPY_LIMIT:
-        impls += ["lse", "accurate"]
-        if variant == bench.CE:
-            impls.append("scipy")
-    return impls
+    """(cestudy's calls, torch and the numpy formulations, interleaved in one group; the other
+    frameworks, each timed in a group of its own beside torch). Above :data:`NUMPY_LIMIT`
+    elements only cestudy and torch: the numpy formulations and the other frameworks hold
+    several full-size temporaries (scikit-learn's log_loss two float64 copies), more than a
+    24 GiB machine has beside the gradient at 4096 x 131072."""
+    core = ["numba", *bench.GRAD_BUFFERS, "torch"]
+    if n * c > NUMPY_LIMIT:
+        return core, []
+    core += ["lse", "accurate"] + (["scipy"] if variant == bench.CE else [])
+    others = [p for p, timed in peers.TIMED.items() if variant in timed and peers.available(p)[0]]
+    return core, others
+
+
+def time_shape(variant, dtype, mode, n, c, repeats):
+    """{implementation: metrics} for one variant, dtype, mode and shape. The other frameworks
+    are timed apart, each in a group of its own right after cestudy's group, their ratio taken
+    against that group's torch: their thread pools keep spinning after a call and slowed
+    whatever ran next (torch by up to 5x at 256 x 1000) when they shared a group."""
+    core, others = _impls(variant, n, c)
+    res = bench.time_group(variant, dtype, mode, n, c, core, repeats=repeats)
+    for peer in others:
+        r = bench.time_group(variant, dtype, mode, n, c, [peer], repeats=repeats)[peer]
+        if "median_s" in r:
+            r["speedup_vs_torch"] = res["torch"]["median_s"] / r["median_s"]
+        res[peer] = r
+    return res
 
 
 def _row(res, variant, impl, mode, n, c, dtype):
@@ -184,10 +203,8 @@ def main(args):
                         continue
                     if variant != bench.CE and n * c > NUMPY_LIMIT:
                         continue  # the largest shape is for the headline kernel only
-                    impls = _impls(variant, n, c)
-                    res = bench.time_group(variant, dtype, mode, n, c, impls, repeats=args.repeats)
-                    for impl in impls:
-                        r = res[impl]
+                    res = time_shape(variant, dtype, mode, n, c, args.repeats)
+                    for impl, r in res.items():
                         if "skipped" in r:
                             continue
                         print(_row(r, variant, impl, mode, n, c, dtype), flush=True)

@@ -1,7 +1,8 @@
 """CPU speed measurement: cestudy's kernels side by side with torch, numpy and scipy.
 
 ``python -m cestudy bench`` times, in one process and interleaved (round r runs every
-implementation once before round r + 1, so machine drift hits all alike), the forward and fused
+implementation of a group once before round r + 1, so machine drift hits all alike; the other
+frameworks each in a group of their own beside torch), the forward and fused
 forward+gradient of softmax CE with class indices, soft-target CE, BCE with logits, KL of
 softmax and the softmax and sigmoid focal losses (:data:`VARIANTS`). It
 measures this machine's memory ceiling in the same run (``bench.ceiling``: vectorised read, and
@@ -15,6 +16,7 @@ No test asserts a timing: speed is measured here and reported, never tested.
 
 from __future__ import annotations
 
+import functools
 import time
 import zlib
 
@@ -67,8 +69,6 @@ GRAD_BUFFERS = ("numba_out", "numba_inplace")
 def _cestudy_function(variant, grad):
     """cestudy's public function for ``variant`` (its ``_with_grad`` twin for a gradient), with
     the mean reduction (sigmoid_focal_loss defaults to 'none', as in torchvision)."""
-    import functools
-
     import cestudy as cs
 
     function = variants.get(variant).function
@@ -188,6 +188,14 @@ def _oracle_grad_rows(variant, x, t, rows=8):
     return oracle.grad(variant, x[:rows], t[:rows]) / _mean_denominator(variant, x)
 
 
+@functools.lru_cache(maxsize=2)
+def _exact(variant, dtype, n, c, seed):
+    """(exact mean loss, exact gradient of the first rows) of ``make_inputs``' inputs, kept for
+    the groups that time the same inputs one after another."""
+    x, t = make_inputs(variant, dtype, n, c, seed)
+    return _oracle_mean(variant, x, t), _oracle_grad_rows(variant, x, t)
+
+
 def check(variant, x, t, result, dtype, exact_mean=None, exact_grad=None):
     """(ulp error of the mean loss, max gradient error in ulps on the first rows). The exact
     values may be passed in, computed once for all implementations of a group."""
@@ -226,8 +234,9 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
         except (ImportError, KeyError) as exc:
             out[impl] = {"skipped": str(exc)}
     first = {}
-    exact_mean = _oracle_mean(variant, x, t) if check_results and calls else None
-    exact_grad = _oracle_grad_rows(variant, x, t) if check_results and calls else None
+    exact_mean = exact_grad = None
+    if check_results and calls:
+        exact_mean, exact_grad = _exact(variant, dtype, n, c, seed)
     for impl, f in calls.items():
         setup = getattr(f, "setup", None)
         if setup is not None:

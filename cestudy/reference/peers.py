@@ -415,20 +415,25 @@ def jax_kl_divergence(x, target, **_):
     return _jax_call(("kl_divergence",), fn, x, target)
 
 
+def _jax_softmax_focal_rows(xj, tj, wj=None, gamma=2.0, ignore_index=-100):
+    """-w_y (1 - p_y)^gamma log p_y per row with jax ops (optax has no softmax focal loss)."""
+    jax, jnp, _, _ = _jax()
+    keep = tj != ignore_index
+    ys = jnp.where(keep, tj, 0)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(xj, axis=-1), ys[:, None], axis=-1)[:, 0]
+    wy = 1 if wj is None else wj.astype(xj.dtype)[ys]
+    return jnp.where(keep, -wy * (1 - jnp.exp(lp)) ** gamma * lp, 0)
+
+
 def jax_softmax_focal_loss(x, target, gamma=2.0, weight=None, ignore_index=-100, **_):
     """``-w_y (1 - p_y)^gamma log p_y`` written with ``jax.nn.log_softmax`` (optax has no softmax
     focal loss; the torch peer is written the same way): ``p_y = exp(log p_y)`` and
     ``1 - p_y`` in the working dtype, so confident rows lose the loss as the lse form does."""
-    jax, jnp, _, _ = _jax()
     g = float(gamma)
     w = np.ones(np.shape(x)[-1]) if weight is None else np.asarray(weight, np.float64)
 
     def fn(xj, tj, wj):
-        keep = tj != ignore_index
-        ys = jnp.where(keep, tj, 0)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(xj, axis=-1), ys[:, None], axis=-1)[:, 0]
-        loss = -wj.astype(xj.dtype)[ys] * (1 - jnp.exp(lp)) ** g * lp
-        return jnp.where(keep, loss, 0)
+        return _jax_softmax_focal_rows(xj, tj, wj, g, ignore_index)
 
     return _jax_call(
         ("softmax_focal_loss", ignore_index, g), fn, x, np.asarray(target, np.int64), w
@@ -723,7 +728,8 @@ def sklearn_binary_cross_entropy(probs, target, weight=None, **_):
 # --------------------------------------------------------------------------------------------
 # Timing: each framework run the way its users run it
 # --------------------------------------------------------------------------------------------
-# the library call each peer is timed with, per variant (the forms the accuracy cells measure)
+# the library call each peer is timed with, per variant (the forms the accuracy cells measure),
+# with each loss's default options (softmax focal gamma 2; sigmoid focal alpha 0.25, gamma 2)
 # the peers whose own autodiff gives no gradient
 WITHOUT_GRADIENT = frozenset({"sklearn"})
 
@@ -732,14 +738,71 @@ TIMED = {
         "cross_entropy": "optax.softmax_cross_entropy_with_integer_labels",
         "cross_entropy_probs": "optax.softmax_cross_entropy",
         "binary_cross_entropy_with_logits": "optax.sigmoid_binary_cross_entropy",
+        "kl_divergence": "optax.kl_divergence(jax.nn.log_softmax(x), p)",
+        "softmax_focal_loss": "-(1 - exp(lp))^2 lp, lp = jax.nn.log_softmax(x)[y]",
+        "sigmoid_focal_loss": "optax.sigmoid_focal_loss",
     },
     "tensorflow": {
         "cross_entropy": "tf.nn.sparse_softmax_cross_entropy_with_logits",
         "cross_entropy_probs": "tf.nn.softmax_cross_entropy_with_logits",
         "binary_cross_entropy_with_logits": "tf.nn.sigmoid_cross_entropy_with_logits",
+        "kl_divergence": "keras.losses.kl_divergence(p, tf.nn.softmax(x))",
+        "softmax_focal_loss": "keras.losses.categorical_focal_crossentropy(from_logits=True)",
+        "sigmoid_focal_loss": "keras.losses.binary_focal_crossentropy(from_logits=True)",
     },
     "sklearn": {"cross_entropy": "sklearn.metrics.log_loss(y, softmax(x))"},
 }
+
+
+def _jax_timed_loss(variant):
+    """f(x, target) -> per-sample loss, the jax/optax call :data:`TIMED` names."""
+    jax, _, optax, _ = _jax()
+    return {
+        "cross_entropy": optax.softmax_cross_entropy_with_integer_labels,
+        "cross_entropy_probs": optax.softmax_cross_entropy,
+        "binary_cross_entropy_with_logits": optax.sigmoid_binary_cross_entropy,
+        "kl_divergence": lambda xj, tj: optax.kl_divergence(jax.nn.log_softmax(xj, axis=-1), tj),
+        "softmax_focal_loss": _jax_softmax_focal_rows,
+        "sigmoid_focal_loss": lambda xj, tj: optax.sigmoid_focal_loss(
+            xj, tj, alpha=0.25, gamma=2.0
+        ),
+    }[variant]
+
+
+def _tf_timed_loss(variant):
+    """f(x, target) -> per-sample loss, the TensorFlow/Keras call :data:`TIMED` names."""
+    tf, keras = _tf()
+
+    def kl_divergence(xv, tv):
+        return keras.losses.kl_divergence(tv, tf.nn.softmax(xv, axis=-1))
+
+    def softmax_focal_loss(xv, tv):
+        onehot = tf.one_hot(tv, tf.shape(xv)[-1], dtype=xv.dtype)
+        return keras.losses.categorical_focal_crossentropy(
+            onehot, xv, alpha=1.0, gamma=2.0, from_logits=True
+        )
+
+    def sigmoid_focal_loss(xv, tv):  # a trailing axis of 1: Keras means over the last axis
+        return keras.losses.binary_focal_crossentropy(
+            tv[..., None],
+            xv[..., None],
+            apply_class_balancing=True,
+            alpha=0.25,
+            gamma=2.0,
+            from_logits=True,
+        )
+
+    def op(fn):
+        return lambda xv, tv: fn(labels=tv, logits=xv)
+
+    return {
+        "cross_entropy": op(tf.nn.sparse_softmax_cross_entropy_with_logits),
+        "cross_entropy_probs": op(tf.nn.softmax_cross_entropy_with_logits),
+        "binary_cross_entropy_with_logits": op(tf.nn.sigmoid_cross_entropy_with_logits),
+        "kl_divergence": kl_divergence,
+        "softmax_focal_loss": softmax_focal_loss,
+        "sigmoid_focal_loss": sigmoid_focal_loss,
+    }[variant]
 
 
 def timed_callable(variant: str, peer: str, mode: str, x, t):
@@ -767,12 +830,8 @@ def timed_callable(variant: str, peer: str, mode: str, x, t):
         labels = np.arange(x.shape[1])
         return lambda: (float(log_loss(t, softmax(x, copy=True), labels=labels)), None)
     if peer == "jax":
-        jax, jnp, optax, cpu = _jax()
-        fn = {
-            "cross_entropy": optax.softmax_cross_entropy_with_integer_labels,
-            "cross_entropy_probs": optax.softmax_cross_entropy,
-            "binary_cross_entropy_with_logits": optax.sigmoid_binary_cross_entropy,
-        }[variant]
+        jax, jnp, _, cpu = _jax()
+        fn = _jax_timed_loss(variant)
 
         def mean_loss(xj, tj):
             return jnp.mean(fn(xj, tj))
@@ -786,23 +845,19 @@ def timed_callable(variant: str, peer: str, mode: str, x, t):
 
         return run_jax
     tf, _ = _tf()
-    op = {
-        "cross_entropy": tf.nn.sparse_softmax_cross_entropy_with_logits,
-        "cross_entropy_probs": tf.nn.softmax_cross_entropy_with_logits,
-        "binary_cross_entropy_with_logits": tf.nn.sigmoid_cross_entropy_with_logits,
-    }[variant]
+    loss_fn = _tf_timed_loss(variant)
     with tf.device("/CPU:0"):
         xt, tt = tf.constant(x), tf.constant(t)
 
     @tf.function
     def forward(xv, tv):
-        return tf.reduce_mean(op(labels=tv, logits=xv))
+        return tf.reduce_mean(loss_fn(xv, tv))
 
     @tf.function
     def forward_grad(xv, tv):
         with tf.GradientTape() as tape:
             tape.watch(xv)
-            loss = tf.reduce_mean(op(labels=tv, logits=xv))
+            loss = tf.reduce_mean(loss_fn(xv, tv))
         return loss, tape.gradient(loss, xv)
 
     def run_tf():
