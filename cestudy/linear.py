@@ -25,6 +25,7 @@ tracemalloc at N, H, V = 2048, 512, 65536 (default chunk 4096): 36.7 MiB in floa
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -55,8 +56,8 @@ class _Problem:
     weight: np.ndarray  # (C,) float64
     ignore_index: int
     label_smoothing: float
-    reduction: str
     chunk: int
+    reduction: str
     denom: float  # the "mean" denominator
     in_dtype: np.dtype
     loss_shape: tuple  # the shape of reduction="none"
@@ -206,8 +207,8 @@ def _prepare(
         weight=wvec,
         ignore_index=ignore_index,
         label_smoothing=eps,
-        reduction=reduction,
         chunk=min(chunk, c),
+        reduction=reduction,
         denom=denom,
         in_dtype=x.dtype,
         loss_shape=index_shape,
@@ -240,38 +241,25 @@ def run_fused(
     linear_weight: ArrayLike,
     target: ArrayLike,
     *,
-    linear_bias: Optional[ArrayLike] = None,
-    weight: Optional[ArrayLike] = None,
-    reduction: Reduction = "mean",
-    ignore_index: Optional[int] = -100,
-    label_smoothing: float = 0.0,
-    chunk_size: Optional[int] = None,
     with_grad: bool = False,
     filter_eps: float = 0.0,
+    **options: Any,
 ) -> FusedResult:
     """The engine behind :func:`linear_cross_entropy` and
-    :func:`linear_cross_entropy_with_grad`, with the study's extra knob.
+    :func:`linear_cross_entropy_with_grad`, with the study's extra knob. ``options`` are
+    linear_cross_entropy's keyword arguments (linear_bias, weight, reduction, ignore_index,
+    label_smoothing, chunk_size), with its defaults.
 
     ``filter_eps`` > 0 applies Cut Cross-Entropy's gradient filter: every 128 x 128 tile of
     dL/dz (before the reduction's scaling) whose entries are all below ``filter_eps`` in
     magnitude is dropped. Cut Cross-Entropy uses eps/32 of the compute dtype
     (``dtypes.finfo(dtype).eps / 32``). The loss is not affected, only the gradients.
     """
-    p = _prepare(
-        input,
-        linear_weight,
-        target,
-        linear_bias,
-        weight,
-        reduction,
-        ignore_index,
-        label_smoothing,
-        chunk_size,
-    )
+    p = _prepare(input, linear_weight, target, **{**_OPTION_DEFAULTS, **options})
     n, h = p.x.shape
     c = p.w3.shape[0]
     per_row = np.empty((n, p.d))
-    scale = dispatch.grad_scale(reduction, p.denom)
+    scale = dispatch.grad_scale(p.reduction, p.denom)
     gx = gw = gb = None
     stats = None
     if with_grad:
@@ -310,7 +298,7 @@ def run_fused(
         if with_grad and p.d > 1:
             gx += gx_d
             gw[:, d, :] = gw_d
-    loss = dispatch.finish_loss(per_row, reduction, p.denom, p.in_dtype, p.loss_shape)
+    loss = dispatch.finish_loss(per_row, p.reduction, p.denom, p.in_dtype, p.loss_shape)
     result = FusedResult(loss=loss, per_row=per_row.reshape(p.loss_shape))
     if with_grad:
         result.grad_input = gx.astype(p.in_dtype, copy=False).reshape(p.input_shape)
@@ -391,31 +379,19 @@ def linear_cross_entropy(
         functions", IMA J. Numer. Anal. 41(4), 2021.
         E. Wijmans et al., "Cut your losses in large-vocabulary language models", ICLR 2025.
     """
-    return run_fused(
-        input,
-        linear_weight,
-        target,
-        linear_bias=linear_bias,
-        weight=weight,
-        reduction=reduction,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        chunk_size=chunk_size,
-    ).loss
+    options = {
+        "linear_bias": linear_bias,
+        "weight": weight,
+        "reduction": reduction,
+        "ignore_index": ignore_index,
+        "label_smoothing": label_smoothing,
+        "chunk_size": chunk_size,
+    }
+    return run_fused(input, linear_weight, target, **options).loss
 
 
-def linear_cross_entropy_with_grad(
-    input: ArrayLike,
-    linear_weight: ArrayLike,
-    target: ArrayLike,
-    *,
-    linear_bias: Optional[ArrayLike] = None,
-    weight: Optional[ArrayLike] = None,
-    reduction: Reduction = "mean",
-    ignore_index: Optional[int] = -100,
-    label_smoothing: float = 0.0,
-    chunk_size: Optional[int] = None,
-) -> tuple:
+# its parameters are linear_cross_entropy's: __signature__, set below, says so to inspect/help()
+def linear_cross_entropy_with_grad(*args: Any, **kwargs: Any) -> tuple:
     """Fused :func:`linear_cross_entropy` and its gradients: returns ``(loss, grad_input,
     grad_weight)``, and ``grad_bias`` last when ``linear_bias`` is given.
 
@@ -452,18 +428,26 @@ def linear_cross_entropy_with_grad(
         Blanchard, Higham & Higham, "Accurately computing the log-sum-exp and softmax
         functions", IMA J. Numer. Anal. 41(4), 2021.
     """
-    r = run_fused(
-        input,
-        linear_weight,
-        target,
-        linear_bias=linear_bias,
-        weight=weight,
-        reduction=reduction,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        chunk_size=chunk_size,
-        with_grad=True,
-    )
+    try:
+        bound = linear_cross_entropy_with_grad.__signature__.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"linear_cross_entropy_with_grad() {exc}") from None
+    r = run_fused(*bound.args, **bound.kwargs, with_grad=True)
     if r.grad_bias is not None:
         return r.loss, r.grad_input, r.grad_weight, r.grad_bias
     return r.loss, r.grad_input, r.grad_weight
+
+
+linear_cross_entropy_with_grad.__signature__ = inspect.signature(linear_cross_entropy).replace(
+    return_annotation="tuple"
+)
+linear_cross_entropy_with_grad.__annotations__ = {
+    **linear_cross_entropy.__annotations__,
+    "return": "tuple",
+}
+# run_fused's options and their defaults: linear_cross_entropy's keyword-only parameters
+_OPTION_DEFAULTS = {
+    p.name: p.default
+    for p in inspect.signature(linear_cross_entropy).parameters.values()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}

@@ -34,8 +34,9 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -54,11 +55,72 @@ def _ce_variant(target) -> str:
     return "cross_entropy" if kind in "iu" else "cross_entropy_probs"
 
 
-def _ce_options(target, weight, ignore_index, label_smoothing):
-    opts = {"weight": weight, "label_smoothing": label_smoothing}
-    if _ce_variant(target) == "cross_entropy":
-        opts["ignore_index"] = ignore_index
-    return opts
+def _run(function, input, target, reduction, backend, options, with_grad=False, out=None):
+    """Public loss ``function`` (with ``with_grad``: and its gradient, into ``out``) computed
+    by ``dispatch.run``: the one place where a loss's arguments become its variant's call, for
+    the loss and its fused twin alike. ``options`` are the loss's other keyword arguments."""
+    variant = function
+    if function == "cross_entropy":
+        variant = _ce_variant(target)
+        if variant == "cross_entropy_probs":  # probabilities have no ignored class
+            options = {k: v for k, v in options.items() if k != "ignore_index"}
+    elif function == "kl_div":
+        if reduction == "mean":  # stacklevel 3: the caller of kl_div or kl_div_with_grad
+            warnings.warn(KL_DIV_MEAN_WARNING, UserWarning, stacklevel=3)
+        options = {"log_target": bool(options["log_target"])}
+    return dispatch.run(
+        variant,
+        input,
+        target,
+        reduction=reduction,
+        backend=backend,
+        with_grad=with_grad,
+        out=out,
+        **options,
+    )
+
+
+def _with_grad(loss: Callable[..., Loss], doc: str) -> Callable[..., tuple[Loss, np.ndarray]]:
+    """The fused twin ``<loss>_with_grad`` of a public loss, with docstring ``doc``.
+
+    Its parameters are ``loss``'s, ``(input, target, *, options)``, and a keyword-only ``out``
+    (the gradient buffer): ``inspect.signature`` and ``help()`` show them. It hands its
+    arguments to :func:`_run` as ``loss``'s body does, with ``with_grad=True``, and returns
+    ``(loss, grad)``. A call is checked by hand (``Signature.bind`` would add a third to the
+    cost of a small call); a wrong one gets ``Signature.bind``'s TypeError.
+    """
+    loss_signature = inspect.signature(loss)
+    params = list(loss_signature.parameters.values())
+    positional = (params[0].name, params[1].name)  # input (or logits), target; then keyword-only
+    names = set(loss_signature.parameters)
+    defaults = {p.name: p.default for p in params[2:]}
+    out_param = inspect.Parameter(
+        "out", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Optional[np.ndarray]"
+    )
+    # string annotations, as ``from __future__ import annotations`` gives every function here
+    signature = loss_signature.replace(
+        parameters=[*params, out_param], return_annotation="tuple[Loss, np.ndarray]"
+    )
+    name = f"{loss.__name__}_with_grad"
+
+    def twin(*args, out=None, **kwargs):
+        arguments = {**defaults, **kwargs, **dict(zip(positional, args))}
+        # a valid call names every parameter, input and target exactly once
+        if arguments.keys() != names or len(args) + len(kwargs.keys() & positional) != 2:
+            try:
+                signature.bind(*args, out=out, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{name}() {exc}") from None
+        x, t = arguments.pop(positional[0]), arguments.pop(positional[1])
+        reduction, backend = arguments.pop("reduction"), arguments.pop("backend", "cpu")
+        return _run(loss.__name__, x, t, reduction, backend, arguments, with_grad=True, out=out)
+
+    twin.__name__ = twin.__qualname__ = name
+    twin.__doc__ = doc
+    twin.__signature__ = signature
+    twin.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    twin.__annotations__["return"] = signature.return_annotation
+    return twin
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,27 +181,12 @@ def cross_entropy(
         Szegedy et al., "Rethinking the Inception architecture for computer vision", CVPR 2016
         (label smoothing).
     """
-    return dispatch.run(
-        _ce_variant(target),
-        logits,
-        target,
-        reduction=reduction,
-        backend=backend,
-        **_ce_options(target, weight, ignore_index, label_smoothing),
-    )
+    options = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    return _run("cross_entropy", logits, target, reduction, backend, options)
 
 
-def cross_entropy_with_grad(
-    logits: ArrayLike,
-    target: ArrayLike,
-    *,
-    weight: Optional[ArrayLike] = None,
-    ignore_index: int = -100,
-    reduction: Reduction = "mean",
-    label_smoothing: float = 0.0,
-    backend: Backend = "cpu",
-    out: Optional[np.ndarray] = None,
-) -> tuple[Loss, np.ndarray]:
+cross_entropy_with_grad = _with_grad(
+    cross_entropy,
     """Fused :func:`cross_entropy` and its gradient d(loss)/d(logits): returns (loss, grad).
 
     With class indices::
@@ -170,17 +217,8 @@ def cross_entropy_with_grad(
     References:
         Blanchard, Higham & Higham, "Accurately computing the log-sum-exp and softmax
         functions", IMA J. Numer. Anal. 41(4), 2021.
-    """
-    return dispatch.run(
-        _ce_variant(target),
-        logits,
-        target,
-        reduction=reduction,
-        backend=backend,
-        with_grad=True,
-        out=out,
-        **_ce_options(target, weight, ignore_index, label_smoothing),
-    )
+    """,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,17 +260,11 @@ def kl_divergence(
         S. Kullback, R. A. Leibler, "On information and sufficiency", Ann. Math. Statist. 22,
         1951.
     """
-    return dispatch.run("kl_divergence", logits, target, reduction=reduction, backend=backend)
+    return _run("kl_divergence", logits, target, reduction, backend, {})
 
 
-def kl_divergence_with_grad(
-    logits: ArrayLike,
-    target: ArrayLike,
-    *,
-    reduction: Reduction = "mean",
-    backend: Backend = "cpu",
-    out: Optional[np.ndarray] = None,
-) -> tuple[Loss, np.ndarray]:
+kl_divergence_with_grad = _with_grad(
+    kl_divergence,
     """Fused :func:`kl_divergence` and its gradient ``(sum_c p_c) q_j - p_j`` (times 1/N for
     "mean").
 
@@ -248,16 +280,8 @@ def kl_divergence_with_grad(
         >>> _, g = cestudy.kl_divergence_with_grad(np.zeros(2), np.array([1.0, 0.0]))
         >>> g.tolist()
         [-0.5, 0.5]
-    """
-    return dispatch.run(
-        "kl_divergence",
-        logits,
-        target,
-        reduction=reduction,
-        backend=backend,
-        with_grad=True,
-        out=out,
-    )
+    """,
+)
 
 
 def entropy(p: ArrayLike, *, reduction: Reduction = "none") -> Loss:
@@ -323,20 +347,12 @@ def nll_loss(
         >>> round(float(cestudy.nll_loss(logp, np.array([1]))), 12)     # log 4
         1.38629436112
     """
-    return dispatch.run(
-        "nll_loss", input, target, reduction=reduction, weight=weight, ignore_index=ignore_index
-    )
+    options = dict(weight=weight, ignore_index=ignore_index)
+    return _run("nll_loss", input, target, reduction, "cpu", options)
 
 
-def nll_loss_with_grad(
-    input: ArrayLike,
-    target: ArrayLike,
-    *,
-    weight: Optional[ArrayLike] = None,
-    ignore_index: int = -100,
-    reduction: Reduction = "mean",
-    out: Optional[np.ndarray] = None,
-) -> tuple[Loss, np.ndarray]:
+nll_loss_with_grad = _with_grad(
+    nll_loss,
     """Fused :func:`nll_loss` and its gradient: -w_y (times the reduction's scale) at each
     target, 0 elsewhere.
 
@@ -352,17 +368,8 @@ def nll_loss_with_grad(
         >>> _, g = cestudy.nll_loss_with_grad(np.zeros((2, 2)), np.array([0, 1]))
         >>> g.tolist()
         [[-0.5, 0.0], [0.0, -0.5]]
-    """
-    return dispatch.run(
-        "nll_loss",
-        input,
-        target,
-        reduction=reduction,
-        with_grad=True,
-        out=out,
-        weight=weight,
-        ignore_index=ignore_index,
-    )
+    """,
+)
 
 
 KL_DIV_MEAN_WARNING = (
@@ -401,18 +408,11 @@ def kl_div(
         ...                            reduction="batchmean")), 12)
         0.143841036226
     """
-    _warn_kl_div_mean(reduction)
-    return dispatch.run("kl_div", input, target, reduction=reduction, log_target=bool(log_target))
+    return _run("kl_div", input, target, reduction, "cpu", {"log_target": log_target})
 
 
-def kl_div_with_grad(
-    input: ArrayLike,
-    target: ArrayLike,
-    *,
-    reduction: str = "mean",
-    log_target: bool = False,
-    out: Optional[np.ndarray] = None,
-) -> tuple[Loss, np.ndarray]:
+kl_div_with_grad = _with_grad(
+    kl_div,
     """Fused :func:`kl_div` and its gradient with respect to ``input``: -target (or
     -exp(target)), times the reduction's scale.
 
@@ -428,22 +428,8 @@ def kl_div_with_grad(
         >>> _, g = cestudy.kl_div_with_grad(np.zeros(2), np.array([0.25, 0.75]), reduction="sum")
         >>> g.tolist()
         [-0.25, -0.75]
-    """
-    _warn_kl_div_mean(reduction)
-    return dispatch.run(
-        "kl_div",
-        input,
-        target,
-        reduction=reduction,
-        with_grad=True,
-        out=out,
-        log_target=bool(log_target),
-    )
-
-
-def _warn_kl_div_mean(reduction):
-    if reduction == "mean":
-        warnings.warn(KL_DIV_MEAN_WARNING, UserWarning, stacklevel=3)
+    """,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,27 +474,12 @@ def binary_cross_entropy_with_logits(
     References:
         TensorFlow's ``sigmoid_cross_entropy_with_logits`` documents the same max(x, 0) form.
     """
-    return dispatch.run(
-        "binary_cross_entropy_with_logits",
-        logits,
-        target,
-        reduction=reduction,
-        backend=backend,
-        weight=weight,
-        pos_weight=pos_weight,
-    )
+    options = dict(weight=weight, pos_weight=pos_weight)
+    return _run("binary_cross_entropy_with_logits", logits, target, reduction, backend, options)
 
 
-def binary_cross_entropy_with_logits_with_grad(
-    logits: ArrayLike,
-    target: ArrayLike,
-    *,
-    weight: Optional[ArrayLike] = None,
-    pos_weight: Optional[ArrayLike] = None,
-    reduction: Reduction = "mean",
-    backend: Backend = "cpu",
-    out: Optional[np.ndarray] = None,
-) -> tuple[Loss, np.ndarray]:
+binary_cross_entropy_with_logits_with_grad = _with_grad(
+    binary_cross_entropy_with_logits,
     """Fused :func:`binary_cross_entropy_with_logits` and its gradient::
 
         d loss / d x = w [(1 - t) sigmoid(x) - pw t sigmoid(-x)]
@@ -530,18 +501,8 @@ def binary_cross_entropy_with_logits_with_grad(
         ...     np.array([0.0]), np.array([1.0]), reduction="sum")
         >>> g.tolist()
         [-0.5]
-    """
-    return dispatch.run(
-        "binary_cross_entropy_with_logits",
-        logits,
-        target,
-        reduction=reduction,
-        backend=backend,
-        with_grad=True,
-        out=out,
-        weight=weight,
-        pos_weight=pos_weight,
-    )
+    """,
+)
 
 
 def binary_cross_entropy(
@@ -637,29 +598,12 @@ def softmax_focal_loss(
     References:
         Lin, Goyal, Girshick, He & Dollar, "Focal loss for dense object detection", ICCV 2017.
     """
-    return dispatch.run(
-        "softmax_focal_loss",
-        logits,
-        target,
-        reduction=reduction,
-        backend=backend,
-        weight=weight,
-        ignore_index=ignore_index,
-        gamma=gamma,
-    )
+    options = dict(gamma=gamma, weight=weight, ignore_index=ignore_index)
+    return _run("softmax_focal_loss", logits, target, reduction, backend, options)
 
 
-def softmax_focal_loss_with_grad(
-    logits: ArrayLike,
-    target: ArrayLike,
-    *,
-    gamma: float = 2.0,
-    weight: Optional[ArrayLike] = None,
-    ignore_index: int = -100,
-    reduction: Reduction = "mean",
-    backend: Backend = "cpu",
-    out: Optional[np.ndarray] = None,
-) -> tuple[Loss, np.ndarray]:
+softmax_focal_loss_with_grad = _with_grad(
+    softmax_focal_loss,
     """Fused :func:`softmax_focal_loss` and its gradient::
 
         d FL / d x_j = w_y (p_j - [j == y]) (1 - p_y)^(gamma - 1) (gamma (-log p_y) p_y + 1 - p_y)
@@ -680,19 +624,8 @@ def softmax_focal_loss_with_grad(
 
     References:
         Lin, Goyal, Girshick, He & Dollar, "Focal loss for dense object detection", ICCV 2017.
-    """
-    return dispatch.run(
-        "softmax_focal_loss",
-        logits,
-        target,
-        reduction=reduction,
-        backend=backend,
-        with_grad=True,
-        out=out,
-        weight=weight,
-        ignore_index=ignore_index,
-        gamma=gamma,
-    )
+    """,
+)
 
 
 def sigmoid_focal_loss(
@@ -731,27 +664,13 @@ def sigmoid_focal_loss(
     References:
         Lin, Goyal, Girshick, He & Dollar, "Focal loss for dense object detection", ICCV 2017.
     """
-    return dispatch.run(
-        "sigmoid_focal_loss",
-        logits,
-        target,
-        reduction=reduction,
-        backend=backend,
-        alpha=alpha,
-        gamma=gamma,
+    return _run(
+        "sigmoid_focal_loss", logits, target, reduction, backend, dict(alpha=alpha, gamma=gamma)
     )
 
 
-def sigmoid_focal_loss_with_grad(
-    logits: ArrayLike,
-    target: ArrayLike,
-    *,
-    alpha: float = 0.25,
-    gamma: float = 2.0,
-    reduction: Reduction = "none",
-    backend: Backend = "cpu",
-    out: Optional[np.ndarray] = None,
-) -> tuple[Loss, np.ndarray]:
+sigmoid_focal_loss_with_grad = _with_grad(
+    sigmoid_focal_loss,
     """Fused :func:`sigmoid_focal_loss` and its gradient::
 
         d loss / d x = alpha_t (1 - p_t)^gamma [s(x) - t
@@ -773,18 +692,8 @@ def sigmoid_focal_loss_with_grad(
 
     References:
         Lin, Goyal, Girshick, He & Dollar, "Focal loss for dense object detection", ICCV 2017.
-    """
-    return dispatch.run(
-        "sigmoid_focal_loss",
-        logits,
-        target,
-        reduction=reduction,
-        backend=backend,
-        with_grad=True,
-        out=out,
-        alpha=alpha,
-        gamma=gamma,
-    )
+    """,
+)
 
 
 # --------------------------------------------------------------------------------------------
