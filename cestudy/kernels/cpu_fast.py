@@ -165,6 +165,17 @@ _Q2 = F32(0.04166629910469055)
 _Q3 = F32(0.008333495818078518)
 _Q4 = F32(0.001394452410750091)
 _Q5 = F32(0.00019791295926552266)
+# the constants of :func:`_exp_biased` for float32
+_EXP32 = (
+    _LOG2E,
+    _SHIFTER,
+    _LN2_HI,
+    _LN2_LO,
+    _ONE,
+    EXP32_FLUSH,
+    _ZERO,
+    (_Q0, _Q1, _Q2, _Q3, _Q4, _Q5),
+)
 
 
 @njit(**_FMA)
@@ -209,25 +220,45 @@ def _pow2_biased(typingctx, t):
 
 
 @njit(**_FMA)
-def exp_f32_biased(hi, lo):
-    """exp(hi + lo) * 2^96 in float32 for hi <= 0 and |lo| <= ulp(hi): within 0.65 ulp down to
-    hi = -150, 0 below (and for hi = -inf or NaN: callers test the row for NaN first)."""
-    t = hi * _LOG2E + _SHIFTER
-    n = t - _SHIFTER
-    r1 = hi - n * _LN2_HI  # exact: FMA, or an exact product and a Sterbenz difference
-    c = lo - n * _LN2_LO  # |c| < 2^-16: its rounding is far below a float32 ulp of exp
+def _horner(r, p):
+    """p_0 + r (p_1 + r (... + r p_d)) for the tuple of coefficients ``p`` (a constant of fixed
+    length: the loop unrolls), each step one FMA."""
+    q = p[len(p) - 1]
+    for i in range(len(p) - 2, -1, -1):
+        q = q * r + p[i]
+    return q
+
+
+@njit(**_FMA)
+def _exp_biased(hi, lo, k):
+    """exp(hi + lo) * 2^96 in the float type of ``hi`` and of the constants ``k`` (``_EXP32``,
+    ``_EXP64``: log2 e, the shifter 1.5 * 2^p, ln 2 in a short high part and the rest, 1, the
+    flush threshold, 0, the coefficients of q(r) ~ (exp(r) - 1 - r) / r^2).
+
+    Cody-Waite reduction d = n ln2 + r with ``r1 = hi - n LN2_HI`` exact (FMA, or an exact
+    product and a Sterbenz difference) and the small rest ``c = lo - n LN2_LO`` kept apart; the
+    result ``(1 + r1) + (es + c + r^2 q(r))`` with ``es`` the rounding error of 1 + r1, exact
+    (Fast2Sum, |r1| < 1), so that the only large rounding is the last addition."""
+    log2e, shifter, ln2_hi, ln2_lo, one, flush, zero, coefs = k
+    t = hi * log2e + shifter
+    n = t - shifter
+    r1 = hi - n * ln2_hi
+    c = lo - n * ln2_lo
     r = r1 + c
-    q = _Q5
-    q = q * r + _Q4
-    q = q * r + _Q3
-    q = q * r + _Q2
-    q = q * r + _Q1
-    q = q * r + _Q0
-    s1 = _ONE + r1
-    es = (_ONE - s1) + r1  # the rounding error of 1 + r1, exact (Fast2Sum, |r1| < 1)
+    q = _horner(r, coefs)
+    s1 = one + r1
+    es = (one - s1) + r1
     p = s1 + ((r * r) * q + (es + c))
     # below the flush (and for -inf / NaN) n is garbage, and the select drops it
-    return p * _pow2_biased(t) if hi >= EXP32_FLUSH else _ZERO
+    return p * _pow2_biased(t) if hi >= flush else zero
+
+
+@njit(**_FMA)
+def exp_f32_biased(hi, lo):
+    """exp(hi + lo) * 2^96 in float32 for hi <= 0 and |lo| <= ulp(hi): within 0.65 ulp down to
+    hi = -150, 0 below (and for hi = -inf or NaN: callers test the row for NaN first). The
+    rest c of the reduction is below 2^-16: its rounding is far below a float32 ulp of exp."""
+    return _exp_biased(hi, lo, _EXP32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,6 +309,17 @@ _KEY_NEGINF = np.int32(-0x7F800001)  # the key of -inf; keys below: NaNs with th
 
 
 @njit(**_ROW)
+def _key_range(x, hi, lo):
+    """(max, min) of the :func:`_order_key` keys of the row ``x`` and of the starting ``hi``,
+    ``lo`` (the extreme keys of its int type): integer reductions that vectorise."""
+    for j in range(x.shape[0]):
+        key = _order_key(x[j])
+        hi = max(hi, key)
+        lo = min(lo, key)
+    return hi, lo
+
+
+@njit(**_ROW)
 def row_max_f32(x):
     """(m, bad) of a float32 row: the maximum as float64, and whether the row holds a NaN.
 
@@ -285,12 +327,7 @@ def row_max_f32(x):
     (:func:`_order_key`), integer reductions that LLVM vectorises over 16 lanes without fast-math
     flags (a float max reduction would need ``nnan``); a NaN shows as a key above +inf's or
     below -inf's."""
-    hi = np.int32(-2147483648)
-    lo = np.int32(2147483647)
-    for j in range(x.shape[0]):
-        key = _order_key(x[j])
-        hi = max(hi, key)
-        lo = min(lo, key)
+    hi, lo = _key_range(x, np.int32(-2147483648), np.int32(2147483647))
     return np.float64(_key_value(hi)), hi > _KEY_POSINF or lo < _KEY_NEGINF
 
 
@@ -317,6 +354,15 @@ def first_index_of(x, m):
     return -1
 
 
+@njit(**_ROW)
+def _store(x, out, j, v):
+    """out[j] = v, or x[j] = v when ``out`` is None (a test numba prunes at compile time)."""
+    if out is None:
+        x[j] = v
+    else:
+        out[j] = v
+
+
 @njit(**_SUM)
 def _exp_block_f32(x, m, out):
     """out_j = exp(x_j - m) 2^96 (float32, from the exact difference) for x_j <= m; returns the
@@ -330,10 +376,7 @@ def _exp_block_f32(x, m, out):
     for j in range(x.shape[0]):
         hi, lo = two_diff_f32(x[j], m)
         e = exp_f32_biased(hi, lo)
-        if out is None:  # pruned at compile time
-            x[j] = e
-        else:
-            out[j] = e
+        _store(x, out, j, e)
         ties += _ONE if e == BIASED_ONE else _ZERO
     return np.float64(ties)
 
@@ -371,8 +414,8 @@ _P = (
     2.511236667514622e-08,
     2.0855090711960965e-09,
 )
-_P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7, _P8, _P9, _P10 = _P
 _BIASED_ONE64 = 2.0**EXP_BIAS
+_EXP64 = (_LOG2E64, _SHIFTER64, _LN2_HI64, _LN2_LO64, 1.0, EXP64_FLUSH, 0.0, _P)
 
 
 @njit(**_FMA)
@@ -380,26 +423,7 @@ def exp_f64_biased(hi, lo):
     """exp(hi + lo) * 2^96 in float64 for hi <= 0 and |lo| <= ulp(hi): within 0.55 ulp down to
     hi = -770, 0 below (and for -inf / NaN). The scheme of :func:`exp_f32_biased`: r1 exact,
     the small rest c apart, the rounding error of 1 + r1 kept, a degree-12 polynomial."""
-    t = hi * _LOG2E64 + _SHIFTER64
-    n = t - _SHIFTER64
-    r1 = hi - n * _LN2_HI64
-    c = lo - n * _LN2_LO64
-    r = r1 + c
-    q = _P10
-    q = q * r + _P9
-    q = q * r + _P8
-    q = q * r + _P7
-    q = q * r + _P6
-    q = q * r + _P5
-    q = q * r + _P4
-    q = q * r + _P3
-    q = q * r + _P2
-    q = q * r + _P1
-    q = q * r + _P0
-    s1 = 1.0 + r1
-    es = (1.0 - s1) + r1
-    p = s1 + ((r * r) * q + (es + c))
-    return p * _pow2_biased(t) if hi >= EXP64_FLUSH else 0.0
+    return _exp_biased(hi, lo, _EXP64)
 
 
 @intrinsic
@@ -433,12 +457,7 @@ _KEY64_NEGINF = np.int64(-0x7FF0000000000001)
 @njit(**_ROW)
 def row_max_f64(x):
     """:func:`row_max_f32` for a float64 row (int64 keys, 8 lanes)."""
-    hi = np.int64(-9223372036854775808)
-    lo = np.int64(9223372036854775807)
-    for j in range(x.shape[0]):
-        key = _order_key(x[j])
-        hi = max(hi, key)
-        lo = min(lo, key)
+    hi, lo = _key_range(x, np.int64(-9223372036854775808), np.int64(9223372036854775807))
     return _key_value(hi), hi > _KEY64_POSINF or lo < _KEY64_NEGINF
 
 
@@ -452,10 +471,7 @@ def _exp_block_f64(x, m, out):
     for j in range(x.shape[0]):
         hi, lo = two_diff_f64(x[j], m)
         e = exp_f64_biased(hi, lo)
-        if out is None:  # pruned at compile time
-            x[j] = e
-        else:
-            out[j] = e
+        _store(x, out, j, e)
         ties += 1.0 if e >= _BIASED_ONE64 else 0.0
         top = max(top, _bits_below(e))
     return ties, top
@@ -467,6 +483,13 @@ def _split(v, sigma):
     ``reassoc`` here: it would fold q to v)."""
     q = (sigma + v) - sigma
     return q, v - q
+
+
+@njit(**_SUM)
+def _split_add(v, sigma, hi, lo):
+    """One term of a split sum: (hi + q, lo + (v - q)) with q, v - q :func:`_split` at sigma."""
+    q, r = _split(v, sigma)
+    return hi + q, lo + r
 
 
 @njit(**_SUM)
@@ -487,9 +510,7 @@ def _sum_below_f64(e, top):
     lo = 0.0
     for j in range(e.shape[0]):
         v = e[j]
-        q, r = _split(v if v < _BIASED_ONE64 else 0.0, sigma)
-        hi += q
-        lo += r
+        hi, lo = _split_add(v if v < _BIASED_ONE64 else 0.0, sigma, hi, lo)
     return hi + lo
 
 
@@ -613,12 +634,8 @@ def _weighted_shift_split(x, w, m, sig_a, sig_t):
     t_hi = 0.0
     t_lo = 0.0
     for j in range(x.shape[0]):
-        q, r = _split(w[j], sig_a)
-        a_hi += q
-        a_lo += r
-        q, r = _split(w[j] * (m - x[j]), sig_t)
-        t_hi += q
-        t_lo += r
+        a_hi, a_lo = _split_add(w[j], sig_a, a_hi, a_lo)
+        t_hi, t_lo = _split_add(w[j] * (m - x[j]), sig_t, t_hi, t_lo)
     return a_hi + a_lo, t_hi + t_lo
 
 
@@ -654,12 +671,8 @@ def _soft_target_split(x, t, w, m, eps, nc, sig_a, sig_t):
     t_lo = 0.0
     for j in range(x.shape[0]):
         a = soft_target(w[j], t[j], eps, nc)
-        q, r = _split(a, sig_a)
-        a_hi += q
-        a_lo += r
-        q, r = _split(a * (m - x[j]) if a != 0.0 else 0.0, sig_t)
-        t_hi += q
-        t_lo += r
+        a_hi, a_lo = _split_add(a, sig_a, a_hi, a_lo)
+        t_hi, t_lo = _split_add(a * (m - x[j]) if a != 0.0 else 0.0, sig_t, t_hi, t_lo)
     return a_hi + a_lo, t_hi + t_lo
 
 
@@ -887,15 +900,48 @@ def _chunk(c, chunks, n):
     return c * n // chunks, (c + 1) * n // chunks
 
 
+@njit(**_ROW)
+def _first_pass(x, g, scratch, with_grad, inplace, block_max, side, want_k, t, w, eps):
+    """:func:`row_online` of a softmax row, its terms into the gradient row ``g`` with
+    ``with_grad``, else into ``scratch``, and the row's guard: ``(skip, fill, m, k, S, A, T)``.
+    When ``skip`` (a NaN or +inf in the row) the row's loss is ``fill`` and, with ``with_grad``,
+    ``g`` has been filled with it."""
+    m, k, s, a_sum, t_sum, bad = row_online(
+        x, g if with_grad else scratch, with_grad, inplace, block_max, side, want_k, t, w, eps
+    )
+    skip, fill = row_guard(False, bad, m)
+    if skip and with_grad:
+        g[:] = fill
+    return skip, fill, m, k, s, a_sum, t_sum
+
+
+@njit(**_OPTS)
+def _softmax_chunk(c, chunks, logits, target, params, with_grad, inplace, out_loss, out_grad):
+    """The rows of chunk ``c`` of ``chunks`` of a softmax cross-entropy kernel (:func:`ce_row`),
+    the work rows allocated once for the chunk: ``block_max`` and, for the forward, the
+    ``scratch`` row of terms (with ``with_grad`` the terms go into the gradient row, and
+    ``scratch`` is empty). ``with_grad`` and the forward's ``inplace`` are literals: the row is
+    compiled for them."""
+    n, nc = logits.shape
+    scratch = np.empty(0 if with_grad else min(nc, BLOCK), logits.dtype)
+    block_max = np.empty(n_blocks(nc))
+    lo, hi = _chunk(c, chunks, n)
+    for i in range(lo, hi):
+        g = out_grad[i]
+        out_loss[i] = ce_row(
+            logits[i], target[i], params, with_grad, inplace, g, scratch, block_max
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # Softmax cross-entropy with class indices
 # --------------------------------------------------------------------------------------------
 @njit(**_ROW)
-def _ce_index_row(
-    x, y, weight, wsum, ignore_index, eps, grad_scale, with_grad, inplace, g, scratch, block_max
-):
+def _ce_index_row(x, y, params, with_grad, inplace, g, scratch, block_max):
     """One row of the class-index cross-entropy (and its gradient into ``g``, which is ``x``
-    when ``inplace``): x_y is read before anything is written."""
+    when ``inplace``): x_y is read before anything is written. ``params`` = (weight, the sum of
+    the weights, ignore_index, label smoothing, grad_scale)."""
+    weight, wsum, ignore_index, eps, grad_scale = params
     if y == ignore_index:  # the row is not read
         if with_grad:
             g[:] = 0.0
@@ -903,22 +949,11 @@ def _ce_index_row(
     nc = x.shape[0]
     x_y = np.float64(x[y])
     side = SIDE_WEIGHT if eps != 0.0 else SIDE_NONE
-    m, k, s, _, t_sum, bad = row_online(
-        x,
-        g if with_grad else scratch,
-        with_grad,
-        inplace,
-        block_max,
-        side,
-        with_grad and eps != 0.0,
-        weight,
-        weight,
-        eps,
+    want_k = with_grad and eps != 0.0
+    skip, fill, m, k, s, _, t_sum = _first_pass(
+        x, g, scratch, with_grad, inplace, block_max, side, want_k, weight, weight, eps
     )
-    skip, fill = row_guard(False, bad, m)
     if skip:
-        if with_grad:
-            g[:] = fill
         return fill
     L = math.log1p(s)
     loss = weight[y] * neg_log_prob(x_y, m, L)  # (m - x_y) + L, the difference exact
@@ -948,28 +983,10 @@ def _ce_index_row(
 def cross_entropy_index_fwd(logits, target, weight, ignore_index, label_smoothing, out_loss):
     """:func:`cestudy.kernels.cpu.cross_entropy_index_fwd`, vectorised (same signature and
     semantics); ``logits`` float32 or float64."""
-    n, nc = logits.shape
-    wsum = compensated_sum(weight)
-    chunks = n_chunks(n, nc)
+    params = (weight, compensated_sum(weight), ignore_index, label_smoothing, 1.0)
+    chunks = n_chunks(logits.shape[0], logits.shape[1])
     for c in prange(chunks):
-        scratch = np.empty(min(nc, BLOCK), logits.dtype)
-        block_max = np.empty(n_blocks(nc))
-        lo, hi = _chunk(c, chunks, n)
-        for i in range(lo, hi):
-            out_loss[i] = _ce_index_row(
-                logits[i],
-                target[i],
-                weight,
-                wsum,
-                ignore_index,
-                label_smoothing,
-                1.0,
-                False,
-                False,
-                logits[i],
-                scratch,
-                block_max,
-            )
+        _softmax_chunk(c, chunks, logits, target, params, False, False, out_loss, logits)
 
 
 @njit(parallel=True, **_OPTS)
@@ -983,54 +1000,27 @@ def cross_entropy_index_fwd_grad(
     while summing S, then the row is scaled into the gradient (exp 0.65 ulp, S, one rounding:
     <= 1.8 ulp). The true-class entry and, with label smoothing, the argmax entry are recomputed
     by the cancellation-free formulas."""
-    n, nc = logits.shape
-    wsum = compensated_sum(weight)
+    params = (weight, compensated_sum(weight), ignore_index, label_smoothing, grad_scale)
     inplace = out_grad.ctypes.data == logits.ctypes.data
-    chunks = n_chunks(n, nc)
+    chunks = n_chunks(logits.shape[0], logits.shape[1])
     for c in prange(chunks):
-        block_max = np.empty(n_blocks(nc))
-        lo, hi = _chunk(c, chunks, n)
-        for i in range(lo, hi):
-            out_loss[i] = _ce_index_row(
-                logits[i],
-                target[i],
-                weight,
-                wsum,
-                ignore_index,
-                label_smoothing,
-                grad_scale,
-                True,
-                inplace,
-                out_grad[i],
-                out_grad[i],
-                block_max,
-            )
+        _softmax_chunk(c, chunks, logits, target, params, True, inplace, out_loss, out_grad)
 
 
 # --------------------------------------------------------------------------------------------
 # Soft-target cross-entropy
 # --------------------------------------------------------------------------------------------
 @njit(**_ROW)
-def _ce_prob_row(x, t, weight, eps, grad_scale, with_grad, inplace, g, scratch, block_max):
+def _ce_prob_row(x, t, params, with_grad, inplace, g, scratch, block_max):
     """One row of the soft-target cross-entropy: H = T + A log1p(S) with
     A = sum a_c, T = sum a_c (m - x_c); the argmax entry of the gradient is recomputed without
-    cancellation as (A - a_k - a_k S) / (1 + S). ``g`` is ``x`` when ``inplace``."""
-    m, k, s, a_sum, t_sum, bad = row_online(
-        x,
-        g if with_grad else scratch,
-        with_grad,
-        inplace,
-        block_max,
-        SIDE_SOFT,
-        with_grad,
-        t,
-        weight,
-        eps,
+    cancellation as (A - a_k - a_k S) / (1 + S). ``g`` is ``x`` when ``inplace``. ``params`` =
+    (weight, label smoothing, grad_scale)."""
+    weight, eps, grad_scale = params
+    skip, fill, m, k, s, a_sum, t_sum = _first_pass(
+        x, g, scratch, with_grad, inplace, block_max, SIDE_SOFT, with_grad, t, weight, eps
     )
-    skip, fill = row_guard(False, bad, m)
     if skip:
-        if with_grad:
-            g[:] = fill
         return fill
     if with_grad:
         z = 1.0 + s
@@ -1042,28 +1032,27 @@ def _ce_prob_row(x, t, weight, eps, grad_scale, with_grad, inplace, g, scratch, 
     return t_sum + a_sum * math.log1p(s)
 
 
+def ce_row(x, t, params, with_grad, inplace, g, scratch, block_max):
+    """One row of the softmax cross-entropy: :func:`_ce_index_row` for a class index ``t``,
+    :func:`_ce_prob_row` for a row of soft targets (``prefer_literal``: the row is compiled for
+    the literal flags of the kernel, as when the kernels called it directly)."""
+
+
+@overload(ce_row, jit_options=_ROW, prefer_literal=True)
+def _ov_ce_row(x, t, params, with_grad, inplace, g, scratch, block_max):
+    row = _ce_index_row if isinstance(t, types.Integer) else _ce_prob_row
+    return lambda x, t, params, with_grad, inplace, g, scratch, block_max: row(
+        x, t, params, with_grad, inplace, g, scratch, block_max
+    )
+
+
 @njit(parallel=True, **_OPTS)
 def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, out_loss):
     """:func:`cestudy.kernels.cpu.cross_entropy_prob_fwd`, vectorised."""
-    n, nc = logits.shape
-    chunks = n_chunks(n, nc)
+    params = (weight, label_smoothing, 1.0)
+    chunks = n_chunks(logits.shape[0], logits.shape[1])
     for c in prange(chunks):
-        scratch = np.empty(min(nc, BLOCK), logits.dtype)
-        block_max = np.empty(n_blocks(nc))
-        lo, hi = _chunk(c, chunks, n)
-        for i in range(lo, hi):
-            out_loss[i] = _ce_prob_row(
-                logits[i],
-                target[i],
-                weight,
-                label_smoothing,
-                1.0,
-                False,
-                False,
-                logits[i],
-                scratch,
-                block_max,
-            )
+        _softmax_chunk(c, chunks, logits, target, params, False, False, out_loss, logits)
 
 
 @njit(parallel=True, **_OPTS)
@@ -1072,25 +1061,11 @@ def cross_entropy_prob_fwd_grad(
 ):
     """:func:`cestudy.kernels.cpu.cross_entropy_prob_fwd_grad`, vectorised;
     ``out_grad`` may be ``logits``."""
-    n, nc = logits.shape
+    params = (weight, label_smoothing, grad_scale)
     inplace = out_grad.ctypes.data == logits.ctypes.data
-    chunks = n_chunks(n, nc)
+    chunks = n_chunks(logits.shape[0], logits.shape[1])
     for c in prange(chunks):
-        block_max = np.empty(n_blocks(nc))
-        lo, hi = _chunk(c, chunks, n)
-        for i in range(lo, hi):
-            out_loss[i] = _ce_prob_row(
-                logits[i],
-                target[i],
-                weight,
-                label_smoothing,
-                grad_scale,
-                True,
-                inplace,
-                out_grad[i],
-                out_grad[i],
-                block_max,
-            )
+        _softmax_chunk(c, chunks, logits, target, params, True, inplace, out_loss, out_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1269,9 +1244,7 @@ def _split_sum_f64(e, top):
     hi = 0.0
     lo = 0.0
     for j in range(e.shape[0]):
-        q, r = _split(e[j], sigma)
-        hi += q
-        lo += r
+        hi, lo = _split_add(e[j], sigma, hi, lo)
     return hi + lo
 
 
@@ -1344,65 +1317,61 @@ def _ov_bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch):
     )
 
 
+def grad_row(out_grad, i):
+    """Row i of ``out_grad``, or None when it is None (a forward kernel)."""
+
+
+@overload(grad_row, jit_options=_OPTS)
+def _ov_grad_row(out_grad, i):
+    if out_grad is types.none:
+        return lambda out_grad, i: None
+    return lambda out_grad, i: out_grad[i]
+
+
+@njit(**_OPTS)
+def _bce_chunk(
+    c, chunks, logits, target, weight, pos_weight, grad_scale, inplace, out_loss, out_grad
+):
+    """The rows of chunk ``c`` of ``chunks`` of BCE with logits (one scratch of 3 min(C, BLOCK)
+    float64 for the chunk): losses into ``out_loss`` (per element, or the row sums), gradients
+    into ``out_grad`` unless it is None (the forward), over the logits when ``inplace``."""
+    n, nc = logits.shape
+    scratch = np.empty(3 * min(nc, BLOCK))
+    lo, hi = _chunk(c, chunks, n)
+    for i in range(lo, hi):
+        x = logits[i]
+        t = target[i]
+        w = bcast_row(weight, i)
+        pw = bcast_row(pos_weight, i)
+        lrow = loss_row(out_loss, i)
+        if inplace:
+            total = bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch)
+        else:
+            total = bce_row(x, t, w, pw, grad_scale, lrow, grad_row(out_grad, i), scratch)
+        store_row_sum(out_loss, i, total)
+
+
 @njit(parallel=True, **_OPTS)
 def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
     """:func:`cestudy.kernels.cpu.bce_with_logits_fwd`, vectorised. ``weight`` and
     ``pos_weight`` are (N, C) or, when the same for every row, (1, C): contiguous rows keep the
     loop vectorised (zero-stride broadcast views made it 6x slower). ``out_loss`` (N, C) for
     per-element losses, (N,) for row sums."""
-    n, nc = logits.shape
-    chunks = n_chunks(n, nc)
+    chunks = n_chunks(logits.shape[0], logits.shape[1])
     for c in prange(chunks):
-        scratch = np.empty(3 * min(nc, BLOCK))
-        lo, hi = _chunk(c, chunks, n)
-        for i in range(lo, hi):
-            x = logits[i]
-            total = bce_row(
-                x,
-                target[i],
-                bcast_row(weight, i),
-                bcast_row(pos_weight, i),
-                1.0,
-                loss_row(out_loss, i),
-                None,
-                scratch,
-            )
-            store_row_sum(out_loss, i, total)
+        _bce_chunk(c, chunks, logits, target, weight, pos_weight, 1.0, False, out_loss, None)
 
 
 @njit(parallel=True, **_OPTS)
 def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out_loss, out_grad):
     """:func:`cestudy.kernels.cpu.bce_with_logits_fwd_grad`, vectorised (weights and
     ``out_loss`` as in :func:`bce_with_logits_fwd`); ``out_grad`` may be ``logits``."""
-    n, nc = logits.shape
     inplace = out_grad.ctypes.data == logits.ctypes.data
-    chunks = n_chunks(n, nc)
+    chunks = n_chunks(logits.shape[0], logits.shape[1])
     for c in prange(chunks):
-        scratch = np.empty(3 * min(nc, BLOCK))
-        lo, hi = _chunk(c, chunks, n)
-        for i in range(lo, hi):
-            if inplace:
-                total = bce_row_inplace(
-                    logits[i],
-                    target[i],
-                    bcast_row(weight, i),
-                    bcast_row(pos_weight, i),
-                    grad_scale,
-                    loss_row(out_loss, i),
-                    scratch,
-                )
-            else:
-                total = bce_row(
-                    logits[i],
-                    target[i],
-                    bcast_row(weight, i),
-                    bcast_row(pos_weight, i),
-                    grad_scale,
-                    loss_row(out_loss, i),
-                    out_grad[i],
-                    scratch,
-                )
-            store_row_sum(out_loss, i, total)
+        _bce_chunk(
+            c, chunks, logits, target, weight, pos_weight, grad_scale, inplace, out_loss, out_grad
+        )
 
 
 # --------------------------------------------------------------------------------------------
