@@ -61,7 +61,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from . import cpu, cpu_fast
 
@@ -101,6 +102,24 @@ def new_state(n: int) -> tuple[np.ndarray, np.ndarray]:
     state = np.zeros((n, N_STATE))
     state[:, M] = -np.inf
     return state, np.zeros(n, dtype=np.int64)
+
+
+def _literal_choice(generic, vectorised_row):
+    """A jitted ``row(vectorised, *args)`` that calls ``vectorised_row(*args)`` when the literal
+    ``vectorised`` is True, else ``generic(*args)``: chosen when numba compiles the caller, so
+    that each kernel's row loop is compiled for its own row function only."""
+
+    def row(vectorised, *args):
+        pass
+
+    @overload(row, jit_options=_OPTS, prefer_literal=True)
+    def _ov_row(vectorised, *args):
+        if not isinstance(vectorised, types.BooleanLiteral):
+            return None
+        chosen = vectorised_row if vectorised.literal_value else generic
+        return lambda vectorised, *args: chosen(*args)
+
+    return row
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,30 +177,17 @@ def _add_shift_f64(x, a, m, st):
     st[TC] = tc
 
 
-@njit(parallel=PARALLEL, **_OPTS)
-def index_chunk(z, c0, target, weight, ignore_index, smooth, weight_seen, state, kidx):
-    """Fold the logits ``z`` (N, vc) of classes c0 .. c0 + vc - 1 into ``state`` (class-index
-    targets; any float dtype, float64 arithmetic with exact differences and compensated sums).
-
-    ``weight`` (V,) float64 class weights; ``smooth``: whether label smoothing is on (then T is
-    kept); ``weight_seen``: sum of the weights of the classes before c0. Rows whose target is
-    ``ignore_index`` are not read."""
-    vc = z.shape[1]
-    w = weight[c0 : c0 + vc]
-    for i in prange(z.shape[0]):
-        y = target[i]
-        if y == ignore_index:
-            continue
-        x = z[i]
-        st = state[i]
-        m = _raise_max_f64(x, c0, st, kidx, i, weight_seen if smooth else 0.0)
-        if c0 <= y < c0 + vc:
-            st[ZY] = np.float64(x[y - c0])
-        if not math.isfinite(m) or st[BAD] != 0.0:
-            continue  # NaN, +inf or all -inf so far: the row's result is decided at the end
-        _add_terms_f64(x, c0, m, kidx[i], st)
-        if smooth:
-            _add_shift_f64(x, w, m, st)
+@njit(**_OPTS)
+def _index_fold_row(x, c0, y, w, smooth, weight_seen, st, kidx, i):
+    """One row of :func:`index_chunk`."""
+    m = _raise_max_f64(x, c0, st, kidx, i, weight_seen if smooth else 0.0)
+    if c0 <= y < c0 + x.shape[0]:
+        st[ZY] = np.float64(x[y - c0])
+    if not math.isfinite(m) or st[BAD] != 0.0:
+        return  # NaN, +inf or all -inf so far: the row's result is decided at the end
+    _add_terms_f64(x, c0, m, kidx[i], st)
+    if smooth:
+        _add_shift_f64(x, w, m, st)
 
 
 @njit(**_SUM)
@@ -206,41 +212,67 @@ def _shift_sum_f32(x, w, m):
     return s
 
 
+@njit(**_OPTS)
+def _index_fold_row_f32(x, c0, y, w, smooth, weight_seen, st, kidx, i):
+    """One row of :func:`index_chunk_f32`."""
+    mc, has_nan = cpu_fast.row_max_f32(x)
+    if has_nan:
+        st[BAD] = 1.0
+    m = st[M]
+    here = False
+    if mc > m:
+        if m > -np.inf:
+            f = exp_neg(m - mc)  # both float32: the difference is exact
+            st[S] = (st[S] + 1.0) * f
+            if smooth:
+                st[T] += weight_seen * (mc - m)
+        st[M] = mc
+        kidx[i] = c0 + cpu_fast.first_index_of(x, np.float32(mc))
+        m = mc
+        here = True
+    if c0 <= y < c0 + x.shape[0]:
+        st[ZY] = np.float64(x[y - c0])
+    if not math.isfinite(m) or st[BAD] != 0.0:
+        return
+    s, ties = _sumexp_f32(x, m)
+    st[S] += s + (ties - 1 if here else ties)
+    if smooth:
+        st[T] += _shift_sum_f32(x, w, m)
+
+
+_fold_row = _literal_choice(_index_fold_row, _index_fold_row_f32)
+
+
 @njit(parallel=PARALLEL, **_OPTS)
-def index_chunk_f32(z, c0, target, weight, ignore_index, smooth, weight_seen, state, kidx):
-    """:func:`index_chunk` for float32 logits, vectorised: the maximum over integer keys, the
-    exponentials by ``exp_neg`` and plain float64 sums (see the module docstring)."""
-    vc = z.shape[1]
-    w = weight[c0 : c0 + vc]
+def _index_fold_rows(
+    z, c0, target, weight, ignore_index, smooth, weight_seen, state, kidx, vectorised
+):
+    """The row loop of :func:`index_chunk` (``vectorised`` False) and :func:`index_chunk_f32`
+    (True, a literal: numba compiles the loop for one of the two): ignored rows are not read."""
+    w = weight[c0 : c0 + z.shape[1]]
     for i in prange(z.shape[0]):
         y = target[i]
         if y == ignore_index:
             continue
-        x = z[i]
-        st = state[i]
-        mc, has_nan = cpu_fast.row_max_f32(x)
-        if has_nan:
-            st[BAD] = 1.0
-        m = st[M]
-        here = False
-        if mc > m:
-            if m > -np.inf:
-                f = exp_neg(m - mc)  # both float32: the difference is exact
-                st[S] = (st[S] + 1.0) * f
-                if smooth:
-                    st[T] += weight_seen * (mc - m)
-            st[M] = mc
-            kidx[i] = c0 + cpu_fast.first_index_of(x, np.float32(mc))
-            m = mc
-            here = True
-        if c0 <= y < c0 + vc:
-            st[ZY] = np.float64(x[y - c0])
-        if not math.isfinite(m) or st[BAD] != 0.0:
-            continue
-        s, ties = _sumexp_f32(x, m)
-        st[S] += s + (ties - 1 if here else ties)
-        if smooth:
-            st[T] += _shift_sum_f32(x, w, m)
+        _fold_row(vectorised, z[i], c0, y, w, smooth, weight_seen, state[i], kidx, i)
+
+
+@njit(parallel=PARALLEL, **_OPTS)
+def index_chunk(z, c0, target, weight, ignore_index, smooth, weight_seen, state, kidx):
+    """Fold the logits ``z`` (N, vc) of classes c0 .. c0 + vc - 1 into ``state`` (class-index
+    targets; any float dtype, float64 arithmetic with exact differences and compensated sums).
+
+    ``weight`` (V,) float64 class weights; ``smooth``: whether label smoothing is on (then T is
+    kept); ``weight_seen``: sum of the weights of the classes before c0. Rows whose target is
+    ``ignore_index`` are not read."""
+    _index_fold_rows(z, c0, target, weight, ignore_index, smooth, weight_seen, state, kidx, False)
+
+
+@njit(parallel=PARALLEL, **_OPTS)
+def index_chunk_f32(z, c0, target, weight, ignore_index, smooth, weight_seen, state, kidx):
+    """:func:`index_chunk` for float32 logits, vectorised: the maximum over integer keys, the
+    exponentials by ``exp_neg`` and plain float64 sums (see the module docstring)."""
+    _index_fold_rows(z, c0, target, weight, ignore_index, smooth, weight_seen, state, kidx, True)
 
 
 @njit(parallel=PARALLEL, **_OPTS)
@@ -314,29 +346,13 @@ def _index_grad_start(g, st, y, ignore_index, weight, eps, grad_scale):
     return False, st[M], s, 1.0 + s, c_true, c_smooth
 
 
-@njit(parallel=PARALLEL, **_OPTS)
-def index_grad_chunk(z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state, kidx):
-    """Overwrite the logits ``z`` (N, vc) of classes c0 .. with dL/dz times ``grad_scale``:
-
-        (1 - eps) w_y (p_j - [j == y]) + (eps / V) (W p_j - w_j),   p_j = exp(z_j - m) / (1 + S)
-
-    with p_y - 1 = -S / (1 + S) when y is the argmax and the smoothing term at the argmax by
-    ``argmax_grad`` (no cancellation): :func:`cestudy.kernels.cpu.index_grad_entry`. Ignored
-    rows get 0, NaN rows NaN. Any float dtype."""
-    vc = z.shape[1]
-    for i in prange(z.shape[0]):
-        g = z[i]
-        y = target[i]
-        skip, m, s, zz, c_true, c_smooth = _index_grad_start(
-            g, state[i], y, ignore_index, weight, eps, grad_scale
-        )
-        if skip:
-            continue
-        k = kidx[i]
-        for j in range(vc):
-            jg = c0 + j
-            p = (1.0 if jg == k else exp_diff(np.float64(g[j]), m)) / zz
-            g[j] = cpu.index_grad_entry(p, jg, y, k, weight[jg], wsum, s, zz, eps, c_true, c_smooth)
+@njit(**_OPTS)
+def _index_grad_row(g, c0, y, k, weight, wsum, eps, m, s, zz, c_true, c_smooth):
+    """One row of :func:`index_grad_chunk`, entry by entry."""
+    for j in range(g.shape[0]):
+        jg = c0 + j
+        p = (1.0 if jg == k else exp_diff(np.float64(g[j]), m)) / zz
+        g[j] = cpu.index_grad_entry(p, jg, y, k, weight[jg], wsum, s, zz, eps, c_true, c_smooth)
 
 
 @njit(**_SUM)
@@ -346,12 +362,36 @@ def _scale_row_f32(g, m, a, b, w):
         g[j] = np.float32(a * exp_neg(np.float64(g[j]) - m) - b * w[j])
 
 
+@njit(**_OPTS)
+def _index_grad_row_f32(g, c0, y, k, weight, wsum, eps, m, s, zz, c_true, c_smooth):
+    """One row of :func:`index_grad_chunk_f32`."""
+    vc = g.shape[0]
+    y_here = c0 <= y < c0 + vc
+    k_here = c0 <= k < c0 + vc
+    z_y = np.float64(g[y - c0]) if y_here else 0.0
+    _scale_row_f32(g, m, (c_true + c_smooth * wsum) / zz, c_smooth, weight[c0 : c0 + vc])
+    if y_here:
+        p_y = (1.0 if y == k else exp_neg(z_y - m)) / zz
+        g_y = c_true * (-s / zz if y == k else p_y - 1.0)
+        if eps != 0.0:
+            g_y += c_smooth * (
+                argmax_grad(wsum, weight[y], s, zz) if y == k else wsum * p_y - weight[y]
+            )
+        g[y - c0] = np.float32(g_y)
+    if k_here and eps != 0.0 and y != k:
+        g[k - c0] = np.float32(c_true / zz + c_smooth * argmax_grad(wsum, weight[k], s, zz))
+
+
+_grad_row = _literal_choice(_index_grad_row, _index_grad_row_f32)
+
+
 @njit(parallel=PARALLEL, **_OPTS)
-def index_grad_chunk_f32(z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state, kidx):
-    """:func:`index_grad_chunk` for float32 logits: one vectorised pass
-    g_j = a exp(z_j - m) - b w_j, then the true-class entry and, with smoothing, the argmax entry
-    rewritten by their cancellation-free formulas (as ``cpu_fast`` does)."""
-    vc = z.shape[1]
+def _index_grad_rows(
+    z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state, kidx, vectorised
+):
+    """The row loop of :func:`index_grad_chunk` (``vectorised`` False) and
+    :func:`index_grad_chunk_f32` (True, a literal: numba compiles the loop for one of the
+    two): ignored and NaN rows are filled, every other row goes to its row function."""
     for i in prange(z.shape[0]):
         g = z[i]
         y = target[i]
@@ -360,21 +400,27 @@ def index_grad_chunk_f32(z, c0, target, weight, ignore_index, eps, wsum, grad_sc
         )
         if skip:
             continue
-        k = kidx[i]
-        y_here = c0 <= y < c0 + vc
-        k_here = c0 <= k < c0 + vc
-        z_y = np.float64(g[y - c0]) if y_here else 0.0
-        _scale_row_f32(g, m, (c_true + c_smooth * wsum) / zz, c_smooth, weight[c0 : c0 + vc])
-        if y_here:
-            p_y = (1.0 if y == k else exp_neg(z_y - m)) / zz
-            g_y = c_true * (-s / zz if y == k else p_y - 1.0)
-            if eps != 0.0:
-                g_y += c_smooth * (
-                    argmax_grad(wsum, weight[y], s, zz) if y == k else wsum * p_y - weight[y]
-                )
-            g[y - c0] = np.float32(g_y)
-        if k_here and eps != 0.0 and y != k:
-            g[k - c0] = np.float32(c_true / zz + c_smooth * argmax_grad(wsum, weight[k], s, zz))
+        _grad_row(vectorised, g, c0, y, kidx[i], weight, wsum, eps, m, s, zz, c_true, c_smooth)
+
+
+@njit(parallel=PARALLEL, **_OPTS)
+def index_grad_chunk(z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state, kidx):
+    """Overwrite the logits ``z`` (N, vc) of classes c0 .. with dL/dz times ``grad_scale``:
+
+        (1 - eps) w_y (p_j - [j == y]) + (eps / V) (W p_j - w_j),   p_j = exp(z_j - m) / (1 + S)
+
+    with p_y - 1 = -S / (1 + S) when y is the argmax and the smoothing term at the argmax by
+    ``argmax_grad`` (no cancellation): :func:`cestudy.kernels.cpu.index_grad_entry`. Ignored
+    rows get 0, NaN rows NaN. Any float dtype."""
+    _index_grad_rows(z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state, kidx, False)
+
+
+@njit(parallel=PARALLEL, **_OPTS)
+def index_grad_chunk_f32(z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state, kidx):
+    """:func:`index_grad_chunk` for float32 logits: one vectorised pass
+    g_j = a exp(z_j - m) - b w_j, then the true-class entry and, with smoothing, the argmax entry
+    rewritten by their cancellation-free formulas (as ``cpu_fast`` does)."""
+    _index_grad_rows(z, c0, target, weight, ignore_index, eps, wsum, grad_scale, state, kidx, True)
 
 
 @njit(parallel=PARALLEL, **_OPTS)
