@@ -118,7 +118,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant(name="kl_divergence", target="probs", kernel="kl_divergence",
             description="KL(p || softmax(x))", legacy_names=("kl",),
             peers=("torch", "jax", "tensorflow")),
-    Variant(name="softmax_focal_loss", target="index", kernel="softmax_focal",
+    Variant(name="softmax_focal_loss", target="index", kernel="softmax_focal", fast_cpu=True,
             description="softmax focal loss",
             options=(("weight", None), ("ignore_index", -100), ("gamma", 2.0)),
             legacy_names=("focal_softmax",), peers=("torch", "jax", "tensorflow")),

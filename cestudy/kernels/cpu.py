@@ -63,6 +63,7 @@ argmax_grad = _S.argmax_grad
 soft_target = _S.soft_target
 kl_term = _S.kl_term
 focal_parts = _S.focal_parts
+focal_inner = _S.focal_inner
 focal_grad = _S.focal_grad
 bce_logits = _S.bce_logits
 bce_logits_grad = _S.bce_logits_grad
@@ -453,7 +454,7 @@ def _focal_row(x, y, weight, ignore_index, gamma, grad_scale, with_grad, g):
     a_gamma = pow_nonneg(a, gamma)
     if with_grad:
         z = 1.0 + s
-        inner = gamma * ce * p_y + a
+        inner = focal_inner(gamma, ce, p_y, a)
         for j in range(x.shape[0]):
             p = row_exp_shifted(x, j, m, k) / z
             g[j] = focal_grad(j == y, p, a, a_gamma, inner, w) * grad_scale

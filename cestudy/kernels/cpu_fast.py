@@ -71,6 +71,7 @@ own flags when LLVM inlines them) are used: never ``nnan``/``ninf``, which would
 NaN checks.
 """
 
+import collections
 import math
 
 import numpy as np
@@ -105,6 +106,9 @@ soft_target = _F.soft_target
 exp_diff = _F.exp_diff
 two_diff = _F.two_diff
 neg_log_prob = _F.neg_log_prob
+focal_parts = _F.focal_parts
+focal_inner = _F.focal_inner
+pow_nonneg = _F.pow_nonneg
 _exp_parts = _F.exp_parts
 EXP_FLUSH = scalar.EXP_FLUSH
 
@@ -915,6 +919,29 @@ def _first_pass(x, g, scratch, with_grad, inplace, block_max, side, want_k, t, w
     return skip, fill, m, k, s, a_sum, t_sum
 
 
+# the softmax focal loss's constants: its rows are told from the cross-entropy's by this type
+FocalParams = collections.namedtuple("FocalParams", "weight ignore_index gamma grad_scale")
+
+
+def _is_focal(params) -> bool:
+    return isinstance(params, types.BaseNamedTuple) and params.instance_class is FocalParams
+
+
+def chunk_scratch(logits, params, with_grad):
+    """The scratch row a chunk's rows share: the forward's block of terms in the logits' dtype
+    (nothing with a gradient, whose terms go into the gradient row), or for the softmax focal
+    loss of float32 logits a whole row of float64 terms (:func:`_focal_index_row`)."""
+
+
+@overload(chunk_scratch, jit_options=_OPTS)
+def _ov_chunk_scratch(logits, params, with_grad):
+    if _is_focal(params) and logits.dtype == types.float32:
+        return lambda logits, params, with_grad: np.empty(logits.shape[1])
+    return lambda logits, params, with_grad: np.empty(
+        0 if with_grad else min(logits.shape[1], BLOCK), logits.dtype
+    )
+
+
 @njit(**_OPTS)
 def _softmax_chunk(c, chunks, logits, target, params, with_grad, inplace, out_loss, out_grad):
     """The rows of chunk ``c`` of ``chunks`` of a softmax cross-entropy kernel (:func:`ce_row`),
@@ -923,7 +950,7 @@ def _softmax_chunk(c, chunks, logits, target, params, with_grad, inplace, out_lo
     ``scratch`` is empty). ``with_grad`` and the forward's ``inplace`` are literals: the row is
     compiled for them."""
     n, nc = logits.shape
-    scratch = np.empty(0 if with_grad else min(nc, BLOCK), logits.dtype)
+    scratch = chunk_scratch(logits, params, with_grad)
     block_max = np.empty(n_blocks(nc))
     lo, hi = _chunk(c, chunks, n)
     for i in range(lo, hi):
@@ -1033,14 +1060,18 @@ def _ce_prob_row(x, t, params, with_grad, inplace, g, scratch, block_max):
 
 
 def ce_row(x, t, params, with_grad, inplace, g, scratch, block_max):
-    """One row of the softmax cross-entropy: :func:`_ce_index_row` for a class index ``t``,
-    :func:`_ce_prob_row` for a row of soft targets (``prefer_literal``: the row is compiled for
-    the literal flags of the kernel, as when the kernels called it directly)."""
+    """One row of a softmax loss: :func:`_focal_index_row` for :class:`FocalParams`, else the
+    cross-entropy, :func:`_ce_index_row` for a class index ``t`` and :func:`_ce_prob_row` for a
+    row of soft targets (``prefer_literal``: the row is compiled for the literal flags of the
+    kernel, as when the kernels called it directly)."""
 
 
 @overload(ce_row, jit_options=_ROW, prefer_literal=True)
 def _ov_ce_row(x, t, params, with_grad, inplace, g, scratch, block_max):
-    row = _ce_index_row if isinstance(t, types.Integer) else _ce_prob_row
+    if _is_focal(params):
+        row = _focal_index_row
+    else:
+        row = _ce_index_row if isinstance(t, types.Integer) else _ce_prob_row
     return lambda x, t, params, with_grad, inplace, g, scratch, block_max: row(
         x, t, params, with_grad, inplace, g, scratch, block_max
     )
@@ -1065,6 +1096,122 @@ def cross_entropy_prob_fwd_grad(
     inplace = out_grad.ctypes.data == logits.ctypes.data
     chunks = n_chunks(logits.shape[0], logits.shape[1])
     for c in prange(chunks):
+        _softmax_chunk(c, chunks, logits, target, params, True, inplace, out_loss, out_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax focal loss with class indices
+# --------------------------------------------------------------------------------------------
+def _focal_terms_f64(x, g, scratch, with_grad, inplace, block_max):
+    """The first pass of a float64 focal row, as the cross-entropy's: ``(skip, fill, m, k, S)``
+    with the terms in the gradient row ``g`` (with ``with_grad``) or ``scratch``."""
+    skip, fill, m, k, s, _, _ = _first_pass(
+        x, g, scratch, with_grad, inplace, block_max, SIDE_NONE, True, block_max, block_max, 0.0
+    )
+    return skip, fill, m, k, s
+
+
+def _focal_terms_f32(x, g, scratch, with_grad, inplace, block_max):
+    """The first pass of a float32 focal row on its float64 copy in ``scratch`` (a whole row),
+    the terms written over the copy; ``g`` gets the fill of a skipped row."""
+    terms = scratch[: x.shape[0]]
+    for j in range(x.shape[0]):
+        terms[j] = x[j]
+    skip, fill, m, k, s, _, _ = _first_pass(
+        terms, terms, terms, True, True, block_max, SIDE_NONE, True, block_max, block_max, 0.0
+    )
+    if skip and with_grad:
+        g[:] = fill
+    return skip, fill, m, k, s
+
+
+def _focal_grad_f64(g, scratch, block_max, m, f, f_lo):
+    """The gradient pass of a float64 focal row: its terms in ``g`` scaled by (f + f_lo)."""
+    row_grad_pass(g, block_max, m, f, f_lo, SIDE_NONE, 0.0, block_max, block_max, 0.0)
+
+
+def _focal_grad_f32(g, scratch, block_max, m, f, f_lo):
+    """The gradient pass of a float32 focal row: the float64 terms in ``scratch`` scaled by
+    (f + f_lo), then rounded once into ``g``."""
+    terms = scratch[: g.shape[0]]
+    row_grad_pass(terms, block_max, m, f, f_lo, SIDE_NONE, 0.0, block_max, block_max, 0.0)
+    for j in range(g.shape[0]):
+        g[j] = terms[j]
+
+
+def focal_terms(x, g, scratch, with_grad, inplace, block_max):
+    """:func:`_focal_terms_f32` or :func:`_focal_terms_f64`, by the row's dtype."""
+
+
+def focal_grad(g, scratch, block_max, m, f, f_lo):
+    """:func:`_focal_grad_f32` or :func:`_focal_grad_f64`, by the row's dtype."""
+
+
+@overload(focal_terms, jit_options=_ROW, prefer_literal=True)
+def _ov_focal_terms(x, g, scratch, with_grad, inplace, block_max):
+    return _focal_terms_f64 if x.dtype == types.float64 else _focal_terms_f32
+
+
+@overload(focal_grad, jit_options=_ROW)
+def _ov_focal_grad(g, scratch, block_max, m, f, f_lo):
+    return _focal_grad_f64 if g.dtype == types.float64 else _focal_grad_f32
+
+
+@njit(**_ROW)
+def _focal_index_row(x, y, params, with_grad, inplace, g, scratch, block_max):
+    """One row of the softmax focal loss FL = -w_y (1 - p_y)^gamma log p_y and its gradient
+    d FL / d x_j = w_y (p_j - [j == y]) a^(gamma - 1) (gamma ce p_y + a), a = 1 - p_y, by the
+    formulas of ``cpu._focal_row`` (``scalar.focal_parts``: a without cancellation) on the
+    terms of :func:`row_online`; ``g`` is ``x`` when ``inplace``. The terms are float64 for a
+    float32 row too (its float64 copy): a^gamma multiplies the relative error of S by gamma,
+    which float32 terms (0.65 float32 ulp each) would turn into gamma float32 ulp of the loss.
+    Every entry but the true class's is a multiple of e_j: w a^gamma inner / a / (1 + S) e_j.
+    ``params``: :class:`FocalParams`."""
+    weight, ignore_index, gamma, grad_scale = params
+    if y == ignore_index:  # the row is not read
+        if with_grad:
+            g[:] = 0.0
+        return 0.0
+    x_y = np.float64(x[y])
+    skip, fill, m, k, s = focal_terms(x, g, scratch, with_grad, inplace, block_max)
+    if skip:
+        return fill
+    w = weight[y]
+    ce = neg_log_prob(x_y, m, math.log1p(s))
+    a, p_y = focal_parts(s, 1.0 if y == k else exp_diff(x_y, m), y == k)
+    a_gamma = pow_nonneg(a, gamma)
+    if with_grad:
+        inner = focal_inner(gamma, ce, p_y, a)
+        # a = 0: every other p_j is 0, and so is its entry
+        c = 0.0 if a == 0.0 else w * a_gamma * inner * grad_scale / a
+        f, f_lo = scale_over(c, 0.0, s)
+        focal_grad(g, scratch, block_max, m, f, f_lo)
+        g[y] = -w * a_gamma * inner * grad_scale
+    return w * a_gamma * ce
+
+
+@njit(parallel=True, **_OPTS)
+def softmax_focal_fwd(logits, target, weight, ignore_index, gamma, out_loss):
+    """:func:`cestudy.kernels.cpu.softmax_focal_fwd`, vectorised (same signature and
+    semantics; ``logits`` float32 or float64): FL_i = -w_y (1 - p_y)^gamma log p_y per row,
+    by :func:`_focal_index_row`."""
+    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    for c in prange(chunks):
+        params = FocalParams(weight, ignore_index, gamma, 1.0)
+        _softmax_chunk(c, chunks, logits, target, params, False, False, out_loss, logits)
+
+
+@njit(parallel=True, **_OPTS)
+def softmax_focal_fwd_grad(
+    logits, target, weight, ignore_index, gamma, grad_scale, out_loss, out_grad
+):
+    """:func:`cestudy.kernels.cpu.softmax_focal_fwd_grad`, vectorised: the losses and
+    ``grad_scale`` d FL_i / d x_ij = w_y (p_j - [j == y]) a^(gamma - 1) (gamma ce p_y + a) with
+    a = 1 - p_y, ce = -log p_y (:func:`_focal_index_row`); ``out_grad`` may be ``logits``."""
+    inplace = out_grad.ctypes.data == logits.ctypes.data
+    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    for c in prange(chunks):
+        params = FocalParams(weight, ignore_index, gamma, grad_scale)
         _softmax_chunk(c, chunks, logits, target, params, True, inplace, out_loss, out_grad)
 
 
@@ -1377,6 +1524,8 @@ def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out
 # --------------------------------------------------------------------------------------------
 # Serial twins (no thread start-up: for small calls)
 # --------------------------------------------------------------------------------------------
-# this module's kernels: the cross-entropy and BCE-with-logits ones of cpu.KERNELS
-KERNELS = tuple(k for k in cpu.KERNELS if k.startswith(("cross_entropy_", "bce_with_logits_")))
+# this module's kernels: the cross-entropy, softmax focal and BCE-with-logits ones of cpu.KERNELS
+KERNELS = tuple(
+    k for k in cpu.KERNELS if k.startswith(("cross_entropy_", "softmax_focal_", "bce_with_logits_"))
+)
 serial_twins(globals(), KERNELS)

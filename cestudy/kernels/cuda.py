@@ -92,6 +92,7 @@ neg_log_prob = _S.neg_log_prob
 soft_target = _S.soft_target
 kl_term = _S.kl_term
 focal_parts = _S.focal_parts
+focal_inner = _S.focal_inner
 focal_grad = _S.focal_grad
 bce_logits_elem = _S.bce_logits
 bce_logits_grad = _S.bce_logits_grad
@@ -916,7 +917,7 @@ def _make_kernels(NT, KIND="float32", METHOD="shuffle", WARP=None):
             fill_row(out_grad, i, lane, tpr, fill)
         elif with_grad and active:
             gs = grad_factor(gscale, use_denom, ws)
-            inner = gamma * ce * p_y + a
+            inner = focal_inner(gamma, ce, p_y, a)
             iz = BIAS_DOWN / z
             for j in range(lane, nc, tpr):
                 p = prob(load(x, r, j), m, z, iz)

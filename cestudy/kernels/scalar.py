@@ -204,6 +204,13 @@ def focal_parts(s, e_y, y_top):
     return a, e_y / z
 
 
+def focal_inner(gamma, ce, p_y, a):
+    """gamma ce p_y + a, the factor every softmax focal gradient entry shares. ce p_y =
+    -p_y log p_y is taken as its limit 0 where p_y = 0, also when ce = +inf (x_y = -inf, a
+    masked true class), where 0 * inf would make the whole row NaN."""
+    return (gamma * ce * p_y if p_y > 0.0 else 0.0) + a
+
+
 def focal_grad(j_is_y, p, a, a_gamma, inner, w):
     """One softmax focal gradient entry, with inner = gamma ce p_y + a:
     -w a^gamma inner for the true class, else w p_j a^(gamma - 1) inner written as
@@ -275,6 +282,7 @@ FUNCTIONS = (
     "soft_target",
     "kl_term",
     "focal_parts",
+    "focal_inner",
     "focal_grad",
     "bce_logits",
     "bce_logits_grad",

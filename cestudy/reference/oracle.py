@@ -303,7 +303,8 @@ def _softmax_focal(logits, target, gamma, weight, ignore_index, grad):
     loss[~keep] = 0
     if not grad:
         return loss, None
-    inner = gamma * ce * p_y + a
+    with np.errstate(invalid="ignore"):  # ce p_y -> 0 as p_y -> 0, ce = +inf included
+        inner = np.where(p_y > 0, gamma * ce * p_y, LD(0)) + a
     p = r.softmax()
     with np.errstate(invalid="ignore", divide="ignore"):
         g = np.where(p == 0, LD(0), (w * ag * inner / a)[:, None] * p)
