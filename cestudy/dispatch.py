@@ -8,8 +8,8 @@ This layer holds no numerical formula. For a variant of ``cestudy.variants`` it
   and is counted, never read out of bounds, and ``cestudy.kernels.cuda.raise_device_errors()``
   raises the error (at once on every call with ``CESTUDY_CUDA_CHECKS=sync``);
 - converts host inputs to the working dtype (float16 and bfloat16 are computed in float32);
-- picks the kernel: ``cestudy.kernels.cpu_fast`` for float32 where the variant has one, else
-  ``cestudy.kernels.cpu``, or ``cestudy.kernels.cuda`` for ``backend="cuda"``;
+- picks the kernel: ``cestudy.kernels.cpu_fast`` (float32 and float64) where the variant has
+  one, else ``cestudy.kernels.cpu``, or ``cestudy.kernels.cuda`` for ``backend="cuda"``;
 - reduces the per-sample losses ("mean" is torch's: the weighted mean over non-ignored targets
   for class-index targets, the mean over rows for probability targets, over elements for
   element-wise losses) with a compensated sum, rounding once to the input dtype.
