@@ -225,7 +225,11 @@ def render(ctx: Context, rows) -> Part:
             "and targets read plus the gradient written; the bandwidth is this "
             "machine's streaming-read bandwidth measured in the same run. Every timed "
             "result was checked against the oracle first (mean loss, and the gradient "
-            "of the first rows).\n"
+            "of the first rows). `python -m cestudy bench` interleaves cestudy's calls, torch "
+            "and the numpy formulations round by round and times each other framework (JAX, "
+            "TensorFlow, scikit-learn) in a group of its own right after them: their thread "
+            "pools keep spinning after a call and slowed whatever ran next by up to 5x. A "
+            "study's cells are each timed alone.\n"
         )
         tt = torch_times(perf)
         out_rows = []
@@ -277,7 +281,7 @@ def render(ctx: Context, rows) -> Part:
         if ratios:
             parts.append(
                 "### cestudy against torch, every shape\n\ntorch's median time over "
-                "cestudy's, from the same interleaved run (above 1.00x cestudy is faster). "
+                "cestudy's, from the same run (above 1.00x cestudy is faster). "
                 "forward and forward+grad are the plain calls (the fused one returns a new "
                 "gradient array); *fused, reused buffer* passes `out=` a gradient array kept "
                 "from call to call, as a training loop would.\n"
