@@ -17,6 +17,7 @@ from cestudy.reference import oracle
 from helpers import (
     assert_ulp,
     assert_ulp_of_scale,
+    focal_tol,
     probs_target,
     smoothed_index_target,
     soft_grad_scale,
@@ -656,3 +657,72 @@ def test_kernels_free_every_allocation():
     finally:
         if not was_enabled:
             nrt.memsys_disable_stats()
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax focal loss (the cross-entropy's online pass, float64 terms for float32 rows)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("c", SEVERAL_BLOCKS)
+@pytest.mark.parametrize("gamma", [0.5, 2.0, 5.0])
+def test_softmax_focal_rows_of_several_blocks_match_the_oracle(c, gamma):
+    """float32 rows of several blocks (maximum in a late block, ties across blocks, a confident
+    row with a subnormal loss, NaN and +inf late), loss and gradient, fused and in place."""
+    x, y = _multi_block_rows(c)
+    w = np.random.default_rng(5).uniform(0.5, 2, c)
+    n = x.shape[0]
+    loss, fused, grad = np.empty(n), np.empty(n), np.empty_like(x)
+    cpu_fast.softmax_focal_fwd(x, y, w, -100, gamma, loss)
+    cpu_fast.softmax_focal_fwd_grad(x, y, w, -100, gamma, 1.0, fused, grad)
+    np.testing.assert_array_equal(loss, fused)
+    over = x.copy()
+    cpu_fast.softmax_focal_fwd_grad(over, y, w, -100, gamma, 1.0, fused, over)
+    np.testing.assert_array_equal(over, grad)
+    exact = oracle.softmax_focal_loss(x, y, gamma, w)
+    assert_ulp(loss.astype(np.float32), exact, np.float32, focal_tol(gamma, np.float32))
+    exact_g = oracle.softmax_focal_loss_grad(x, y, gamma, w)
+    assert_ulp(grad, exact_g, np.float32, focal_tol(gamma, np.float32), "gradient")
+    assert np.isnan(loss[6:]).all() and np.isnan(grad[6:]).all()
+
+
+@pytest.mark.parametrize("c", [3, 1000, 3 * BLOCK + 17])
+@pytest.mark.parametrize("gamma", [1.0, 2.0])
+def test_softmax_focal_float64_rows_match_the_oracle(c, gamma):
+    """float64 rows, one block and several: within the float64 focal exception (2 gamma + 4
+    ulp) on mixed scales, confident rows, -inf classes and equal logits at 1e15."""
+    rng = np.random.default_rng(c)
+    n = 24
+    x = rng.normal(size=(n, c)) * 10.0 ** rng.uniform(-2, 4, (n, 1))
+    x[3] = 0.0
+    x[3, c // 2] = 700.0
+    x[4, ::3] = -np.inf
+    x[5] = 1e15
+    y = np.where(np.arange(n) % 2 == 0, np.argmax(x, 1), rng.integers(0, c, n))
+    y[4] = np.argmax(x[4])
+    w = rng.uniform(0.3, 3, c)
+    loss, grad = np.empty(n), np.empty_like(x)
+    cpu_fast.softmax_focal_fwd_grad(x, y, w, -100, gamma, 1.0, loss, grad)
+    assert_ulp(
+        loss, oracle.softmax_focal_loss(x, y, gamma, w), np.float64, focal_tol(gamma, np.float64)
+    )
+    exact_g = oracle.softmax_focal_loss_grad(x, y, gamma, w)
+    assert_ulp(grad, exact_g, np.float64, focal_tol(gamma, np.float64), "gradient")
+
+
+@pytest.mark.parametrize("kernels", [cpu, cpu_fast], ids=["cpu", "cpu_fast"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_softmax_focal_masked_true_class_has_a_finite_gradient(kernels, dtype, gamma):
+    """x_y = -inf (the true class masked): the loss is +inf, but every gradient entry is finite,
+    -w_y at y and w_y p_j elsewhere (gamma ce p_y -> 0 as p_y -> 0; it was 0 * inf = NaN for the
+    whole row)."""
+    x = np.array([[-np.inf, 2.0, -1.0], [0.5, -np.inf, 3.0]], dtype)
+    y = np.array([0, 1])
+    w = np.array([2.0, 1.0, 1.0])
+    loss, grad = np.empty(2), np.empty_like(x)
+    kernels.softmax_focal_fwd_grad(x, y, w, -100, gamma, 1.0, loss, grad)
+    assert np.isposinf(loss).all()
+    assert np.isfinite(grad).all()
+    exact_g = oracle.softmax_focal_loss_grad(x, y, gamma, w)
+    assert np.isfinite(exact_g.astype(np.float64)).all()
+    assert_ulp(grad, exact_g, dtype, what="gradient")
+    assert grad[0, 0] == -w[0] and grad[1, 1] == -w[1]

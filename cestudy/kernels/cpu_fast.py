@@ -944,10 +944,11 @@ def _ov_chunk_scratch(logits, params, with_grad):
 
 @njit(**_OPTS)
 def _softmax_chunk(c, chunks, logits, target, params, with_grad, inplace, out_loss, out_grad):
-    """The rows of chunk ``c`` of ``chunks`` of a softmax cross-entropy kernel (:func:`ce_row`),
-    the work rows allocated once for the chunk: ``block_max`` and, for the forward, the
-    ``scratch`` row of terms (with ``with_grad`` the terms go into the gradient row, and
-    ``scratch`` is empty). ``with_grad`` and the forward's ``inplace`` are literals: the row is
+    """The rows of chunk ``c`` of ``chunks`` of a softmax kernel (cross-entropy or softmax focal
+    loss, :func:`ce_row`), the work rows allocated once for the chunk: ``block_max`` and the
+    ``scratch`` of :func:`chunk_scratch` (the forward's block of terms; empty with
+    ``with_grad``, whose terms go into the gradient row; a whole float64 row for the focal loss
+    of float32 logits). ``with_grad`` and the forward's ``inplace`` are literals: the row is
     compiled for them."""
     n, nc = logits.shape
     scratch = chunk_scratch(logits, params, with_grad)
@@ -1165,8 +1166,9 @@ def _focal_index_row(x, y, params, with_grad, inplace, g, scratch, block_max):
     terms of :func:`row_online`; ``g`` is ``x`` when ``inplace``. The terms are float64 for a
     float32 row too (its float64 copy): a^gamma multiplies the relative error of S by gamma,
     which float32 terms (0.65 float32 ulp each) would turn into gamma float32 ulp of the loss.
-    Every entry but the true class's is a multiple of e_j: w a^gamma inner / a / (1 + S) e_j.
-    ``params``: :class:`FocalParams`."""
+    Every entry but the true class's is a multiple of e_j: grad_scale w a^gamma inner / a /
+    (1 + S) e_j. ``params``: :class:`FocalParams`. ``g`` has the logits' dtype (the float32
+    pass keeps its terms in ``scratch``, the float64 pass in ``g``)."""
     weight, ignore_index, gamma, grad_scale = params
     if y == ignore_index:  # the row is not read
         if with_grad:
