@@ -220,3 +220,30 @@ def test_a_second_store_in_one_process_keeps_the_first_ones_locks(tmp_path):
     first.close()
     with Store(path) as st:
         assert len(st.runs()) == 1
+
+
+_OPEN_AT_ONCE = """
+import sys, time
+from cestudy.study.store import Store
+start = float(sys.argv[2])
+while time.time() < start:
+    pass
+Store(sys.argv[1]).close()
+"""
+
+
+def test_processes_opening_a_new_store_at_the_same_instant_all_get_it(tmp_path):
+    """SQLite answers "database is locked" at once, without its busy timeout, when two processes
+    switch a new file to WAL together; a second runner started beside the first exited on it."""
+    for attempt in range(2):
+        path = tmp_path / f"race{attempt}.sqlite"
+        start = f"{__import__('time').time() + 3.0}"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _OPEN_AT_ONCE, str(path), start], stderr=subprocess.PIPE
+            )
+            for _ in range(6)
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err.decode()

@@ -25,6 +25,7 @@ import datetime
 import hashlib
 import json
 import math
+import random
 import sqlite3
 import threading
 import time
@@ -143,6 +144,14 @@ _CONNECTIONS: collections.Counter = collections.Counter()
 _CONNECTIONS_LOCK = threading.Lock()
 
 
+# How long opening a store retries a lock before it gives up (see Store._open).
+_OPEN_RETRY_S = 30.0
+
+
+class _OpenLocked(Exception):
+    """Raised inside Store._open_once for a lock that a retry may clear."""
+
+
 class Store:
     def __init__(self, path):
         self.path = Path(path)
@@ -157,6 +166,23 @@ class Store:
             _CONNECTIONS[key] += 1
 
     def _open(self):
+        """Open (creating if new) with retries: SQLite answers "database is locked" at once,
+        without waiting on its busy timeout, when two processes switch a new file to WAL at the
+        same instant, so a lock met while opening is retried for up to ``_OPEN_RETRY_S``."""
+        deadline = time.monotonic() + _OPEN_RETRY_S
+        while True:
+            try:
+                return self._open_once()
+            except _OpenLocked as locked:
+                if getattr(self, "db", None) is not None:
+                    self.db.close()
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"{self.path}: locked by another process ({locked.__cause__})"
+                    ) from None
+                time.sleep(0.05 + 0.1 * random.random())
+
+    def _open_once(self):
         try:
             self.db = sqlite3.connect(str(self.path), timeout=60)
             tables = {
@@ -174,8 +200,9 @@ class Store:
             self.db.commit()
             self._migrate()
         except sqlite3.OperationalError as exc:
-            why = "locked by another process" if "locked" in str(exc) else "cannot be opened"
-            raise StoreError(f"{self.path}: {why} ({exc})") from None
+            if "locked" in str(exc):
+                raise _OpenLocked() from exc
+            raise StoreError(f"{self.path}: cannot be opened ({exc})") from None
         except sqlite3.DatabaseError as exc:
             raise StoreError(
                 f"{self.path}: not a readable cestudy results store ({exc}); "
@@ -201,6 +228,9 @@ class Store:
         cell key recomputed, so results keep matching), and cells stored as skipped move to the
         ``skipped`` table (they are retried, not results)."""
         with self.db:
+            # the write lock first: a deferred transaction that reads, then writes after another
+            # process committed, gets SQLITE_BUSY at once instead of waiting its turn
+            self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
                 "INSERT OR IGNORE INTO skipped(cell_key, study, kind, params, "
                 "code_version, reason, run_id, finished) SELECT cell_key, study, "
