@@ -57,6 +57,7 @@ class _Problem:
     ignore_index: int
     label_smoothing: float
     chunk: int
+    rows: int  # rows per block over the whole vocabulary (kernel.run_row_blocks), 0: chunk it
     reduction: str
     denom: float  # the "mean" denominator
     in_dtype: np.dtype
@@ -196,8 +197,13 @@ def _prepare(
     else:
         keep = t2 != ignore_index
         denom = float(wvec[t2[keep]].sum()) if np.any(keep) else 0.0
+    rows = 0
     if chunk is None:
         chunk = kernel.default_chunk(n, c, cdt.itemsize)
+        # whole-vocabulary row blocks need the weight and its gradient in the compute dtype
+        # (a float16 or bfloat16 weight is converted one vocabulary chunk at a time)
+        if not probs and x.dtype == cdt and w.dtype == cdt:
+            rows = kernel.row_block(n, c, cdt.itemsize)
     return _Problem(
         x=np.ascontiguousarray(x.reshape(n, h), dtype=cdt),
         w3=w.reshape(c, d, h),
@@ -208,6 +214,7 @@ def _prepare(
         ignore_index=ignore_index,
         label_smoothing=eps,
         chunk=min(chunk, c),
+        rows=rows,
         reduction=reduction,
         denom=denom,
         in_dtype=x.dtype,
@@ -234,6 +241,8 @@ class FusedResult:
     grad_weight: np.ndarray | None = None
     grad_bias: np.ndarray | None = None
     filter_stats: np.ndarray | None = None
+    row_block: int = 0  # rows per block over the whole vocabulary, 0 if the vocabulary was chunked
+    chunk: int = 0  # classes per vocabulary chunk, where it was chunked
 
 
 def run_fused(
@@ -275,9 +284,18 @@ def run_fused(
         if with_grad:
             gx_d = gx if p.d == 1 else np.empty((n, h), dtype=p.in_dtype)
             gw_d = gw[:, d, :] if p.d == 1 else np.empty((c, h), dtype=p.in_dtype)
-        kernel.run(
+        w_d = p.weight_d(d)
+        common = dict(
+            with_grad=with_grad,
+            grad_x=gx_d,
+            grad_w=gw_d,
+            grad_b=None if gb is None else gb[:, d],
+            filter_threshold=thr,
+            filter_stats=stats,
+        )
+        args = (
             p.x,
-            p.weight_d(d),
+            w_d,
             p.bias_d(d),
             p.target_d(d),
             p.weight,
@@ -285,21 +303,24 @@ def run_fused(
             p.label_smoothing,
             scale,
             loss_d,
-            chunk=p.chunk,
-            with_grad=with_grad,
-            probs=p.probs,
-            grad_x=gx_d,
-            grad_w=gw_d,
-            grad_b=None if gb is None else gb[:, d],
-            filter_threshold=thr,
-            filter_stats=stats,
         )
+        if p.rows and w_d.flags.c_contiguous and (gw_d is None or gw_d.flags.c_contiguous):
+            kernel.run_row_blocks(*args, rows=p.rows, **common)
+            blocked = p.rows
+        else:
+            kernel.run(*args, chunk=p.chunk, probs=p.probs, **common)
+            blocked = 0
         per_row[:, d] = loss_d
         if with_grad and p.d > 1:
             gx += gx_d
             gw[:, d, :] = gw_d
     loss = dispatch.finish_loss(per_row, p.reduction, p.denom, p.in_dtype, p.loss_shape)
-    result = FusedResult(loss=loss, per_row=per_row.reshape(p.loss_shape))
+    result = FusedResult(
+        loss=loss,
+        per_row=per_row.reshape(p.loss_shape),
+        row_block=blocked,
+        chunk=0 if blocked else p.chunk,
+    )
     if with_grad:
         result.grad_input = gx.astype(p.in_dtype, copy=False).reshape(p.input_shape)
         result.grad_weight = gw.reshape(p.weight_shape)
@@ -333,11 +354,15 @@ def linear_cross_entropy(
         loss_i = (1 - eps) w_y (-log p_y) + (eps / V) sum_c w_c (-log p_c)
         -log p_c = (m - z_c) + log1p(sum_{j != k} exp(z_j - m))
 
-    The vocabulary is processed ``chunk_size`` classes at a time: each chunk's logits come from
-    one BLAS product and are folded into a running (max, argmax, sum without the argmax term)
-    per row, the online log-sum-exp of Milakov & Gimelshein merged so that the loss of a
-    confident row (1e-30) keeps its relative accuracy, as :func:`cestudy.cross_entropy` does.
-    The extra memory is O(N x chunk_size) where ``cross_entropy(input @ W.T)`` needs N x V.
+    Two ways, both keeping the relative accuracy of a confident row's loss (1e-30) as
+    :func:`cestudy.cross_entropy` does. Where the logits of at least 128 rows (or all of them)
+    over the whole vocabulary fit in 32 MiB and the weight is of the compute dtype (class-index
+    targets, ``chunk_size=None``): blocks of rows, each block's logits from one BLAS product and
+    given to cestudy's vectorised cross-entropy kernel. Otherwise, or when ``chunk_size`` is
+    given: the vocabulary ``chunk_size`` classes at a time, each chunk's logits from one BLAS
+    product folded into a running (max, argmax, sum without the argmax term) per row, the online
+    log-sum-exp of Milakov & Gimelshein. The extra memory is O(32 MiB) or O(N x chunk_size),
+    where ``cross_entropy(input @ W.T)`` needs N x V.
 
     Args:
         input: (N, H) or (H,) floating array (float64, float32, float16 or bfloat16).
@@ -352,7 +377,8 @@ def linear_cross_entropy(
         ignore_index: class index of targets to skip (class-index targets; ``None`` is -100,
             as in torch).
         label_smoothing: eps in [0, 1].
-        chunk_size: classes per chunk (None: about 32 MiB of logits, between 256 and 8192).
+        chunk_size: classes per vocabulary chunk (None: blocks of rows where they fit, as
+            above, else chunks of about 32 MiB of logits, between 256 and 8192 classes).
 
     Returns:
         The loss in the input's dtype: a scalar, or the shape of ``target`` (class indices)
@@ -400,9 +426,11 @@ def linear_cross_entropy_with_grad(*args: Any, **kwargs: Any) -> tuple:
 
         grad_input = G @ W,   grad_weight = G.T @ input,   grad_bias = sum over rows of G
 
-    accumulated one chunk of the vocabulary at a time: a first pass finds every row's
-    (max, sum), a second recomputes each chunk's logits and turns them into G in place. These
-    are what torch autograd gives for the same call with an upstream gradient of 1.
+    accumulated one block of rows at a time (three matrix products, as for materialised
+    logits: each block's logits are turned into G in place), or one chunk of the vocabulary at
+    a time (a first pass finds every row's (max, sum), a second recomputes each chunk's logits
+    and turns them into G in place: four products). These are what torch autograd gives for
+    the same call with an upstream gradient of 1.
 
     Args:
         input, linear_weight, target, linear_bias, weight, reduction, ignore_index,

@@ -194,6 +194,91 @@ def test_chunk_size_changes_nothing_beyond_the_products_rounding():
             np.testing.assert_allclose(g, g0, rtol=0, atol=tol * np.abs(g0).max())
 
 
+@pytest.fixture
+def small_row_blocks(monkeypatch):
+    """Row blocks of 32 rows at V = 1003 (float32), so that a 100-row problem runs in four
+    blocks, the last one short; returns the calls of ``run_row_blocks`` (rows per block)."""
+    monkeypatch.setattr(kern, "MIN_ROW_BLOCK", 32)
+    monkeypatch.setattr(kern, "ROW_BLOCK_BYTES", 32 * 1003 * 4 + 100)
+    calls = []
+    real = kern.run_row_blocks
+
+    def spy(*args, rows, **kwargs):
+        calls.append(rows)
+        return real(*args, rows=rows, **kwargs)
+
+    monkeypatch.setattr(kern, "run_row_blocks", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain"
+)
+def test_row_blocks_match_torch_autograd(small_row_blocks, opts):
+    """The default path for a vocabulary whose rows fit in blocks (three matrix products, the
+    gradient accumulated block by block): float32, with a bias, every option."""
+    x, w, b, y = _problem(n=100, dtype=np.float32, scale=4.0)
+    kwargs = dict(opts)
+    if kwargs.get("weight") == "random":
+        kwargs["weight"] = np.random.default_rng(1).random(w.shape[0])
+    if "ignore_index" in kwargs:
+        y[::7] = kwargs["ignore_index"]
+    ref, (rgx, rgw, rgb) = _torch64(x, w, y, dict(kwargs, linear_bias=b))
+    loss, gx, gw, gb = cs.linear_cross_entropy_with_grad(x, w, y, linear_bias=b, **kwargs)
+    assert small_row_blocks == [32]
+    ref = np.asarray(ref, np.float64)
+    assert np.max(np.abs(np.asarray(loss, np.float64) - ref)) <= 1e-5 * np.max(np.abs(ref))
+    for name, g, r in (("grad_input", gx, rgx), ("grad_weight", gw, rgw), ("grad_bias", gb, rgb)):
+        assert g.dtype == np.float32
+        err = np.max(np.abs(g.astype(np.float64) - r)) / np.max(np.abs(r))
+        assert err <= 1e-5, f"{name}: {err:.3g} of the largest entry"
+    plain = cs.linear_cross_entropy(x, w, y, linear_bias=b, **kwargs)
+    np.testing.assert_array_equal(plain, loss)  # the forward alone: the same losses
+
+
+def test_row_blocks_keep_the_contract_on_confident_rows(small_row_blocks, monkeypatch):
+    """Confident rows (losses down to 1e-91) in row blocks: the losses within 4 ulp of the
+    oracle, where torch's float32 gives 0; the true-class gradients (grad_bias[y], -S/(1+S)
+    summed) too, where softmax - onehot gives 0; the gradients as the vocabulary-chunk path's,
+    up to the products' rounding."""
+    x, w, y, _ = _integer_problem()
+    loss = cs.linear_cross_entropy(x, w, y, reduction="none")
+    assert small_row_blocks == [32]
+    exact = oracle.linear_cross_entropy(x, w, y)
+    assert np.min(exact) < 1e-30
+    assert_ulp(loss, exact, np.float32, what="row-block per-row loss")
+
+    monkeypatch.setattr(kern, "MIN_ROW_BLOCK", 3)
+    monkeypatch.setattr(kern, "ROW_BLOCK_BYTES", 3 * 700 * 4)
+    x, w, y, _ = _integer_problem(n=8, factor=4.0)
+    b = np.zeros(w.shape[0], dtype=np.float32)
+    blocked = lin.run_fused(x, w, y, linear_bias=b, reduction="sum", with_grad=True)
+    assert small_row_blocks == [32, 3]
+    _, _, exact_gb = oracle.linear_cross_entropy_grad(x, w, y, b)
+    mine = np.unique(y)
+    assert_ulp(blocked.grad_bias[mine], exact_gb[mine], np.float32, what="true-class grad_bias")
+    chunked = lin.run_fused(x, w, y, linear_bias=b, reduction="sum", with_grad=True, chunk_size=256)
+    tol = (4 + x.shape[1]) * np.finfo(np.float32).eps
+    for g, g0 in (
+        (blocked.grad_input, chunked.grad_input),
+        (blocked.grad_weight, chunked.grad_weight),
+    ):
+        np.testing.assert_allclose(g, g0, rtol=0, atol=tol * np.abs(g0).max())
+
+
+def test_row_blocks_filter_the_same_tiles(monkeypatch):
+    """Cut Cross-Entropy's filter sees the same 128 x 128 tiles in row blocks of 128 rows as in
+    vocabulary chunks of 256 classes: the same tiles dropped, the same mass."""
+    x, w, b, y = _problem(n=300, h=32, v=1000, seed=9, scale=12.0)
+    monkeypatch.setattr(kern, "ROW_BLOCK_BYTES", 128 * 1000 * 4)
+    eps = np.finfo(np.float32).eps / 32
+    blocked = lin.run_fused(x, w, y, with_grad=True, filter_eps=eps)
+    chunked = lin.run_fused(x, w, y, chunk_size=256, with_grad=True, filter_eps=eps)
+    assert kern.row_block(300, 1000, 4) == 128
+    np.testing.assert_array_equal(blocked.filter_stats[2:], chunked.filter_stats[2:])
+    np.testing.assert_allclose(blocked.filter_stats[:2], chunked.filter_stats[:2], rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # The accuracy contract, against the oracle
 # --------------------------------------------------------------------------------------------
@@ -415,6 +500,20 @@ def test_peak_memory_is_order_n_times_chunk(dtype):
     budget = n * chunk * 4 + 3 * n * h * 4 + 2 * chunk * h * 4 + v * 8 + n * 9 * 8 + (64 << 10)
     assert extra <= budget, f"{extra} bytes > {budget}"
     assert extra <= logits_bytes / 8
+
+
+def test_peak_memory_of_row_blocks_is_one_block_of_logits():
+    """The default path at a vocabulary whose row blocks fit: one (rows, V) logits block, the
+    product buffer of the weight gradient, the class weights; 256 of 1024 rows here."""
+    n, h, v = 1024, 32, 32768
+    x, w, b, y = _problem(n=n, h=h, v=v, dtype=np.float32)
+    rows = kern.row_block(n, v, 4)
+    assert 0 < rows < n
+    cs.linear_cross_entropy_with_grad(x[:2], w[:300], y[:2] % 300)  # compile
+    extra, _ = _peak_extra(lambda: cs.linear_cross_entropy_with_grad(x, w, y))
+    budget = rows * v * 4 + kern.ACCUMULATE_BYTES + 3 * n * h * 4 + v * 8 + (64 << 10)
+    assert extra <= budget, f"{extra} bytes > {budget}"
+    assert extra <= n * v * 4 / 3
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,22 @@
-"""Fused linear cross-entropy on the CPU: the vocabulary in chunks, logits never materialised.
+"""Fused linear cross-entropy on the CPU: blocks of rows or chunks of the vocabulary, the logits
+never materialised.
 
 This module holds raw kernels and the host loop that drives them: no validation, no dtype policy
 beyond what each function documents, no reduction over the batch. ``cestudy.linear`` checks the
 arguments, lays out K-dimensional and unbatched inputs, and reduces.
 
-The loss of row i is the cross-entropy of the logits z_i = W x_i + b over V classes. The logits
+The loss of row i is the cross-entropy of the logits z_i = W x_i + b over V classes.
+
+**Blocks of rows** (:func:`run_row_blocks`, where the logits of at least ``MIN_ROW_BLOCK`` rows
+over the whole vocabulary fit in ``ROW_BLOCK_BYTES``): each block's logits come from one BLAS
+product, ``cpu_fast``'s cross-entropy kernel (the contract of ``cestudy.cross_entropy``) turns
+them into the block's losses and, in place, into dL/dz, and the two gradient products follow:
+three matrix products in all, as for materialised logits, in O(block x V) memory. Each block
+adds its part of the weight gradient, so the (V, H) gradient is read and written once per block
+(8 V H bytes in float32, against the 2 N_block V H operations of a product: small from a
+block of about a hundred rows).
+
+**Chunks of the vocabulary** (:func:`run`, for everything else). The logits
 of a chunk of ``chunk`` classes, for every row, come from one BLAS matrix product (numpy's
 ``matmul`` into a reused buffer); a Numba kernel folds them into a per-row state and the buffer is
 reused for the next chunk, so the extra memory is O(N x chunk), never O(N x V).
@@ -515,6 +527,121 @@ def default_chunk(n_rows: int, n_classes: int, itemsize: int) -> int:
     target = (32 << 20) // max(1, n_rows * itemsize)
     chunk = max(256, min(8192, (target // 256) * 256))
     return max(1, min(chunk, n_classes))
+
+
+ROW_BLOCK_BYTES = 32 << 20
+"""The logits of a block of rows over the whole vocabulary (:func:`row_block`) take at most
+this many bytes: the same budget as a vocabulary chunk (:func:`default_chunk`)."""
+MIN_ROW_BLOCK = 128
+"""Fewest rows in a row block: each block reads and writes the whole (V, H) weight gradient once
+more (8 V H bytes in float32), which pays for itself against the fourth matrix product it saves
+(2 N_block V H operations) once N_block is a few tens; 128 is also the gradient filter's tile."""
+
+
+ACCUMULATE_BYTES = 4 << 20
+"""The product buffer through which a row block adds its part of grad_weight (measured at
+H = 512: 1024 to 4096 classes a step equally fast, 8192 10% slower)."""
+
+
+def row_block(n_rows: int, n_classes: int, itemsize: int) -> int:
+    """Rows per block when blocks of rows over the whole vocabulary fit in
+    :data:`ROW_BLOCK_BYTES` with at least :data:`MIN_ROW_BLOCK` rows (or all the rows), a
+    multiple of :data:`MIN_ROW_BLOCK` below ``n_rows``; else 0 (chunk the vocabulary)."""
+    rows = ROW_BLOCK_BYTES // max(1, n_classes * itemsize)
+    if rows >= n_rows:
+        return n_rows
+    rows -= rows % MIN_ROW_BLOCK
+    return rows if rows >= MIN_ROW_BLOCK else 0
+
+
+def block_logits(x, w, b, r0, r1, out):
+    """The logits of rows r0 .. r1 - 1 over the whole vocabulary, written into ``out``
+    (r1 - r0, V): one BLAS product ``x[r0:r1] @ w.T`` (+ ``b``), all of ``x``'s dtype."""
+    np.matmul(x[r0:r1], w.T, out=out)
+    if b is not None:
+        out += b
+
+
+def run_row_blocks(
+    x,
+    w,
+    b,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    grad_scale,
+    out_loss,
+    *,
+    rows,
+    with_grad,
+    grad_x=None,
+    grad_w=None,
+    grad_b=None,
+    filter_threshold=0.0,
+    filter_tile=FILTER_TILE,
+    filter_stats=None,
+):
+    """The fused loop over blocks of ``rows`` rows, each with the whole vocabulary: class-index
+    targets, ``w`` and the gradients in ``x``'s dtype, C-contiguous (arguments as :func:`run`).
+
+    A block's logits Z_b = X_b W^T (+ b) are formed once, into an (rows, V) buffer; the
+    vectorised cross-entropy kernel (``cpu_fast.cross_entropy_index_fwd_grad``, the contract of
+    :func:`cestudy.cross_entropy`) turns them into the block's losses and, in place, into
+    G_b = dL/dZ_b; then grad_input[b] = G_b W and grad_weight += G_b^T X_b. Three matrix
+    products, as for materialised logits, against :func:`run`'s four (it must recompute each
+    vocabulary chunk's logits once the rows' sums are known), for (rows x V) memory instead of
+    (N x V)."""
+    n, h = x.shape
+    v = w.shape[0]
+    zbuf = np.empty(min(rows, n) * v, dtype=x.dtype)
+    # grad_weight += G_b^T X_b a slice of classes at a time through a small product buffer:
+    # numpy's matmul has no beta = 1, and scipy's BLAS (a second OpenBLAS with threads of its
+    # own) doubled the time of numpy's products around it when tried here
+    step = max(256, ACCUMULATE_BYTES // (h * x.dtype.itemsize))
+    prod = np.empty(min(step, v) * h, dtype=x.dtype) if with_grad and grad_w is not None else None
+    if with_grad:
+        kern = cpu_fast.cross_entropy_index_fwd_grad_serial
+    else:
+        kern = cpu_fast.cross_entropy_index_fwd_serial
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        xb = x[r0:r1]
+        z = zbuf[: (r1 - r0) * v].reshape(r1 - r0, v)
+        block_logits(x, w, b, r0, r1, z)
+        if not with_grad:
+            kern(z, target[r0:r1], weight, ignore_index, label_smoothing, out_loss[r0:r1])
+            continue
+        kern(
+            z,
+            target[r0:r1],
+            weight,
+            ignore_index,
+            label_smoothing,
+            grad_scale,
+            out_loss[r0:r1],
+            z,
+        )
+        if filter_threshold > 0.0:
+            stats = filter_stats[r0 // filter_tile[0] :]
+            filter_tiles(z, filter_threshold, filter_tile[0], filter_tile[1], stats)
+        if grad_b is not None:
+            part = np.sum(z, axis=0, dtype=np.float64)
+            if r0 == 0:
+                grad_b[:] = part
+            else:
+                grad_b += part
+        np.matmul(z, w, out=grad_x[r0:r1])
+        if grad_w is None:
+            continue
+        if r0 == 0:
+            np.matmul(z.T, xb, out=grad_w)
+            continue
+        for c0 in range(0, v, step):
+            c1 = min(v, c0 + step)
+            part = prod[: (c1 - c0) * h].reshape(c1 - c0, h)
+            np.matmul(z[:, c0:c1].T, xb, out=part)
+            grad_w[c0:c1] += part
 
 
 def run(

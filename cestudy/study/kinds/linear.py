@@ -12,8 +12,10 @@ every formulation, because they share the oracle, which costs more than any of t
                             (float16/bfloat16 logits are rounded to that dtype)
 ``torch_chunked``           ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``:
                             torch 2.13's batch-chunked path with its default accumulation policy
-``fused``                   ``cestudy.linear_cross_entropy_with_grad``: vocabulary chunks, online
-                            log-sum-exp, float32 accumulation for float32/float16/bfloat16
+``fused``                   ``cestudy.linear_cross_entropy_with_grad``: blocks of rows over the
+                            whole vocabulary where they fit (float32/float64 weights), else
+                            vocabulary chunks and an online log-sum-exp; float32 accumulation
+                            for float32/float16/bfloat16
 ``fused_filtered``          the same with Cut Cross-Entropy's gradient filter: 128 x 128 tiles of
                             dL/dz whose entries are all below eps/32 of the input dtype dropped
 ==========================  =====================================================================
@@ -243,16 +245,27 @@ def run_fused(x, w, y, chunk, repeats, filter_eps=0.0):
     cdt = _compute_dtype(x.dtype)
     xc = np.ascontiguousarray(x, dtype=cdt)
     n = x.shape[0]
-    used = chunk or kern.default_chunk(n, w.shape[0], np.dtype(cdt).itemsize)
-    used = min(used, w.shape[0])
-    wbuf = np.empty(used * x.shape[1], dtype=cdt)
+    if r.row_block:
+        # the kernel's own products, a block of rows at a time: the logits it saw, held whole
+        # (N x V, as the materialised formulations hold them) for the error split
+        z = np.empty((n, w.shape[0]), dtype=cdt)
+        for r0 in range(0, n, r.row_block):
+            r1 = min(n, r0 + r.row_block)
+            kern.block_logits(xc, w, None, r0, r1, z[r0:r1])
+        out = _formulation(
+            r.loss, rows, r.grad_input, r.grad_weight, measured, lambda c0, c1: z[:, c0:c1], None
+        )
+        out["row_block"] = r.row_block
+    else:
+        used = r.chunk
+        wbuf = np.empty(used * x.shape[1], dtype=cdt)
 
-    def logits(c0, c1):  # the kernel's own chunks: the same BLAS calls
-        out = np.empty((n, c1 - c0), dtype=cdt)
-        kern.chunk_logits(xc, w, None, c0, c1, out, wbuf)
-        return out
+        def logits(c0, c1):  # the kernel's own chunks: the same BLAS calls
+            part = np.empty((n, c1 - c0), dtype=cdt)
+            kern.chunk_logits(xc, w, None, c0, c1, part, wbuf)
+            return part
 
-    out = _formulation(r.loss, rows, r.grad_input, r.grad_weight, measured, logits, used)
+        out = _formulation(r.loss, rows, r.grad_input, r.grad_weight, measured, logits, used)
     if r.filter_stats is not None:
         out["filter_stats"] = r.filter_stats
     return out
@@ -487,6 +500,8 @@ def compute(cell: dict) -> dict:
             m["gw_err_logits"] = _max_rel_to_largest(o_gw, ex_gw)
             m["gx_err_ce"] = _max_rel_to_largest(r["gx"], o_gx) * _ratio(o_gx, ex_gx)
             m["gw_err_ce"] = _max_rel_to_largest(r["gw"], o_gw) * _ratio(o_gw, ex_gw)
+        if "row_block" in r:
+            m["row_block"] = r["row_block"]
         if "filter_stats" in r:
             st = r["filter_stats"]
             m["dropped_mass"] = float(st[0] / st[1]) if st[1] else 0.0
@@ -568,7 +583,11 @@ def benchmark(
         "torch_chunked": run_torch(x, w, y, True, repeats),
         "materialised_torch": run_torch(x, w, y, False, repeats),
     }
-    out.update(logits_bytes=tokens * vocab * 4, chunk=runs["fused"]["logits_chunk"])
+    out.update(
+        logits_bytes=tokens * vocab * 4,
+        chunk=runs["fused"]["logits_chunk"],
+        row_block=runs["fused"].get("row_block", 0),
+    )
     for name, r in runs.items():
         out.update(
             {
