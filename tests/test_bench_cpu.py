@@ -33,3 +33,21 @@ def test_every_timed_implementation_agrees_with_the_oracle(variant, mode, dtype)
         assert r["check_ulp"] <= 8, (impl, r)
         if mode == "forward_grad":
             assert r["grad_check_ulp"] <= 8, (impl, r)
+
+
+def test_other_frameworks_are_timed_without_torch(monkeypatch):
+    """Without torch (skipped in cestudy's group) the other frameworks' times are kept, with no
+    ratio against it; a KeyError ended the whole bench before."""
+    from cestudy.bench import command
+
+    monkeypatch.setattr(command, "_impls", lambda variant, n, c: (["numba", "torch"], ["jax"]))
+
+    def fake_group(variant, dtype, mode, n, c, impls, repeats):
+        if impls == ["jax"]:
+            return {"jax": {"median_s": 2e-3}}
+        return {"numba": {"median_s": 1e-3}, "torch": {"skipped": "torch is not installed"}}
+
+    monkeypatch.setattr(bench, "time_group", fake_group)
+    res = command.time_shape(bench.CE, "float32", "fwd", 4, 8, 1)
+    assert res["jax"] == {"median_s": 2e-3}
+    assert "speedup_vs_torch" not in res["jax"]

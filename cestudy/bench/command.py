@@ -98,8 +98,9 @@ def time_shape(variant, dtype, mode, n, c, repeats):
     res = bench.time_group(variant, dtype, mode, n, c, core, repeats=repeats)
     for peer in others:
         r = bench.time_group(variant, dtype, mode, n, c, [peer], repeats=repeats)[peer]
-        if "median_s" in r:
-            r["speedup_vs_torch"] = res["torch"]["median_s"] / r["median_s"]
+        torch_s = res.get("torch", {}).get("median_s")  # torch may be missing or skipped
+        if "median_s" in r and torch_s:
+            r["speedup_vs_torch"] = torch_s / r["median_s"]
         res[peer] = r
     return res
 
