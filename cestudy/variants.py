@@ -122,7 +122,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             description="softmax focal loss",
             options=(("weight", None), ("ignore_index", -100), ("gamma", 2.0)),
             legacy_names=("focal_softmax",), peers=("torch", "jax", "tensorflow")),
-    Variant(name="sigmoid_focal_loss", target="binary", kernel="sigmoid_focal",
+    Variant(name="sigmoid_focal_loss", target="binary", kernel="sigmoid_focal", fast_cpu=True,
             description="sigmoid focal loss (torchvision)",
             options=(("alpha", 0.25), ("gamma", 2.0)),
             legacy_names=("focal_sigmoid", "sigmoid_focal"), peers=("torch", "jax", "tensorflow")),

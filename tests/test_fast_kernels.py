@@ -644,6 +644,8 @@ def test_kernels_free_every_allocation():
                     cpu_fast.cross_entropy_prob_fwd_grad(x, p, w, 0.1, 1.0, loss, grad)
                     cpu_fast.bce_with_logits_fwd(x, p, w[None], w[None], loss)
                     cpu_fast.bce_with_logits_fwd_grad(x, p, w[None], w[None], 1.0, per_elem, grad)
+                    cpu_fast.sigmoid_focal_fwd(x, p, 0.25, 2.0, loss)
+                    cpu_fast.sigmoid_focal_fwd_grad(x, p, 0.25, 0.5, 1.0, per_elem, grad)
                     xi = x.copy()
                     cpu_fast.cross_entropy_index_fwd_grad_serial(xi, y, w, -100, 0.0, 1.0, loss, xi)
 
@@ -726,3 +728,173 @@ def test_softmax_focal_masked_true_class_has_a_finite_gradient(kernels, dtype, g
     assert np.isfinite(exact_g.astype(np.float64)).all()
     assert_ulp(grad, exact_g, dtype, what="gradient")
     assert grad[0, 0] == -w[0] and grad[1, 1] == -w[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Sigmoid focal loss (BCE with logits' rows with the focal element)
+# --------------------------------------------------------------------------------------------
+SIGMOID_FOCAL_GAMMAS = [0.0, 1.0, 2.0, 0.5, 3.5]  # 0, 1, 2 vectorised; 0.5, 3.5 through pow
+
+
+def _sigmoid_focal_fast(x, t, alpha, gamma):
+    """(per-element losses, the forward's row sums, gradient) of cpu_fast's sigmoid focal
+    kernels, after checking that the forward kernel's elements, the fused kernel written over
+    the logits (in place) and the serial twins give the same bits as the fused kernel. (Row
+    sums of float32 rows are float64 partial sums in lanes: their order, so their last float64
+    bits, may differ between loops, far below a float32 ulp.)"""
+    n = x.shape[0]
+    loss, rows, grad = np.empty(x.shape), np.empty(n), np.empty_like(x)
+    cpu_fast.sigmoid_focal_fwd_grad(x, t, alpha, gamma, 1.0, loss, grad)
+    cpu_fast.sigmoid_focal_fwd(x, t, alpha, gamma, rows)
+    fwd = np.empty(x.shape)
+    cpu_fast.sigmoid_focal_fwd(x, t, alpha, gamma, fwd)
+    np.testing.assert_array_equal(fwd, loss)
+    over, over_loss = x.copy(), np.empty(x.shape)
+    cpu_fast.sigmoid_focal_fwd_grad(over, t, alpha, gamma, 1.0, over_loss, over)
+    np.testing.assert_array_equal(over, grad)
+    np.testing.assert_array_equal(over_loss, loss)
+    fused_rows, over_rows, over = np.empty(n), np.empty(n), x.copy()
+    cpu_fast.sigmoid_focal_fwd_grad(x, t, alpha, gamma, 1.0, fused_rows, np.empty_like(x))
+    cpu_fast.sigmoid_focal_fwd_grad(over, t, alpha, gamma, 1.0, over_rows, over)
+    np.testing.assert_array_equal(over_rows, fused_rows)
+    s_loss, s_grad, s_rows = np.empty(x.shape), np.empty_like(x), np.empty(n)
+    cpu_fast.sigmoid_focal_fwd_grad_serial(x, t, alpha, gamma, 1.0, s_loss, s_grad)
+    cpu_fast.sigmoid_focal_fwd_serial(x, t, alpha, gamma, s_rows)
+    np.testing.assert_array_equal(s_loss, loss)
+    np.testing.assert_array_equal(s_grad, grad)
+    np.testing.assert_array_equal(s_rows, rows)
+    return loss, rows, grad
+
+
+def _sigmoid_focal_rows(dtype, c, seed):
+    """Rows of mixed logit scales (1e-3 .. 2e2), a row of large magnitudes (|x| = 30 .. 100)
+    and hard and soft targets."""
+    rng = np.random.default_rng(seed)
+    n = 6
+    x = rng.normal(size=(n, c)) * 10.0 ** rng.uniform(-3, 2.3, (n, 1))
+    x[1] = rng.choice([-1.0, 1.0], c) * rng.uniform(30, 100, c)
+    x = x.astype(dtype)
+    t_hard = np.round(rng.uniform(size=x.shape)).astype(dtype)
+    t_soft = rng.uniform(size=x.shape).astype(dtype)
+    t_soft[0, :3] = [0.5, 0.25, 0.75]
+    return x, t_hard, t_soft
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("gamma", SIGMOID_FOCAL_GAMMAS)
+@pytest.mark.parametrize("alpha", [0.25, -1.0])
+def test_sigmoid_focal_rows_of_several_blocks_match_the_oracle(dtype, gamma, alpha):
+    """Losses (per element and row sums) and gradients of rows of three blocks against the
+    oracle: hard-target gradients element-wise, soft-target ones in ulps of the sum of their
+    terms' magnitudes (the contract's measures). float32 within the contract's 4 ulp, float64
+    hard targets within the focal exception 2 gamma + 4 (``focal_tol``). float64 soft targets
+    within the exception + 3: the reference kernel's formula itself (the same operations) goes
+    past the exception there. Measured on 1e6 elements (logits 1e-3..2e2, t uniform), the
+    largest errors, loss / gradient, cpu_fast then cpu: gamma 3.5: 11.8 / 13.2 and 13.8 / 13.2
+    (exception 11); gamma 2: 7.9 / 8.9 and 8.0 / 9.2 (8); gamma 0.5: 5.4 / 5.3 and 5.4 / 5.9
+    (5); gamma 0, alpha 0.25: 4.07 / 3.8 and 4.09 / 3.8 (4)."""
+    from helpers import sigmoid_focal_grad_scale
+
+    x, t_hard, t_soft = _sigmoid_focal_rows(dtype, 2 * BLOCK + 37, seed=int(gamma * 10) + 3)
+    tol = focal_tol(gamma, dtype)
+    for t in (t_hard, t_soft):
+        loss, rows, grad = _sigmoid_focal_fast(x, t, alpha, gamma)
+        exact = oracle.sigmoid_focal_loss(x, t, alpha, gamma)
+        exact_g = oracle.sigmoid_focal_loss_grad(x, t, alpha, gamma)
+        scale = sigmoid_focal_grad_scale(x, t, alpha, gamma)
+        soft_tol = tol + 3.0 if dtype == np.float64 and t is t_soft else tol
+        assert_ulp(loss.astype(dtype), exact, dtype, soft_tol, "loss")
+        assert_ulp(rows.astype(dtype), exact.sum(axis=1), dtype, tol, "row sums")
+        if t is t_hard:
+            assert_ulp(grad, exact_g, dtype, tol, "gradient")
+        else:
+            assert_ulp_of_scale(grad, exact_g, scale, dtype, soft_tol, "gradient")
+
+
+# x, t, each named after the failure it guards
+SIGMOID_FOCAL_EXTREMES = {
+    # 1 - p_t formed as 1 - s(x) rounds to 0: the loss of a confident correct logit is lost
+    "tiny_loss_of_confident_positive_not_rounded_to_zero": ([17.0, 30.0, 88.0, 100.0], 1.0),
+    "tiny_loss_of_confident_negative_not_rounded_to_zero": ([-17.0, -30.0, -88.0, -100.0], 0.0),
+    # log(s(x)) with s(x) rounded to 0 gives inf; the loss is |x| (times alpha_t)
+    "large_loss_of_confident_wrong_logit_not_inf": ([-100.0, -104.0, -745.5, -1e30], 1.0),
+    # exp(-|x|) below the float64 range (the vectorised exp's flush): s(-x) = 0, b = 0, and for
+    # gamma < 1 b^(gamma - 1) = inf: the guarded term must give 0, not 0 * inf = NaN
+    "exp_underflow_gives_zero_gradient_not_nan": ([745.5, 800.0, 1e30, -800.0], 1.0),
+    # a float64 loss in the subnormal range, rounded once
+    "subnormal_loss_keeps_its_bits": ([-480.0, -700.0, 480.0, 700.0], 0.0),
+    # soft targets: (1 - 2t) = 0 at t = 1/2, b a sum of two positive terms
+    "soft_target_half_no_cancellation_in_b": ([-40.0, -1.0, 1.0, 40.0], 0.5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SIGMOID_FOCAL_EXTREMES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("gamma", SIGMOID_FOCAL_GAMMAS)
+def test_sigmoid_focal_extreme_logits_match_the_oracle(case, dtype, gamma):
+    """Extreme logits, each case in a row of several blocks (at its start and in the last
+    block), loss and gradient against the oracle, alpha 0.25 and none."""
+    xs, tv = SIGMOID_FOCAL_EXTREMES[case]
+    c = BLOCK + 9
+    x = np.zeros((2, c))
+    x[:, :4] = xs
+    x[:, -4:] = xs
+    x = x.astype(dtype)
+    t = np.full(x.shape, tv, dtype)
+    t[1] = 1.0 - t[1]  # the other side too
+    for alpha in (0.25, -1.0):
+        loss, rows, grad = _sigmoid_focal_fast(x, t, alpha, gamma)
+        tol = focal_tol(gamma, dtype)
+        exact = oracle.sigmoid_focal_loss(x, t, alpha, gamma)
+        assert_ulp(loss.astype(dtype), exact, dtype, tol, "loss")
+        if case.startswith("tiny"):
+            assert np.all(loss[0, :4] > 0)
+        exact_g = oracle.sigmoid_focal_loss_grad(x, t, alpha, gamma)
+        assert np.isfinite(exact_g.astype(np.float64)).all()
+        assert_ulp(grad, exact_g, dtype, tol, "gradient")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("gamma", SIGMOID_FOCAL_GAMMAS)
+def test_sigmoid_focal_nan_and_inf_logits_as_the_reference_kernel(dtype, gamma):
+    """NaN and +-inf logits give the reference kernel's loss and gradient (IEEE: NaN stays NaN
+    in loss and gradient, also for gamma = 0 where nothing multiplies it by a power; 0 * inf =
+    NaN where the target's side of the loss is the infinite softplus) and the oracle's, and
+    leave the other elements of the row alone. The float64 rows take the exp of a separate
+    loop whose flush would turn a NaN into e = 0 and a finite gradient."""
+    specials = [np.nan, np.inf, -np.inf, -np.nan]
+    c = BLOCK + 6
+    x = np.tile(np.linspace(-5, 5, c), (3, 1))
+    x[:, :4] = specials
+    x[:, -4:] = specials
+    x = x.astype(dtype)
+    t = np.stack([np.zeros(c), np.ones(c), np.full(c, 0.3)]).astype(dtype)
+    for alpha in (0.25, -1.0):
+        loss, rows, grad = _sigmoid_focal_fast(x, t, alpha, gamma)
+        ref_loss, ref_grad = np.empty(x.shape), np.empty_like(x)
+        cpu.sigmoid_focal_fwd_grad(x, t, alpha, gamma, 1.0, ref_loss, ref_grad)
+        np.testing.assert_array_equal(np.isnan(loss), np.isnan(ref_loss))
+        np.testing.assert_array_equal(np.isnan(grad), np.isnan(ref_grad))
+        bad = ~np.isfinite(ref_loss) | ~np.isfinite(ref_grad)
+        np.testing.assert_array_equal(loss[bad & ~np.isnan(loss)], ref_loss[bad & ~np.isnan(loss)])
+        assert np.isnan(loss[:, [0, 3, -4, -1]]).all() and np.isnan(grad[:, [0, 3, -4, -1]]).all()
+        with np.errstate(invalid="ignore", over="ignore"):
+            exact = oracle.sigmoid_focal_loss(x, t, alpha, gamma)
+        tol = focal_tol(gamma, dtype)
+        assert_ulp(loss[:2].astype(dtype), exact[:2], dtype, tol, "loss")
+        # the soft target: see test_sigmoid_focal_rows_of_several_blocks_match_the_oracle
+        soft_tol = tol + 3.0 if dtype == np.float64 else tol
+        assert_ulp(loss[2:].astype(dtype), exact[2:], dtype, soft_tol, "loss")
+        assert np.isnan(rows).all()
+
+
+def test_fast_bce_with_logits_float64_nan_logit_has_a_nan_gradient():
+    """float64 BCE with logits: a NaN logit gave the gradient -pw t (the exp's flush made
+    e = 0); it is NaN, as in the reference kernel and torch."""
+    x = np.array([[np.nan, 1.0, -np.nan]])
+    t = np.array([[1.0, 0.0, 0.0]])
+    w = np.ones((1, 3))
+    loss, grad = np.empty(x.shape), np.empty_like(x)
+    cpu_fast.bce_with_logits_fwd_grad(x, t, w, w, 1.0, loss, grad)
+    assert np.isnan(grad[0, [0, 2]]).all() and np.isnan(loss[0, [0, 2]]).all()
+    assert np.isfinite(grad[0, 1])

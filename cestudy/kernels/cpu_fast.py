@@ -42,9 +42,13 @@ lanes with AVX-512), using error-free transformations where a plain rounding wou
 - **Per row only**: the loss (m - x_y) + log1p(S) (m - x_y exact), the cancellation-free entries
   (p_y - 1 = -S / (1 + S) when y is the argmax, the argmax entry under label smoothing or soft
   targets), in float64 scalar arithmetic.
-- **BCE with logits**: float32 rows in float64 arithmetic (exp and log1p accurate to 1e-11);
+- **BCE with logits and the sigmoid focal loss**: one row driver for both (``sigmoid_row``),
+  the element function chosen at compile time by the type of its ``params``
+  (``sigmoid_elem``); float32 rows in float64 arithmetic (exp and log1p accurate to 1e-11);
   float64 rows with the float64 exp, fdlibm's log1p on [0, 1] (``log1p_f64``, < 1 ulp) and
-  split row sums.
+  split row sums. The focal loss's (1 - p_t)^gamma is a product for gamma in {0, 1, 2}
+  (vectorised); any other gamma calls libm's pow per element (scalar loops: no vectorised log
+  here is accurate enough for exp(gamma log b) in float64).
 
 Error budget of a float32 gradient entry p_j = e_j / (1 + S): exp <= 0.65 ulp, S (a sum of
 positive terms each within 0.65 ulp) within 0.65 ulp, one rounding of a float64 product to
@@ -1218,7 +1222,7 @@ def softmax_focal_fwd_grad(
 
 
 # --------------------------------------------------------------------------------------------
-# Binary cross-entropy with logits (vectorised for float32)
+# Element-wise sigmoid losses: binary cross-entropy with logits, sigmoid focal loss
 # --------------------------------------------------------------------------------------------
 @njit(**_FMA)
 def exp_neg(d):
@@ -1251,37 +1255,178 @@ def log1p_unit(e):
     return 2.0 * s * p
 
 
+# --------------------------------------------------------------------------------------------
+# The element functions of the sigmoid losses, chosen at compile time by the type of ``params``
+# --------------------------------------------------------------------------------------------
+# BCE with logits: the (N, C) or (1, C) weight and pos_weight of a kernel, the rows of one row,
+# the slices of one block
+BceParams = collections.namedtuple("BceParams", "weight pos_weight")
+# the sigmoid focal loss with gamma in {0, 1, 2}: b^gamma by multiplications, vectorised
+SigmoidFocalParams = collections.namedtuple("SigmoidFocalParams", "alpha gamma")
+# the sigmoid focal loss with any other gamma: b^gamma by libm's pow (a scalar loop)
+SigmoidFocalPowParams = collections.namedtuple("SigmoidFocalPowParams", "alpha gamma")
+
+
+def _params_of(params, cls) -> bool:
+    return isinstance(params, types.BaseNamedTuple) and params.instance_class is cls
+
+
+@intrinsic
+def fma64(typingctx, a, b, c):
+    """a b + c with one rounding (``llvm.fma.f64``; vectorises). Where a loss is a sum of
+    products, the kernels write the FMA out: LLVM contracts a product into a sum only where the
+    product has no other use (and did so here without the ``contract`` flag), so in a loop that
+    also computes the gradient, which reuses the products, it chose otherwise, and the forward
+    and fused kernels differed in the last bit of the loss."""
+    if not (a == b == c == types.float64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        d = ir.DoubleType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [d], ir.FunctionType(d, [d, d, d]))
+        return builder.call(fn, args)
+
+    return types.float64(types.float64, types.float64, types.float64), codegen
+
+
+@njit(**_ROW)
+def _bce_loss(sp_pos, sp_neg, tj, wj, pwj):
+    """w (pw t softplus(-x) + (1 - t) softplus(x)) (``scalar.bce_logits``), both terms >= 0,
+    the sum an explicit FMA (:func:`fma64`: the same bits in the forward and fused loops)."""
+    return wj * fma64(pwj * tj, sp_neg, (1.0 - tj) * sp_pos)
+
+
+@njit(**_FMA)
+def _bce_elem(sp_pos, sp_neg, sig_pos, sig_neg, tj, wj, pwj):
+    """(loss, d loss / dx) of BCE with logits from softplus(+-x) and s(+-x) (``scalar.bce_logits``
+    and ``bce_logits_grad``): :func:`_bce_loss` and w ((1 - t) s(x) - pw t s(-x))."""
+    loss = _bce_loss(sp_pos, sp_neg, tj, wj, pwj)
+    return loss, wj * ((1.0 - tj) * sig_pos - pwj * tj * sig_neg)
+
+
+@njit(**_ROW)
+def _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj):
+    """(ce, b) of the sigmoid focal loss: ce = t softplus(-x) + (1 - t) softplus(x) (BCE with
+    logits) and b = 1 - p_t = t s(-x) + (1 - t) s(x), each a sum of two terms >= 0 (no
+    cancellation), each an explicit FMA (:func:`fma64`: the loss's bits do not depend on
+    whether the loop also computes the gradient)."""
+    return fma64(tj, sp_neg, (1.0 - tj) * sp_pos), fma64(tj, sig_neg, (1.0 - tj) * sig_pos)
+
+
+@njit(**_ROW)
+def _alpha_t(tj, alpha):
+    """alpha t + (1 - alpha)(1 - t) (an explicit FMA), or 1 for alpha < 0 (no weighting)."""
+    return fma64(alpha, tj, (1.0 - alpha) * (1.0 - tj)) if alpha >= 0.0 else 1.0
+
+
+@njit(**_FMA)
+def _focal_combine(ce, b, bg, bg1, sig_pos, sig_neg, tj, alpha, gamma):
+    """(loss, d loss / dx) of the sigmoid focal loss (``scalar.sigmoid_focal``, the same
+    operations) from ce (BCE with logits), b = 1 - p_t, bg = b^gamma and bg1 = b^(gamma - 1):
+    alpha_t ce b^gamma and alpha_t [(s(x) - t) b^gamma + gamma ce b^(gamma - 1) (1 - 2t) s(x)
+    s(-x)], alpha_t = alpha t + (1 - alpha)(1 - t), or 1 for alpha < 0. The second term is
+    dropped where b = 0 or gamma = 0 (a select: where b underflowed, b^(gamma - 1) may be inf and
+    the term 0 * inf, while its limit is 0). (1 - t) s(x) - t s(-x) is s(x) or -s(-x) exactly
+    for t in {0, 1}; for soft t it cancels, as the contract's measure (3) allows."""
+    alpha_t = _alpha_t(tj, alpha)
+    loss = alpha_t * ce * bg
+    g = ((1.0 - tj) * sig_pos - tj * sig_neg) * bg
+    extra = gamma * ce * bg1 * ((1.0 - 2.0 * tj) * sig_pos * sig_neg)
+    return loss, alpha_t * (g + extra if b != 0.0 and gamma != 0.0 else g)
+
+
+@njit(**_FMA)
+def _focal_elem(sp_pos, sp_neg, sig_pos, sig_neg, tj, alpha, gamma):
+    """The sigmoid focal loss for gamma in {0, 1, 2} (:func:`_focal_combine`) with
+    (ce, b) of :func:`_focal_factors`: b^gamma = 1, b or b b (the correctly rounded
+    powers, the bits libm's pow gives: ``scalar.pow_nonneg``) and b^(gamma - 1) = b or 1 exactly,
+    chosen by selects on the call's gamma: no pow, and the loop stays vectorised."""
+    ce, b = _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj)
+    bg = 1.0 if gamma == 0.0 else (b if gamma == 1.0 else b * b)
+    bg1 = b if gamma == 2.0 else 1.0
+    return _focal_combine(ce, b, bg, bg1, sig_pos, sig_neg, tj, alpha, gamma)
+
+
+@njit(**_FMA)
+def _focal_pow_elem(sp_pos, sp_neg, sig_pos, sig_neg, tj, alpha, gamma):
+    """The sigmoid focal loss for any other gamma: b^gamma by ``scalar.pow_nonneg`` (libm's
+    pow, < 1 ulp; 0 for b = 0) and b^(gamma - 1) = b^gamma / b as the reference kernel. There is
+    no vectorised log accurate enough for exp(gamma log b) in float64 (gamma |log b| ulps of the
+    log would go into the result), so the loops over this element stay scalar: a call with such
+    a gamma runs at about the reference kernel's speed."""
+    ce, b = _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj)
+    bg = pow_nonneg(b, gamma)
+    return _focal_combine(ce, b, bg, bg / b, sig_pos, sig_neg, tj, alpha, gamma)
+
+
+def sigmoid_elem(params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj):
+    """(loss, d loss / dx) of element j of a sigmoid loss from softplus(+-x) and s(+-x): BCE with
+    logits for :class:`BceParams` (element j of its weight rows), the sigmoid focal loss for
+    :class:`SigmoidFocalParams` / :class:`SigmoidFocalPowParams`."""
+
+
+@overload(sigmoid_elem, jit_options=_FMA)
+def _ov_sigmoid_elem(params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj):
+    if _params_of(params, BceParams):
+        return lambda params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj: _bce_elem(
+            sp_pos, sp_neg, sig_pos, sig_neg, tj, params.weight[j], params.pos_weight[j]
+        )
+    elem = _focal_elem if _params_of(params, SigmoidFocalParams) else _focal_pow_elem
+    return lambda params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj: elem(
+        sp_pos, sp_neg, sig_pos, sig_neg, tj, params.alpha, params.gamma
+    )
+
+
+def row_params(params, i):
+    """The ``params`` of row i: :class:`BceParams` of the rows of its (N, C) / (1, C) weights;
+    the focal loss's scalars as they are."""
+
+
+@overload(row_params, jit_options=_OPTS)
+def _ov_row_params(params, i):
+    if _params_of(params, BceParams):
+        return lambda params, i: BceParams(
+            bcast_row(params.weight, i), bcast_row(params.pos_weight, i)
+        )
+    return lambda params, i: params
+
+
 @njit(**_SUM)
-def _bce_row_f32(x, t, w, pw, grad_scale, lrow, g, over_x):
-    """One float32 row of BCE with logits, in float64: loss =
-    w (pw t softplus(-x) + (1 - t) softplus(x)) with softplus(+-x) = max(+-x, 0) + log1p(e),
-    e = exp(-|x|) (one exp, one log1p), and w ((1 - t) s(x) - pw t s(-x)). Losses into
-    ``lrow`` and gradients into ``g`` unless they are None (a test numba prunes at compile
+def _sigmoid_row_f32(x, t, params, grad_scale, lrow, g, over_x):
+    """One float32 row of a sigmoid loss (:func:`sigmoid_elem`), in float64: e = exp(-|x|)
+    (:func:`exp_neg`, 7e-12), lp = log1p(e) (:func:`log1p_unit`, 1e-13), softplus(+-x) =
+    max(+-x, 0) + lp, s(+-x) = 1 / (1 + e) or e / (1 + e): one exp, one log1p and one division
+    per element, far within a float32 ulp (the focal loss's b^2 doubles 1e-11, no more). Losses
+    into ``lrow`` and gradients into ``g`` unless they are None (a test numba prunes at compile
     time: a flag tested in the loop would keep LLVM from vectorising it); with ``over_x`` not
     None (``g`` None) the gradients are written over ``x``, one array read and written, which
     LLVM vectorises (see :func:`_exp_block_f32`). Returns the row sum (float64 partial sums of
-    non-negative terms: relative error <= C 2^-53, far below a float32 ulp)."""
+    non-negative terms: relative error <= C 2^-53, far below a float32 ulp). A NaN logit
+    propagates through exp_neg; x = +-inf gives e = 0, softplus(+-x) = +inf or 0, as libm."""
     total = 0.0
     for j in range(x.shape[0]):
         v = np.float64(x[j])
-        tj = np.float64(t[j])
         e = exp_neg(-abs(v))
         lp = log1p_unit(e)
-        sp_pos = max(v, 0.0) + lp
-        sp_neg = max(-v, 0.0) + lp
-        loss = w[j] * (pw[j] * tj * sp_neg + (1.0 - tj) * sp_pos)
+        r = 1.0 / (1.0 + e)
+        er = e * r
+        pos = v >= 0.0
+        loss, gj = sigmoid_elem(
+            params,
+            j,
+            max(v, 0.0) + lp,
+            max(-v, 0.0) + lp,
+            r if pos else er,
+            er if pos else r,
+            np.float64(t[j]),
+        )
         total += loss
         if lrow is not None:  # pruned at compile time when None
             lrow[j] = loss
-        if g is not None or over_x is not None:  # pruned at compile time when both None
-            r = 1.0 / (1.0 + e)
-            sig_pos = r if v >= 0.0 else e * r
-            sig_neg = e * r if v >= 0.0 else r
-            gj = np.float32(w[j] * ((1.0 - tj) * sig_pos - pw[j] * tj * sig_neg) * grad_scale)
-            if over_x is None:  # pruned at compile time
-                g[j] = gj
-            else:
-                x[j] = gj
+        if g is not None:  # pruned at compile time when None
+            g[j] = np.float32(gj * grad_scale)
+        elif over_x is not None:  # pruned at compile time when None
+            x[j] = np.float32(gj * grad_scale)
     return total
 
 
@@ -1318,58 +1463,53 @@ def log1p_f64(e):
 
 @njit(**_SUM)
 def _exp_log1p_block(x, e, lp):
-    """e_j = exp(-|x_j|) (one rounding into the subnormals) and lp_j = log1p(e_j), float64.
+    """e_j = exp(-|x_j|) (one rounding into the subnormals) and lp_j = log1p(e_j), float64;
+    a NaN logit gives e_j = NaN (the exp's flush select would give 0, and a finite gradient).
     A loop of its own: with the rest of the element's arithmetic in the same loop, LLVM no
     longer inlines the exp and log1p calls, and a loop with a call stays scalar."""
     for j in range(x.shape[0]):
-        ej = exp_f64_biased(-abs(x[j]), 0.0) * UNBIAS
+        v = x[j]
+        ej = exp_f64_biased(-abs(v), 0.0) * UNBIAS
+        ej = ej if v == v else v
         e[j] = ej
         lp[j] = log1p_f64(ej)
 
 
 @njit(**_FMA)
-def _bce_elem_f64(v, ej, lpj, tj, wj, pwj, grad_scale):
-    """One element of BCE with logits to float64 accuracy from e = exp(-|x|) and lp = log1p(e):
-    the sigmoid 1 / (1 + e) with 1 + e carried exactly (Fast2Sum) and the quotient corrected to
-    first order."""
+def _sigmoid_parts_f64(v, ej, lpj):
+    """(softplus(x), softplus(-x), s(x), s(-x)) to float64 accuracy from e = exp(-|x|) and
+    lp = log1p(e): max(+-x, 0) + lp, and the sigmoid 1 / (1 + e) with 1 + e carried exactly
+    (Fast2Sum) and the quotient corrected to first order (``scalar.sigmoid_pair``), e / (1 + e)
+    its product with e."""
     pos = v >= 0.0
     sp_pos = (v if pos else 0.0) + lpj
     sp_neg = (0.0 if pos else -v) + lpj
-    loss = wj * (pwj * tj * sp_neg + (1.0 - tj) * sp_pos)
     z = 1.0 + ej
     z_lo = ej - (z - 1.0)
     r = 1.0 / z
     r = r - r * (r * z_lo)
     er = ej * r
-    sig_pos = r if pos else er
-    sig_neg = er if pos else r
-    return loss, wj * ((1.0 - tj) * sig_pos - pwj * tj * sig_neg) * grad_scale
+    return sp_pos, sp_neg, (r if pos else er), (er if pos else r)
 
 
 @njit(**_SUM)
-def _bce_block_f64(x, e, lp, t, w, pw, grad_scale, out, g):
-    """Losses of a float64 block into ``out`` (gradients into ``g``) from its exp and log1p
-    terms; returns the bits of the largest loss (losses are >= 0: their bits order as they
-    do; NaN and inf come out above)."""
+def _sigmoid_block_f64(x, e, lp, t, params, b0, grad_scale, out, g, over_x):
+    """Losses of a float64 block of a sigmoid loss into ``out`` (gradients into ``g``, or over
+    ``x`` with ``over_x`` not None: both tests pruned at compile time) from its exp and log1p
+    terms; returns the bits of the largest loss (losses are >= 0: their bits order as they do;
+    NaN and inf come out above). ``params`` are the row's (the block starts at class ``b0``:
+    row functions take no slices of them, since a function without reference counting cannot
+    return a view)."""
     top = np.int64(0)
     for j in range(x.shape[0]):
-        loss, gj = _bce_elem_f64(x[j], e[j], lp[j], t[j], w[j], pw[j], grad_scale)
+        sp_pos, sp_neg, sig_pos, sig_neg = _sigmoid_parts_f64(x[j], e[j], lp[j])
+        loss, gj = sigmoid_elem(params, b0 + j, sp_pos, sp_neg, sig_pos, sig_neg, t[j])
         out[j] = loss
         top = max(top, _bits64(loss))
         if g is not None:  # pruned at compile time when None
-            g[j] = gj
-    return top
-
-
-@njit(**_SUM)
-def _bce_block_inplace_f64(x, e, lp, t, w, pw, grad_scale, out):
-    """:func:`_bce_block_f64` with the gradient written over ``x``."""
-    top = np.int64(0)
-    for j in range(x.shape[0]):
-        loss, gj = _bce_elem_f64(x[j], e[j], lp[j], t[j], w[j], pw[j], grad_scale)
-        out[j] = loss
-        top = max(top, _bits64(loss))
-        x[j] = gj
+            g[j] = gj * grad_scale
+        elif over_x is not None:  # pruned at compile time when None
+            x[j] = gj * grad_scale
     return top
 
 
@@ -1398,10 +1538,10 @@ def _split_sum_f64(e, top):
 
 
 @njit(**_ROW)
-def _bce_row_f64(x, t, w, pw, grad_scale, inplace, lrow, g, scratch):
-    """One float64 row of BCE with logits, block by block: exp and log1p terms (into two
+def _sigmoid_row_f64(x, t, params, grad_scale, lrow, g, over_x, scratch):
+    """One float64 row of a sigmoid loss, block by block: exp and log1p terms (into two
     thirds of ``scratch``, 3 min(C, BLOCK) long), losses (into ``lrow``, or the last third),
-    gradients (into ``g``, which is ``x`` when ``inplace``), and the row's sum, each block's
+    gradients (into ``g``, or over ``x`` with ``over_x``), and the row's sum, each block's
     split-summed and the blocks' compensated (Neumaier)."""
     width = scratch.shape[0] // 3
     e = scratch[:width]
@@ -1417,52 +1557,50 @@ def _bce_row_f64(x, t, w, pw, grad_scale, inplace, lrow, g, scratch):
             out = rest[:nb]
         else:
             out = lrow[b0:b1]
-        _exp_log1p_block(x[b0:b1], e[:nb], lp[:nb])
-        if inplace:
-            top = _bce_block_inplace_f64(
-                x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1], pw[b0:b1], grad_scale, out
-            )
-        elif g is None:
-            top = _bce_block_f64(
-                x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1], pw[b0:b1], grad_scale, out, None
+        xb = x[b0:b1]
+        tb = t[b0:b1]
+        _exp_log1p_block(xb, e[:nb], lp[:nb])
+        if g is None:
+            top = _sigmoid_block_f64(
+                xb, e[:nb], lp[:nb], tb, params, b0, grad_scale, out, None, over_x
             )
         else:
-            top = _bce_block_f64(
-                x[b0:b1], e[:nb], lp[:nb], t[b0:b1], w[b0:b1], pw[b0:b1], grad_scale, out, g[b0:b1]
+            top = _sigmoid_block_f64(
+                xb, e[:nb], lp[:nb], tb, params, b0, grad_scale, out, g[b0:b1], over_x
             )
         total, comp = neumaier_add(total, comp, _split_sum_f64(out, top))
     return total + comp
 
 
-def bce_row(x, t, w, pw, grad_scale, lrow, g, scratch):
-    """A row of BCE with logits: :func:`_bce_row_f32` for float32 rows (float64 arithmetic at 8
-    lanes; its exp and log1p are accurate to 1e-11, plenty for a float32 result),
-    :func:`_bce_row_f64` for float64 rows."""
+def sigmoid_row(x, t, params, grad_scale, lrow, g, scratch):
+    """A row of a sigmoid loss (:func:`sigmoid_elem`): :func:`_sigmoid_row_f32` for float32
+    rows (float64 arithmetic at 8 lanes; its exp and log1p are accurate to 1e-11, plenty for a
+    float32 result), :func:`_sigmoid_row_f64` for float64 rows."""
 
 
-def bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch):
-    """:func:`bce_row` with the gradient written over ``x``."""
+def sigmoid_row_inplace(x, t, params, grad_scale, lrow, scratch):
+    """:func:`sigmoid_row` with the gradient written over ``x``."""
 
 
-@overload(bce_row, jit_options=_ROW)
-def _ov_bce_row(x, t, w, pw, grad_scale, lrow, g, scratch):
+@overload(sigmoid_row, jit_options=_ROW)
+def _ov_sigmoid_row(x, t, params, grad_scale, lrow, g, scratch):
     if x.dtype == types.float32:
-        return lambda x, t, w, pw, grad_scale, lrow, g, scratch: _bce_row_f32(
-            x, t, w, pw, grad_scale, lrow, g, None
+        return lambda x, t, params, grad_scale, lrow, g, scratch: _sigmoid_row_f32(
+            x, t, params, grad_scale, lrow, g, None
         )
-    return lambda x, t, w, pw, grad_scale, lrow, g, scratch: _bce_row_f64(
-        x, t, w, pw, grad_scale, False, lrow, g, scratch
+    return lambda x, t, params, grad_scale, lrow, g, scratch: _sigmoid_row_f64(
+        x, t, params, grad_scale, lrow, g, None, scratch
     )
 
 
-@overload(bce_row_inplace, jit_options=_ROW)
-def _ov_bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch):
+@overload(sigmoid_row_inplace, jit_options=_ROW)
+def _ov_sigmoid_row_inplace(x, t, params, grad_scale, lrow, scratch):
     if x.dtype == types.float32:
-        return lambda x, t, w, pw, grad_scale, lrow, scratch: _bce_row_f32(
-            x, t, w, pw, grad_scale, lrow, None, True
+        return lambda x, t, params, grad_scale, lrow, scratch: _sigmoid_row_f32(
+            x, t, params, grad_scale, lrow, None, True
         )
-    return lambda x, t, w, pw, grad_scale, lrow, scratch: _bce_row_f64(
-        x, t, w, pw, grad_scale, True, lrow, x, scratch
+    return lambda x, t, params, grad_scale, lrow, scratch: _sigmoid_row_f64(
+        x, t, params, grad_scale, lrow, None, True, scratch
     )
 
 
@@ -1478,25 +1616,24 @@ def _ov_grad_row(out_grad, i):
 
 
 @njit(**_OPTS)
-def _bce_chunk(
-    c, chunks, logits, target, weight, pos_weight, grad_scale, inplace, out_loss, out_grad
-):
-    """The rows of chunk ``c`` of ``chunks`` of BCE with logits (one scratch of 3 min(C, BLOCK)
-    float64 for the chunk): losses into ``out_loss`` (per element, or the row sums), gradients
-    into ``out_grad`` unless it is None (the forward), over the logits when ``inplace``."""
+def _sigmoid_chunk(c, chunks, logits, target, params, grad_scale, inplace, out_loss, out_grad):
+    """The rows of chunk ``c`` of ``chunks`` of a sigmoid loss (``params``: :class:`BceParams`,
+    :class:`SigmoidFocalParams` or :class:`SigmoidFocalPowParams`; one scratch of
+    3 min(C, BLOCK) float64 for the chunk's float64 rows): losses into ``out_loss`` (per
+    element, or the row sums), gradients into ``out_grad`` unless it is None (the forward), over
+    the logits when ``inplace``."""
     n, nc = logits.shape
-    scratch = np.empty(3 * min(nc, BLOCK))
+    scratch = np.empty(3 * min(nc, BLOCK) if wide(logits) else 0)
     lo, hi = _chunk(c, chunks, n)
     for i in range(lo, hi):
         x = logits[i]
         t = target[i]
-        w = bcast_row(weight, i)
-        pw = bcast_row(pos_weight, i)
+        p = row_params(params, i)
         lrow = loss_row(out_loss, i)
         if inplace:
-            total = bce_row_inplace(x, t, w, pw, grad_scale, lrow, scratch)
+            total = sigmoid_row_inplace(x, t, p, grad_scale, lrow, scratch)
         else:
-            total = bce_row(x, t, w, pw, grad_scale, lrow, grad_row(out_grad, i), scratch)
+            total = sigmoid_row(x, t, p, grad_scale, lrow, grad_row(out_grad, i), scratch)
         store_row_sum(out_loss, i, total)
 
 
@@ -1508,7 +1645,8 @@ def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
     per-element losses, (N,) for row sums."""
     chunks = n_chunks(logits.shape[0], logits.shape[1])
     for c in prange(chunks):
-        _bce_chunk(c, chunks, logits, target, weight, pos_weight, 1.0, False, out_loss, None)
+        params = BceParams(weight, pos_weight)
+        _sigmoid_chunk(c, chunks, logits, target, params, 1.0, False, out_loss, None)
 
 
 @njit(parallel=True, **_OPTS)
@@ -1518,16 +1656,67 @@ def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out
     inplace = out_grad.ctypes.data == logits.ctypes.data
     chunks = n_chunks(logits.shape[0], logits.shape[1])
     for c in prange(chunks):
-        _bce_chunk(
-            c, chunks, logits, target, weight, pos_weight, grad_scale, inplace, out_loss, out_grad
-        )
+        params = BceParams(weight, pos_weight)
+        _sigmoid_chunk(c, chunks, logits, target, params, grad_scale, inplace, out_loss, out_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss): BCE's rows with another element
+# --------------------------------------------------------------------------------------------
+@njit(**_ROW)
+def pow_free(gamma):
+    """Whether b^gamma is a product of b's (gamma in {0, 1, 2}: :class:`SigmoidFocalParams`)."""
+    return gamma == 0.0 or gamma == 1.0 or gamma == 2.0
+
+
+@njit(parallel=True, **_OPTS)
+def sigmoid_focal_fwd(logits, target, alpha, gamma, out_loss):
+    """:func:`cestudy.kernels.cpu.sigmoid_focal_fwd`, vectorised (same signature and
+    semantics; ``logits`` float32 or float64): FL = alpha_t ce (1 - p_t)^gamma per element with
+    ce the BCE with logits, 1 - p_t = t s(-x) + (1 - t) s(x) (:func:`_focal_combine`), on the
+    rows of BCE with logits (:func:`_sigmoid_row_f32`, :func:`_sigmoid_row_f64`). gamma in
+    {0, 1, 2} (torchvision's default 2) runs vectorised (:func:`_focal_elem`); any other gamma
+    calls libm's pow per element (:func:`_focal_pow_elem`, scalar). ``out_loss`` (N, C) for
+    per-element losses, (N,) for row sums."""
+    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    vectorised = pow_free(gamma)
+    for c in prange(chunks):
+        if vectorised:
+            params = SigmoidFocalParams(alpha, gamma)
+            _sigmoid_chunk(c, chunks, logits, target, params, 1.0, False, out_loss, None)
+        else:
+            params_pow = SigmoidFocalPowParams(alpha, gamma)
+            _sigmoid_chunk(c, chunks, logits, target, params_pow, 1.0, False, out_loss, None)
+
+
+@njit(parallel=True, **_OPTS)
+def sigmoid_focal_fwd_grad(logits, target, alpha, gamma, grad_scale, out_loss, out_grad):
+    """:func:`cestudy.kernels.cpu.sigmoid_focal_fwd_grad`, vectorised (as
+    :func:`sigmoid_focal_fwd`): the losses and ``grad_scale`` alpha_t [(s(x) - t) b^gamma +
+    gamma ce b^(gamma - 1) (1 - 2t) s(x) s(-x)], b = 1 - p_t; ``out_grad`` may be ``logits``."""
+    inplace = out_grad.ctypes.data == logits.ctypes.data
+    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    vectorised = pow_free(gamma)
+    for c in prange(chunks):
+        if vectorised:
+            params = SigmoidFocalParams(alpha, gamma)
+            _sigmoid_chunk(
+                c, chunks, logits, target, params, grad_scale, inplace, out_loss, out_grad
+            )
+        else:
+            params_pow = SigmoidFocalPowParams(alpha, gamma)
+            _sigmoid_chunk(
+                c, chunks, logits, target, params_pow, grad_scale, inplace, out_loss, out_grad
+            )
 
 
 # --------------------------------------------------------------------------------------------
 # Serial twins (no thread start-up: for small calls)
 # --------------------------------------------------------------------------------------------
-# this module's kernels: the cross-entropy, softmax focal and BCE-with-logits ones of cpu.KERNELS
+# this module's kernels: the cross-entropy, focal and BCE-with-logits ones of cpu.KERNELS
 KERNELS = tuple(
-    k for k in cpu.KERNELS if k.startswith(("cross_entropy_", "softmax_focal_", "bce_with_logits_"))
+    k
+    for k in cpu.KERNELS
+    if k.startswith(("cross_entropy_", "softmax_focal_", "bce_with_logits_", "sigmoid_focal_"))
 )
 serial_twins(globals(), KERNELS)
