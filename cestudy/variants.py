@@ -115,7 +115,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             description="binary cross-entropy on probabilities (sigmoid applied first)",
             options=(("weight", None),), legacy_names=("bce_probs",),
             peers=("torch", "tensorflow", "sklearn")),
-    Variant(name="kl_divergence", target="probs", kernel="kl_divergence",
+    Variant(name="kl_divergence", target="probs", kernel="kl_divergence", fast_cpu=True,
             description="KL(p || softmax(x))", legacy_names=("kl",),
             peers=("torch", "jax", "tensorflow")),
     Variant(name="softmax_focal_loss", target="index", kernel="softmax_focal", fast_cpu=True,

@@ -47,8 +47,13 @@ lanes with AVX-512), using error-free transformations where a plain rounding wou
   (``sigmoid_elem``); float32 rows in float64 arithmetic (exp and log1p accurate to 1e-11);
   float64 rows with the float64 exp, fdlibm's log1p on [0, 1] (``log1p_f64``, < 1 ulp) and
   split row sums. The focal loss's (1 - p_t)^gamma is a product for gamma in {0, 1, 2}
-  (vectorised); any other gamma calls libm's pow per element (scalar loops: no vectorised log
-  here is accurate enough for exp(gamma log b) in float64).
+  (vectorised); any other gamma calls libm's pow per element (scalar loops: ``log_f64`` is
+  within 1 ulp, but exp(gamma log b) multiplies that error by gamma log b).
+- **KL divergence of softmax**: the cross-entropy's first pass for m and S, then the
+  reference's per-term formula p_c ((m - x_c) + log1p(S) + log p_c) in lanes, with a float64
+  log written for lanes (``log_f64``, fdlibm's, < 1 ulp) and each block's terms (of either
+  sign) summed split at their largest magnitude; never H(p, q) - H(p), which cancels where p
+  is close to q.
 
 Error budget of a float32 gradient entry p_j = e_j / (1 + S): exp <= 0.65 ulp, S (a sum of
 positive terms each within 0.65 ulp) within 0.65 ulp, one rounding of a float64 product to
@@ -1711,12 +1716,252 @@ def sigmoid_focal_fwd_grad(logits, target, alpha, gamma, grad_scale, out_loss, o
 
 
 # --------------------------------------------------------------------------------------------
+# KL divergence of softmax: KL(p || softmax(x))
+# --------------------------------------------------------------------------------------------
+# KL(p || softmax(x)) = sum_c p_c ((m - x_c) + L + log p_c), L = log1p(S), the reference's
+# per-term formula (``scalar.kl_term``) in lanes: a float64 log written here (``log_f64``), the
+# difference m - x_c as a pair, each block's terms summed split at their largest magnitude.
+_TWO54 = 18014398509481984.0  # 2^54: scales a subnormal argument to a normal one
+_MIN_NORMAL64 = 2.2250738585072014e-308
+_LOW32 = np.int64(0xFFFFFFFF)
+_MAGIC_K = np.int64(0x4338000000000000)  # the bits of 1.5 * 2^52: + k, minus 1.5 * 2^52, is k
+_ABS64 = np.int64(0x7FFFFFFFFFFFFFFF)
+# log_f64 and _kl_elem are inlined by numba (``inline="always"``) into the block loops, which
+# carry the same flags (contract only, no reassoc): as calls, LLVM judged them too large to
+# inline, and a loop around a call does not vectorise (6.4 ns per log, twice libm's).
+_INLINE = dict(inline="always", **_FMA)
+
+
+@njit(**_INLINE)
+def log_f64(x):
+    """log(x) in float64 to < 1 ulp: fdlibm's __ieee754_log without a branch, so that loops
+    over it vectorise. x = 2^k (1 + f) with sqrt(2)/2 <= 1 + f < sqrt(2) (exponent and mantissa
+    by bit operations on the high word, a subnormal x scaled by 2^54 first), then
+    log(1 + f) = f - (hfsq - s (hfsq + R(s^2))), s = f / (2 + f), hfsq = f^2 / 2, or for small
+    f (fdlibm's ``i <= 0`` case) f - s (f - R); plus k ln2 in two parts. The k == 0 forms of
+    fdlibm are the same expressions with k = 0 (0 - (a - f) = f - a exactly). Special values as
+    math.log: log(0) = -inf, log(inf) = inf, NaN for NaN and x < 0."""
+    sub = x < _MIN_NORMAL64
+    xs = x * _TWO54 if sub else x
+    bits = _bits64(xs)
+    hx = bits >> 32
+    k = (hx >> 20) - (1023 + 54 if sub else 1023)
+    hx = hx & 0x000FFFFF
+    i = (hx + 0x95F64) & 0x100000
+    # 1 + f: the mantissa with the exponent of 1 (or of 1/2 when the mantissa is >= sqrt 2)
+    y = _bits_to_float64(((hx | (i ^ 0x3FF00000)) << 32) | (bits & _LOW32))
+    k = k + (i >> 20)
+    f = y - 1.0
+    dk = _bits_to_float64(_MAGIC_K + k) - 6755399441055744.0  # float(k), no int64 conversion
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (_LG2 + w * (_LG4 + w * _LG6))
+    t2 = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7)))
+    r = t2 + t1
+    hfsq = 0.5 * f * f
+    big = ((hx - 0x6147A) | (0x6B851 - hx)) > 0
+    a = (hfsq - (s * (hfsq + r) + dk * _LN2_LO64)) if big else (s * (f - r) - dk * _LN2_LO64)
+    out = dk * _LN2_HI64 - (a - f)
+    out = out if x < np.inf else x + x  # inf, NaN
+    out = -np.inf if x == 0.0 else out
+    return np.nan if x < 0.0 else out
+
+
+@njit(**_INLINE)
+def _kl_elem(p, hi, lo, L):
+    """p ((hi + L) + (log p + lo)) with hi + lo = m - x_c exactly: ``scalar.kl_term`` (the same
+    order of additions); 0 where p == 0 (0 log 0 = 0, also for x_c = -inf). For x_c = -inf,
+    hi = +inf and TwoSum's lo is NaN: lo is taken as 0 then, as the reference's two_diff does,
+    so the term is +inf."""
+    lo = lo if hi < np.inf else 0.0
+    term = p * ((hi + L) + (log_f64(p) + lo))
+    return term if p != 0.0 else 0.0
+
+
+@njit(**_SUM)
+def _kl_abs_top(v):
+    """The largest |v_j| as bits (the bits of a non-negative float order as it does); a NaN
+    gives bits above those of inf."""
+    top = np.int64(0)
+    for j in range(v.shape[0]):
+        top = max(top, _bits64(np.float64(v[j])) & _ABS64)
+    return top
+
+
+@njit(**_SUM)
+def _kl_split_sum(v, sigma):
+    """sum_j v_j split at sigma (:func:`_split_add`): the high parts add exactly in any order."""
+    hi = 0.0
+    lo = 0.0
+    for j in range(v.shape[0]):
+        hi, lo = _split_add(np.float64(v[j]), sigma, hi, lo)
+    return hi + lo
+
+
+@njit(**_ROW)
+def _kl_block_sum(v, top):
+    """The sum of a block of at most BLOCK terms of either sign, ``top`` the bits of the largest
+    |v_j|: split at sigma = 2^(E + 14) as in :func:`_sum_below_f64` (the high parts' total stays
+    below 2^(E + 13), a multiple of ulp(sigma) / 2: exact; the error of the low parts is below
+    2^(E - 69)). Non-finite terms (inf, NaN) and terms so large that sigma would overflow take
+    the reference's Neumaier sum (its inf / NaN)."""
+    if top == 0:
+        return 0.0
+    if top >= np.int64(2033) << 52:  # sigma's exponent field would pass 2046
+        return compensated_sum(v)
+    return _kl_split_sum(v, _split_scale(top))
+
+
+@njit(**_ROW)
+def _kl_row_sum(t):
+    """P = sum_c p_c (the target row, any float dtype) in float64, split per block, the block
+    sums compensated: the factor of softmax in the gradient P q_j - p_j."""
+    nc = t.shape[0]
+    s = 0.0
+    c = 0.0
+    for b0 in range(0, nc, BLOCK):
+        tb = t[b0 : min(b0 + BLOCK, nc)]
+        s, c = neumaier_add(s, c, _kl_block_sum(tb, _kl_abs_top(tb)))
+    return s + c
+
+
+@njit(**_FMA)
+def _kl_terms_block(x, t, m, L, terms):
+    """terms_j = p_j log(p_j / q_j) (:func:`_kl_elem`) for a block; returns the bits of the
+    largest |term|. No ``reassoc`` (the inlined log and term keep their order): the only
+    reduction is an integer maximum, which vectorises without it."""
+    top = np.int64(0)
+    for j in range(x.shape[0]):
+        hi, lo = two_diff_f64(m, np.float64(x[j]))
+        e = _kl_elem(np.float64(t[j]), hi, lo, L)
+        terms[j] = e
+        top = max(top, _bits64(e) & _ABS64)
+    return top
+
+
+@njit(**_FMA)
+def _kl_grad_block(x, t, m, L, terms, f, f_lo, gs, g):
+    """:func:`_kl_terms_block` and the gradient of the block in the same loop:
+    g_j = (f + f_lo) e_j - gs p_j with e_j = exp(x_j - m) 2^96 (float64 exp of the exact
+    difference), f + f_lo = P gs / (1 + S) 2^-96 as a double-double. ``g=None`` writes over
+    ``x`` (each element after it is read; one array read and written: the loop vectorises)."""
+    top = np.int64(0)
+    for j in range(x.shape[0]):
+        v = np.float64(x[j])
+        p = np.float64(t[j])
+        hi, lo = two_diff_f64(m, v)
+        e = _kl_elem(p, hi, lo, L)
+        terms[j] = e
+        top = max(top, _bits64(e) & _ABS64)
+        ex = exp_f64_biased(-hi, -lo)  # 0 for x_j = -inf (hi = +inf)
+        _store(x, g, j, ex * f + (ex * f_lo - gs * p))
+    return top
+
+
+@njit(**_ROW)
+def _kl_row(x, t, grad_scale, with_grad, inplace, g, scratch, terms, block_max):
+    """One row of KL(p || softmax(x)) (and its gradient into ``g``, which is ``x`` when
+    ``inplace``). Pass 1: the softmax machinery's online maximum and S (:func:`_first_pass`,
+    its terms into ``scratch``, the argmax index with the gradient); L = log1p(S). Pass 2, block
+    by block: the terms p_c ((m - x_c) + L + log p_c) into ``terms`` (float64, one block) and
+    their split sum, compensated over blocks; with the gradient, in the same loop,
+    g_j = (P q_j - p_j) gs, P = sum p, and then the argmax entry recomputed without cancellation
+    as (P - p_k - p_k S) / (1 + S) gs (``argmax_grad``, as the reference)."""
+    skip, fill, m, k, s, _, _ = _first_pass(
+        x, x, scratch, False, False, block_max, SIDE_NONE, with_grad, t, t, 0.0
+    )
+    if skip:
+        if with_grad:
+            g[:] = fill
+        return fill
+    L = math.log1p(s)
+    nc = x.shape[0]
+    z = 1.0 + s
+    p_sum = 0.0
+    f = 0.0
+    f_lo = 0.0
+    p_k = 0.0
+    if with_grad:
+        p_k = np.float64(t[k])  # before the row is written (t is never written)
+        p_sum = _kl_row_sum(t)
+        if math.isfinite(p_sum):
+            a_gs, a_gs_lo = two_prod(p_sum, grad_scale)
+            f, f_lo = scale_over(a_gs, a_gs_lo, s)
+        else:  # P = inf or NaN: the reference's P (e_j / z) - p_j gives inf / NaN entries
+            f = p_sum * grad_scale / z
+        f *= UNBIAS
+        f_lo *= UNBIAS
+    ks = 0.0
+    kc = 0.0
+    for b0 in range(0, nc, BLOCK):
+        b1 = min(b0 + BLOCK, nc)
+        tb = terms[: b1 - b0]
+        if not with_grad:
+            top = _kl_terms_block(x[b0:b1], t[b0:b1], m, L, tb)
+        elif inplace:
+            top = _kl_grad_block(x[b0:b1], t[b0:b1], m, L, tb, f, f_lo, grad_scale, None)
+        else:
+            top = _kl_grad_block(x[b0:b1], t[b0:b1], m, L, tb, f, f_lo, grad_scale, g[b0:b1])
+        ks, kc = neumaier_add(ks, kc, _kl_block_sum(tb, top))
+    if with_grad:
+        g[k] = argmax_grad(p_sum, p_k, s, z) * grad_scale
+    return ks + kc
+
+
+@njit(**_OPTS)
+def _kl_chunk(c, chunks, logits, target, grad_scale, with_grad, inplace, out_loss, out_grad):
+    """The rows of chunk ``c`` of a KL kernel, its work rows allocated once: the block of exp
+    terms of pass 1 (logits' dtype), the block of KL terms (float64), the block maxima."""
+    n, nc = logits.shape
+    scratch = np.empty(min(nc, BLOCK), logits.dtype)
+    terms = np.empty(min(nc, BLOCK))
+    block_max = np.empty(n_blocks(nc))
+    lo, hi = _chunk(c, chunks, n)
+    for i in range(lo, hi):
+        x = logits[i]
+        g = out_grad[i]
+        out_loss[i] = _kl_row(
+            x, target[i], grad_scale, with_grad, inplace, g, scratch, terms, block_max
+        )
+
+
+@njit(parallel=True, **_OPTS)
+def kl_divergence_fwd(logits, target, out_loss):
+    """:func:`cestudy.kernels.cpu.kl_divergence_fwd`, vectorised: per-row
+    KL(p || softmax(x)) = sum_c p_c ((m - x_c) + log1p(S) + log p_c), 0 log 0 = 0 (the
+    reference's per-term formula, never H(p, q) - H(p), which cancels where p is close to q)."""
+    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    for c in prange(chunks):
+        _kl_chunk(c, chunks, logits, target, 1.0, False, False, out_loss, logits)
+
+
+@njit(parallel=True, **_OPTS)
+def kl_divergence_fwd_grad(logits, target, grad_scale, out_loss, out_grad):
+    """:func:`cestudy.kernels.cpu.kl_divergence_fwd_grad`, vectorised: the loss and
+    d KL_i / d x_ij = (P q_j - p_j) * grad_scale, P = sum_c p_c; ``out_grad`` may be
+    ``logits``."""
+    inplace = out_grad.ctypes.data == logits.ctypes.data
+    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    for c in prange(chunks):
+        _kl_chunk(c, chunks, logits, target, grad_scale, True, inplace, out_loss, out_grad)
+
+
+# --------------------------------------------------------------------------------------------
 # Serial twins (no thread start-up: for small calls)
 # --------------------------------------------------------------------------------------------
-# this module's kernels: the cross-entropy, focal and BCE-with-logits ones of cpu.KERNELS
+# this module's kernels: the cross-entropy, focal, BCE-with-logits and KL ones of cpu.KERNELS
 KERNELS = tuple(
     k
     for k in cpu.KERNELS
-    if k.startswith(("cross_entropy_", "softmax_focal_", "bce_with_logits_", "sigmoid_focal_"))
+    if k.startswith(
+        (
+            "cross_entropy_",
+            "softmax_focal_",
+            "bce_with_logits_",
+            "sigmoid_focal_",
+            "kl_divergence_",
+        )
+    )
 )
 serial_twins(globals(), KERNELS)
