@@ -196,7 +196,9 @@ class Store:
                 )
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
+            # in one transaction: a process opening the store meanwhile sees all the tables or
+            # none (it took a half-made schema for another program's database)
+            self.db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
             self.db.commit()
             self._migrate()
         except sqlite3.OperationalError as exc:
