@@ -14,12 +14,14 @@ rounded once to the input dtype. The logits are never rounded to float16 or bflo
 Low-precision weights are converted to float32 one chunk at a time, so no float32 copy of the
 whole (V, H) weight is made.
 
-Memory: besides the inputs and the returned gradients, one (N, chunk) logits buffer of the
-compute dtype, an (N, 9) float64 state, the (V,) float64 class weights, two (N, H) buffers and,
-for float16/bfloat16 inputs, a float32 copy of the input, an (N, H) float32 accumulator and one
-(chunk, H) float32 buffer: O(N x chunk), where materialised logits take N x V. Measured with
-tracemalloc at N, H, V = 2048, 512, 65536 (default chunk 4096): 36.7 MiB in float32 (7.2% of the
-512 MiB of float32 logits), 52.7 MiB in bfloat16.
+Memory: besides the inputs and the returned gradients, in blocks of rows one (rows, V) logits
+block of at most 32 MiB, a 4 MiB product buffer for the weight gradient, the (V,) float64 class
+weights; in vocabulary chunks one (N, chunk) logits buffer of the compute dtype, an (N, 9)
+float64 state, the class weights, two (N, H) buffers and, for float16/bfloat16 inputs, a float32
+copy of the input, an (N, H) float32 accumulator and one (chunk, H) float32 buffer: O(N x chunk),
+where materialised logits take N x V. Measured with tracemalloc at N, H, V = 2048, 512, 65536
+(the ``linear`` study's target cell): 36.5 MiB in float32 (blocks of 128 rows; 7.1% of the 512
+MiB of float32 logits); 52.7 MiB in bfloat16 (vocabulary chunks of 4096, an earlier run).
 """
 
 from __future__ import annotations
