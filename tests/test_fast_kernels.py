@@ -646,6 +646,10 @@ def test_kernels_free_every_allocation():
                     cpu_fast.bce_with_logits_fwd_grad(x, p, w[None], w[None], 1.0, per_elem, grad)
                     cpu_fast.sigmoid_focal_fwd(x, p, 0.25, 2.0, loss)
                     cpu_fast.sigmoid_focal_fwd_grad(x, p, 0.25, 0.5, 1.0, per_elem, grad)
+                    cpu_fast.kl_divergence_fwd(x, p, loss)
+                    cpu_fast.kl_divergence_fwd_grad(x, p, 1.0, loss, grad)
+                    xi = x.copy()
+                    cpu_fast.kl_divergence_fwd_grad_serial(xi, p, 1.0, loss, xi)
                     xi = x.copy()
                     cpu_fast.cross_entropy_index_fwd_grad_serial(xi, y, w, -100, 0.0, 1.0, loss, xi)
 

@@ -313,36 +313,3 @@ def test_dispatch_runs_the_fast_kernels():
     grad = np.empty_like(x)
     cpu_fast.kl_divergence_fwd_grad(x, p, 1.0, loss, grad)
     np.testing.assert_array_equal(got_grad, grad)
-
-
-def test_kl_kernels_free_every_allocation():
-    """The row functions run without reference counting (``_nrt=False``): every call frees what
-    it allocates (forward, fused, in place, serial)."""
-    from numba.core.runtime import _nrt_python as nrt
-    from numba.core.runtime import rtsys
-
-    rng = np.random.default_rng(9)
-    was_enabled = nrt.memsys_stats_enabled()
-    nrt.memsys_enable_stats()
-    try:
-        for dtype in DTYPES:
-            for c in (10, BLOCK + 10, cpu_fast.PREMAX_CLASSES + 10):
-                x = rng.normal(size=(3, c)).astype(dtype)
-                p = np.abs(x)
-                loss, grad = np.empty(3), np.empty_like(x)
-
-                def run():
-                    cpu_fast.kl_divergence_fwd(x, p, loss)
-                    cpu_fast.kl_divergence_fwd_grad(x, p, 1.0, loss, grad)
-                    xi = x.copy()
-                    cpu_fast.kl_divergence_fwd_grad_serial(xi, p, 1.0, loss, xi)
-
-                run()
-                before = rtsys.get_allocation_stats()
-                for _ in range(3):
-                    run()
-                after = rtsys.get_allocation_stats()
-                assert after.alloc - before.alloc == after.free - before.free
-    finally:
-        if not was_enabled:
-            nrt.memsys_disable_stats()
