@@ -136,6 +136,13 @@ def index_target(
 ) -> np.ndarray:
     """Class indices of shape ``expected`` (the logits' shape without the class axis) as a flat
     int64 array, every one in [0, C) or equal to ``ignore_index``."""
+    return _checked_indices(target, expected, n_classes, ignore_index)[0]
+
+
+def _checked_indices(
+    target: Any, expected: tuple[int, ...], n_classes: int, ignore_index: int
+) -> tuple[np.ndarray, bool]:
+    """:func:`index_target`, and whether every target is in [0, C)."""
     t = np.asarray(target)
     if t.dtype.kind not in "iu":
         raise TypeError(
@@ -149,7 +156,7 @@ def index_target(
         )
     t = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
     if t.size == 0 or (t.min() >= 0 and t.max() < n_classes):
-        return t  # two reductions, no temporaries: the common case of a small call
+        return t, True  # two reductions, no temporaries: the common case of a small call
     bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
     if np.any(bad):
         i = int(np.flatnonzero(bad)[0])
@@ -157,7 +164,7 @@ def index_target(
             f"target[{i}] = {int(t[i])} is out of range for {n_classes} classes (expected "
             f"0 <= target < {n_classes} or ignore_index={ignore_index})"
         )
-    return t
+    return t, False
 
 
 def prob_target(
@@ -252,11 +259,28 @@ def finish_loss(
     if reduction == "none":
         return per_sample.reshape(out_shape).astype(out_dtype)
     # "mean" and "batchmean" divide by the denominator the caller computed
-    total = cpu.compensated_sum(np.ascontiguousarray(per_sample.reshape(-1)))
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        if reduction == "sum":
-            return out_dtype.type(total)
-        return out_dtype.type(np.float64(total) / np.float64(denominator))
+    total = float(cpu.compensated_sum(np.ascontiguousarray(per_sample.reshape(-1))))
+    if reduction == "sum":
+        return _to_scalar(total, out_dtype)
+    if denominator != 0:
+        return _to_scalar(total / denominator, out_dtype)
+    # x / 0 as IEEE (and numpy) give it: NaN for 0 / 0 and NaN / 0, else an infinity of x's sign
+    return out_dtype.type(
+        math.nan if total == 0 or total != total else math.copysign(math.inf, total)
+    )
+
+
+_CAST_WITHOUT_OVERFLOW = {np.dtype(np.float64): math.inf, np.dtype(np.float32): 3.4e38}
+
+
+def _to_scalar(value: float, out_dtype: np.dtype):
+    """``value`` rounded once to ``out_dtype``; values beyond its range become infinities
+    without numpy's overflow warning (numpy's error state is set only for them: entering
+    ``np.errstate`` costs more than the rest of a small call's reduction)."""
+    if abs(value) <= _CAST_WITHOUT_OVERFLOW.get(out_dtype, 0.0) or value != value:
+        return out_dtype.type(value)
+    with np.errstate(over="ignore"):
+        return out_dtype.type(value)
 
 
 def grad_scale(reduction: str, denominator: float) -> float:
@@ -266,10 +290,17 @@ def grad_scale(reduction: str, denominator: float) -> float:
 
 
 def _index_denominator(
-    target: np.ndarray, weight: np.ndarray, ignore_index: int, unweighted: bool
+    target: np.ndarray,
+    weight: np.ndarray,
+    ignore_index: int,
+    unweighted: bool,
+    n_classes: int,
+    in_range: bool,
 ) -> float:
     """Sum of w_{y_i} over non-ignored rows: torch's denominator for reduction="mean" (the
-    count of those rows when ``unweighted``)."""
+    count of those rows when ``unweighted``); ``in_range``: every target is in [0, C)."""
+    if in_range and not 0 <= ignore_index < n_classes:  # no target is ignore_index
+        return float(target.size) if unweighted else float(weight[target].sum())
     keep = target != ignore_index
     if unweighted:
         return float(np.count_nonzero(keep))
@@ -372,7 +403,7 @@ def run(
     else:
         arr, x, loss_shape = class_rows(input_name, logits)
         if v.target == "index":
-            t = index_target(target, loss_shape, x.shape[1], opts["ignore_index"])
+            t, in_range = _checked_indices(target, loss_shape, x.shape[1], opts["ignore_index"])
         else:
             t = prob_target(target, arr, x.dtype)
             denom = float(x.shape[0])
@@ -381,15 +412,19 @@ def run(
     for key in v.option_names:
         value = opts[key]
         if key in ("weight", "pos_weight"):
-            if v.elementwise:
-                value = contiguous_rows(elementwise_weights(key, value, arr.shape))
-            else:
+            if not v.elementwise:
                 value = class_weight(value, x.shape[1])
+            elif value is not None:  # None: ones of the merged rows' width, made below
+                value = contiguous_rows(elementwise_weights(key, value, arr.shape))
         args.append(value)
     if v.target == "index":
-        denom = _index_denominator(t, args[0], opts["ignore_index"], opts.get("weight") is None)
+        denom = _index_denominator(
+            t, args[0], opts["ignore_index"], opts.get("weight") is None, x.shape[1], in_range
+        )
     if v.elementwise and backend == "cpu":
         x, t, args = _merge_rows(x, t, args, v.option_names)
+    if v.elementwise:
+        args = [np.ones((1, x.shape[1])) if a is None else a for a in args]
     # element-wise CPU kernels sum each row themselves when no per-element loss is asked for
     row_sums = v.elementwise and reduction != "none" and backend == "cpu"
     loss = np.empty(x.shape[0] if row_sums or not v.elementwise else x.shape, dtype=np.float64)
@@ -435,7 +470,7 @@ def _merge_rows(x, t, args, names):
     shape = (n // k, k * c)
     merged = []
     for key, value in zip(names, args):
-        if key in ("weight", "pos_weight"):
+        if key in ("weight", "pos_weight") and value is not None:
             value = np.tile(value, (1, k)) if value.shape[0] == 1 else value.reshape(shape)
         merged.append(value)
     return x.reshape(shape), t.reshape(shape), merged

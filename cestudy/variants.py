@@ -32,6 +32,7 @@ where ``options`` are the variant's ``options`` in the order declared here, each
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal
 
 TargetKind = Literal["index", "probs", "binary"]
@@ -89,7 +90,7 @@ class Variant:
     def defaults(self) -> dict[str, Any]:
         return dict(self.options)
 
-    @property
+    @functools.cached_property
     def option_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.options)
 

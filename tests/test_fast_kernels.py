@@ -258,6 +258,51 @@ def test_random_rows_agree_with_the_oracle(c):
             assert_ulp_of_scale(grad, exact_g, soft_grad_scale(x, a), np.float32, tol=2)
 
 
+def _short_rows(c, dtype):
+    """Rows of c classes, three groups of lanes and five rows more: random rows at scales
+    1e-2..1e4, and the named extreme rows twice, in the first group (the lanes) and in the
+    last five rows (the row path)."""
+    rng = np.random.default_rng(c)
+    n = 3 * cpu_fast.LANES + 5
+    x = rng.normal(size=(n, c)) * 10.0 ** rng.uniform(-2, 4, (n, 1))
+    y = np.where(np.arange(n) % 2 == 0, np.argmax(x, 1), rng.integers(0, c, n))
+    for base in (0, n - 5):
+        x[base] = 0.0
+        x[base, 0] = 90.0  # confident_correct_tiny_loss: S = (C - 1) e^-90
+        y[base] = 0
+        x[base + 1] = 1e8  # equal_logits_offset_1e8
+        x[base + 2, c - 1] = np.nan  # nan_row
+        x[base + 3] = -np.inf  # all_classes_masked
+        x[base + 4, 0] = np.inf  # plus_inf_logit
+    x[8, ::2] = -np.inf  # masked_minus_inf, the target the largest class left
+    y[8] = np.argmax(x[8])
+    y[9] = -100  # ignored_row
+    return x.astype(dtype), y, rng.uniform(0.3, 3, c)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [1, 5, 10, 16, cpu_fast.SHORT_CLASSES])
+def test_short_rows_in_lanes_match_the_oracle_and_the_fused_kernel(dtype, c):
+    """The class-index forward of rows of at most SHORT_CLASSES classes runs LANES rows at a
+    time, one per SIMD lane: within 4 ulp of the oracle, NaN for the rows torch makes NaN, 0
+    for ignored rows, and the same bits as the fused kernel (which takes the row path)."""
+    x, y, w = _short_rows(c, dtype)
+    n = x.shape[0]
+    loss, fused, grad = np.empty(n), np.empty(n), np.empty_like(x)
+    cpu_fast.cross_entropy_index_fwd(x, y, w, -100, 0.0, loss)
+    cpu_fast.cross_entropy_index_fwd_grad(x, y, w, -100, 0.0, 1.0, fused, grad)
+    np.testing.assert_array_equal(loss, fused)
+    serial = np.empty(n)
+    cpu_fast.cross_entropy_index_fwd_serial(x, y, w, -100, 0.0, serial)
+    np.testing.assert_array_equal(loss, serial)
+    assert loss[9] == 0.0
+    kept = y != -100
+    exact = oracle.cross_entropy(x[kept], y[kept], w)
+    bad = ~np.isfinite(exact)
+    assert np.isnan(loss[kept][bad]).all() and np.isfinite(loss[kept][~bad]).all()
+    assert_ulp(loss[kept][~bad].astype(dtype), exact[~bad], dtype)
+
+
 # rows of several blocks: up to PREMAX_CLASSES the maximum is taken first, above it the row is
 # read once with an online (max, sum) state
 SEVERAL_BLOCKS = [3 * BLOCK + 17, cpu_fast.PREMAX_CLASSES + BLOCK + 17]
@@ -639,6 +684,7 @@ def test_kernels_free_every_allocation():
 
                 def run():
                     cpu_fast.cross_entropy_index_fwd(x, y, w, -100, 0.1, loss)
+                    cpu_fast.cross_entropy_index_fwd(x, y, w, -100, 0.0, loss)  # short rows
                     cpu_fast.cross_entropy_index_fwd_grad(x, y, w, -100, 0.1, 1.0, loss, grad)
                     cpu_fast.cross_entropy_prob_fwd(x, p, w, 0.1, loss)
                     cpu_fast.cross_entropy_prob_fwd_grad(x, p, w, 0.1, 1.0, loss, grad)
