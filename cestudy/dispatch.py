@@ -17,6 +17,7 @@ This layer holds no numerical formula. For a variant of ``cestudy.variants`` it
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -111,7 +112,7 @@ def shape_2d(shape: tuple[int, ...]) -> tuple[int, int]:
 def class_weight(weight: Any, n_classes: int) -> np.ndarray:
     """A per-class weight vector as float64 contiguous (C,) (ones if None), checked."""
     if weight is None:
-        return np.ones(n_classes, dtype=np.float64)
+        return ones(n_classes)
     w = as_float_array("weight", weight)
     if w.ndim != 1 or w.shape[0] != n_classes:
         raise ValueError(
@@ -120,6 +121,13 @@ def class_weight(weight: Any, n_classes: int) -> np.ndarray:
     w = np.ascontiguousarray(w, dtype=np.float64)
     _check_nonnegative("weight", w)
     return w
+
+
+@functools.lru_cache(maxsize=32)
+def ones(n: int) -> np.ndarray:
+    """A float64 vector of n ones, made once per length: the weights of a call that gives none
+    (the kernels only read their weights; a new array cost a tenth of a 256 x 10 call)."""
+    return np.ones(n, dtype=np.float64)
 
 
 def _check_nonnegative(name: str, w: np.ndarray) -> None:
@@ -424,7 +432,7 @@ def run(
     if v.elementwise and backend == "cpu":
         x, t, args = _merge_rows(x, t, args, v.option_names)
     if v.elementwise:
-        args = [np.ones((1, x.shape[1])) if a is None else a for a in args]
+        args = [ones(x.shape[1]).reshape(1, -1) if a is None else a for a in args]
     # element-wise CPU kernels sum each row themselves when no per-element loss is asked for
     row_sums = v.elementwise and reduction != "none" and backend == "cpu"
     loss = np.empty(x.shape[0] if row_sums or not v.elementwise else x.shape, dtype=np.float64)
