@@ -786,7 +786,10 @@ def _row_one_block(x, dst, inplace, block_max, side, want_k, t, w, eps):
     if side == SIDE_WEIGHT:
         a_sum, t_sum = weighted_shift_sums(x, w, m)
     elif side == SIDE_SOFT:
-        a_sum, t_sum = soft_target_sums(x, t, w, m, eps, x.shape[0])
+        if x.shape[0] <= SHORT_CLASSES:  # the lanes' order (the same bits forward and fused)
+            a_sum, t_sum = short_soft_sums(x, t, w, m, eps, x.shape[0])
+        else:
+            a_sum, t_sum = soft_target_sums(x, t, w, m, eps, x.shape[0])
     if inplace:
         ties, hint = exp_block_inplace(x, elem(x, m))
     else:
@@ -1035,9 +1038,10 @@ def _ce_index_row(x, y, params, with_grad, inplace, g, scratch, block_max):
 # Short rows: LANES rows at a time, one row per SIMD lane
 # --------------------------------------------------------------------------------------------
 SHORT_CLASSES = 32
-"""The class-index forward of rows of at most this many classes (and no label smoothing) runs
-:func:`_ce_index_short_rows`: the row-by-row path pays about 85 ns a row in calls and in the
-scalar remainders of its vector loops (a 10-class row never fills a 16-lane vector)."""
+"""The cross-entropy forward of rows of at most this many classes (class indices without label
+smoothing, and soft targets) runs LANES rows at a time (:func:`short_rows`): the row-by-row
+path pays about 85 ns a row in calls and in the scalar remainders of its vector loops (a
+10-class row never fills a 16-lane vector)."""
 LANES = 16
 
 
@@ -1095,6 +1099,72 @@ def _short_group_sums(xt, mx, nc, s_hi, s_lo, ties):
             ties[r] += 0.0 if below else 1.0
 
 
+@njit(**_FMA)
+def short_soft_term(a, m, v):
+    """a (m - v) of a soft target's shift sum T, 0 where a = 0 (also for v = -inf)."""
+    return a * (m - np.float64(v)) if a != 0.0 else 0.0
+
+
+@njit(**_FMA)
+def short_total(s, c):
+    """s + c of a compensated sum, s itself when it is +inf (a -inf logit with mass on it)."""
+    return s if math.isinf(s) else s + c
+
+
+@njit(**_FMA)
+def short_soft_sums(x, t, w, m, eps, nc):
+    """(A, T) of :func:`_soft_target_sums` for a row of at most :data:`SHORT_CLASSES`, in order
+    with :func:`add_nonneg` (every term is >= 0): the sums :func:`_short_group_soft_sums` makes
+    in each lane, bit for bit."""
+    a_hi = 0.0
+    a_lo = 0.0
+    t_hi = 0.0
+    t_lo = 0.0
+    for j in range(x.shape[0]):
+        a = soft_target(w[j], np.float64(t[j]), eps, nc)
+        a_hi, a_lo = add_nonneg(a_hi, a_lo, a)
+        t_hi, t_lo = add_nonneg(t_hi, t_lo, short_soft_term(a, m, x[j]))
+    return short_total(a_hi, a_lo), short_total(t_hi, t_lo)
+
+
+@njit(**_FMA)
+def _short_group_soft_sums(xt, tt, w, mx, nc, eps, sums):
+    """:func:`short_soft_sums` of LANES rows laid out by class (``xt``, ``tt``), one per lane:
+    ``sums`` rows (A hi, A lo, T hi, T lo)."""
+    for r in range(LANES):
+        sums[0, r] = 0.0
+        sums[1, r] = 0.0
+        sums[2, r] = 0.0
+        sums[3, r] = 0.0
+    for c in range(nc):
+        base = c * LANES
+        for r in range(LANES):
+            a = soft_target(w[c], np.float64(tt[base + r]), eps, nc)
+            sums[0, r], sums[1, r] = add_nonneg(sums[0, r], sums[1, r], a)
+            term = short_soft_term(a, np.float64(mx[r]), xt[base + r])
+            sums[2, r], sums[3, r] = add_nonneg(sums[2, r], sums[3, r], term)
+
+
+@njit(**_ROW)
+def _short_group_copy(logits, r0, nc, xt, mx):
+    """Rows r0 .. r0 + LANES - 1 of ``logits`` copied by class into ``xt`` (x_rc at
+    c * LANES + r), their maxima into ``mx`` (:func:`row_max`, in the logits' dtype)."""
+    for r in range(LANES):
+        x = logits[r0 + r]
+        m, _ = row_max(x)
+        mx[r] = elem(x, m)
+        for c in range(nc):
+            xt[c * LANES + r] = x[c]
+
+
+@njit(**_ROW)
+def _by_class(rows, r0, nc, out):
+    """Rows r0 .. r0 + LANES - 1 of ``rows`` copied by class into ``out``."""
+    for r in range(LANES):
+        for c in range(nc):
+            out[c * LANES + r] = rows[r0 + r, c]
+
+
 @njit(**_ROW)
 def _ce_index_short_rows(lo, hi, logits, target, params, out_loss, work, block_max):
     """Rows [lo, hi) of the class-index forward without label smoothing, for rows of at most
@@ -1103,18 +1173,13 @@ def _ce_index_short_rows(lo, hi, logits, target, params, out_loss, work, block_m
     row per lane (:func:`_short_group_sums`); the loss is the row path's, w_y ((m - x_y) +
     log1p(S)) with S = sum_{j != k} exp(x_j - m). Rows with a NaN or an infinite maximum, and
     the last rows that do not fill a group, take the row path (:func:`_ce_index_row`)."""
-    xt, mx, s_hi, s_lo, ties = work
+    xt, tt, mx, s_hi, s_lo, ties, sums = work
     weight = params[0]
     ignore_index = params[2]
     nc = logits.shape[1]
     r0 = lo
     while r0 + LANES <= hi:
-        for r in range(LANES):
-            x = logits[r0 + r]
-            m, _ = row_max(x)
-            mx[r] = elem(x, m)
-            for c in range(nc):
-                xt[c * LANES + r] = x[c]
+        _short_group_copy(logits, r0, nc, xt, mx)
         _short_group_sums(xt, mx, nc, s_hi, s_lo, ties)
         for r in range(LANES):
             i = r0 + r
@@ -1137,20 +1202,70 @@ def _ce_index_short_rows(lo, hi, logits, target, params, out_loss, work, block_m
         )
 
 
+@njit(**_ROW)
+def _ce_prob_short_rows(lo, hi, logits, target, params, out_loss, work, block_max):
+    """Rows [lo, hi) of the soft-target forward for rows of at most :data:`SHORT_CLASSES`
+    classes, LANES at a time as :func:`_ce_index_short_rows`: H = T + A log1p(S) with the
+    side sums of :func:`_short_group_soft_sums`; rows with a NaN or an infinite maximum, and the
+    last rows, take the row path (:func:`_ce_prob_row`)."""
+    xt, tt, mx, s_hi, s_lo, ties, sums = work
+    weight, eps, _ = params
+    nc = logits.shape[1]
+    r0 = lo
+    while r0 + LANES <= hi:
+        _short_group_copy(logits, r0, nc, xt, mx)
+        _by_class(target, r0, nc, tt)
+        _short_group_sums(xt, mx, nc, s_hi, s_lo, ties)
+        _short_group_soft_sums(xt, tt, weight, mx, nc, eps, sums)
+        for r in range(LANES):
+            i = r0 + r
+            m = np.float64(mx[r])
+            if m != m or math.isinf(m):  # NaN, +inf, or every class -inf: the row path's
+                out_loss[i] = _ce_prob_row(
+                    logits[i], target[i], params, False, False, logits[i], xt[:nc], block_max
+                )
+            else:
+                s = (s_hi[r] + s_lo[r]) * UNBIAS + (ties[r] - 1.0)
+                a_sum = short_total(sums[0, r], sums[1, r])
+                t_sum = short_total(sums[2, r], sums[3, r])
+                out_loss[i] = t_sum + a_sum * math.log1p(s)
+        r0 += LANES
+    for i in range(r0, hi):
+        out_loss[i] = _ce_prob_row(
+            logits[i], target[i], params, False, False, logits[i], xt[:nc], block_max
+        )
+
+
+def short_rows(logits, target, params, out_loss, work, block_max, lo, hi):
+    """:func:`_ce_index_short_rows` for class indices, :func:`_ce_prob_short_rows` for soft
+    targets."""
+
+
+@overload(short_rows, jit_options=_ROW)
+def _ov_short_rows(logits, target, params, out_loss, work, block_max, lo, hi):
+    rows = _ce_index_short_rows if target.ndim == 1 else _ce_prob_short_rows
+    return lambda logits, target, params, out_loss, work, block_max, lo, hi: rows(
+        lo, hi, logits, target, params, out_loss, work, block_max
+    )
+
+
 @njit(**_OPTS)
-def _ce_index_short_chunk(c, chunks, logits, target, params, out_loss):
-    """The rows of chunk ``c`` by :func:`_ce_index_short_rows`, its work arrays allocated once."""
+def _short_chunk(c, chunks, logits, target, params, out_loss):
+    """The rows of chunk ``c`` by :func:`short_rows`, its work arrays allocated once: the
+    group by class (logits and targets), the maxima, the sums per lane."""
     n, nc = logits.shape
     work = (
         np.empty(max(nc, 1) * LANES, logits.dtype),
+        np.empty(max(nc, 1) * LANES if target.ndim == 2 else 0, target.dtype),
         np.empty(LANES, logits.dtype),
         np.empty(LANES),
         np.empty(LANES),
         np.empty(LANES),
+        np.empty((4, LANES)),
     )
     block_max = np.empty(1)
     lo, hi = _chunk(c, chunks, n)
-    _ce_index_short_rows(lo, hi, logits, target, params, out_loss, work, block_max)
+    short_rows(logits, target, params, out_loss, work, block_max, lo, hi)
 
 
 @njit(parallel=True, **_OPTS)
@@ -1162,7 +1277,7 @@ def cross_entropy_index_fwd(logits, target, weight, ignore_index, label_smoothin
     short = logits.shape[1] <= SHORT_CLASSES and label_smoothing == 0.0
     for c in prange(chunks):
         if short:
-            _ce_index_short_chunk(c, chunks, logits, target, params, out_loss)
+            _short_chunk(c, chunks, logits, target, params, out_loss)
         else:
             _softmax_chunk(c, chunks, logits, target, params, False, False, out_loss, logits)
 
@@ -1233,8 +1348,12 @@ def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, out_loss):
     """:func:`cestudy.kernels.cpu.cross_entropy_prob_fwd`, vectorised."""
     params = (weight, label_smoothing, 1.0)
     chunks = n_chunks(logits.shape[0], logits.shape[1])
+    short = logits.shape[1] <= SHORT_CLASSES
     for c in prange(chunks):
-        _softmax_chunk(c, chunks, logits, target, params, False, False, out_loss, logits)
+        if short:
+            _short_chunk(c, chunks, logits, target, params, out_loss)
+        else:
+            _softmax_chunk(c, chunks, logits, target, params, False, False, out_loss, logits)
 
 
 @njit(parallel=True, **_OPTS)
