@@ -714,6 +714,7 @@ def test_kernels_free_every_allocation():
                     cpu_fast.cross_entropy_prob_fwd(x, p, w, 0.1, loss)
                     x5, p5 = x[:, :5].copy(), p[:, :5].copy()  # short rows in lanes
                     cpu_fast.cross_entropy_prob_fwd(x5, p5, w[:5], 0.0, loss)
+                    cpu_fast.kl_divergence_fwd(x5, p5, loss)
                     cpu_fast.cross_entropy_prob_fwd_grad(x, p, w, 0.1, 1.0, loss, grad)
                     cpu_fast.bce_with_logits_fwd(x, p, w[None], w[None], loss)
                     cpu_fast.bce_with_logits_fwd_grad(x, p, w[None], w[None], 1.0, per_elem, grad)

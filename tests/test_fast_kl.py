@@ -179,6 +179,27 @@ def test_random_rows_match_the_oracle_and_the_reference(dtype, c):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [3, 10, cpu_fast.SHORT_CLASSES])
+def test_short_rows_in_lanes_match_the_oracle_and_the_reference(dtype, c):
+    """Rows of at most SHORT_CLASSES classes run LANES at a time in the forward (the fused
+    kernel takes the row path; run_fast checks the same bits): named extreme rows in the first
+    group of lanes and in the last rows."""
+    rng = np.random.default_rng(c)
+    n = 3 * cpu_fast.LANES + 5
+    x = rng.normal(size=(n, c)) * 10.0 ** rng.uniform(-2, 2, (n, 1))
+    p = rng.dirichlet(np.full(c, 0.5), n)
+    for base in (0, n - 5):
+        p[base] = np.exp(x[base] - x[base].max())  # target_equals_softmax: KL ~ 0
+        p[base] /= p[base].sum()
+        x[base + 1, 0] = -np.inf  # zero_target_on_masked_class
+        p[base + 1, 0] = 0.0
+        x[base + 2, 0] = -np.inf  # mass_on_masked_class: +inf
+        x[base + 3, c - 1] = np.nan  # nan_row
+        x[base + 4] = 1e8  # equal_logits_offset_1e8
+    check_against_oracle_and_reference(x.astype(dtype), p.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_zero_targets_on_masked_classes_are_not_nan(dtype):
     """Guards 0 * inf = NaN: p_c = 0 with x_c = -inf contributes 0 (0 log 0 = 0), also to the
     gradient; TwoSum's error term of m - (-inf) is NaN and must not leak."""

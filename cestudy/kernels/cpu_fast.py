@@ -2163,10 +2163,105 @@ def _kl_row(x, t, grad_scale, with_grad, inplace, g, scratch, terms, block_max):
             top = _kl_grad_block(x[b0:b1], t[b0:b1], m, L, tb, f, f_lo, grad_scale, None)
         else:
             top = _kl_grad_block(x[b0:b1], t[b0:b1], m, L, tb, f, f_lo, grad_scale, g[b0:b1])
-        ks, kc = neumaier_add(ks, kc, _kl_block_sum(tb, top))
+        if nc <= SHORT_CLASSES:  # the lanes' order (the same bits forward and fused)
+            ks = short_signed_sum(tb)
+        else:
+            ks, kc = neumaier_add(ks, kc, _kl_block_sum(tb, top))
     if with_grad:
         g[k] = argmax_grad(p_sum, p_k, s, z) * grad_scale
     return ks + kc
+
+
+@njit(**_FMA)
+def add_signed(s, c, v):
+    """(s + v, c + the rounding error of s + v) for terms of either sign (Neumaier's step,
+    branch-free: the larger magnitude first), for loops over lanes."""
+    t = s + v
+    big = s if abs(s) >= abs(v) else v
+    small = v if abs(s) >= abs(v) else s
+    return t, c + ((big - t) + small)
+
+
+@njit(**_FMA)
+def short_signed_sum(e):
+    """The compensated sum of a short row's KL terms in order (:func:`add_signed`): the sum
+    :func:`_short_group_kl_sums` makes in each lane, bit for bit; +inf and NaN as the terms
+    give them."""
+    s = 0.0
+    c = 0.0
+    for j in range(e.shape[0]):
+        s, c = add_signed(s, c, e[j])
+    return s if not math.isfinite(s) else s + c
+
+
+@njit(**_FMA)
+def _short_group_kl_sums(xt, tt, mx, logs, nc, sums):
+    """Per lane r: the KL terms p_c ((m_r - x_rc) + L_r + log p_c) (:func:`_kl_elem`) of LANES
+    rows laid out by class, summed by :func:`add_signed` into ``sums[0]`` (and the errors into
+    ``sums[1]``)."""
+    for r in range(LANES):
+        sums[0, r] = 0.0
+        sums[1, r] = 0.0
+    for c in range(nc):
+        base = c * LANES
+        for r in range(LANES):
+            hi, lo = two_diff_f64(np.float64(mx[r]), np.float64(xt[base + r]))
+            e = _kl_elem(np.float64(tt[base + r]), hi, lo, logs[r])
+            sums[0, r], sums[1, r] = add_signed(sums[0, r], sums[1, r], e)
+
+
+@njit(**_ROW)
+def _kl_short_rows(lo, hi, logits, target, out_loss, work, terms, block_max):
+    """Rows [lo, hi) of the KL forward for rows of at most :data:`SHORT_CLASSES` classes, LANES
+    at a time: S per lane as the cross-entropy's (:func:`_short_group_sums`), L = log1p(S) per
+    row, then the terms per lane (:func:`_short_group_kl_sums`); rows with a NaN or an infinite
+    maximum, and the last rows, take the row path (:func:`_kl_row`)."""
+    xt, tt, mx, s_hi, s_lo, ties, sums = work
+    logs = s_lo  # L per lane, once S is known
+    nc = logits.shape[1]
+    r0 = lo
+    while r0 + LANES <= hi:
+        _short_group_copy(logits, r0, nc, xt, mx)
+        _by_class(target, r0, nc, tt)
+        _short_group_sums(xt, mx, nc, s_hi, s_lo, ties)
+        for r in range(LANES):
+            s = (s_hi[r] + s_lo[r]) * UNBIAS + (ties[r] - 1.0)
+            logs[r] = math.log1p(s)
+        _short_group_kl_sums(xt, tt, mx, logs, nc, sums)
+        for r in range(LANES):
+            i = r0 + r
+            m = np.float64(mx[r])
+            if m != m or math.isinf(m):  # NaN, +inf, or every class -inf: the row path's
+                out_loss[i] = _kl_row(
+                    logits[i], target[i], 1.0, False, False, logits[i], xt[:nc], terms, block_max
+                )
+            else:
+                v = sums[0, r]
+                out_loss[i] = v if not math.isfinite(v) else v + sums[1, r]
+        r0 += LANES
+    for i in range(r0, hi):
+        out_loss[i] = _kl_row(
+            logits[i], target[i], 1.0, False, False, logits[i], xt[:nc], terms, block_max
+        )
+
+
+@njit(**_OPTS)
+def _kl_short_chunk(c, chunks, logits, target, out_loss):
+    """The rows of chunk ``c`` by :func:`_kl_short_rows`, its work arrays allocated once."""
+    n, nc = logits.shape
+    work = (
+        np.empty(max(nc, 1) * LANES, logits.dtype),
+        np.empty(max(nc, 1) * LANES, target.dtype),
+        np.empty(LANES, logits.dtype),
+        np.empty(LANES),
+        np.empty(LANES),
+        np.empty(LANES),
+        np.empty((2, LANES)),
+    )
+    terms = np.empty(max(nc, 1))
+    block_max = np.empty(1)
+    lo, hi = _chunk(c, chunks, n)
+    _kl_short_rows(lo, hi, logits, target, out_loss, work, terms, block_max)
 
 
 @njit(**_OPTS)
@@ -2225,8 +2320,12 @@ def kl_divergence_fwd(logits, target, out_loss):
     KL(p || softmax(x)) = sum_c p_c ((m - x_c) + log1p(S) + log p_c), 0 log 0 = 0 (the
     reference's per-term formula, never H(p, q) - H(p), which cancels where p is close to q)."""
     chunks = n_chunks(logits.shape[0], logits.shape[1])
+    short = logits.shape[1] <= SHORT_CLASSES
     for c in prange(chunks):
-        _kl_chunk(c, chunks, logits, target, 1.0, False, False, out_loss, logits)
+        if short:
+            _kl_short_chunk(c, chunks, logits, target, out_loss)
+        else:
+            _kl_chunk(c, chunks, logits, target, 1.0, False, False, out_loss, logits)
 
 
 @njit(parallel=True, **_OPTS)
