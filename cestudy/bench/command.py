@@ -31,6 +31,17 @@ NUMPY_LIMIT = 1 << 26
 # float64 beyond 2^28 elements (2 GiB of logits, as much again for the gradient, more inside
 # torch's autograd) does not fit a 24 GiB machine with torch beside it
 FLOAT64_LIMIT = 1 << 28
+# calls on at most this many elements take milliseconds or less: each of their cells takes at
+# least SMALL_CALL_SAMPLES samples (a median of 4 single calls of 20 us moved by 30% from one
+# run to the next); larger calls take --repeats
+SMALL_CALL_ELEMENTS = 1 << 21
+SMALL_CALL_SAMPLES = 31
+
+
+def samples_for(n: int, c: int, repeats: int) -> int:
+    """How many timed calls a cell of n x c takes: ``repeats``, and at least
+    :data:`SMALL_CALL_SAMPLES` for small calls."""
+    return max(repeats, SMALL_CALL_SAMPLES) if n * c <= SMALL_CALL_ELEMENTS else repeats
 
 
 def add_arguments(parser, default_results: str = "") -> None:
@@ -46,7 +57,13 @@ def add_arguments(parser, default_results: str = "") -> None:
     )
     b.add_argument("--dtypes", default="float32,float64")
     b.add_argument("--modes", default="forward,forward_grad")
-    b.add_argument("--repeats", type=int, default=7)
+    b.add_argument(
+        "--repeats",
+        type=int,
+        default=7,
+        help=f"timed calls per cell (at least {SMALL_CALL_SAMPLES} for calls on at most "
+        f"{SMALL_CALL_ELEMENTS} elements)",
+    )
     b.add_argument(
         "--threads",
         type=int,
@@ -204,7 +221,7 @@ def main(args):
                         continue
                     if variant != bench.CE and n * c > NUMPY_LIMIT:
                         continue  # the largest shape is for the headline kernel only
-                    res = time_shape(variant, dtype, mode, n, c, args.repeats)
+                    res = time_shape(variant, dtype, mode, n, c, samples_for(n, c, args.repeats))
                     for impl, r in res.items():
                         if "skipped" in r:
                             continue

@@ -220,7 +220,9 @@ def render(ctx: Context, rows) -> Part:
     if perf:
         parts.append(f"## {TITLE}\n")
         parts.append(
-            "Medians of repeats after warm-up; the first call (JIT compilation, from the "
+            "Medians of single timed calls after warm-up (`--repeats` of them, and at "
+            "least 31 for calls on at most 2^21 elements, whose medians of a few calls "
+            "moved by up to 30% between runs); the first call (JIT compilation, from the "
             "disk cache when present) is reported on its own. GB/s counts the logits "
             "and targets read plus the gradient written; the bandwidth is this "
             "machine's streaming-read bandwidth measured in the same run. Every timed "
