@@ -378,7 +378,7 @@ def run(
     v = variants.get(name)
     check_choice("reduction", reduction, v.reductions)
     check_choice("backend", backend, BACKENDS)
-    unknown = set(options) - set(v.option_names)
+    unknown = [key for key in options if key not in v.option_names]
     if unknown:
         raise TypeError(f"{v.function}() got unexpected options {sorted(unknown)}")
     opts = {**v.defaults, **options}
