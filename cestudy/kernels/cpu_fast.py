@@ -2273,39 +2273,15 @@ def _kl_chunk(c, chunks, logits, target, grad_scale, with_grad, inplace, out_los
     terms = np.empty(min(nc, BLOCK))
     block_max = np.empty(n_blocks(nc))
     lo, hi = _chunk(c, chunks, n)
-    _kl_rows(
-        lo,
-        hi,
-        logits,
-        target,
-        grad_scale,
-        with_grad,
-        inplace,
-        out_loss,
-        out_grad,
-        scratch,
-        terms,
-        block_max,
-    )
+    work = (scratch, terms, block_max)
+    _kl_rows(lo, hi, logits, target, grad_scale, with_grad, inplace, out_loss, out_grad, work)
 
 
 @njit(**_ROW)
-def _kl_rows(
-    lo,
-    hi,
-    logits,
-    target,
-    grad_scale,
-    with_grad,
-    inplace,
-    out_loss,
-    out_grad,
-    scratch,
-    terms,
-    block_max,
-):
-    """Rows [lo, hi) of :func:`_kl_chunk`, without reference counts (see
-    :func:`_softmax_rows`)."""
+def _kl_rows(lo, hi, logits, target, grad_scale, with_grad, inplace, out_loss, out_grad, work):
+    """Rows [lo, hi) of :func:`_kl_chunk` (``work``: its scratch, terms and block maxima),
+    without reference counts (see :func:`_softmax_rows`)."""
+    scratch, terms, block_max = work
     for i in range(lo, hi):
         x = logits[i]
         g = out_grad[i]
