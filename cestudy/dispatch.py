@@ -130,9 +130,19 @@ def ones(n: int) -> np.ndarray:
     return np.ones(n, dtype=np.float64)
 
 
+def _has_negative(a: np.ndarray) -> bool:
+    """Whether ``a`` holds an entry < 0 (NaN is not): a reduction without the temporary of
+    ``np.any(a < 0)``, which took a tenth of a 256 x 10 call."""
+    if a.size == 0:
+        return False
+    low = a.min()
+    # min is NaN when a NaN is present: then look at every entry
+    return bool(low < 0 or (low != low and np.any(a < 0)))
+
+
 def _check_nonnegative(name: str, w: np.ndarray) -> None:
-    bad = w < 0
-    if np.any(bad):
+    if _has_negative(w):
+        bad = w < 0
         raise ValueError(
             f"{name} must be non-negative; got a negative entry at index "
             f"{int(np.flatnonzero(bad.reshape(-1))[0])}"
@@ -188,7 +198,7 @@ def prob_target(
         )
     _, t2, _ = class_rows(name, t)
     t2 = t2.astype(work_dtype, copy=False)
-    if np.any(t2 < 0):
+    if _has_negative(t2):
         raise ValueError(f"{name} probabilities must be non-negative; got a negative entry")
     return t2
 
