@@ -104,6 +104,8 @@ def to_input_layout(g2: np.ndarray, arr: np.ndarray, elementwise: bool) -> np.nd
 def shape_2d(shape: tuple[int, ...]) -> tuple[int, int]:
     """The (rows, last axis) view of an element-wise loss's input shape; () is (1, 1)."""
     shape = tuple(shape)  # device arrays of the CUDA simulator do not take negative indices
+    if len(shape) == 2:
+        return (int(shape[0]), int(shape[1]))
     if len(shape) == 0:
         return (1, 1)
     return (math.prod(int(d) for d in shape[:-1]), int(shape[len(shape) - 1]))
@@ -128,6 +130,12 @@ def ones(n: int) -> np.ndarray:
     """A float64 vector of n ones, made once per length: the weights of a call that gives none
     (the kernels only read their weights; a new array cost a tenth of a 256 x 10 call)."""
     return np.ones(n, dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=32)
+def ones_row(n: int) -> np.ndarray:
+    """:func:`ones` as one (1, n) row: the element-wise weights of a call that gives none."""
+    return ones(n).reshape(1, n)
 
 
 def _has_negative(a: np.ndarray) -> bool:
@@ -277,7 +285,8 @@ def finish_loss(
     if reduction == "none":
         return per_sample.reshape(out_shape).astype(out_dtype)
     # "mean" and "batchmean" divide by the denominator the caller computed
-    total = float(cpu.compensated_sum(np.ascontiguousarray(per_sample.reshape(-1))))
+    flat = per_sample if per_sample.ndim == 1 else np.ascontiguousarray(per_sample.reshape(-1))
+    total = float(cpu.compensated_sum(flat))
     if reduction == "sum":
         return _to_scalar(total, out_dtype)
     if denominator != 0:
@@ -344,11 +353,11 @@ def _kernel_module(variant: variants.Variant, backend: str, work: np.dtype):
     return cpu
 
 
-def _kernel(module, name: str, size: int):
-    """The CPU kernel ``name`` for ``size`` elements (its serial twin for small calls, where
-    starting threads costs more than it gives), or the CUDA host wrapper."""
+def _kernel(module, name: str, work: int):
+    """The CPU kernel ``name`` for a call of ``work`` (``cpu.call_work``: its serial twin for
+    small calls, where starting threads costs more than it gives), or the CUDA host wrapper."""
     if module is cpu or module is cpu_fast:
-        return cpu.kernel_for(module, name, size)
+        return cpu.kernel_for(module, name, work)
     return getattr(module, name)
 
 
@@ -442,18 +451,20 @@ def run(
     if v.elementwise and backend == "cpu":
         x, t, args = _merge_rows(x, t, args, v.option_names)
     if v.elementwise:
-        args = [ones(x.shape[1]).reshape(1, -1) if a is None else a for a in args]
+        args = [ones_row(x.shape[1]) if a is None else a for a in args]
     # element-wise CPU kernels sum each row themselves when no per-element loss is asked for
     row_sums = v.elementwise and reduction != "none" and backend == "cpu"
     loss = np.empty(x.shape[0] if row_sums or not v.elementwise else x.shape, dtype=np.float64)
 
     if not with_grad:
-        _kernel(module, v.kernel + "_fwd", x.size)(x, t, *args, loss)
+        _kernel(module, v.kernel + "_fwd", cpu.call_work(*x.shape, v.elementwise))(
+            x, t, *args, loss
+        )
         return finish_loss(loss, reduction, denom, arr.dtype, loss_shape)
     grad = _grad_buffer(out, arr, x, v.elementwise)
     if np.shares_memory(grad, x) and grad.ctypes.data != x.ctypes.data:
         grad = np.empty_like(x)  # a partial overlap; out=logits itself is safe in every kernel
-    _kernel(module, v.kernel + "_fwd_grad", x.size)(
+    _kernel(module, v.kernel + "_fwd_grad", cpu.call_work(*x.shape, v.elementwise))(
         x, t, *args, grad_scale(reduction, denom), loss, grad
     )
     result = finish_loss(loss, reduction, denom, arr.dtype, loss_shape)

@@ -357,6 +357,35 @@ def test_short_soft_target_rows_in_lanes_match_the_oracle_and_the_fused_kernel(d
     assert_ulp(loss[ok].astype(dtype), exact[ok], dtype)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [1, 2, 10, cpu_fast.SHORT_CLASSES])
+@pytest.mark.parametrize("gamma", [0.0, 2.0, 5.0])
+def test_short_focal_rows_in_lanes_match_the_oracle_and_the_fused_kernel(dtype, c, gamma):
+    """The softmax focal forward of short rows in lanes (float32: S from float32 pairs in
+    each lane): within the focal contract of the oracle, NaN where torch gives NaN, 0 for the
+    ignored row, and the same bits as the fused kernel and the serial twin (the row path). Rows
+    whose maximum is tied (equal_logits_offset_1e8, tied_max_target_not_first) take a = S / (1
+    + S) only when y is the first maximum, as the row path does."""
+    x, y, w = _short_rows(c, dtype)
+    if c > 1:
+        x[12] = 1.0
+        x[12, 0] = 0.5
+        y[12] = c - 1  # tied_max_target_not_first: k = 1 != y
+    n = x.shape[0]
+    loss, fused, grad, serial = np.empty(n), np.empty(n), np.empty_like(x), np.empty(n)
+    cpu_fast.softmax_focal_fwd(x, y, w, -100, gamma, loss)
+    cpu_fast.softmax_focal_fwd_grad(x, y, w, -100, gamma, 1.0, fused, grad)
+    cpu_fast.softmax_focal_fwd_serial(x, y, w, -100, gamma, serial)
+    np.testing.assert_array_equal(loss, fused)
+    np.testing.assert_array_equal(loss, serial)
+    assert loss[9] == 0.0
+    kept = y != -100
+    exact = oracle.softmax_focal_loss(x[kept], y[kept], gamma, w)
+    bad = ~np.isfinite(exact)
+    assert np.isnan(loss[kept][bad]).all() and np.isfinite(loss[kept][~bad]).all()
+    assert_ulp(loss[kept][~bad].astype(dtype), exact[~bad], dtype, focal_tol(gamma, dtype))
+
+
 # rows of several blocks: up to PREMAX_CLASSES the maximum is taken first, above it the row is
 # read once with an online (max, sum) state
 SEVERAL_BLOCKS = [3 * BLOCK + 17, cpu_fast.PREMAX_CLASSES + BLOCK + 17]

@@ -74,6 +74,22 @@ EXP_UNDERFLOW = scalar.EXP_UNDERFLOW
 # Calls on fewer elements (N * C) than this run the ``<kernel>_serial`` twin: starting the
 # threads of a parallel loop costs more than a second core gives back below it.
 SERIAL_BELOW = 1 << 15
+ROW_COST = 64
+"""What a row costs beyond its elements, in elements: its calls, its maximum, its scalar
+remainders (a 10-class fused cross-entropy row takes about as long as 200 elements of a long
+row; the forward of short rows in lanes about 60)."""
+
+
+ELEMENTWISE_COST = 4
+"""What an element of a sigmoid loss (BCE with logits, the sigmoid focal loss: an exp, a log1p
+and a division in float64) costs, in elements of a softmax row (0.96 against 0.25-0.37 ns a
+float32 element, serially)."""
+
+
+def call_work(rows, cols, elementwise=False):
+    """The work of a call on ``rows`` rows of ``cols`` elements, in elements of a softmax row:
+    what :func:`kernel_for` and the kernels' chunking (``cpu_fast.n_chunks``) weigh."""
+    return rows * (cols * (ELEMENTWISE_COST if elementwise else 1) + ROW_COST)
 
 
 def serial_twin(kernel):
@@ -95,10 +111,11 @@ def serial_twins(namespace, names):
         namespace[name + "_serial"] = serial_twin(namespace[name])
 
 
-def kernel_for(module, name, size):
-    """The kernel ``name`` of ``module`` (``cpu`` or ``cpu_fast``) to run on ``size`` elements:
-    its serial twin below :data:`SERIAL_BELOW`, else the parallel kernel."""
-    return getattr(module, name + "_serial" if size < SERIAL_BELOW else name)
+def kernel_for(module, name, work):
+    """The kernel ``name`` of ``module`` (``cpu`` or ``cpu_fast``) for a call of ``work``
+    (:func:`call_work`, or the number of elements): its serial twin below :data:`SERIAL_BELOW`,
+    else the parallel kernel."""
+    return getattr(module, name + "_serial" if work < SERIAL_BELOW else name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,8 @@ lanes with AVX-512), using error-free transformations where a plain rounding wou
   (p_y - 1 = -S / (1 + S) when y is the argmax, the argmax entry under label smoothing or soft
   targets), in float64 scalar arithmetic.
 - **Short rows** (at most ``SHORT_CLASSES`` = 32 classes): the forward of the cross-entropy
-  (class indices without label smoothing, and soft targets) and of KL runs ``LANES`` = 16 rows
+  (class indices without label smoothing, and soft targets), of the softmax focal loss and of
+  KL runs ``LANES`` = 16 rows
   at a time, one row per lane: the rows copied by class into a small block, the maxima row by
   row, then the terms and their sums with the lanes across rows (each lane's sums compensated
   by a branch-free Fast2Sum or Neumaier step). A 10-class row otherwise never fills a 16-lane
@@ -964,15 +965,18 @@ def n_blocks(nc):
 
 
 MAX_CHUNKS = 256
+ROW_COST = cpu.ROW_COST
+ELEMENTWISE_COST = cpu.ELEMENTWISE_COST
 
 
 @njit(**_ROW)
 def n_chunks(n, nc):
     """How many chunks of rows the parallel loop runs: each allocates its own work rows once, so
-    small calls get one chunk, large ones at least 16K elements a chunk and at most
-    MAX_CHUNKS (many more than threads, for balance). numba.get_num_threads() would be the
-    natural count, but a kernel that calls it cannot be cached."""
-    return max(1, min(n, MAX_CHUNKS, (n * nc) >> 14))
+    small calls get one chunk, large ones at least 16K elements' work a chunk (each row counted
+    ROW_COST elements more, ``cpu.call_work``; the sigmoid kernels pass C ELEMENTWISE_COST) and
+    at most MAX_CHUNKS (many more than threads, for balance). numba.get_num_threads() would be
+    the natural count, but a kernel that calls it cannot be cached."""
+    return max(1, min(n, MAX_CHUNKS, (n * (nc + ROW_COST)) >> 14))
 
 
 @njit(**_ROW)
@@ -1105,7 +1109,8 @@ def _ce_index_row(x, y, params, with_grad, inplace, g, scratch, block_max):
 # --------------------------------------------------------------------------------------------
 SHORT_CLASSES = 32
 """The cross-entropy forward of rows of at most this many classes (class indices without label
-smoothing, and soft targets) runs LANES rows at a time (:func:`short_rows`): the row-by-row
+smoothing, and soft targets; the softmax focal loss's and KL's forward too) runs LANES rows at
+a time (:func:`short_rows`): the row-by-row
 path pays about 85 ns a row in calls and in the scalar remainders of its vector loops (a
 10-class row never fills a 16-lane vector)."""
 LANES = 16
@@ -1163,6 +1168,51 @@ def _short_group_sums(xt, mx, nc, s_hi, s_lo, ties):
             below = e < BIASED_ONE
             s_hi[r], s_lo[r] = add_nonneg(s_hi[r], s_lo[r], np.float64(e) if below else 0.0)
             ties[r] += 0.0 if below else 1.0
+
+
+@njit(**_FMA)
+def short_pair_sum(e, e_lo):
+    """:func:`short_row_sum` of float32 pairs (e_j + e_lo_j exact in float64, the terms with
+    e_j < 2^96): the sum :func:`_short_group_pair_sums` makes in each lane, bit for bit."""
+    s = 0.0
+    c = 0.0
+    for j in range(e.shape[0]):
+        v = e[j]
+        s, c = add_nonneg(s, c, np.float64(v) + np.float64(e_lo[j]) if v < BIASED_ONE else 0.0)
+    return s + c
+
+
+@njit(**_FMA)
+def _short_group_pair_sums(xt, mx, nc, s_hi, s_lo, ties):
+    """:func:`_short_group_sums` of float32 rows with each term a float32 pair
+    (:func:`_exp_biased_pair`): the softmax focal loss's terms."""
+    for r in range(LANES):
+        s_hi[r] = 0.0
+        s_lo[r] = 0.0
+        ties[r] = 0.0
+    for c in range(nc):
+        base = c * LANES
+        for r in range(LANES):
+            hi, lo = two_diff_lanes(xt[base + r], mx[r])
+            e, e_lo = _exp_biased_pair(hi, lo, _EXP32)
+            below = e < BIASED_ONE
+            v = np.float64(e) + np.float64(e_lo) if below else 0.0
+            s_hi[r], s_lo[r] = add_nonneg(s_hi[r], s_lo[r], v)
+            ties[r] += 0.0 if below else 1.0
+
+
+def focal_group_sums(xt, mx, nc, s_hi, s_lo, ties):
+    """The softmax focal loss's lane sums: :func:`_short_group_pair_sums` for float32 rows
+    (their terms are pairs, :func:`_focal_terms_f32`), :func:`_short_group_sums` for float64."""
+
+
+@overload(focal_group_sums, jit_options=_FMA)
+def _ov_focal_group_sums(xt, mx, nc, s_hi, s_lo, ties):
+    if xt.dtype == types.float32:
+        return lambda xt, mx, nc, s_hi, s_lo, ties: _short_group_pair_sums(
+            xt, mx, nc, s_hi, s_lo, ties
+        )
+    return lambda xt, mx, nc, s_hi, s_lo, ties: _short_group_sums(xt, mx, nc, s_hi, s_lo, ties)
 
 
 @njit(**_FMA)
@@ -1321,13 +1371,16 @@ def _ce_prob_short_rows(lo, hi, logits, target, params, out_loss, work, block_ma
 
 
 def short_rows(logits, target, params, out_loss, work, block_max, lo, hi):
-    """:func:`_ce_index_short_rows` for class indices, :func:`_ce_prob_short_rows` for soft
-    targets."""
+    """:func:`_focal_short_rows` for :class:`FocalParams`, else :func:`_ce_index_short_rows` for
+    class indices and :func:`_ce_prob_short_rows` for soft targets."""
 
 
 @overload(short_rows, jit_options=_ROW)
 def _ov_short_rows(logits, target, params, out_loss, work, block_max, lo, hi):
-    rows = _ce_index_short_rows if target.ndim == 1 else _ce_prob_short_rows
+    if _is_focal(params):
+        rows = _focal_short_rows
+    else:
+        rows = _ce_index_short_rows if target.ndim == 1 else _ce_prob_short_rows
     return lambda logits, target, params, out_loss, work, block_max, lo, hi: rows(
         lo, hi, logits, target, params, out_loss, work, block_max
     )
@@ -1498,7 +1551,10 @@ def _focal_terms_f32(x, g, scratch, with_grad, inplace, block_max):
             hi = scratch[: b1 - b0]
             lo = scratch[width : width + b1 - b0]
             ties += _exp_pair_block_f32(x[b0:b1], mf, hi, lo)
-        s += _sum_pairs_below_f32(hi, lo)
+        if nc <= SHORT_CLASSES:  # the lanes' order (the same bits forward and fused)
+            s = short_pair_sum(hi, lo)
+        else:
+            s += _sum_pairs_below_f32(hi, lo)
         block_max[b] = m
         b += 1
     return False, 0.0, m, k, s * UNBIAS + (ties - 1.0)
@@ -1534,6 +1590,53 @@ def _ov_focal_grad_pass(g, scratch, block_max, m, f, f_lo):
 
 
 @njit(**_ROW)
+def focal_row_factors(s, m, x_y, y_is_k):
+    """(ce, a, p_y) of a softmax focal row from its S and maximum m: ce = -log p_y =
+    (m - x_y) + log1p(S) and a = 1 - p_y without cancellation (``scalar.focal_parts``: S / (1 +
+    S) when y is the argmax k)."""
+    ce = neg_log_prob(x_y, m, math.log1p(s))
+    a, p_y = focal_parts(s, 1.0 if y_is_k else exp_diff(x_y, m), y_is_k)
+    return ce, a, p_y
+
+
+@njit(**_ROW)
+def _focal_short_rows(lo, hi, logits, target, params, out_loss, work, block_max):
+    """Rows [lo, hi) of the softmax focal forward for rows of at most :data:`SHORT_CLASSES`
+    classes, LANES at a time as :func:`_ce_index_short_rows` (S per lane by
+    :func:`focal_group_sums`), the loss per row by :func:`focal_row_factors`; y is k when x_y is
+    the maximum and no earlier class holds it. Rows with a NaN or an infinite maximum, and the
+    last rows, take the row path (:func:`_focal_index_row`)."""
+    xt, tt, mx, s_hi, s_lo, ties = work[:6]
+    weight, ignore_index, gamma, _ = params
+    nc = logits.shape[1]
+    scratch = xt[: nc if wide(xt) else 2 * nc]  # the row path's (chunk_scratch)
+    r0 = lo
+    while r0 + LANES <= hi:
+        _short_group_copy(logits, r0, nc, xt, mx)
+        focal_group_sums(xt, mx, nc, s_hi, s_lo, ties)
+        for r in range(LANES):
+            i = r0 + r
+            y = target[i]
+            m = np.float64(mx[r])
+            if y == ignore_index:
+                out_loss[i] = 0.0
+            elif m != m or math.isinf(m):  # NaN, +inf, or every class -inf: the row path's
+                out_loss[i] = _focal_index_row(
+                    logits[i], y, params, False, False, logits[i], scratch, block_max
+                )
+            else:
+                x_y = np.float64(logits[i, y])
+                y_is_k = x_y == m and first_index_of(logits[i], mx[r]) == y
+                ce, a, _ = focal_row_factors(lane_s(work, r), m, x_y, y_is_k)
+                out_loss[i] = weight[y] * pow_nonneg(a, gamma) * ce
+        r0 += LANES
+    for i in range(r0, hi):
+        out_loss[i] = _focal_index_row(
+            logits[i], target[i], params, False, False, logits[i], scratch, block_max
+        )
+
+
+@njit(**_ROW)
 def _focal_index_row(x, y, params, with_grad, inplace, g, scratch, block_max):
     """One row of the softmax focal loss FL = -w_y (1 - p_y)^gamma log p_y and its gradient
     d FL / d x_j = w_y (p_j - [j == y]) a^(gamma - 1) (gamma ce p_y + a), a = 1 - p_y, by the
@@ -1555,8 +1658,7 @@ def _focal_index_row(x, y, params, with_grad, inplace, g, scratch, block_max):
     if skip:
         return fill
     w = weight[y]
-    ce = neg_log_prob(x_y, m, math.log1p(s))
-    a, p_y = focal_parts(s, 1.0 if y == k else exp_diff(x_y, m), y == k)
+    ce, a, p_y = focal_row_factors(s, m, x_y, y == k)
     a_gamma = pow_nonneg(a, gamma)
     if with_grad:
         inner = focal_inner(gamma, ce, p_y, a)
@@ -1574,9 +1676,13 @@ def softmax_focal_fwd(logits, target, weight, ignore_index, gamma, out_loss):
     semantics; ``logits`` float32 or float64): FL_i = -w_y (1 - p_y)^gamma log p_y per row,
     by :func:`_focal_index_row`."""
     chunks = n_chunks(logits.shape[0], logits.shape[1])
+    short = logits.shape[1] <= SHORT_CLASSES
     for c in prange(chunks):
         params = FocalParams(weight, ignore_index, gamma, 1.0)
-        _softmax_chunk(c, chunks, logits, target, params, False, False, out_loss, logits)
+        if short:
+            _short_chunk(c, chunks, logits, target, params, out_loss)
+        else:
+            _softmax_chunk(c, chunks, logits, target, params, False, False, out_loss, logits)
 
 
 @njit(parallel=True, **_OPTS)
@@ -2015,7 +2121,7 @@ def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
     ``pos_weight`` are (N, C) or, when the same for every row, (1, C): contiguous rows keep the
     loop vectorised (zero-stride broadcast views made it 6x slower). ``out_loss`` (N, C) for
     per-element losses, (N,) for row sums."""
-    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    chunks = n_chunks(logits.shape[0], logits.shape[1] * ELEMENTWISE_COST)
     for c in prange(chunks):
         params = BceParams(weight, pos_weight)
         _sigmoid_chunk(c, chunks, logits, target, params, 1.0, False, out_loss, None)
@@ -2026,7 +2132,7 @@ def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out
     """:func:`cestudy.kernels.cpu.bce_with_logits_fwd_grad`, vectorised (weights and
     ``out_loss`` as in :func:`bce_with_logits_fwd`); ``out_grad`` may be ``logits``."""
     inplace = out_grad.ctypes.data == logits.ctypes.data
-    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    chunks = n_chunks(logits.shape[0], logits.shape[1] * ELEMENTWISE_COST)
     for c in prange(chunks):
         params = BceParams(weight, pos_weight)
         _sigmoid_chunk(c, chunks, logits, target, params, grad_scale, inplace, out_loss, out_grad)
@@ -2050,7 +2156,7 @@ def sigmoid_focal_fwd(logits, target, alpha, gamma, out_loss):
     {0, 1, 2} (torchvision's default 2) runs vectorised (:func:`_focal_elem`); any other gamma
     calls libm's pow per element (:func:`_focal_pow_elem`, scalar). ``out_loss`` (N, C) for
     per-element losses, (N,) for row sums."""
-    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    chunks = n_chunks(logits.shape[0], logits.shape[1] * ELEMENTWISE_COST)
     vectorised = pow_free(gamma)
     for c in prange(chunks):
         if vectorised:
@@ -2067,7 +2173,7 @@ def sigmoid_focal_fwd_grad(logits, target, alpha, gamma, grad_scale, out_loss, o
     :func:`sigmoid_focal_fwd`): the losses and ``grad_scale`` alpha_t [(s(x) - t) b^gamma +
     gamma ce b^(gamma - 1) (1 - 2t) s(x) s(-x)], b = 1 - p_t; ``out_grad`` may be ``logits``."""
     inplace = out_grad.ctypes.data == logits.ctypes.data
-    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    chunks = n_chunks(logits.shape[0], logits.shape[1] * ELEMENTWISE_COST)
     vectorised = pow_free(gamma)
     for c in prange(chunks):
         if vectorised:
