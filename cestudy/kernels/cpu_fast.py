@@ -51,10 +51,10 @@ lanes with AVX-512), using error-free transformations where a plain rounding wou
   (class indices without label smoothing, and soft targets), of the softmax focal loss and of
   KL runs ``LANES`` = 16 rows at a time, one row per lane: the rows copied by class into a
   small block, the maxima row by row, then the terms and their sums with the lanes across rows
-  (each lane's sums compensated by a branch-free Fast2Sum or Neumaier step). A 10-class row otherwise never fills a 16-lane
-  vector and runs the scalar remainders of three loops and a chain of calls: 85 ns a row at
-  256 x 10, 27 ns in lanes. The row path sums rows of at most 32 classes in the same order, so
-  forward and fused kernels give the same bits.
+  (each lane's sums compensated by a branch-free Fast2Sum or Neumaier step). A 10-class row
+  otherwise never fills a 16-lane vector and runs the scalar remainders of three loops and a
+  chain of calls: 85 ns a row at 256 x 10, 27 ns in lanes. The row path sums rows of at most
+  32 classes in the same order, so forward and fused kernels give the same bits.
 - **BCE with logits and the sigmoid focal loss**: one row driver for both (``sigmoid_row``),
   the element function chosen at compile time by the type of its ``params``
   (``sigmoid_elem``); float32 rows in float64 arithmetic (exp and log1p accurate to 1e-11);
