@@ -71,8 +71,9 @@ sigmoid_focal = _S.sigmoid_focal
 _neg_log_prob_value = _S.neg_log_prob
 EXP_UNDERFLOW = scalar.EXP_UNDERFLOW
 
-# Calls on fewer elements (N * C) than this run the ``<kernel>_serial`` twin: starting the
-# threads of a parallel loop costs more than a second core gives back below it.
+# Calls of less work than this (:func:`call_work`, in elements of a softmax row) run the
+# ``<kernel>_serial`` twin: starting the threads of a parallel loop costs more than a second
+# core gives back below it.
 SERIAL_BELOW = 1 << 15
 ROW_COST = 64
 """What a row costs beyond its elements, in elements: its calls, its maximum, its scalar
