@@ -132,6 +132,7 @@ focal_parts = _F.focal_parts
 focal_inner = _F.focal_inner
 pow_nonneg = _F.pow_nonneg
 _exp_parts = _F.exp_parts
+one_minus = _F.one_minus  # no product: contraction cannot change its bits
 EXP_FLUSH = scalar.EXP_FLUSH
 
 F32 = np.float32
@@ -1782,30 +1783,64 @@ def _bce_elem(sp_pos, sp_neg, sig_pos, sig_neg, tj, wj, pwj):
 
 
 @njit(**_ROW)
-def _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj):
+def _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha):
     """(ce, b) of the sigmoid focal loss: ce = t softplus(-x) + (1 - t) softplus(x) (BCE with
-    logits) and b = 1 - p_t = t s(-x) + (1 - t) s(x), each a sum of two terms >= 0 (no
-    cancellation), each an explicit FMA (:func:`fma64`: the loss's bits do not depend on
-    whether the loop also computes the gradient)."""
-    return fma64(tj, sp_neg, (1.0 - tj) * sp_pos), fma64(tj, sig_neg, (1.0 - tj) * sig_pos)
+    logits, a sum of two terms >= 0, with 1 - t = w + w_lo exact (``scalar.one_minus``) and
+    explicit FMAs: :func:`fma64`, so the loss's bits do not depend on whether the loop also
+    computes the gradient) and b = 1 - p_t = t s(-x) + (1 - t) s(x) from e = exp(-|x|) as
+    ``scalar.one_minus_p_t``: (c0 + c1 e) / (1 + e) with 1 - t = w + w_lo exact, c1 e exact as
+    an FMA pair, their sum with its TwoSum error, and the quotient n r (r = s(|x|), the
+    reciprocal of 1 + e = z + z_lo) corrected by the FMA remainder n - q z, without a second
+    division: at most 1.8 ulp where the sum of two rounded sigmoids gave 2.9 (measured on 2e6
+    soft targets), an error that b^gamma multiplies by gamma. With it alpha_t
+    (:func:`_alpha_t`).
+
+    float32 rows pass ``ej`` None (a test numba prunes at compile time): their float64
+    arithmetic is far within a float32 ulp with the plain sums (ce and b each an FMA of the
+    rounded 1 - t, alpha_t likewise), and the corrected forms in the loop made LLVM stop
+    vectorising it (12 times slower at 256 x 1000)."""
+    if ej is None:
+        a_t = fma64(alpha, tj, (1.0 - alpha) * (1.0 - tj)) if alpha >= 0.0 else 1.0
+        ce = fma64(tj, sp_neg, (1.0 - tj) * sp_pos)
+        return ce, fma64(tj, sig_neg, (1.0 - tj) * sig_pos), a_t
+    w, w_lo = one_minus(tj)
+    lo = w_lo * sp_pos  # (1 - t) softplus(x) = w softplus(x) + lo; lo dropped where not finite
+    ce = fma64(tj, sp_neg, fma64(w, sp_pos, lo if lo - lo == 0.0 else 0.0))
+    pos = sig_pos >= sig_neg  # x >= 0 (where they tie, e = 1 and both forms agree)
+    c0 = w if pos else tj
+    c0_lo = w_lo if pos else 0.0
+    c1 = tj if pos else w
+    c1_lo = 0.0 if pos else w_lo
+    p = c1 * ej
+    p_lo = fma64(c1, ej, -p)
+    s, s_lo = two_diff_lanes(c0, -p)
+    n = s + ((s_lo + p_lo) + fma64(c1_lo, ej, c0_lo))
+    r = sig_pos if pos else sig_neg
+    z = 1.0 + ej
+    z_lo = ej - (z - 1.0)
+    q = n * r
+    return ce, fma64(fma64(-q, z, n) - q * z_lo, r, q), _alpha_t(tj, alpha)
 
 
 @njit(**_ROW)
 def _alpha_t(tj, alpha):
-    """alpha t + (1 - alpha)(1 - t) (an explicit FMA), or 1 for alpha < 0 (no weighting)."""
-    return fma64(alpha, tj, (1.0 - alpha) * (1.0 - tj)) if alpha >= 0.0 else 1.0
+    """alpha t + (1 - alpha)(1 - t) with 1 - t = w + w_lo exact (``scalar.one_minus``) and
+    explicit FMAs (<= 1 ulp for alpha = 0.25, whose 1 - alpha is exact), or 1 for alpha < 0 (no
+    weighting)."""
+    w, w_lo = one_minus(tj)
+    a1 = 1.0 - alpha
+    return fma64(alpha, tj, fma64(a1, w, a1 * w_lo)) if alpha >= 0.0 else 1.0
 
 
 @njit(**_FMA)
-def _focal_combine(ce, b, bg, bg1, sig_pos, sig_neg, tj, alpha, gamma):
+def _focal_combine(ce, b, bg, bg1, sig_pos, sig_neg, tj, alpha_t, gamma):
     """(loss, d loss / dx) of the sigmoid focal loss (``scalar.sigmoid_focal``, the same
     operations) from ce (BCE with logits), b = 1 - p_t, bg = b^gamma and bg1 = b^(gamma - 1):
     alpha_t ce b^gamma and alpha_t [(s(x) - t) b^gamma + gamma ce b^(gamma - 1) (1 - 2t) s(x)
-    s(-x)], alpha_t = alpha t + (1 - alpha)(1 - t), or 1 for alpha < 0. The second term is
+    s(-x)], alpha_t = alpha t + (1 - alpha)(1 - t) (:func:`_focal_factors`). The second term is
     dropped where b = 0 or gamma = 0 (a select: where b underflowed, b^(gamma - 1) may be inf and
     the term 0 * inf, while its limit is 0). (1 - t) s(x) - t s(-x) is s(x) or -s(-x) exactly
     for t in {0, 1}; for soft t it cancels, as the contract's measure (3) allows."""
-    alpha_t = _alpha_t(tj, alpha)
     loss = alpha_t * ce * bg
     g = ((1.0 - tj) * sig_pos - tj * sig_neg) * bg
     extra = gamma * ce * bg1 * ((1.0 - 2.0 * tj) * sig_pos * sig_neg)
@@ -1813,44 +1848,44 @@ def _focal_combine(ce, b, bg, bg1, sig_pos, sig_neg, tj, alpha, gamma):
 
 
 @njit(**_FMA)
-def _focal_elem(sp_pos, sp_neg, sig_pos, sig_neg, tj, alpha, gamma):
+def _focal_elem(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha, gamma):
     """The sigmoid focal loss for gamma in {0, 1, 2} (:func:`_focal_combine`) with
     (ce, b) of :func:`_focal_factors`: b^gamma = 1, b or b b (the correctly rounded
     powers, the bits libm's pow gives: ``scalar.pow_nonneg``) and b^(gamma - 1) = b or 1 exactly,
     chosen by selects on the call's gamma: no pow, and the loop stays vectorised."""
-    ce, b = _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj)
+    ce, b, alpha_t = _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha)
     bg = 1.0 if gamma == 0.0 else (b if gamma == 1.0 else b * b)
     bg1 = b if gamma == 2.0 else 1.0
-    return _focal_combine(ce, b, bg, bg1, sig_pos, sig_neg, tj, alpha, gamma)
+    return _focal_combine(ce, b, bg, bg1, sig_pos, sig_neg, tj, alpha_t, gamma)
 
 
 @njit(**_FMA)
-def _focal_pow_elem(sp_pos, sp_neg, sig_pos, sig_neg, tj, alpha, gamma):
+def _focal_pow_elem(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha, gamma):
     """The sigmoid focal loss for any other gamma: b^gamma by ``scalar.pow_nonneg`` (libm's
     pow, < 1 ulp; 0 for b = 0) and b^(gamma - 1) = b^gamma / b as the reference kernel. There is
     no vectorised log accurate enough for exp(gamma log b) in float64 (gamma |log b| ulps of the
     log would go into the result), so the loops over this element stay scalar: a call with such
     a gamma runs at about the reference kernel's speed."""
-    ce, b = _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj)
+    ce, b, alpha_t = _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha)
     bg = pow_nonneg(b, gamma)
-    return _focal_combine(ce, b, bg, bg / b, sig_pos, sig_neg, tj, alpha, gamma)
+    return _focal_combine(ce, b, bg, bg / b, sig_pos, sig_neg, tj, alpha_t, gamma)
 
 
-def sigmoid_elem(params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj):
-    """(loss, d loss / dx) of element j of a sigmoid loss from softplus(+-x) and s(+-x): BCE with
-    logits for :class:`BceParams` (element j of its weight rows), the sigmoid focal loss for
-    :class:`SigmoidFocalParams` / :class:`SigmoidFocalPowParams`."""
+def sigmoid_elem(params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj, ej):
+    """(loss, d loss / dx) of element j of a sigmoid loss from softplus(+-x), s(+-x) and
+    e = exp(-|x|): BCE with logits for :class:`BceParams` (element j of its weight rows), the
+    sigmoid focal loss for :class:`SigmoidFocalParams` / :class:`SigmoidFocalPowParams`."""
 
 
 @overload(sigmoid_elem, jit_options=_FMA)
-def _ov_sigmoid_elem(params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj):
+def _ov_sigmoid_elem(params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj, ej):
     if _params_of(params, BceParams):
-        return lambda params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj: _bce_elem(
+        return lambda params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj, ej: _bce_elem(
             sp_pos, sp_neg, sig_pos, sig_neg, tj, params.weight[j], params.pos_weight[j]
         )
     elem = _focal_elem if _params_of(params, SigmoidFocalParams) else _focal_pow_elem
-    return lambda params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj: elem(
-        sp_pos, sp_neg, sig_pos, sig_neg, tj, params.alpha, params.gamma
+    return lambda params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj, ej: elem(
+        sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, params.alpha, params.gamma
     )
 
 
@@ -1896,6 +1931,7 @@ def _sigmoid_row_f32(x, t, params, grad_scale, lrow, g, over_x):
             r if pos else er,
             er if pos else r,
             np.float64(t[j]),
+            None,
         )
         total += loss
         if lrow is not None:  # pruned at compile time when None
@@ -1980,7 +2016,7 @@ def _sigmoid_block_f64(x, e, lp, t, params, b0, grad_scale, out, g, over_x):
     top = np.int64(0)
     for j in range(x.shape[0]):
         sp_pos, sp_neg, sig_pos, sig_neg = _sigmoid_parts_f64(x[j], e[j], lp[j])
-        loss, gj = sigmoid_elem(params, b0 + j, sp_pos, sp_neg, sig_pos, sig_neg, t[j])
+        loss, gj = sigmoid_elem(params, b0 + j, sp_pos, sp_neg, sig_pos, sig_neg, t[j], e[j])
         out[j] = loss
         top = max(top, _bits64(loss))
         if g is not None:  # pruned at compile time when None
