@@ -87,10 +87,9 @@ def class_rows(name: str, logits: Any) -> tuple[np.ndarray, np.ndarray, tuple[in
     work = dtypes.working_dtype(arr.dtype)
     if arr.ndim <= 2:
         lead = arr.shape[:-1]
-        x2 = arr.reshape(1, -1) if arr.ndim == 1 else arr
-    else:
-        lead = (arr.shape[0],) + arr.shape[2:]
-        x2 = np.moveaxis(arr, 1, -1).reshape(-1, arr.shape[1])
+        return arr, as_working(arr, (1, arr.shape[0]) if arr.ndim == 1 else arr.shape, work), lead
+    lead = (arr.shape[0],) + arr.shape[2:]
+    x2 = np.moveaxis(arr, 1, -1).reshape(-1, arr.shape[1])
     return arr, np.ascontiguousarray(x2, dtype=work), lead
 
 
@@ -99,6 +98,14 @@ def to_input_layout(g2: np.ndarray, arr: np.ndarray, elementwise: bool) -> np.nd
     if elementwise or arr.ndim <= 2:
         return g2.reshape(arr.shape)
     return np.moveaxis(g2.reshape((arr.shape[0],) + arr.shape[2:] + (arr.shape[1],)), -1, 1)
+
+
+def as_working(a: np.ndarray, shape: tuple[int, ...], work: np.dtype) -> np.ndarray:
+    """``a`` as a C-contiguous array of ``shape`` and dtype ``work``: a view when it already is
+    one (the common case, without np.ascontiguousarray's cost on a small call), else a copy."""
+    if a.dtype == work and a.flags.c_contiguous:
+        return a.reshape(shape)
+    return np.ascontiguousarray(a.reshape(shape), dtype=work)
 
 
 def shape_2d(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -180,7 +187,7 @@ def _checked_indices(
             f"target of class indices must have shape {expected} to match logits; got shape "
             f"{t.shape}"
         )
-    t = np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+    t = as_working(t, (t.size,), np.dtype(np.int64))
     if t.size == 0 or (t.min() >= 0 and t.max() < n_classes):
         return t, True  # two reductions, no temporaries: the common case of a small call
     bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
@@ -286,7 +293,8 @@ def finish_loss(
         return per_sample.reshape(out_shape).astype(out_dtype)
     # "mean" and "batchmean" divide by the denominator the caller computed
     flat = per_sample if per_sample.ndim == 1 else np.ascontiguousarray(per_sample.reshape(-1))
-    total = float(cpu.compensated_sum(flat))
+    # one row (a small element-wise call, its rows merged): its sum is the kernel's own
+    total = float(flat[0]) if flat.shape[0] == 1 else float(cpu.compensated_sum(flat))
     if reduction == "sum":
         return _to_scalar(total, out_dtype)
     if denominator != 0:
@@ -421,8 +429,8 @@ def run(
             )
         work = dtypes.working_dtype(arr.dtype)
         s2 = shape_2d(arr.shape)
-        x = np.ascontiguousarray(arr.reshape(s2), dtype=work)
-        t = np.ascontiguousarray(tgt.reshape(s2), dtype=work)
+        x = as_working(arr, s2, work)
+        t = as_working(tgt, s2, work)
         loss_shape = arr.shape
         denom = float(arr.size)
         if reduction == "batchmean":

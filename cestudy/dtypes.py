@@ -33,9 +33,13 @@ def dtype_name(dtype):
     return dtype.name
 
 
+_SUPPORTED_SET = frozenset(SUPPORTED.values())
+
+
 def is_float_dtype(dtype):
-    dtype = np.dtype(dtype)
-    return dtype in SUPPORTED.values()
+    """Whether ``dtype`` is one of the supported floating dtypes (a set lookup: it runs on every
+    array argument of every call)."""
+    return np.dtype(dtype) in _SUPPORTED_SET
 
 
 def working_dtype(dtype):

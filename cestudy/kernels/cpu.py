@@ -87,10 +87,21 @@ and a division in float64) costs, in elements of a softmax row (0.96 against 0.2
 float32 element, serially)."""
 
 
+def work(rows, cols, element_cost):
+    """The work of ``rows`` rows of ``cols`` elements that cost ``element_cost`` each (1, or
+    :data:`ELEMENTWISE_COST`), in elements of a softmax row: rows (cols element_cost +
+    :data:`ROW_COST`). Plain Python, also compiled (:data:`work_jit`) for the kernels'
+    chunking (``cpu_fast.n_chunks``), so that the two never drift apart."""
+    return rows * (cols * element_cost + ROW_COST)
+
+
+work_jit = njit(**_OPTS)(work)
+
+
 def call_work(rows, cols, elementwise=False):
-    """The work of a call on ``rows`` rows of ``cols`` elements, in elements of a softmax row:
-    what :func:`kernel_for` and the kernels' chunking (``cpu_fast.n_chunks``) weigh."""
-    return rows * (cols * (ELEMENTWISE_COST if elementwise else 1) + ROW_COST)
+    """The work of a call on ``rows`` rows of ``cols`` elements (:func:`work`; an element of a
+    sigmoid loss costs :data:`ELEMENTWISE_COST`): what :func:`kernel_for` weighs."""
+    return work(rows, cols, ELEMENTWISE_COST if elementwise else 1)
 
 
 def serial_twin(kernel):

@@ -859,7 +859,7 @@ def _row_one_block(x, dst, inplace, block_max, side, want_k, t, w, eps):
         ties, hint = exp_block(x, elem(x, m), dst)
     nc = x.shape[0]
     # short rows: the lanes' sum of the class-index forward (the same bits in every kernel)
-    s = short_row_sum(dst[:nc]) if nc <= SHORT_CLASSES else sum_below(dst, hint)
+    s = short_row_sum(dst[:nc], None) if nc <= SHORT_CLASSES else sum_below(dst, hint)
     return m, k, s * UNBIAS + (ties - 1.0), a_sum, t_sum, False
 
 
@@ -965,18 +965,19 @@ def n_blocks(nc):
 
 
 MAX_CHUNKS = 256
-ROW_COST = cpu.ROW_COST
 ELEMENTWISE_COST = cpu.ELEMENTWISE_COST
+work = cpu.work_jit
 
 
 @njit(**_ROW)
-def n_chunks(n, nc):
+def n_chunks(n, nc, element_cost):
     """How many chunks of rows the parallel loop runs: each allocates its own work rows once, so
-    small calls get one chunk, large ones at least 16K elements' work a chunk (each row counted
-    ROW_COST elements more, ``cpu.call_work``; the sigmoid kernels pass C ELEMENTWISE_COST) and
-    at most MAX_CHUNKS (many more than threads, for balance). numba.get_num_threads() would be
-    the natural count, but a kernel that calls it cannot be cached."""
-    return max(1, min(n, MAX_CHUNKS, (n * (nc + ROW_COST)) >> 14))
+    small calls get one chunk, large ones at least 16K elements' work a chunk (``cpu.work``:
+    each row ROW_COST elements more, each element ``element_cost``, 1 for the softmax losses and
+    ELEMENTWISE_COST for the sigmoid ones) and at most MAX_CHUNKS (many more than threads, for
+    balance). numba.get_num_threads() would be the natural count, but a kernel that calls it
+    cannot be cached."""
+    return max(1, min(n, MAX_CHUNKS, work(n, nc, element_cost) >> 14))
 
 
 @njit(**_ROW)
@@ -1138,24 +1139,30 @@ def add_nonneg(s, c, v):
 
 
 @njit(**_FMA)
-def short_row_sum(e):
+def short_row_sum(e, e_lo):
     """The sum of the terms e_j < 2^96 of a row of at most :data:`SHORT_CLASSES`, in order with
-    :func:`add_nonneg`: the sum :func:`_short_group_sums` makes in each lane, bit for bit, so
-    that the forward's lanes and the fused kernel's rows give the same loss."""
+    :func:`add_nonneg`: the sum :func:`lane_sums` makes in each lane, bit for bit, so that the
+    forward's lanes and the fused kernel's rows give the same loss. With ``e_lo`` not None
+    (float32 pairs) each term is e_j + e_lo_j, exact in float64 (pruned at compile time)."""
     s = 0.0
     c = 0.0
     for j in range(e.shape[0]):
         v = e[j]
-        s, c = add_nonneg(s, c, np.float64(v) if v < BIASED_ONE else 0.0)
+        term = np.float64(v) if e_lo is None else np.float64(v) + np.float64(e_lo[j])
+        s, c = add_nonneg(s, c, term if v < BIASED_ONE else 0.0)
     return s + c
 
 
 @njit(**_FMA)
-def _short_group_sums(xt, mx, nc, s_hi, s_lo, ties):
+def lane_sums(xt, mx, nc, s_hi, s_lo, ties, pairs):
     """For LANES rows laid out by class (``xt[c * LANES + r]`` = x_rc) with maxima ``mx``: per
     lane r, the terms e = exp(x_rc - m_r) 2^96 below 2^96 summed in float64 with the rounding
     errors kept (Fast2Sum of the larger and the smaller: every term is >= 0), and the count of
-    terms equal to 2^96. The inner loop runs over the lanes: the rows' sums never mix."""
+    terms equal to 2^96. The inner loop runs over the lanes: the rows' sums never mix. With
+    ``pairs`` None each term is :func:`exp_lanes` (the cross-entropy's); otherwise (float32
+    rows only) the float32 pair :func:`_exp_biased_pair`, e + e_lo exact in float64 (the
+    softmax focal loss's terms, :func:`_focal_terms_f32`): a test numba prunes at compile
+    time."""
     for r in range(LANES):
         s_hi[r] = 0.0
         s_lo[r] = 0.0
@@ -1164,55 +1171,27 @@ def _short_group_sums(xt, mx, nc, s_hi, s_lo, ties):
         base = c * LANES
         for r in range(LANES):
             hi, lo = two_diff_lanes(xt[base + r], mx[r])
-            e = exp_lanes(hi, lo)
+            if pairs is None:
+                e = exp_lanes(hi, lo)
+                v = np.float64(e)
+            else:
+                e, e_lo = _exp_biased_pair(hi, lo, _EXP32)
+                v = np.float64(e) + np.float64(e_lo)
             below = e < BIASED_ONE
-            s_hi[r], s_lo[r] = add_nonneg(s_hi[r], s_lo[r], np.float64(e) if below else 0.0)
-            ties[r] += 0.0 if below else 1.0
-
-
-@njit(**_FMA)
-def short_pair_sum(e, e_lo):
-    """:func:`short_row_sum` of float32 pairs (e_j + e_lo_j exact in float64, the terms with
-    e_j < 2^96): the sum :func:`_short_group_pair_sums` makes in each lane, bit for bit."""
-    s = 0.0
-    c = 0.0
-    for j in range(e.shape[0]):
-        v = e[j]
-        s, c = add_nonneg(s, c, np.float64(v) + np.float64(e_lo[j]) if v < BIASED_ONE else 0.0)
-    return s + c
-
-
-@njit(**_FMA)
-def _short_group_pair_sums(xt, mx, nc, s_hi, s_lo, ties):
-    """:func:`_short_group_sums` of float32 rows with each term a float32 pair
-    (:func:`_exp_biased_pair`): the softmax focal loss's terms."""
-    for r in range(LANES):
-        s_hi[r] = 0.0
-        s_lo[r] = 0.0
-        ties[r] = 0.0
-    for c in range(nc):
-        base = c * LANES
-        for r in range(LANES):
-            hi, lo = two_diff_lanes(xt[base + r], mx[r])
-            e, e_lo = _exp_biased_pair(hi, lo, _EXP32)
-            below = e < BIASED_ONE
-            v = np.float64(e) + np.float64(e_lo) if below else 0.0
-            s_hi[r], s_lo[r] = add_nonneg(s_hi[r], s_lo[r], v)
+            s_hi[r], s_lo[r] = add_nonneg(s_hi[r], s_lo[r], v if below else 0.0)
             ties[r] += 0.0 if below else 1.0
 
 
 def focal_group_sums(xt, mx, nc, s_hi, s_lo, ties):
-    """The softmax focal loss's lane sums: :func:`_short_group_pair_sums` for float32 rows
-    (their terms are pairs, :func:`_focal_terms_f32`), :func:`_short_group_sums` for float64."""
+    """The softmax focal loss's lane sums (:func:`lane_sums`): of float32 pairs for float32
+    rows, of the float64 exp for float64 rows."""
 
 
 @overload(focal_group_sums, jit_options=_FMA)
 def _ov_focal_group_sums(xt, mx, nc, s_hi, s_lo, ties):
     if xt.dtype == types.float32:
-        return lambda xt, mx, nc, s_hi, s_lo, ties: _short_group_pair_sums(
-            xt, mx, nc, s_hi, s_lo, ties
-        )
-    return lambda xt, mx, nc, s_hi, s_lo, ties: _short_group_sums(xt, mx, nc, s_hi, s_lo, ties)
+        return lambda xt, mx, nc, s_hi, s_lo, ties: lane_sums(xt, mx, nc, s_hi, s_lo, ties, True)
+    return lambda xt, mx, nc, s_hi, s_lo, ties: lane_sums(xt, mx, nc, s_hi, s_lo, ties, None)
 
 
 @njit(**_FMA)
@@ -1287,12 +1266,12 @@ def _short_group_prepare(logits, target, r0, nc, work):
     """The group of LANES rows from r0 laid out by class in the ``work`` arrays (xt, tt, mx,
     s_hi, s_lo, ties, ...): the logits and their maxima (:func:`_short_group_copy`), the soft
     targets when ``target`` is 2-D (:func:`_by_class`), and each lane's sum of terms
-    (:func:`_short_group_sums`)."""
+    (:func:`lane_sums`)."""
     xt, tt, mx, s_hi, s_lo, ties = work[:6]
     _short_group_copy(logits, r0, nc, xt, mx)
     if target.ndim == 2:
         _by_class(target, r0, nc, tt)
-    _short_group_sums(xt, mx, nc, s_hi, s_lo, ties)
+    lane_sums(xt, mx, nc, s_hi, s_lo, ties, None)
 
 
 @njit(**_ROW)
@@ -1308,7 +1287,7 @@ def _ce_index_short_rows(lo, hi, logits, target, params, out_loss, work, block_m
     """Rows [lo, hi) of the class-index forward without label smoothing, for rows of at most
     :data:`SHORT_CLASSES` classes: each group of LANES rows is copied by class into ``xt``, the
     maxima taken row by row (:func:`row_max`), then the terms and their sums computed with one
-    row per lane (:func:`_short_group_sums`); the loss is the row path's, w_y ((m - x_y) +
+    row per lane (:func:`lane_sums`); the loss is the row path's, w_y ((m - x_y) +
     log1p(S)) with S = sum_{j != k} exp(x_j - m). Rows with a NaN or an infinite maximum, and
     the last rows that do not fill a group, take the row path (:func:`_ce_index_row`)."""
     xt, mx = work[0], work[2]
@@ -1410,7 +1389,7 @@ def cross_entropy_index_fwd(logits, target, weight, ignore_index, label_smoothin
     """:func:`cestudy.kernels.cpu.cross_entropy_index_fwd`, vectorised (same signature and
     semantics); ``logits`` float32 or float64."""
     params = (weight, compensated_sum(weight), ignore_index, label_smoothing, 1.0)
-    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    chunks = n_chunks(logits.shape[0], logits.shape[1], 1)
     short = logits.shape[1] <= SHORT_CLASSES and label_smoothing == 0.0
     for c in prange(chunks):
         if short:
@@ -1432,7 +1411,7 @@ def cross_entropy_index_fwd_grad(
     by the cancellation-free formulas."""
     params = (weight, compensated_sum(weight), ignore_index, label_smoothing, grad_scale)
     inplace = out_grad.ctypes.data == logits.ctypes.data
-    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    chunks = n_chunks(logits.shape[0], logits.shape[1], 1)
     for c in prange(chunks):
         _softmax_chunk(c, chunks, logits, target, params, True, inplace, out_loss, out_grad)
 
@@ -1484,7 +1463,7 @@ def _ov_ce_row(x, t, params, with_grad, inplace, g, scratch, block_max):
 def cross_entropy_prob_fwd(logits, target, weight, label_smoothing, out_loss):
     """:func:`cestudy.kernels.cpu.cross_entropy_prob_fwd`, vectorised."""
     params = (weight, label_smoothing, 1.0)
-    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    chunks = n_chunks(logits.shape[0], logits.shape[1], 1)
     short = logits.shape[1] <= SHORT_CLASSES
     for c in prange(chunks):
         if short:
@@ -1501,7 +1480,7 @@ def cross_entropy_prob_fwd_grad(
     ``out_grad`` may be ``logits``."""
     params = (weight, label_smoothing, grad_scale)
     inplace = out_grad.ctypes.data == logits.ctypes.data
-    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    chunks = n_chunks(logits.shape[0], logits.shape[1], 1)
     for c in prange(chunks):
         _softmax_chunk(c, chunks, logits, target, params, True, inplace, out_loss, out_grad)
 
@@ -1552,7 +1531,7 @@ def _focal_terms_f32(x, g, scratch, with_grad, inplace, block_max):
             lo = scratch[width : width + b1 - b0]
             ties += _exp_pair_block_f32(x[b0:b1], mf, hi, lo)
         if nc <= SHORT_CLASSES:  # the lanes' order (the same bits forward and fused)
-            s = short_pair_sum(hi, lo)
+            s = short_row_sum(hi, lo)
         else:
             s += _sum_pairs_below_f32(hi, lo)
         block_max[b] = m
@@ -1675,7 +1654,7 @@ def softmax_focal_fwd(logits, target, weight, ignore_index, gamma, out_loss):
     """:func:`cestudy.kernels.cpu.softmax_focal_fwd`, vectorised (same signature and
     semantics; ``logits`` float32 or float64): FL_i = -w_y (1 - p_y)^gamma log p_y per row,
     by :func:`_focal_index_row`."""
-    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    chunks = n_chunks(logits.shape[0], logits.shape[1], 1)
     short = logits.shape[1] <= SHORT_CLASSES
     for c in prange(chunks):
         params = FocalParams(weight, ignore_index, gamma, 1.0)
@@ -1693,7 +1672,7 @@ def softmax_focal_fwd_grad(
     ``grad_scale`` d FL_i / d x_ij = w_y (p_j - [j == y]) a^(gamma - 1) (gamma ce p_y + a) with
     a = 1 - p_y, ce = -log p_y (:func:`_focal_index_row`); ``out_grad`` may be ``logits``."""
     inplace = out_grad.ctypes.data == logits.ctypes.data
-    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    chunks = n_chunks(logits.shape[0], logits.shape[1], 1)
     for c in prange(chunks):
         params = FocalParams(weight, ignore_index, gamma, grad_scale)
         _softmax_chunk(c, chunks, logits, target, params, True, inplace, out_loss, out_grad)
@@ -2156,7 +2135,7 @@ def bce_with_logits_fwd(logits, target, weight, pos_weight, out_loss):
     ``pos_weight`` are (N, C) or, when the same for every row, (1, C): contiguous rows keep the
     loop vectorised (zero-stride broadcast views made it 6x slower). ``out_loss`` (N, C) for
     per-element losses, (N,) for row sums."""
-    chunks = n_chunks(logits.shape[0], logits.shape[1] * ELEMENTWISE_COST)
+    chunks = n_chunks(logits.shape[0], logits.shape[1], ELEMENTWISE_COST)
     for c in prange(chunks):
         params = BceParams(weight, pos_weight)
         _sigmoid_chunk(c, chunks, logits, target, params, 1.0, False, out_loss, None)
@@ -2167,7 +2146,7 @@ def bce_with_logits_fwd_grad(logits, target, weight, pos_weight, grad_scale, out
     """:func:`cestudy.kernels.cpu.bce_with_logits_fwd_grad`, vectorised (weights and
     ``out_loss`` as in :func:`bce_with_logits_fwd`); ``out_grad`` may be ``logits``."""
     inplace = out_grad.ctypes.data == logits.ctypes.data
-    chunks = n_chunks(logits.shape[0], logits.shape[1] * ELEMENTWISE_COST)
+    chunks = n_chunks(logits.shape[0], logits.shape[1], ELEMENTWISE_COST)
     for c in prange(chunks):
         params = BceParams(weight, pos_weight)
         _sigmoid_chunk(c, chunks, logits, target, params, grad_scale, inplace, out_loss, out_grad)
@@ -2191,7 +2170,7 @@ def sigmoid_focal_fwd(logits, target, alpha, gamma, out_loss):
     {0, 1, 2} (torchvision's default 2) runs vectorised (:func:`_focal_elem`); any other gamma
     calls libm's pow per element (:func:`_focal_pow_elem`, scalar). ``out_loss`` (N, C) for
     per-element losses, (N,) for row sums."""
-    chunks = n_chunks(logits.shape[0], logits.shape[1] * ELEMENTWISE_COST)
+    chunks = n_chunks(logits.shape[0], logits.shape[1], ELEMENTWISE_COST)
     vectorised = pow_free(gamma)
     for c in prange(chunks):
         if vectorised:
@@ -2208,7 +2187,7 @@ def sigmoid_focal_fwd_grad(logits, target, alpha, gamma, grad_scale, out_loss, o
     :func:`sigmoid_focal_fwd`): the losses and ``grad_scale`` alpha_t [(s(x) - t) b^gamma +
     gamma ce b^(gamma - 1) (1 - 2t) s(x) s(-x)], b = 1 - p_t; ``out_grad`` may be ``logits``."""
     inplace = out_grad.ctypes.data == logits.ctypes.data
-    chunks = n_chunks(logits.shape[0], logits.shape[1] * ELEMENTWISE_COST)
+    chunks = n_chunks(logits.shape[0], logits.shape[1], ELEMENTWISE_COST)
     vectorised = pow_free(gamma)
     for c in prange(chunks):
         if vectorised:
@@ -2461,7 +2440,7 @@ def _short_group_kl_sums(xt, tt, mx, logs, nc, sums):
 @njit(**_ROW)
 def _kl_short_rows(lo, hi, logits, target, out_loss, work, terms, block_max):
     """Rows [lo, hi) of the KL forward for rows of at most :data:`SHORT_CLASSES` classes, LANES
-    at a time: S per lane as the cross-entropy's (:func:`_short_group_sums`), L = log1p(S) per
+    at a time: S per lane as the cross-entropy's (:func:`lane_sums`), L = log1p(S) per
     row, then the terms per lane (:func:`_short_group_kl_sums`); rows with a NaN or an infinite
     maximum, and the last rows, take the row path (:func:`_kl_row`)."""
     xt, tt, mx = work[:3]
@@ -2540,7 +2519,7 @@ def kl_divergence_fwd(logits, target, out_loss):
     """:func:`cestudy.kernels.cpu.kl_divergence_fwd`, vectorised: per-row
     KL(p || softmax(x)) = sum_c p_c ((m - x_c) + log1p(S) + log p_c), 0 log 0 = 0 (the
     reference's per-term formula, never H(p, q) - H(p), which cancels where p is close to q)."""
-    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    chunks = n_chunks(logits.shape[0], logits.shape[1], 1)
     short = logits.shape[1] <= SHORT_CLASSES
     for c in prange(chunks):
         if short:
@@ -2555,7 +2534,7 @@ def kl_divergence_fwd_grad(logits, target, grad_scale, out_loss, out_grad):
     d KL_i / d x_ij = (P q_j - p_j) * grad_scale, P = sum_c p_c; ``out_grad`` may be
     ``logits``."""
     inplace = out_grad.ctypes.data == logits.ctypes.data
-    chunks = n_chunks(logits.shape[0], logits.shape[1])
+    chunks = n_chunks(logits.shape[0], logits.shape[1], 1)
     for c in prange(chunks):
         _kl_chunk(c, chunks, logits, target, grad_scale, True, inplace, out_loss, out_grad)
 
