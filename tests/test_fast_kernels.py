@@ -945,6 +945,43 @@ def test_sigmoid_focal_rows_of_several_blocks_match_the_oracle(dtype, gamma, alp
             assert_ulp_of_scale(grad, exact_g, scale, dtype, tol, "gradient")
 
 
+@pytest.mark.parametrize("gamma", SIGMOID_FOCAL_GAMMAS + [5.0])
+def test_sigmoid_focal_soft_targets_within_the_focal_exception_in_both_kernels(gamma):
+    """float64 soft targets, the case where 1 - p_t as a sum of two rounded sigmoids went past
+    the exception 2 gamma + 4 (b^gamma multiplies b's error by gamma): the fast kernel and the
+    reference kernel (``scalar.sigmoid_focal``, which the CUDA kernels also compile) share
+    ``scalar.one_minus_p_t`` (their exp and log1p differ: the vectorised ones and libm's);
+    gradients in ulps of their terms' magnitudes."""
+    from helpers import sigmoid_focal_grad_scale
+
+    rng = np.random.default_rng(int(gamma * 10) + 11)
+    c = 4 * BLOCK
+    x = np.exp(rng.uniform(np.log(1e-3), np.log(2e2), (4, c))) * rng.choice([-1.0, 1.0], (4, c))
+    t = rng.uniform(0.0, 1.0, (4, c))
+    tol = focal_tol(gamma, np.float64)
+    exact = oracle.sigmoid_focal_loss(x, t, 0.25, gamma)
+    exact_g = oracle.sigmoid_focal_loss_grad(x, t, 0.25, gamma)
+    scale = sigmoid_focal_grad_scale(x, t, 0.25, gamma)
+    fast_loss, _, fast_grad = _sigmoid_focal_fast(x, t, 0.25, gamma)
+    ref_loss, ref_grad = np.empty(x.shape), np.empty(x.shape)
+    cpu.sigmoid_focal_fwd_grad(x, t, 0.25, gamma, 1.0, ref_loss, ref_grad)
+    for loss, grad, name in ((fast_loss, fast_grad, "fast"), (ref_loss, ref_grad, "reference")):
+        assert_ulp(loss, exact, np.float64, tol, f"{name} loss")
+        assert_ulp_of_scale(grad, exact_g, scale, np.float64, tol, f"{name} gradient")
+
+
+def test_scalar_fma_rounds_once_in_python():
+    """``scalar.fma`` outside numba (the CUDA simulator's FMA, whose a * b + c rounds twice,
+    would make the error-free product c1 e = p + p_lo lose p_lo): (1 + u)(1 - u) - 1 = -u^2."""
+    from cestudy.kernels import scalar
+
+    u = 2.0**-30
+    assert (1.0 + u) * (1.0 - u) - 1.0 == 0.0
+    assert scalar.fma(1.0 + u, 1.0 - u, -1.0) == -(u * u)
+    assert math.isnan(scalar.fma(math.inf, 0.0, 1.0))
+    assert scalar.fma(math.inf, 2.0, 1.0) == math.inf
+
+
 # x, t, each named after the failure it guards
 SIGMOID_FOCAL_EXTREMES = {
     # 1 - p_t formed as 1 - s(x) rounds to 0: the loss of a confident correct logit is lost

@@ -43,14 +43,35 @@ import math
 import types
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
-from numba.extending import overload
+from numba.core import types as nbtypes
+from numba.extending import intrinsic, overload
 
 from . import scalar
 
 _OPTS = dict(cache=True, error_model="numpy", nogil=True)
 
-_S = scalar.compiled(njit(**_OPTS))
+
+@intrinsic
+def fma64(typingctx, a, b, c):
+    """a b + c with one rounding (``llvm.fma.f64``; vectorises). Where a loss is a sum of
+    products, the kernels write the FMA out: LLVM contracts a product into a sum only where the
+    product has no other use (and did so here without the ``contract`` flag), so in a loop that
+    also computes the gradient, which reuses the products, it chose otherwise, and the forward
+    and fused kernels differed in the last bit of the loss."""
+    if not (a == b == c == nbtypes.float64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        d = ir.DoubleType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [d], ir.FunctionType(d, [d, d, d]))
+        return builder.call(fn, args)
+
+    return nbtypes.float64(nbtypes.float64, nbtypes.float64, nbtypes.float64), codegen
+
+
+_S = scalar.compiled(njit(**_OPTS), fma=fma64)
 two_diff = _S.two_diff
 exp_dd = _S.exp_dd
 exp_diff = _S.exp_diff

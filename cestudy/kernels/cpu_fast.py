@@ -123,7 +123,8 @@ _FMA = dict(fastmath={"contract"}, **_ROW)
 _SUM = dict(fastmath={"reassoc", "contract"}, **_ROW)
 # the shared formulas again, with FMA contraction for the polynomials (not cached: a second
 # cached compilation of the same source with other flags would share cpu.py's cache entries)
-_F = scalar.compiled(njit(fastmath={"contract"}, error_model="numpy", nogil=True))
+_F = scalar.compiled(njit(fastmath={"contract"}, error_model="numpy", nogil=True), fma=cpu.fma64)
+fma64 = cpu.fma64
 soft_target = _F.soft_target
 exp_diff = _F.exp_diff
 two_diff = _F.two_diff
@@ -132,7 +133,8 @@ focal_parts = _F.focal_parts
 focal_inner = _F.focal_inner
 pow_nonneg = _F.pow_nonneg
 _exp_parts = _F.exp_parts
-one_minus = _F.one_minus  # no product: contraction cannot change its bits
+one_minus = _F.one_minus
+one_minus_p_t = _F.one_minus_p_t
 EXP_FLUSH = scalar.EXP_FLUSH
 
 F32 = np.float32
@@ -1728,24 +1730,6 @@ def _params_of(params, cls) -> bool:
     return isinstance(params, types.BaseNamedTuple) and params.instance_class is cls
 
 
-@intrinsic
-def fma64(typingctx, a, b, c):
-    """a b + c with one rounding (``llvm.fma.f64``; vectorises). Where a loss is a sum of
-    products, the kernels write the FMA out: LLVM contracts a product into a sum only where the
-    product has no other use (and did so here without the ``contract`` flag), so in a loop that
-    also computes the gradient, which reuses the products, it chose otherwise, and the forward
-    and fused kernels differed in the last bit of the loss."""
-    if not (a == b == c == types.float64):
-        return None
-
-    def codegen(context, builder, signature, args):
-        d = ir.DoubleType()
-        fn = builder.module.declare_intrinsic("llvm.fma", [d], ir.FunctionType(d, [d, d, d]))
-        return builder.call(fn, args)
-
-    return types.float64(types.float64, types.float64, types.float64), codegen
-
-
 @njit(**_ROW)
 def _bce_loss(sp_pos, sp_neg, tj, wj, pwj):
     """w (pw t softplus(-x) + (1 - t) softplus(x)) (``scalar.bce_logits``), both terms >= 0,
@@ -1766,12 +1750,9 @@ def _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha):
     """(ce, b) of the sigmoid focal loss: ce = t softplus(-x) + (1 - t) softplus(x) (BCE with
     logits, a sum of two terms >= 0, with 1 - t = w + w_lo exact (``scalar.one_minus``) and
     explicit FMAs: :func:`fma64`, so the loss's bits do not depend on whether the loop also
-    computes the gradient) and b = 1 - p_t = t s(-x) + (1 - t) s(x) from e = exp(-|x|) as
-    ``scalar.one_minus_p_t``: (c0 + c1 e) / (1 + e) with 1 - t = w + w_lo exact, c1 e exact as
-    an FMA pair, their sum with its TwoSum error, and the quotient n r (r = s(|x|), the
-    reciprocal of 1 + e = z + z_lo) corrected by the FMA remainder n - q z, without a second
-    division: at most 1.8 ulp where the sum of two rounded sigmoids gave 2.9 (measured on 2e6
-    soft targets), an error that b^gamma multiplies by gamma. With it alpha_t
+    computes the gradient) and b = 1 - p_t = t s(-x) + (1 - t) s(x) from e = exp(-|x|) by
+    ``scalar.one_minus_p_t``: one quotient (c0 + c1 e) / (1 + e), to 1.8 ulp where the sum of
+    two rounded sigmoids gave 2.9, an error that b^gamma multiplies by gamma. With them alpha_t
     (:func:`_alpha_t`).
 
     float32 rows pass ``ej`` None (a test numba prunes at compile time): their float64
@@ -1786,19 +1767,8 @@ def _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha):
     lo = w_lo * sp_pos  # (1 - t) softplus(x) = w softplus(x) + lo; lo dropped where not finite
     ce = fma64(tj, sp_neg, fma64(w, sp_pos, lo if lo - lo == 0.0 else 0.0))
     pos = sig_pos >= sig_neg  # x >= 0 (where they tie, e = 1 and both forms agree)
-    c0 = w if pos else tj
-    c0_lo = w_lo if pos else 0.0
-    c1 = tj if pos else w
-    c1_lo = 0.0 if pos else w_lo
-    p = c1 * ej
-    p_lo = fma64(c1, ej, -p)
-    s, s_lo = two_diff_lanes(c0, -p)
-    n = s + ((s_lo + p_lo) + fma64(c1_lo, ej, c0_lo))
-    r = sig_pos if pos else sig_neg
-    z = 1.0 + ej
-    z_lo = ej - (z - 1.0)
-    q = n * r
-    return ce, fma64(fma64(-q, z, n) - q * z_lo, r, q), _alpha_t(tj, alpha)
+    b = one_minus_p_t(tj, ej, pos, sig_pos if pos else sig_neg)
+    return ce, b, _alpha_t(tj, alpha)
 
 
 @njit(**_ROW)

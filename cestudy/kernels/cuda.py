@@ -81,7 +81,19 @@ from numba import cuda, float32, float64, int32, uint16, uint32, uint64
 from .. import dtypes
 from . import scalar
 
-_S = scalar.compiled(cuda.jit(device=True))
+
+@cuda.jit(device=True)
+def _fma(a, b, c):
+    """a b + c rounded once (the GPU's FMA), for ``scalar``'s error-free products."""
+    return cuda.fma(a, b, c)
+
+
+# the simulator runs device functions as Python, whose FMA (a * b + c) rounds twice: there the
+# exact rational one of ``scalar.fma``
+_S = scalar.compiled(
+    cuda.jit(device=True),
+    fma=scalar.fma if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0") else _fma,
+)
 two_diff = _S.two_diff
 exp_diff = _S.exp_diff
 neumaier_add = _S.neumaier_add
