@@ -293,7 +293,7 @@ def finish_loss(
         return per_sample.reshape(out_shape).astype(out_dtype)
     # "mean" and "batchmean" divide by the denominator the caller computed
     flat = per_sample if per_sample.ndim == 1 else np.ascontiguousarray(per_sample.reshape(-1))
-    # one row (a small element-wise call, its rows merged): its sum is the kernel's own
+    # one loss (an element-wise call whose rows were merged into one, or one class row): no sum
     total = float(flat[0]) if flat.shape[0] == 1 else float(cpu.compensated_sum(flat))
     if reduction == "sum":
         return _to_scalar(total, out_dtype)

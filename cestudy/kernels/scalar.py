@@ -38,7 +38,9 @@ EXP_FLUSH = -708.0  # below this, exp(d) < 3.3e-308: 0 for any float32 result
 def fma(a, b, c):
     """a b + c rounded once. :func:`compiled` puts in the target's FMA instruction (the
     caller's ``fma``: ``llvm.fma.f64`` on the CPU, ``cuda.fma`` on the GPU); this Python
-    version, for uncompiled calls, rounds the exact rational result."""
+    version, for uncompiled calls and the CUDA simulator, rounds the exact rational result of
+    finite arguments (a result beyond the float64 range raises OverflowError, an exact zero is
+    +0)."""
     if not (math.isfinite(a) and math.isfinite(b) and math.isfinite(c)):
         return a * b + c
     return float(Fraction(a) * Fraction(b) + Fraction(c))
@@ -149,13 +151,17 @@ def one_minus(t):
 def one_minus_p_t(t, e, x_nonneg, r):
     """b = 1 - p_t = t s(-x) + (1 - t) s(x) of the sigmoid focal loss from e = exp(-|x|) and
     r = s(|x|) (:func:`sigmoid`, the corrected reciprocal of 1 + e), to 1.8 ulp where the sum of
-    two rounded sigmoids gives 2.9 (measured on 2e6 soft targets): b = (c0 + c1 e) / (1 + e),
+    two rounded sigmoids gives 2.9 (b alone, in a float64 simulation of 2e6 soft targets; loss
+    errors were measured on 2e5): b = (c0 + c1 e) / (1 + e),
     (c0, c1) = (1 - t, t) for x >= 0 and (t, 1 - t) below. 1 - t = w + w_lo exactly
     (:func:`one_minus`); c1 e = p + p_lo exactly (:func:`fma`); c0 + p with its TwoSum error and
-    the low parts; the quotient n r corrected by the remainder n - q z (one FMA, exact) and by
-    1 + e = z + z_lo, without a second division. The focal loss raises b to the power gamma,
-    which multiplies b's error by gamma: on soft targets the sum of sigmoids went past the
-    contract's float64 focal exception 2 gamma + 4 (13.6 ulp at gamma 3.5, 18.2 at gamma 5)."""
+    the low parts; the quotient n r corrected by the remainder n - q z (one FMA, nearly exact:
+    q is within a few ulps of n / z) and by 1 + e = z + z_lo, without a second division. The
+    focal loss raises b to the power gamma, which multiplies b's error by gamma: on soft targets
+    the sum of sigmoids went past the contract's float64 focal exception 2 gamma + 4 (13.6 ulp
+    at gamma 3.5, 18.2 at gamma 5). Targets outside [0, 1] are not supported (w_lo is exact only
+    for |t| <= 2). On a GPU, NVVM's FMA contraction may fuse c1 e into the sums that follow and
+    count p_lo twice (up to half an ulp more in b); not measured there."""
     w, w_lo = one_minus(t)
     if x_nonneg:
         c0, c0_lo, c1, c1_lo = w, w_lo, t, 0.0
