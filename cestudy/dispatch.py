@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from .kernels import cpu, cpu_fast
 Reduction = Literal["none", "mean", "sum"]
 Backend = Literal["cpu", "cuda"]
 REDUCTIONS = ("none", "mean", "sum")
+_INT64 = np.dtype(np.int64)
 BACKENDS = ("cpu", "cuda")
 
 
@@ -187,9 +188,9 @@ def _checked_indices(
             f"target of class indices must have shape {expected} to match logits; got shape "
             f"{t.shape}"
         )
-    t = as_working(t, (t.size,), np.dtype(np.int64))
-    if t.size == 0 or (t.min() >= 0 and t.max() < n_classes):
-        return t, True  # two reductions, no temporaries: the common case of a small call
+    t = as_working(t, (t.size,), _INT64)
+    if cpu.indices_in_range(t, n_classes):
+        return t, True  # one pass, no temporaries: the common case
     bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
     if np.any(bad):
         i = int(np.flatnonzero(bad)[0])
@@ -352,6 +353,37 @@ _SCALAR_OPTIONS = {
     "alpha": check_alpha,
 }
 
+INPUT_NAMES = {"logits": "logits", "probs": "probs", "log_probs": "input"}
+
+
+class _Plan(NamedTuple):
+    """What :func:`run` needs of a variant, worked out once per variant (a small call paid
+    about 1 us to rebuild it every time)."""
+
+    option_set: frozenset
+    defaults: dict
+    checks: tuple  # (option, its check) for the variant's scalar options
+    input_name: str
+    fwd: str  # the kernels' names
+    fwd_grad: str
+
+
+_PLANS: dict[str, _Plan] = {}
+
+
+def _plan(v: variants.Variant) -> _Plan:
+    plan = _PLANS.get(v.name)
+    if plan is None:
+        plan = _PLANS[v.name] = _Plan(
+            frozenset(v.option_names),
+            v.defaults,
+            tuple((key, _SCALAR_OPTIONS[key]) for key in v.option_names if key in _SCALAR_OPTIONS),
+            INPUT_NAMES[v.input],
+            f"{v.kernel}_fwd",
+            f"{v.kernel}_fwd_grad",
+        )
+    return plan
+
 
 def _kernel_module(variant: variants.Variant, backend: str, work: np.dtype):
     if backend == "cuda":
@@ -403,23 +435,24 @@ def run(
     gradient buffer (it may be the logits themselves, to overwrite them with the gradient).
     """
     v = variants.get(name)
+    plan = _plan(v)
     check_choice("reduction", reduction, v.reductions)
     check_choice("backend", backend, BACKENDS)
-    unknown = [key for key in options if key not in v.option_names]
-    if unknown:
+    if not plan.option_set.issuperset(options):
+        unknown = [key for key in options if key not in plan.option_set]
         raise TypeError(f"{v.function}() got unexpected options {sorted(unknown)}")
-    opts = {**v.defaults, **options}
-    for key, check in _SCALAR_OPTIONS.items():
-        if key in opts:
-            opts[key] = check(opts[key])
+    opts = {**plan.defaults, **options}
+    for key, check in plan.checks:
+        opts[key] = check(opts[key])
     if backend == "cuda":
         if not v.cuda:
             raise ValueError(f"{v.function} has no CUDA kernel; use backend='cpu'")
         if _is_device(logits):
             return _run_device(v, logits, target, reduction, with_grad, out, opts)
         backends.require_cuda()  # says what is missing before any work
-    input_name = INPUT_NAMES[v.input]
+    input_name = plan.input_name
 
+    merge = 1
     if v.elementwise:
         arr = as_float_array(input_name, logits)
         tgt = as_float_array("target", target)
@@ -429,6 +462,9 @@ def run(
             )
         work = dtypes.working_dtype(arr.dtype)
         s2 = shape_2d(arr.shape)
+        if backend == "cpu":
+            merge = merge_factor(*s2)
+            s2 = (s2[0] // merge, s2[1] * merge)
         x = as_working(arr, s2, work)
         t = as_working(tgt, s2, work)
         loss_shape = arr.shape
@@ -449,30 +485,27 @@ def run(
         if key in ("weight", "pos_weight"):
             if not v.elementwise:
                 value = class_weight(value, x.shape[1])
-            elif value is not None:  # None: ones of the merged rows' width, made below
+            elif value is None:
+                value = ones_row(x.shape[1])
+            else:
                 value = contiguous_rows(elementwise_weights(key, value, arr.shape))
+                value = merged_weight(value, merge, x.shape)
         args.append(value)
     if v.target == "index":
         denom = _index_denominator(
             t, args[0], opts["ignore_index"], opts.get("weight") is None, x.shape[1], in_range
         )
-    if v.elementwise and backend == "cpu":
-        x, t, args = _merge_rows(x, t, args, v.option_names)
-    if v.elementwise:
-        args = [ones_row(x.shape[1]) if a is None else a for a in args]
     # element-wise CPU kernels sum each row themselves when no per-element loss is asked for
     row_sums = v.elementwise and reduction != "none" and backend == "cpu"
     loss = np.empty(x.shape[0] if row_sums or not v.elementwise else x.shape, dtype=np.float64)
 
     if not with_grad:
-        _kernel(module, v.kernel + "_fwd", cpu.call_work(*x.shape, v.elementwise))(
-            x, t, *args, loss
-        )
+        _kernel(module, plan.fwd, cpu.call_work(*x.shape, v.elementwise))(x, t, *args, loss)
         return finish_loss(loss, reduction, denom, arr.dtype, loss_shape)
     grad = _grad_buffer(out, arr, x, v.elementwise)
     if np.shares_memory(grad, x) and grad.ctypes.data != x.ctypes.data:
         grad = np.empty_like(x)  # a partial overlap; out=logits itself is safe in every kernel
-    _kernel(module, v.kernel + "_fwd_grad", cpu.call_work(*x.shape, v.elementwise))(
+    _kernel(module, plan.fwd_grad, cpu.call_work(*x.shape, v.elementwise))(
         x, t, *args, grad_scale(reduction, denom), loss, grad
     )
     result = finish_loss(loss, reduction, denom, arr.dtype, loss_shape)
@@ -483,34 +516,30 @@ def run(
     return result, to_input_layout(grad, arr, v.elementwise).astype(arr.dtype, copy=False)
 
 
-INPUT_NAMES = {"logits": "logits", "probs": "probs", "log_probs": "input"}
-
 MERGED_ROW = 4096
 """Element-wise losses: consecutive rows shorter than this are run as one kernel row of up to
-this many elements (:func:`_merge_rows`)."""
+this many elements (:func:`merge_factor`)."""
 
 
-def _merge_rows(x, t, args, names):
-    """An element-wise loss does not care where rows end, but the kernels pay a fixed cost per
-    row (about 80 ns: a row's setup and the remainder of its vector loops), which dominated
-    short rows (256 x 10: 20 us in the kernel). So k consecutive rows of C elements become one
-    row of k C (k = all the rows, or the largest power of two dividing N, with k C <=
-    :data:`MERGED_ROW`): views of the C-contiguous logits and targets, the weight rows tiled k
-    times (or viewed the same way when there is one per row)."""
-    n, c = x.shape
+def merge_factor(n: int, c: int) -> int:
+    """How many consecutive rows of an element-wise loss's (n, c) input the CPU kernels run as
+    one row. An element-wise loss does not care where rows end, but the kernels pay a fixed
+    cost per row (about 80 ns: a row's setup and the remainder of its vector loops), which
+    dominated short rows (256 x 10: 20 us in the kernel). So k consecutive rows of C elements
+    become one row of k C: k = all the rows, or the largest power of two dividing N, with
+    k C <= :data:`MERGED_ROW` (1: rows stay apart). The logits and targets are viewed that way
+    (they are C-contiguous), the weights by :func:`merged_weight`."""
     if n * c <= MERGED_ROW:
-        k = n
-    else:
-        k = min(n & -n, 1 << max(0, (MERGED_ROW // c).bit_length() - 1))
+        return max(n, 1)
+    return min(n & -n, 1 << max(0, (MERGED_ROW // c).bit_length() - 1))
+
+
+def merged_weight(w: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:
+    """A (1, C) or (N, C) contiguous weight for rows merged k at a time into ``shape``: the one
+    row tiled k times, or the rows viewed as ``shape``."""
     if k <= 1:
-        return x, t, args
-    shape = (n // k, k * c)
-    merged = []
-    for key, value in zip(names, args):
-        if key in ("weight", "pos_weight") and value is not None:
-            value = np.tile(value, (1, k)) if value.shape[0] == 1 else value.reshape(shape)
-        merged.append(value)
-    return x.reshape(shape), t.reshape(shape), merged
+        return w
+    return np.tile(w, (1, k)) if w.shape[0] == 1 else w.reshape(shape)
 
 
 def _grad_buffer(out: Any, arr: np.ndarray, x: np.ndarray, elementwise: bool) -> np.ndarray:

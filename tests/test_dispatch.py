@@ -1,5 +1,5 @@
 """The dispatch layer's fast paths change no result: element-wise losses run with consecutive
-short rows merged into one kernel row (``dispatch._merge_rows``), and class-index targets are
+short rows merged into one kernel row (``dispatch.merge_factor``), and class-index targets are
 checked by their minimum and maximum first. Each case compares against the same call with the
 fast path turned off, and against torch."""
 
@@ -84,14 +84,11 @@ def test_merged_rows_change_no_result(monkeypatch, shape, name, weighted, reduct
 
 
 def test_merge_factor_takes_whole_small_calls_and_powers_of_two():
-    x = np.zeros((256, 10), np.float32)
-    assert dispatch._merge_rows(x, x, [], ())[0].shape == (1, 2560)
-    x = np.zeros((2048, 1000), np.float32)
-    assert dispatch._merge_rows(x, x, [], ())[0].shape == (512, 4000)
-    x = np.zeros((4097, 3), np.float32)  # odd N: rows stay apart
-    assert dispatch._merge_rows(x, x, [], ())[0].shape == (4097, 3)
-    x = np.zeros((8, 8192), np.float32)  # long rows stay apart
-    assert dispatch._merge_rows(x, x, [], ())[0].shape == (8, 8192)
+    assert dispatch.merge_factor(256, 10) == 256  # one row of 2560
+    assert dispatch.merge_factor(2048, 1000) == 4  # rows of 4000
+    assert dispatch.merge_factor(4097, 3) == 1  # odd N: rows stay apart
+    assert dispatch.merge_factor(8, 8192) == 1  # long rows stay apart
+    assert dispatch.merge_factor(0, 10) == 1
 
 
 @pytest.mark.parametrize(
@@ -113,3 +110,24 @@ def test_index_targets_are_checked_with_and_without_the_min_max_path(target, ign
     else:
         with pytest.raises(ValueError, match=re.escape(message)):
             dispatch.index_target(t, (3,), 4, ignore_index)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        [0],
+        [3],
+        [4],
+        [-1],
+        [0, 1, 2, 3] * 100,
+        [0, 1, 2, 3] * 100 + [4],  # the one bad entry last, past every vector block
+        [-(2**63), 3],
+        [2**63 - 1, 0],
+    ],
+    ids=lambda v: f"{len(v)} entries",
+)
+def test_the_index_range_scan_agrees_with_numpy(values):
+    t = np.array(values, dtype=np.int64)
+    expected = t.size == 0 or bool(t.min() >= 0 and t.max() < 4)
+    assert dispatch.cpu.indices_in_range(t, 4) is expected

@@ -1927,14 +1927,16 @@ def log1p_f64(e):
 def _exp_log1p_block(x, e, lp):
     """e_j = exp(-|x_j|) (one rounding into the subnormals) and lp_j = log1p(e_j), float64;
     a NaN logit gives e_j = NaN (the exp's flush select would give 0, and a finite gradient).
-    A loop of its own: with the rest of the element's arithmetic in the same loop, LLVM no
-    longer inlines the exp and log1p calls, and a loop with a call stays scalar."""
+    Loops of their own: with the rest of the element's arithmetic in the same loop, LLVM no
+    longer inlines the exp and log1p calls, and a loop with a call stays scalar; the exp and
+    the log1p apart take 3/4 of the time they take in one loop (2560 elements: 2.7-3.2 us
+    against 3.7-4.0)."""
     for j in range(x.shape[0]):
         v = x[j]
         ej = exp_f64_biased(-abs(v), 0.0) * UNBIAS
-        ej = ej if v == v else v
-        e[j] = ej
-        lp[j] = log1p_f64(ej)
+        e[j] = ej if v == v else v
+    for j in range(x.shape[0]):
+        lp[j] = log1p_f64(e[j])
 
 
 @njit(**_FMA)
