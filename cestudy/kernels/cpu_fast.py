@@ -135,6 +135,8 @@ pow_nonneg = _F.pow_nonneg
 _exp_parts = _F.exp_parts
 one_minus = _F.one_minus
 one_minus_p_t = _F.one_minus_p_t
+alpha_t_pair = _F.alpha_t_pair
+times_pair = _F.times_pair
 EXP_FLUSH = scalar.EXP_FLUSH
 
 F32 = np.float32
@@ -1747,50 +1749,47 @@ def _bce_elem(sp_pos, sp_neg, sig_pos, sig_neg, tj, wj, pwj):
 
 @njit(**_ROW)
 def _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha):
-    """(ce, b) of the sigmoid focal loss: ce = t softplus(-x) + (1 - t) softplus(x) (BCE with
-    logits, a sum of two terms >= 0, with 1 - t = w + w_lo exact (``scalar.one_minus``) and
-    explicit FMAs: :func:`fma64`, so the loss's bits do not depend on whether the loop also
-    computes the gradient) and b = 1 - p_t = t s(-x) + (1 - t) s(x) from e = exp(-|x|) by
-    ``scalar.one_minus_p_t``: one quotient (c0 + c1 e) / (1 + e), to 1.8 ulp where the sum of
-    two rounded sigmoids gave 2.9, an error that b^gamma multiplies by gamma. With them alpha_t
-    (:func:`_alpha_t`).
+    """(ce, b, alpha_t, alpha_t_lo) of the sigmoid focal loss: ce = t softplus(-x) +
+    (1 - t) softplus(x) (BCE with logits, a sum of two terms >= 0, with 1 - t = w + w_lo exact
+    (``scalar.one_minus``) and explicit FMAs: :func:`fma64`, so the loss's bits do not depend on
+    whether the loop also computes the gradient), b = 1 - p_t = t s(-x) + (1 - t) s(x) from
+    e = exp(-|x|) by ``scalar.one_minus_p_t``: one quotient (c0 + c1 e) / (1 + e), to 1.8 ulp
+    where the sum of two rounded sigmoids gave 2.9, an error that b^gamma multiplies by gamma,
+    and alpha_t = alpha t + (1 - alpha)(1 - t) as an unevaluated pair
+    (``scalar.alpha_t_pair``).
 
-    float32 rows pass ``ej`` None (a test numba prunes at compile time): their float64
-    arithmetic is far within a float32 ulp with the plain sums (ce and b each an FMA of the
-    rounded 1 - t, alpha_t likewise), and the corrected forms in the loop made LLVM stop
-    vectorising it (12 times slower at 256 x 1000)."""
+    float32 rows pass ``ej`` None (a test numba prunes at compile time) and get alpha_t_lo
+    None: their float64 arithmetic is far within a float32 ulp with the plain sums (ce, b and
+    alpha_t each an FMA of the rounded 1 - t), and the corrected forms in the loop made LLVM
+    stop vectorising it (12 times slower at 256 x 1000)."""
     if ej is None:
         a_t = fma64(alpha, tj, (1.0 - alpha) * (1.0 - tj)) if alpha >= 0.0 else 1.0
         ce = fma64(tj, sp_neg, (1.0 - tj) * sp_pos)
-        return ce, fma64(tj, sig_neg, (1.0 - tj) * sig_pos), a_t
+        return ce, fma64(tj, sig_neg, (1.0 - tj) * sig_pos), a_t, None
     w, w_lo = one_minus(tj)
     lo = w_lo * sp_pos  # (1 - t) softplus(x) = w softplus(x) + lo; lo dropped where not finite
     ce = fma64(tj, sp_neg, fma64(w, sp_pos, lo if lo - lo == 0.0 else 0.0))
     pos = sig_pos >= sig_neg  # x >= 0 (where they tie, e = 1 and both forms agree)
     b = one_minus_p_t(tj, ej, pos, sig_pos if pos else sig_neg)
-    return ce, b, _alpha_t(tj, alpha)
-
-
-@njit(**_ROW)
-def _alpha_t(tj, alpha):
-    """alpha t + (1 - alpha)(1 - t) with 1 - t = w + w_lo exact (``scalar.one_minus``) and
-    explicit FMAs (<= 1 ulp for alpha = 0.25, whose 1 - alpha is exact), or 1 for alpha < 0 (no
-    weighting)."""
-    w, w_lo = one_minus(tj)
-    a1 = 1.0 - alpha
-    return fma64(alpha, tj, fma64(a1, w, a1 * w_lo)) if alpha >= 0.0 else 1.0
+    a_t, a_t_lo = alpha_t_pair(tj, w, w_lo, alpha)
+    return ce, b, a_t, a_t_lo
 
 
 @njit(**_FMA)
-def _focal_combine(ce, b, bg, bg1, sig_pos, sig_neg, tj, alpha_t, gamma):
+def _focal_combine(ce, b, bg, bg1, sig_pos, sig_neg, tj, alpha_t, alpha_t_lo, gamma):
     """(loss, d loss / dx) of the sigmoid focal loss (``scalar.sigmoid_focal``, the same
     operations) from ce (BCE with logits), b = 1 - p_t, bg = b^gamma and bg1 = b^(gamma - 1):
     alpha_t ce b^gamma and alpha_t [(s(x) - t) b^gamma + gamma ce b^(gamma - 1) (1 - 2t) s(x)
-    s(-x)], alpha_t = alpha t + (1 - alpha)(1 - t) (:func:`_focal_factors`). The second term is
-    dropped where b = 0 or gamma = 0 (a select: where b underflowed, b^(gamma - 1) may be inf and
-    the term 0 * inf, while its limit is 0). (1 - t) s(x) - t s(-x) is s(x) or -s(-x) exactly
-    for t in {0, 1}; for soft t it cancels, as the contract's measure (3) allows."""
-    loss = alpha_t * ce * bg
+    s(-x)], alpha_t = alpha t + (1 - alpha)(1 - t) (:func:`_focal_factors`; alpha_t ce with one
+    rounding from the pair (``scalar.times_pair``) unless ``alpha_t_lo`` is None, the float32
+    rows). The second term is dropped where b = 0 or gamma = 0 (a select: where b underflowed,
+    b^(gamma - 1) may be inf and the term 0 * inf, while its limit is 0). (1 - t) s(x) -
+    t s(-x) is s(x) or -s(-x) exactly for t in {0, 1}; for soft t it cancels, as the
+    contract's measure (3) allows."""
+    if alpha_t_lo is None:  # pruned at compile time
+        loss = alpha_t * ce * bg
+    else:
+        loss = times_pair(alpha_t, alpha_t_lo, ce) * bg
     g = ((1.0 - tj) * sig_pos - tj * sig_neg) * bg
     extra = gamma * ce * bg1 * ((1.0 - 2.0 * tj) * sig_pos * sig_neg)
     return loss, alpha_t * (g + extra if b != 0.0 and gamma != 0.0 else g)
@@ -1802,10 +1801,10 @@ def _focal_elem(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha, gamma):
     (ce, b) of :func:`_focal_factors`: b^gamma = 1, b or b b (the correctly rounded
     powers, the bits libm's pow gives: ``scalar.pow_nonneg``) and b^(gamma - 1) = b or 1 exactly,
     chosen by selects on the call's gamma: no pow, and the loop stays vectorised."""
-    ce, b, alpha_t = _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha)
+    ce, b, alpha_t, alpha_t_lo = _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha)
     bg = 1.0 if gamma == 0.0 else (b if gamma == 1.0 else b * b)
     bg1 = b if gamma == 2.0 else 1.0
-    return _focal_combine(ce, b, bg, bg1, sig_pos, sig_neg, tj, alpha_t, gamma)
+    return _focal_combine(ce, b, bg, bg1, sig_pos, sig_neg, tj, alpha_t, alpha_t_lo, gamma)
 
 
 @njit(**_FMA)
@@ -1815,9 +1814,9 @@ def _focal_pow_elem(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha, gamma):
     no vectorised log accurate enough for exp(gamma log b) in float64 (gamma |log b| ulps of the
     log would go into the result), so the loops over this element stay scalar: a call with such
     a gamma runs at about the reference kernel's speed."""
-    ce, b, alpha_t = _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha)
+    ce, b, alpha_t, alpha_t_lo = _focal_factors(sp_pos, sp_neg, sig_pos, sig_neg, tj, ej, alpha)
     bg = pow_nonneg(b, gamma)
-    return _focal_combine(ce, b, bg, bg / b, sig_pos, sig_neg, tj, alpha_t, gamma)
+    return _focal_combine(ce, b, bg, bg / b, sig_pos, sig_neg, tj, alpha_t, alpha_t_lo, gamma)
 
 
 def sigmoid_elem(params, j, sp_pos, sp_neg, sig_pos, sig_neg, tj, ej):

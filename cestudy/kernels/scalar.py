@@ -148,6 +148,34 @@ def one_minus(t):
     return w, (1.0 - w) - t
 
 
+def alpha_t_pair(t, w, w_lo, alpha):
+    """(a, a_lo) with a + a_lo = alpha t + (1 - alpha)(1 - t) to about 2^-100 relative, the
+    focal loss's class weight, from 1 - t = w + w_lo (:func:`one_minus`); (1, 0) for alpha < 0
+    (no weighting). 1 - alpha is carried exactly too, the products as exact FMA pairs, their
+    sum (two terms >= 0) with its TwoSum error. Rounded to one float64 it was up to 1 ulp off,
+    and the loss alpha_t ce took that ulp: 4.03 ulp at gamma 0 on soft targets, past the
+    contract's 4; :func:`times_pair` multiplies by the pair with one rounding."""
+    if not alpha >= 0.0:
+        return 1.0, 0.0
+    a1, a1_lo = one_minus(alpha)
+    p = alpha * t
+    p_lo = fma(alpha, t, -p)
+    q = a1 * w
+    q_lo = fma(a1, w, -q)
+    s = p + q
+    bb = s - p
+    lo = ((p - (s - bb)) + (q - bb)) + ((p_lo + q_lo) + (a1 * w_lo + a1_lo * w))
+    a = s + lo
+    return a, lo - (a - s)
+
+
+def times_pair(a, a_lo, v):
+    """(a + a_lo) v rounded once (one FMA); a v where a_lo v is not finite (v = inf or NaN:
+    0 inf would be NaN)."""
+    lo = a_lo * v
+    return fma(a, v, lo if lo - lo == 0.0 else 0.0)
+
+
 def one_minus_p_t(t, e, x_nonneg, r):
     """b = 1 - p_t = t s(-x) + (1 - t) s(x) of the sigmoid focal loss from e = exp(-|x|) and
     r = s(|x|) (:func:`sigmoid`, the corrected reciprocal of 1 + e), to 1.8 ulp where the sum of
@@ -305,11 +333,8 @@ def sigmoid_focal(x, t, alpha, gamma):
     lo = w_lo * sp_pos  # (1 - t) softplus(x) = w softplus(x) + lo; lo dropped where not finite
     ce = fma(t, sp_neg, fma(w, sp_pos, lo if lo - lo == 0.0 else 0.0))
     bg = pow_nonneg(b, gamma)
-    alpha_t = 1.0
-    if alpha >= 0.0:
-        a1 = 1.0 - alpha
-        alpha_t = fma(alpha, t, fma(a1, w, a1 * w_lo))
-    loss = alpha_t * ce * bg
+    alpha_t, alpha_t_lo = alpha_t_pair(t, w, w_lo, alpha)
+    loss = times_pair(alpha_t, alpha_t_lo, ce) * bg
     g = ((1.0 - t) * sp - t * sn) * bg
     if b != 0.0 and gamma != 0.0:
         # b^(gamma - 1) * db, written so that b -> 0 does not produce 0 * inf
@@ -329,6 +354,8 @@ FUNCTIONS = (
     "sigmoid",
     "sigmoid_pair",
     "one_minus",
+    "alpha_t_pair",
+    "times_pair",
     "one_minus_p_t",
     "neumaier_add",
     "pow_nonneg",
