@@ -4,12 +4,16 @@ contract as the reference kernels (rows of one block and of several), gradients 
 logits (in place) equal to gradients written elsewhere, and serial twins equal to the parallel
 kernels."""
 
+import ctypes
 import math
+import mmap
+import sys
 
 import numpy as np
 import pytest
 from numba import njit
 
+import cestudy
 from cestudy import variants
 from cestudy.kernels import cpu, cpu_fast
 from cestudy.reference import oracle
@@ -1085,3 +1089,33 @@ def test_fast_bce_with_logits_float64_nan_logit_has_a_nan_gradient():
     cpu_fast.bce_with_logits_fwd_grad(x, t, w, w, 1.0, loss, grad)
     assert np.isnan(grad[0, [0, 2]]).all() and np.isnan(loss[0, [0, 2]]).all()
     assert np.isfinite(grad[0, 1])
+
+
+def _rows_before_a_guard_page(n, c, dtype):
+    """An (n, c) array whose last byte is the last byte before a page mapped PROT_NONE: any read
+    past the last row faults (the mapping lives as long as the array, its base)."""
+    page = mmap.PAGESIZE
+    size = n * c * np.dtype(dtype).itemsize
+    assert size % page == 0
+    region = mmap.mmap(-1, size + page)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(start + size), ctypes.c_size_t(page), 0) == 0
+    return np.frombuffer(region, dtype, n * c).reshape(n, c)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mprotect from the C library")
+@pytest.mark.parametrize("c", [4 * BLOCK, 17 * BLOCK])  # the maximum first; the online path
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prefetch_hints_past_the_last_row_never_fault(dtype, c):
+    """The streaming exp hints the next row's (or block's) memory while it computes
+    (``exp_block_streaming``); past the last row that memory may not be mapped, and a hint must
+    never become a read there (which would kill the process)."""
+    x = _rows_before_a_guard_page(2, c, dtype)
+    x[:] = np.random.default_rng(9).standard_normal((2, c))
+    y = np.array([1, c - 1])
+    loss, grad = run_fast(x, y)
+    assert_ulp(loss.astype(dtype), oracle.cross_entropy(x, y), dtype)
+    assert_ulp(grad, oracle.cross_entropy_grad(x, y), dtype)
+    focal = cestudy.softmax_focal_loss(x, y, reduction="none")
+    assert_ulp(focal, oracle.softmax_focal_loss(x, y, gamma=2.0), dtype)

@@ -35,7 +35,10 @@ lanes with AVX-512), using error-free transformations where a plain rounding wou
   online (max, sum) state (Milakov & Gimelshein 2018): the sum of the terms below the running
   maximum and the count of terms equal to it, rescaled by exp(m_old - m_new) when the maximum
   grows. (The online form for every row was 10% slower single-threaded at 32768 classes: the
-  compute phases of the blocks left the memory idle.) float64 rows always take the maximum first:
+  compute phases of the blocks left the memory idle.) Rows of several blocks keep the memory
+  busy while exp computes: every 256 terms, prefetch hints (``llvm.prefetch``) for as many
+  elements of the next row (or, online, of the next block) (``exp_block_streaming``; float32
+  2048 x 32768 forward 11.3 -> 9.6 ms). float64 rows always take the maximum first:
   a rescaling would cost float64 ulps. S = sum_{j != k} exp(x_j - m) is never formed as
   (1 + S) - 1. The fused kernels read the row once more to scale the stored terms into the
   gradient, by a / (1 + S) carried as a double-double (one rounding per entry).
@@ -99,6 +102,7 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import cpu, scalar
@@ -142,6 +146,7 @@ EXP_FLUSH = scalar.EXP_FLUSH
 F32 = np.float32
 PREMAX_CLASSES = 1 << 16  # rows up to 256 KiB of float32: the maximum first, then blocks from L2
 BLOCK = 4096  # classes per block: 16 KiB of logits, in L1 with its 16 KiB of float32 terms
+STREAM_STEP = 256  # elements of exp between two groups of prefetch hints (exp_block_streaming)
 
 
 def _bitcast(int_type, float_type, llvm_type, doc):
@@ -306,6 +311,34 @@ def exp_f32_biased(hi, lo):
     hi = -150, 0 below (and for hi = -inf or NaN: callers test the row for NaN first). The
     rest c of the reduction is below 2^-16: its rounding is far below a float32 ulp of exp."""
     return _exp_biased(hi, lo, _EXP32)
+
+
+@intrinsic
+def _prefetch(typingctx, x, j):
+    """A hint that the cache line of ``x``'s element ``j`` will be read soon (``llvm.prefetch``,
+    read, into L2): ``j`` may lie past the end of ``x``, since a prefetch never faults."""
+    if not isinstance(x, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(x, types.intp), codegen
+
+
+@njit(**_ROW)
+def prefetch_span(x, lo, hi):
+    """Prefetch elements [lo, hi) of ``x``'s memory, one hint per 64-byte line."""
+    step = max(64 // x.itemsize, 1)
+    for j in range(lo, hi, step):
+        _prefetch(x, j)
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,6 +696,41 @@ def _ov_elem(x, v):
     return lambda x, v: np.float64(v)
 
 
+@njit(**_ROW)
+def exp_block_streaming(x, m, out, out_lo, ahead, at):
+    """:func:`exp_block` (``out`` None: :func:`exp_block_inplace`; ``out_lo`` not None: the
+    float32 pairs of :func:`_exp_pair_block_f32`) STREAM_STEP elements at a time, each step
+    preceded by prefetch hints for as many elements of ``ahead`` from ``at`` on (the next row's
+    or the next block's logits), so that memory streams in while exp computes.
+
+    Without the hints a core reads memory only during its rows' max passes and leaves it idle
+    during the (longer) exp passes; with them the two overlap: float32 2048 x 32768 forward,
+    2 threads, 11.3 -> 9.6 ms; 4096 x 131072 99 -> 77 ms; float64 2048 x 32768 29 -> 25 ms.
+    One burst of 256 hints per 4096-element block was slower than none (the hints queue behind
+    each other); 256-element steps did best of 128 / 256 / 512 / 1024. Rows of one block gain
+    nothing (2048 x 1000 was 10% slower with hints: the hardware prefetcher keeps up). Same
+    terms, and ``hint`` the maximum of the steps' own, so the same bits."""
+    ties = 0.0
+    hint = np.int64(0)
+    n = x.shape[0]
+    for s0 in range(0, n, STREAM_STEP):
+        s1 = min(s0 + STREAM_STEP, n)
+        prefetch_span(ahead, at + s0, at + s1)
+        if out_lo is not None:
+            if out is None:
+                t_s = _exp_pair_block_f32(x[s0:s1], m, None, out_lo[s0:s1])
+            else:
+                t_s = _exp_pair_block_f32(x[s0:s1], m, out[s0:s1], out_lo[s0:s1])
+            h_s = np.int64(0)
+        elif out is None:
+            t_s, h_s = exp_block_inplace(x[s0:s1], m)
+        else:
+            t_s, h_s = exp_block(x[s0:s1], m, out[s0:s1])
+        ties += t_s
+        hint = max(hint, h_s)
+    return ties, hint
+
+
 @njit(**_SUM)
 def _weighted_shift_sums(x, w, m):
     """(sum w_c, sum w_c (m - x_c)) in float64 (terms >= 0; m - x_c is exact); a -inf logit
@@ -931,10 +999,12 @@ def row_online(x, dst, at_offset, inplace, block_max, side, want_k, t, w, eps):
             a_sum += a_b
             t_sum += t_b
         if m > -np.inf:
+            # the next row's block (premax) or this row's next block is fetched meanwhile
+            ahead = nc + b0 if premax else b0 + BLOCK
             if inplace:
-                ties_b, hint = exp_block_inplace(xb, elem(x, m))
+                ties_b, hint = exp_block_streaming(xb, elem(x, m), None, None, x, ahead)
             else:
-                ties_b, hint = exp_block(xb, elem(x, m), db)
+                ties_b, hint = exp_block_streaming(xb, elem(x, m), db, None, x, ahead)
             ties += ties_b
             s += sum_below(db, hint)
         else:
@@ -1526,14 +1596,18 @@ def _focal_terms_f32(x, g, scratch, with_grad, inplace, block_max):
         if with_grad:
             hi = g[b0:b1]
             lo = scratch[b0:b1]
-            if inplace:
-                ties += _exp_pair_block_f32(x[b0:b1], mf, None, lo)
-            else:
-                ties += _exp_pair_block_f32(x[b0:b1], mf, hi, lo)
         else:
             hi = scratch[: b1 - b0]
             lo = scratch[width : width + b1 - b0]
-            ties += _exp_pair_block_f32(x[b0:b1], mf, hi, lo)
+        # the next row is fetched meanwhile (rows of one block gain nothing from the hints)
+        if inplace and nc <= BLOCK:
+            ties += _exp_pair_block_f32(x, mf, None, lo)
+        elif nc <= BLOCK:
+            ties += _exp_pair_block_f32(x, mf, hi, lo)
+        elif inplace:
+            ties += exp_block_streaming(x[b0:b1], mf, None, lo, x, nc + b0)[0]
+        else:
+            ties += exp_block_streaming(x[b0:b1], mf, hi, lo, x, nc + b0)[0]
         if nc <= SHORT_CLASSES:  # the lanes' order (the same bits forward and fused)
             s = short_row_sum(hi, lo)
         else:
