@@ -1005,6 +1005,28 @@ def test_scalar_fma_rounds_once_in_python():
     assert scalar.fma(math.inf, 2.0, 1.0) == math.inf
 
 
+def test_scalar_two_sum_and_two_diff_are_exact_in_python_and_compiled():
+    """TwoSum leaves no error behind: s + err = a + b exactly, for operands of any relative
+    magnitude and either order (Fast2Sum, which needs |a| >= |b|, would lose the small operand
+    when it comes first), in plain Python (the CUDA simulator) and compiled by numba."""
+    from fractions import Fraction
+
+    from cestudy.kernels import scalar
+
+    rng = np.random.default_rng(21)
+    a = rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)
+    b = rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)
+    compiled = njit(lambda a, b: (cpu.two_sum(a, b), cpu.two_diff(a, b)))
+    for ai, bi in zip(a.tolist(), b.tolist()):
+        for (s, e), (d, f) in (
+            ((scalar.two_sum(ai, bi)), scalar.two_diff(ai, bi)),
+            compiled(ai, bi),
+        ):
+            assert s == ai + bi and Fraction(s) + Fraction(e) == Fraction(ai) + Fraction(bi)
+            assert d == ai - bi and Fraction(d) + Fraction(f) == Fraction(ai) - Fraction(bi)
+    assert scalar.two_diff(math.inf, math.inf)[1] == 0.0  # the guarded non-finite case
+
+
 # x, t, each named after the failure it guards
 SIGMOID_FOCAL_EXTREMES = {
     # 1 - p_t formed as 1 - s(x) rounds to 0: the loss of a confident correct logit is lost

@@ -48,7 +48,7 @@ from numba import njit, prange
 from numba.core import types as nbtypes
 from numba.extending import intrinsic, overload
 
-from . import scalar
+from . import cache, scalar
 
 _OPTS = dict(cache=True, error_model="numpy", nogil=True)
 
@@ -72,6 +72,10 @@ def fma64(typingctx, a, b, c):
 
 
 _S = scalar.compiled(njit(**_OPTS), fma=fma64)
+# kernels cached from other sources than these are dropped before numba loads any
+# (cpu_fast and linear import this module first)
+cache.drop_stale(_S.two_sum._cache._cache_path)
+two_sum = _S.two_sum
 two_diff = _S.two_diff
 exp_dd = _S.exp_dd
 exp_diff = _S.exp_diff

@@ -46,8 +46,18 @@ def fma(a, b, c):
     return float(Fraction(a) * Fraction(b) + Fraction(c))
 
 
+def two_sum(a, b):
+    """Return ``(s, err)`` with ``s = fl(a + b)`` and ``s + err = a + b`` exactly for finite
+    ``a``, ``b`` (Knuth's TwoSum: six operations, no branch, any order of magnitudes; for a
+    non-finite ``s`` the error is meaningless: :func:`two_diff` guards it)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
 def two_diff(a, b):
-    """Return ``(hi, lo)`` with ``hi = fl(a - b)`` and ``hi + lo = a - b`` exactly (Knuth TwoSum).
+    """Return ``(hi, lo)`` with ``hi = fl(a - b)`` and ``hi + lo = a - b`` exactly
+    (:func:`two_sum` of ``a`` and ``-b``).
 
     For a non-finite ``hi`` the error term is meaningless (inf - inf); it is set to 0 so that
     ``hi + lo`` keeps the IEEE value of ``a - b``.
@@ -55,10 +65,7 @@ def two_diff(a, b):
     s = a - b
     if not math.isfinite(s):
         return s, 0.0
-    nb = -b
-    bb = s - a
-    err = (a - (s - bb)) + (nb - bb)
-    return s, err
+    return two_sum(a, -b)
 
 
 def exp_dd(hi, lo):
@@ -162,9 +169,8 @@ def alpha_t_pair(t, w, w_lo, alpha):
     p_lo = fma(alpha, t, -p)
     q = a1 * w
     q_lo = fma(a1, w, -q)
-    s = p + q
-    bb = s - p
-    lo = ((p - (s - bb)) + (q - bb)) + ((p_lo + q_lo) + (a1 * w_lo + a1_lo * w))
+    s, s_lo = two_sum(p, q)
+    lo = s_lo + ((p_lo + q_lo) + (a1 * w_lo + a1_lo * w))
     a = s + lo
     return a, lo - (a - s)
 
@@ -197,9 +203,8 @@ def one_minus_p_t(t, e, x_nonneg, r):
         c0, c0_lo, c1, c1_lo = t, 0.0, w, w_lo
     p = c1 * e
     p_lo = fma(c1, e, -p)
-    s = c0 + p
-    bb = s - c0
-    n = s + ((((c0 - (s - bb)) + (p - bb)) + p_lo) + (c0_lo + c1_lo * e))
+    s, s_lo = two_sum(c0, p)
+    n = s + ((s_lo + p_lo) + (c0_lo + c1_lo * e))
     z = 1.0 + e
     z_lo = e - (z - 1.0)
     q = n * r
@@ -346,6 +351,7 @@ def sigmoid_focal(x, t, alpha, gamma):
 # Compilation for a target
 # --------------------------------------------------------------------------------------------
 FUNCTIONS = (
+    "two_sum",
     "two_diff",
     "exp_dd",
     "exp_diff",
