@@ -1018,10 +1018,8 @@ def test_scalar_two_sum_and_two_diff_are_exact_in_python_and_compiled():
     b = rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)
     compiled = njit(lambda a, b: (cpu.two_sum(a, b), cpu.two_diff(a, b)))
     for ai, bi in zip(a.tolist(), b.tolist()):
-        for (s, e), (d, f) in (
-            ((scalar.two_sum(ai, bi)), scalar.two_diff(ai, bi)),
-            compiled(ai, bi),
-        ):
+        python = (scalar.two_sum(ai, bi), scalar.two_diff(ai, bi))
+        for (s, e), (d, f) in (python, compiled(ai, bi)):
             assert s == ai + bi and Fraction(s) + Fraction(e) == Fraction(ai) + Fraction(bi)
             assert d == ai - bi and Fraction(d) + Fraction(f) == Fraction(ai) - Fraction(bi)
     assert scalar.two_diff(math.inf, math.inf)[1] == 0.0  # the guarded non-finite case
