@@ -318,7 +318,7 @@ def _short_rows(c, dtype):
 def test_short_rows_in_lanes_match_the_oracle_and_the_fused_kernel(dtype, c):
     """The class-index forward of rows of at most SHORT_CLASSES classes runs LANES rows at a
     time, one per SIMD lane: within 4 ulp of the oracle, NaN for the rows torch makes NaN, 0
-    for ignored rows, and the same bits as the fused kernel (which takes the row path)."""
+    for ignored rows, and the same bits as the fused kernel."""
     x, y, w = _short_rows(c, dtype)
     n = x.shape[0]
     loss, fused, grad = np.empty(n), np.empty(n), np.empty_like(x)
@@ -334,6 +334,34 @@ def test_short_rows_in_lanes_match_the_oracle_and_the_fused_kernel(dtype, c):
     bad = ~np.isfinite(exact)
     assert np.isnan(loss[kept][bad]).all() and np.isfinite(loss[kept][~bad]).all()
     assert_ulp(loss[kept][~bad].astype(dtype), exact[~bad], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [1, 5, 10, 16, cpu_fast.SHORT_CLASSES])
+def test_fused_short_rows_in_lanes_give_the_row_paths_bits(dtype, c):
+    """The fused class-index kernel runs rows of at most SHORT_CLASSES classes LANES at a time
+    (the forward's lanes, then each row's gradient from the kept terms): the loss and gradient
+    are the row path's bit for bit (ignored, NaN, +inf and all-masked rows included, which the
+    lanes hand to the row path), in place too, and the gradient is within 4 ulp of the oracle."""
+    x, y, w = _short_rows(c, dtype)
+    n = x.shape[0]
+    scale = 1.0 / n
+    loss, grad = np.empty(n), np.empty_like(x)
+    cpu_fast.cross_entropy_index_fwd_grad(x, y, w, -100, 0.0, scale, loss, grad)
+    row_loss, row_grad = np.empty(n), np.empty_like(x)
+    params = (w, cpu.compensated_sum(w), -100, 0.0, scale)
+    cpu_fast._softmax_chunk(0, 1, x, y, params, True, False, row_loss, row_grad)
+    np.testing.assert_array_equal(loss, row_loss)
+    np.testing.assert_array_equal(grad, row_grad)
+    inplace = x.copy()
+    cpu_fast.cross_entropy_index_fwd_grad(inplace, y, w, -100, 0.0, scale, loss, inplace)
+    np.testing.assert_array_equal(loss, row_loss)
+    np.testing.assert_array_equal(inplace, row_grad)
+    assert (grad[9] == 0.0).all()  # ignored_row
+    ok = (y != -100) & np.isfinite(row_loss)
+    exact_g = oracle.cross_entropy_grad(x[ok], y[ok], w) * scale
+    assert_ulp(grad[ok], exact_g, dtype)
+    assert np.isnan(grad[~ok & (y != -100)]).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

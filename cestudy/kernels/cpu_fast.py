@@ -1228,15 +1228,15 @@ def short_row_sum(e, e_lo):
 
 
 @njit(**_FMA)
-def lane_sums(xt, mx, nc, s_hi, s_lo, ties, pairs):
+def lane_sums(xt, mx, nc, s_hi, s_lo, ties, pairs, terms):
     """For LANES rows laid out by class (``xt[c * LANES + r]`` = x_rc) with maxima ``mx``: per
     lane r, the terms e = exp(x_rc - m_r) 2^96 below 2^96 summed in float64 with the rounding
     errors kept (Fast2Sum of the larger and the smaller: every term is >= 0), and the count of
     terms equal to 2^96. The inner loop runs over the lanes: the rows' sums never mix. With
-    ``pairs`` None each term is :func:`exp_lanes` (the cross-entropy's); otherwise (float32
-    rows only) the float32 pair :func:`_exp_biased_pair`, e + e_lo exact in float64 (the
-    softmax focal loss's terms, :func:`_focal_terms_f32`): a test numba prunes at compile
-    time."""
+    ``pairs`` None each term is :func:`exp_lanes` (the cross-entropy's), kept in ``terms`` by
+    class when it is not None (the fused kernel's); otherwise (float32 rows only) the float32
+    pair :func:`_exp_biased_pair`, e + e_lo exact in float64 (the softmax focal loss's terms,
+    :func:`_focal_terms_f32`): tests numba prunes at compile time."""
     for r in range(LANES):
         s_hi[r] = 0.0
         s_lo[r] = 0.0
@@ -1248,6 +1248,8 @@ def lane_sums(xt, mx, nc, s_hi, s_lo, ties, pairs):
             if pairs is None:
                 e = exp_lanes(hi, lo)
                 v = np.float64(e)
+                if terms is not None:
+                    terms[base + r] = e
             else:
                 e, e_lo = _exp_biased_pair(hi, lo, _EXP32)
                 v = np.float64(e) + np.float64(e_lo)
@@ -1264,8 +1266,10 @@ def focal_group_sums(xt, mx, nc, s_hi, s_lo, ties):
 @overload(focal_group_sums, jit_options=_FMA)
 def _ov_focal_group_sums(xt, mx, nc, s_hi, s_lo, ties):
     if xt.dtype == types.float32:
-        return lambda xt, mx, nc, s_hi, s_lo, ties: lane_sums(xt, mx, nc, s_hi, s_lo, ties, True)
-    return lambda xt, mx, nc, s_hi, s_lo, ties: lane_sums(xt, mx, nc, s_hi, s_lo, ties, None)
+        return lambda xt, mx, nc, s_hi, s_lo, ties: lane_sums(
+            xt, mx, nc, s_hi, s_lo, ties, True, None
+        )
+    return lambda xt, mx, nc, s_hi, s_lo, ties: lane_sums(xt, mx, nc, s_hi, s_lo, ties, None, None)
 
 
 @njit(**_FMA)
@@ -1345,7 +1349,7 @@ def _short_group_prepare(logits, target, r0, nc, work):
     _short_group_copy(logits, r0, nc, xt, mx)
     if target.ndim == 2:
         _by_class(target, r0, nc, tt)
-    lane_sums(xt, mx, nc, s_hi, s_lo, ties, None)
+    lane_sums(xt, mx, nc, s_hi, s_lo, ties, None, None)
 
 
 @njit(**_ROW)
@@ -1388,6 +1392,67 @@ def _ce_index_short_rows(lo, hi, logits, target, params, out_loss, work, block_m
     for i in range(r0, hi):
         out_loss[i] = _ce_index_row(
             logits[i], target[i], params, False, False, logits[i], xt[:nc], block_max
+        )
+
+
+@njit(**_SUM)
+def _scale_lane(g, terms, r, f, f_lo):
+    """g_j = (f + f_lo) e_j for the terms of lane r kept by class (``terms[j * LANES + r]``):
+    :func:`_scale_block`'s formula, so that a row gets the same bits in either path."""
+    for j in range(g.shape[0]):
+        v = np.float64(terms[j * LANES + r])
+        g[j] = v * f + v * f_lo
+
+
+@njit(**_ROW)
+def _ce_index_short_rows_grad(
+    lo, hi, logits, target, params, inplace, out_loss, out_grad, work, terms, block_max
+):
+    """Rows [lo, hi) of the fused class-index cross-entropy without label smoothing, for rows of
+    at most :data:`SHORT_CLASSES` classes: the lanes of :func:`_ce_index_short_rows` (the same
+    S, loss and bits), with the terms e_j 2^96 kept by class in ``terms``; each row's gradient
+    is then :func:`_ce_index_row`'s, bit for bit: (f + f_lo) 2^-96 e_j with
+    f + f_lo = w_y scale / (1 + S) (:func:`scale_over`), and at the true class
+    w_y scale (p_y - 1), or -w_y scale S / (1 + S) when y is an argmax (no cancellation).
+
+    The row path (``_ce_index_row``) takes ignored rows (zero gradient), rows with a NaN or an
+    infinite maximum, and the last rows that do not fill a group; a group is read into ``xt``
+    before any of its rows is written, so ``out_grad`` may be ``logits`` (``inplace``)."""
+    xt, mx = work[0], work[2]
+    s_hi, s_lo, ties = work[3:6]
+    weight, wsum, ignore_index, eps, grad_scale = params
+    nc = logits.shape[1]
+    no_scratch = xt[:0]  # the row path keeps its terms in the gradient row
+    r0 = lo
+    while r0 + LANES <= hi:
+        _short_group_copy(logits, r0, nc, xt, mx)
+        lane_sums(xt, mx, nc, s_hi, s_lo, ties, None, terms)
+        for r in range(LANES):
+            i = r0 + r
+            y = target[i]
+            m = np.float64(mx[r])
+            g = out_grad[i]
+            if y == ignore_index or m != m or math.isinf(m):  # the row is not yet written
+                out_loss[i] = _ce_index_row(
+                    logits[i], y, params, True, inplace, g, no_scratch, block_max
+                )
+                continue
+            s = lane_s(work, r)
+            x_y = np.float64(xt[y * LANES + r])
+            out_loss[i] = weight[y] * neg_log_prob(x_y, m, math.log1p(s))
+            z = 1.0 + s
+            c_true = (1.0 - eps) * weight[y] * grad_scale
+            c_smooth = (eps / nc) * grad_scale
+            f, f_lo = scale_over(c_true + c_smooth * wsum, 0.0, s)
+            _scale_lane(g, terms, r, f * UNBIAS, f_lo * UNBIAS)
+            if x_y == m:
+                g[y] = c_true * (-s / z)
+            else:
+                g[y] = c_true * (exp_diff(x_y, m) / z - 1.0)
+        r0 += LANES
+    for i in range(r0, hi):
+        out_loss[i] = _ce_index_row(
+            logits[i], target[i], params, True, inplace, out_grad[i], no_scratch, block_max
         )
 
 
@@ -1440,11 +1505,11 @@ def _ov_short_rows(logits, target, params, out_loss, work, block_max, lo, hi):
 
 
 @njit(**_OPTS)
-def _short_chunk(c, chunks, logits, target, params, out_loss):
-    """The rows of chunk ``c`` by :func:`short_rows`, its work arrays allocated once: the
-    group by class (logits and targets), the maxima, the sums per lane."""
-    n, nc = logits.shape
-    work = (
+def short_work(logits, target):
+    """The work arrays of :func:`short_rows`, allocated once a chunk: the group by class
+    (logits and targets), the maxima, the sums per lane."""
+    nc = logits.shape[1]
+    return (
         np.empty(max(nc, 1) * LANES, logits.dtype),
         np.empty(max(nc, 1) * LANES if target.ndim == 2 else 0, target.dtype),
         np.empty(LANES, logits.dtype),
@@ -1453,9 +1518,24 @@ def _short_chunk(c, chunks, logits, target, params, out_loss):
         np.empty(LANES),
         np.empty((4, LANES)),
     )
-    block_max = np.empty(1)
-    lo, hi = _chunk(c, chunks, n)
-    short_rows(logits, target, params, out_loss, work, block_max, lo, hi)
+
+
+@njit(**_OPTS)
+def _short_chunk(c, chunks, logits, target, params, out_loss):
+    """The rows of chunk ``c`` by :func:`short_rows`."""
+    lo, hi = _chunk(c, chunks, logits.shape[0])
+    short_rows(logits, target, params, out_loss, short_work(logits, target), np.empty(1), lo, hi)
+
+
+@njit(**_OPTS)
+def _short_chunk_grad(c, chunks, logits, target, params, inplace, out_loss, out_grad):
+    """The rows of chunk ``c`` by :func:`_ce_index_short_rows_grad`, with a group's terms."""
+    lo, hi = _chunk(c, chunks, logits.shape[0])
+    terms = np.empty(max(logits.shape[1], 1) * LANES, logits.dtype)
+    work = short_work(logits, target)
+    _ce_index_short_rows_grad(
+        lo, hi, logits, target, params, inplace, out_loss, out_grad, work, terms, np.empty(1)
+    )
 
 
 @njit(parallel=True, **_OPTS)
@@ -1482,12 +1562,17 @@ def cross_entropy_index_fwd_grad(
     Two passes over each row: the online pass stores exp(x_j - m_b) 2^96 in the gradient row
     while summing S, then the row is scaled into the gradient (exp 0.65 ulp, S, one rounding:
     <= 1.8 ulp). The true-class entry and, with label smoothing, the argmax entry are recomputed
-    by the cancellation-free formulas."""
+    by the cancellation-free formulas. Rows of at most SHORT_CLASSES classes without label
+    smoothing run LANES at a time (:func:`_ce_index_short_rows_grad`, the same bits)."""
     params = (weight, compensated_sum(weight), ignore_index, label_smoothing, grad_scale)
     inplace = out_grad.ctypes.data == logits.ctypes.data
     chunks = n_chunks(logits.shape[0], logits.shape[1], 1)
+    short = logits.shape[1] <= SHORT_CLASSES and label_smoothing == 0.0
     for c in prange(chunks):
-        _softmax_chunk(c, chunks, logits, target, params, True, inplace, out_loss, out_grad)
+        if short:
+            _short_chunk_grad(c, chunks, logits, target, params, inplace, out_loss, out_grad)
+        else:
+            _softmax_chunk(c, chunks, logits, target, params, True, inplace, out_loss, out_grad)
 
 
 # --------------------------------------------------------------------------------------------
