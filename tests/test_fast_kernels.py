@@ -367,6 +367,36 @@ def test_fused_short_rows_in_lanes_give_the_row_paths_bits(dtype, c):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("c", [1, 5, 10, cpu_fast.SHORT_CLASSES])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_fused_short_soft_target_rows_in_lanes_give_the_row_paths_bits(dtype, c, eps):
+    """The fused soft-target kernel on rows of at most SHORT_CLASSES classes runs LANES rows at
+    a time: loss and gradient are the row path's bit for bit (mass on a -inf class, no mass on
+    one, NaN, +inf and all-masked rows included), in place too."""
+    x, _, w = _short_rows(c, dtype)
+    n = x.shape[0]
+    p = np.random.default_rng(c).dirichlet(np.full(c, 0.5), n)
+    x[10, 0] = -np.inf  # mass_on_minus_inf_class
+    x[11, 0] = -np.inf  # no_mass_on_minus_inf_class
+    p[11, 0] = 0.0
+    p = p.astype(dtype)
+    scale = 1.0 / n
+    loss, grad = np.empty(n), np.empty_like(x)
+    cpu_fast.cross_entropy_prob_fwd_grad(x, p, w, eps, scale, loss, grad)
+    row_loss, row_grad = np.empty(n), np.empty_like(x)
+    cpu_fast._softmax_chunk(0, 1, x, p, (w, eps, scale), True, False, row_loss, row_grad)
+    np.testing.assert_array_equal(loss, row_loss)
+    np.testing.assert_array_equal(grad, row_grad)
+    inplace = x.copy()
+    cpu_fast.cross_entropy_prob_fwd_grad(inplace, p, w, eps, scale, loss, inplace)
+    np.testing.assert_array_equal(loss, row_loss)
+    np.testing.assert_array_equal(inplace, row_grad)
+    if c > 1:  # (one class at -inf is a row of all classes masked: NaN)
+        assert np.isinf(loss[10])
+        assert np.isfinite(loss[11]) == (eps == 0.0)  # smoothing puts mass on every class
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [1, 5, 10, cpu_fast.SHORT_CLASSES])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_short_soft_target_rows_in_lanes_match_the_oracle_and_the_fused_kernel(dtype, c, eps):
     """The soft-target forward of short rows in lanes: within 4 ulp of the oracle, the same
     NaN and inf rows (mass on a -inf class: +inf), the same bits as the fused kernel."""

@@ -1340,16 +1340,16 @@ def _by_class(rows, r0, nc, out):
 
 
 @njit(**_ROW)
-def _short_group_prepare(logits, target, r0, nc, work):
+def _short_group_prepare(logits, target, r0, nc, work, terms):
     """The group of LANES rows from r0 laid out by class in the ``work`` arrays (xt, tt, mx,
     s_hi, s_lo, ties, ...): the logits and their maxima (:func:`_short_group_copy`), the soft
     targets when ``target`` is 2-D (:func:`_by_class`), and each lane's sum of terms
-    (:func:`lane_sums`)."""
+    (:func:`lane_sums`; the terms kept by class in ``terms`` unless it is None)."""
     xt, tt, mx, s_hi, s_lo, ties = work[:6]
     _short_group_copy(logits, r0, nc, xt, mx)
     if target.ndim == 2:
         _by_class(target, r0, nc, tt)
-    lane_sums(xt, mx, nc, s_hi, s_lo, ties, None, None)
+    lane_sums(xt, mx, nc, s_hi, s_lo, ties, None, terms)
 
 
 @njit(**_ROW)
@@ -1374,7 +1374,7 @@ def _ce_index_short_rows(lo, hi, logits, target, params, out_loss, work, block_m
     nc = logits.shape[1]
     r0 = lo
     while r0 + LANES <= hi:
-        _short_group_prepare(logits, target, r0, nc, work)
+        _short_group_prepare(logits, target, r0, nc, work, None)
         for r in range(LANES):
             i = r0 + r
             y = target[i]
@@ -1419,14 +1419,12 @@ def _ce_index_short_rows_grad(
     infinite maximum, and the last rows that do not fill a group; a group is read into ``xt``
     before any of its rows is written, so ``out_grad`` may be ``logits`` (``inplace``)."""
     xt, mx = work[0], work[2]
-    s_hi, s_lo, ties = work[3:6]
     weight, wsum, ignore_index, eps, grad_scale = params
     nc = logits.shape[1]
     no_scratch = xt[:0]  # the row path keeps its terms in the gradient row
     r0 = lo
     while r0 + LANES <= hi:
-        _short_group_copy(logits, r0, nc, xt, mx)
-        lane_sums(xt, mx, nc, s_hi, s_lo, ties, None, terms)
+        _short_group_prepare(logits, target, r0, nc, work, terms)
         for r in range(LANES):
             i = r0 + r
             y = target[i]
@@ -1468,7 +1466,7 @@ def _ce_prob_short_rows(lo, hi, logits, target, params, out_loss, work, block_ma
     nc = logits.shape[1]
     r0 = lo
     while r0 + LANES <= hi:
-        _short_group_prepare(logits, target, r0, nc, work)
+        _short_group_prepare(logits, target, r0, nc, work, None)
         _short_group_soft_sums(xt, tt, weight, mx, nc, eps, sums)
         for r in range(LANES):
             i = r0 + r
@@ -1529,13 +1527,19 @@ def _short_chunk(c, chunks, logits, target, params, out_loss):
 
 @njit(**_OPTS)
 def _short_chunk_grad(c, chunks, logits, target, params, inplace, out_loss, out_grad):
-    """The rows of chunk ``c`` by :func:`_ce_index_short_rows_grad`, with a group's terms."""
+    """The rows of chunk ``c`` of a fused cross-entropy by :func:`_ce_index_short_rows_grad`
+    (class indices) or :func:`_ce_prob_short_rows_grad` (soft targets), with a group's terms."""
     lo, hi = _chunk(c, chunks, logits.shape[0])
     terms = np.empty(max(logits.shape[1], 1) * LANES, logits.dtype)
     work = short_work(logits, target)
-    _ce_index_short_rows_grad(
-        lo, hi, logits, target, params, inplace, out_loss, out_grad, work, terms, np.empty(1)
-    )
+    if target.ndim == 1:
+        _ce_index_short_rows_grad(
+            lo, hi, logits, target, params, inplace, out_loss, out_grad, work, terms, np.empty(1)
+        )
+    else:
+        _ce_prob_short_rows_grad(
+            lo, hi, logits, target, params, inplace, out_loss, out_grad, work, terms, np.empty(1)
+        )
 
 
 @njit(parallel=True, **_OPTS)
@@ -1578,6 +1582,64 @@ def cross_entropy_index_fwd_grad(
 # --------------------------------------------------------------------------------------------
 # Soft-target cross-entropy
 # --------------------------------------------------------------------------------------------
+@njit(**_SUM)
+def _scale_soft_lane(g, terms, tt, r, f, f_lo, b, w, eps):
+    """g_j = (f + f_lo) e_j - b a_j for the terms and targets of lane r kept by class:
+    :func:`_scale_soft_block`'s formula, so that a row gets the same bits in either path."""
+    nc = g.shape[0]
+    for j in range(nc):
+        v = np.float64(terms[j * LANES + r])
+        a = soft_target(w[j], np.float64(tt[j * LANES + r]), eps, nc)
+        g[j] = v * f + (v * f_lo - b * a)
+
+
+@njit(**_ROW)
+def _ce_prob_short_rows_grad(
+    lo, hi, logits, target, params, inplace, out_loss, out_grad, work, terms, block_max
+):
+    """Rows [lo, hi) of the fused soft-target cross-entropy for rows of at most
+    :data:`SHORT_CLASSES` classes: the lanes of :func:`_ce_prob_short_rows` (the same S, A, T
+    and loss), the terms kept by class in ``terms``; each row's gradient is then
+    :func:`_ce_prob_row`'s, bit for bit: (f + f_lo) 2^-96 e_j - scale a_j with
+    f + f_lo = A scale / (1 + S), and at the first argmax k the cancellation-free
+    (A - a_k - a_k S) scale / (1 + S). The row path takes rows with a NaN or an infinite
+    maximum and the last rows; ``out_grad`` may be ``logits`` (``inplace``: a group is read
+    before any of its rows is written)."""
+    xt, tt, mx = work[:3]
+    sums = work[6]
+    weight, eps, grad_scale = params
+    nc = logits.shape[1]
+    no_scratch = xt[:0]  # the row path keeps its terms in the gradient row
+    r0 = lo
+    while r0 + LANES <= hi:
+        _short_group_prepare(logits, target, r0, nc, work, terms)
+        _short_group_soft_sums(xt, tt, weight, mx, nc, eps, sums)
+        for r in range(LANES):
+            i = r0 + r
+            m = np.float64(mx[r])
+            g = out_grad[i]
+            if m != m or math.isinf(m):  # NaN, +inf, or every class -inf: the row path's
+                out_loss[i] = _ce_prob_row(
+                    logits[i], target[i], params, True, inplace, g, no_scratch, block_max
+                )
+                continue
+            a_sum = compensated_total(sums[0, r], sums[1, r])
+            t_sum = compensated_total(sums[2, r], sums[3, r])
+            s = lane_s(work, r)
+            out_loss[i] = t_sum + a_sum * math.log1p(s)
+            k = max(first_index_of(logits[i], mx[r]), 0)  # before the row is written
+            a_gs, a_gs_lo = two_prod(a_sum, grad_scale)
+            f, f_lo = scale_over(a_gs, a_gs_lo, s)
+            _scale_soft_lane(g, terms, tt, r, f * UNBIAS, f_lo * UNBIAS, grad_scale, weight, eps)
+            a_k = soft_target(weight[k], np.float64(tt[k * LANES + r]), eps, nc)
+            g[k] = argmax_grad(a_sum, a_k, s, 1.0 + s) * grad_scale
+        r0 += LANES
+    for i in range(r0, hi):
+        out_loss[i] = _ce_prob_row(
+            logits[i], target[i], params, True, inplace, out_grad[i], no_scratch, block_max
+        )
+
+
 @njit(**_ROW)
 def _ce_prob_row(x, t, params, with_grad, inplace, g, scratch, block_max):
     """One row of the soft-target cross-entropy: H = T + A log1p(S) with
@@ -1636,12 +1698,17 @@ def cross_entropy_prob_fwd_grad(
     logits, target, weight, label_smoothing, grad_scale, out_loss, out_grad
 ):
     """:func:`cestudy.kernels.cpu.cross_entropy_prob_fwd_grad`, vectorised;
-    ``out_grad`` may be ``logits``."""
+    ``out_grad`` may be ``logits``. Rows of at most SHORT_CLASSES classes run LANES at a time
+    (:func:`_ce_prob_short_rows_grad`, the same bits)."""
     params = (weight, label_smoothing, grad_scale)
     inplace = out_grad.ctypes.data == logits.ctypes.data
     chunks = n_chunks(logits.shape[0], logits.shape[1], 1)
+    short = logits.shape[1] <= SHORT_CLASSES
     for c in prange(chunks):
-        _softmax_chunk(c, chunks, logits, target, params, True, inplace, out_loss, out_grad)
+        if short:
+            _short_chunk_grad(c, chunks, logits, target, params, inplace, out_loss, out_grad)
+        else:
+            _softmax_chunk(c, chunks, logits, target, params, True, inplace, out_loss, out_grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -2578,7 +2645,7 @@ def _kl_short_rows(lo, hi, logits, target, out_loss, work, terms, block_max):
     nc = logits.shape[1]
     r0 = lo
     while r0 + LANES <= hi:
-        _short_group_prepare(logits, target, r0, nc, work)
+        _short_group_prepare(logits, target, r0, nc, work, None)
         for r in range(LANES):
             logs[r] = math.log1p(lane_s(work, r))  # L per lane
         _short_group_kl_sums(xt, tt, mx, logs, nc, sums)
