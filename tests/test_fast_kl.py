@@ -178,12 +178,21 @@ def test_random_rows_match_the_oracle_and_the_reference(dtype, c):
     check_against_oracle_and_reference(x, p)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c", [3, 10, cpu_fast.SHORT_CLASSES])
 def test_short_rows_in_lanes_match_the_oracle_and_the_reference(dtype, c):
-    """Rows of at most SHORT_CLASSES classes run LANES at a time in the forward (the fused
-    kernel takes the row path; run_fast checks the same bits): named extreme rows in the first
-    group of lanes and in the last rows."""
+    """Rows of at most SHORT_CLASSES classes run LANES at a time, forward and fused (run_fast
+    checks the same bits): named extreme rows in the first group of lanes and in the last
+    rows."""
+    x, p = _short_rows(c)
+    check_against_oracle_and_reference(x.astype(dtype), p.astype(dtype))
+
+
+def _short_rows(c):
+    """Rows of c classes, three groups of lanes and five rows more, the named extreme rows in
+    the first group and in the last five rows (the row path)."""
     rng = np.random.default_rng(c)
     n = 3 * cpu_fast.LANES + 5
     x = rng.normal(size=(n, c)) * 10.0 ** rng.uniform(-2, 2, (n, 1))
@@ -196,7 +205,29 @@ def test_short_rows_in_lanes_match_the_oracle_and_the_reference(dtype, c):
         x[base + 2, 0] = -np.inf  # mass_on_masked_class: +inf
         x[base + 3, c - 1] = np.nan  # nan_row
         x[base + 4] = 1e8  # equal_logits_offset_1e8
-    check_against_oracle_and_reference(x.astype(dtype), p.astype(dtype))
+    p[7] *= 1e300  # target_sum_overflows (float32: inf targets): P q_j - p_j with P = inf
+    return x, p
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", [1, 3, 10, cpu_fast.SHORT_CLASSES])
+def test_fused_short_rows_in_lanes_give_the_row_paths_bits(dtype, c):
+    """The fused kernel's lanes (rows of at most SHORT_CLASSES classes) give the row path's
+    loss and gradient bit for bit, in place too (the row path: ``_kl_chunk``)."""
+    x, p = _short_rows(c)
+    x, p = x.astype(dtype), p.astype(dtype)
+    n = x.shape[0]
+    loss, grad = np.empty(n), np.empty_like(x)
+    cpu_fast.kl_divergence_fwd_grad(x, p, 0.5, loss, grad)
+    row_loss, row_grad = np.empty(n), np.empty_like(x)
+    cpu_fast._kl_chunk(0, 1, x, p, 0.5, True, False, row_loss, row_grad)
+    np.testing.assert_array_equal(loss, row_loss)
+    np.testing.assert_array_equal(grad, row_grad)
+    inplace = x.copy()
+    cpu_fast.kl_divergence_fwd_grad(inplace, p, 0.5, loss, inplace)
+    np.testing.assert_array_equal(inplace, row_grad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

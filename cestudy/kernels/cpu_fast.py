@@ -2665,11 +2665,84 @@ def _kl_short_rows(lo, hi, logits, target, out_loss, work, terms, block_max):
         )
 
 
+@njit(**_FMA)
+def _kl_group_grad(xt, tt, mx, f, f_lo, gs, nc, gt):
+    """gt[c * LANES + r] = (f_r + f_lo_r) e_rc - gs p_rc for LANES rows laid out by class, with
+    e_rc = exp(x_rc - m_r) 2^96: :func:`_kl_grad_block`'s formula (float64), one row per
+    lane."""
+    for c in range(nc):
+        base = c * LANES
+        for r in range(LANES):
+            hi, lo = two_diff_f64(np.float64(mx[r]), np.float64(xt[base + r]))
+            ex = exp_f64_biased(-hi, -lo)  # 0 for x = -inf (hi = +inf)
+            gt[base + r] = ex * f[r] + (ex * f_lo[r] - gs * np.float64(tt[base + r]))
+
+
+@njit(**_ROW)
+def _kl_short_rows_grad(lo, hi, logits, target, grad_scale, inplace, out_loss, out_grad, work):
+    """Rows [lo, hi) of the fused KL for rows of at most :data:`SHORT_CLASSES` classes, LANES at
+    a time: the forward's lanes (:func:`_kl_short_rows`, the same loss), then per lane
+    P = sum p, the first argmax k and f + f_lo = P gs / (1 + S) 2^-96 as :func:`_kl_row` takes
+    them, the group's gradient by class (:func:`_kl_group_grad`), and each row copied out with
+    its argmax entry (P - p_k - p_k S) gs / (1 + S): :func:`_kl_row`'s bits. Rows with a NaN
+    or an infinite maximum and the last rows take the row path; a group is read before any of
+    its rows is written, so ``out_grad`` may be ``logits`` (``inplace``)."""
+    group, terms, block_max, gt, f, f_lo, p_sum, p_k, k = work
+    xt, tt, mx = group[:3]
+    sums, logs = group[6:]
+    nc = logits.shape[1]
+    r0 = lo
+    while r0 + LANES <= hi:
+        _short_group_prepare(logits, target, r0, nc, group, None)
+        for r in range(LANES):
+            logs[r] = math.log1p(lane_s(group, r))  # L per lane
+        _short_group_kl_sums(xt, tt, mx, logs, nc, sums)
+        for r in range(LANES):
+            f[r] = 0.0
+            f_lo[r] = 0.0
+            m = np.float64(mx[r])
+            if m != m or math.isinf(m):
+                continue
+            i = r0 + r
+            k[r] = max(first_index_of(logits[i], mx[r]), 0)
+            p_k[r] = np.float64(target[i, k[r]])
+            p_sum[r] = _kl_row_sum(target[i])
+            s = lane_s(group, r)
+            if math.isfinite(p_sum[r]):
+                a_gs, a_gs_lo = two_prod(p_sum[r], grad_scale)
+                f[r], f_lo[r] = scale_over(a_gs, a_gs_lo, s)
+            else:  # P = inf or NaN: inf / NaN entries, as the row path gives
+                f[r] = p_sum[r] * grad_scale / (1.0 + s)
+            f[r] *= UNBIAS
+            f_lo[r] *= UNBIAS
+        _kl_group_grad(xt, tt, mx, f, f_lo, grad_scale, nc, gt)
+        for r in range(LANES):
+            i = r0 + r
+            m = np.float64(mx[r])
+            g = out_grad[i]
+            if m != m or math.isinf(m):  # NaN, +inf, or every class -inf: the row path's
+                out_loss[i] = _kl_row(
+                    logits[i], target[i], grad_scale, True, inplace, g, xt[:nc], terms, block_max
+                )
+                continue
+            out_loss[i] = compensated_total(sums[0, r], sums[1, r])
+            for j in range(nc):
+                g[j] = gt[j * LANES + r]
+            s = lane_s(group, r)
+            g[k[r]] = argmax_grad(p_sum[r], p_k[r], s, 1.0 + s) * grad_scale
+        r0 += LANES
+    for i in range(r0, hi):
+        out_loss[i] = _kl_row(
+            logits[i], target[i], grad_scale, True, inplace, out_grad[i], xt[:nc], terms, block_max
+        )
+
+
 @njit(**_OPTS)
-def _kl_short_chunk(c, chunks, logits, target, out_loss):
-    """The rows of chunk ``c`` by :func:`_kl_short_rows`, its work arrays allocated once."""
-    n, nc = logits.shape
-    work = (
+def _kl_short_work(logits, target):
+    """The work arrays of :func:`_kl_short_rows` (a chunk's): the group by class, the maxima,
+    the lane sums, L per lane."""
+    nc = logits.shape[1]
+    return (
         np.empty(max(nc, 1) * LANES, logits.dtype),
         np.empty(max(nc, 1) * LANES, target.dtype),
         np.empty(LANES, logits.dtype),
@@ -2679,10 +2752,38 @@ def _kl_short_chunk(c, chunks, logits, target, out_loss):
         np.empty((2, LANES)),
         np.empty(LANES),  # L = log1p(S) per lane
     )
+
+
+@njit(**_OPTS)
+def _kl_short_chunk_grad(c, chunks, logits, target, grad_scale, inplace, out_loss, out_grad):
+    """The rows of chunk ``c`` by :func:`_kl_short_rows_grad`, its work arrays allocated once:
+    the forward's, the row path's, the group's gradient by class, and per lane f, f_lo, P,
+    p_k, k."""
+    nc = logits.shape[1]
+    work = (
+        _kl_short_work(logits, target),
+        np.empty(max(nc, 1)),  # the row path's terms and block maximum
+        np.empty(1),
+        np.empty(max(nc, 1) * LANES),
+        np.empty(LANES),
+        np.empty(LANES),
+        np.empty(LANES),
+        np.empty(LANES),
+        np.zeros(LANES, np.int64),
+    )
+    lo, hi = _chunk(c, chunks, logits.shape[0])
+    _kl_short_rows_grad(lo, hi, logits, target, grad_scale, inplace, out_loss, out_grad, work)
+
+
+@njit(**_OPTS)
+def _kl_short_chunk(c, chunks, logits, target, out_loss):
+    """The rows of chunk ``c`` by :func:`_kl_short_rows`, its work arrays allocated once."""
+    n, nc = logits.shape
     terms = np.empty(max(nc, 1))
-    block_max = np.empty(1)
     lo, hi = _chunk(c, chunks, n)
-    _kl_short_rows(lo, hi, logits, target, out_loss, work, terms, block_max)
+    _kl_short_rows(
+        lo, hi, logits, target, out_loss, _kl_short_work(logits, target), terms, np.empty(1)
+    )
 
 
 @njit(**_OPTS)
@@ -2732,8 +2833,12 @@ def kl_divergence_fwd_grad(logits, target, grad_scale, out_loss, out_grad):
     ``logits``."""
     inplace = out_grad.ctypes.data == logits.ctypes.data
     chunks = n_chunks(logits.shape[0], logits.shape[1], 1)
+    short = logits.shape[1] <= SHORT_CLASSES
     for c in prange(chunks):
-        _kl_chunk(c, chunks, logits, target, grad_scale, True, inplace, out_loss, out_grad)
+        if short:
+            _kl_short_chunk_grad(c, chunks, logits, target, grad_scale, inplace, out_loss, out_grad)
+        else:
+            _kl_chunk(c, chunks, logits, target, grad_scale, True, inplace, out_loss, out_grad)
 
 
 # --------------------------------------------------------------------------------------------
