@@ -4,8 +4,11 @@ whose inlined helper lives in another file must not outlive a change to that fil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
-from cestudy.kernels import cache
+import numpy as np
+
+from cestudy.kernels import cache, cpu
 
 KERNEL = """
 from pathlib import Path
@@ -20,7 +23,7 @@ def kernel(x):
     return helper.value(x)
 
 if USE_GUARD:
-    cache.drop_stale(kernel._cache._cache_path, sources=HERE)
+    cache.drop_stale(cache.cache_dir_of(kernel), sources=HERE)
 print(kernel(1.0))
 """
 
@@ -62,3 +65,15 @@ def test_drop_stale_removes_cached_kernels_only_when_the_sources_change(tmp_path
     assert not list(cache_dir.glob("*.nb?"))
     assert (cache_dir / "a.cpython-311.pyc").exists()  # only numba's files
     assert (cache_dir / cache.STAMP).read_text() == cache.sources_digest(sources)
+
+
+def test_cache_dir_of_names_where_numba_writes_the_kernels_cache():
+    """The package's guard reads numba's cache directory through :func:`cache.cache_dir_of`: it
+    is where this numba writes a cached kernel's index, and a dispatcher without one (another
+    numba's layout) gives None, which :func:`cache.drop_stale` takes as nothing to do."""
+    where = cache.cache_dir_of(cpu._S.two_sum)
+    assert where is not None
+    cpu.indices_in_range(np.zeros(3, np.int64), 2)  # a cached kernel of the same module
+    assert any(Path(where).glob("cpu.indices_in_range-*.nbi"))
+    assert cache.cache_dir_of(object()) is None
+    assert not cache.drop_stale(None)

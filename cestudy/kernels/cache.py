@@ -25,13 +25,25 @@ def sources_digest(sources: Path = SOURCES) -> str:
     return digest.hexdigest()
 
 
-def drop_stale(cache_dir: str | os.PathLike, sources: Path = SOURCES) -> bool:
+def cache_dir_of(dispatcher) -> str | None:
+    """The directory where numba caches ``dispatcher``'s compilations (numba's locator picks it:
+    ``__pycache__`` beside the source, or a user cache directory), or None if this numba keeps
+    it elsewhere than the private attribute read here: :func:`drop_stale` then does nothing."""
+    try:
+        return dispatcher._cache._cache_path
+    except AttributeError:
+        return None
+
+
+def drop_stale(cache_dir: str | os.PathLike | None, sources: Path = SOURCES) -> bool:
     """Remove numba's index (``*.nbi``) and data (``*.nbc``) files from ``cache_dir`` unless its
     stamp matches :func:`sources_digest`, then write the stamp; returns whether it removed them.
 
     Safe against concurrent imports: numba treats a data file removed under its index as a
     cache miss, and the stamp is replaced atomically. Errors (a read-only install) are ignored:
-    the cache then stays as numba left it."""
+    the cache then stays as numba left it, as it does for ``cache_dir`` None."""
+    if cache_dir is None:
+        return False
     cache_dir = Path(cache_dir)
     digest = sources_digest(sources)
     stamp = cache_dir / STAMP

@@ -74,7 +74,7 @@ def fma64(typingctx, a, b, c):
 _S = scalar.compiled(njit(**_OPTS), fma=fma64)
 # kernels cached from other sources than these are dropped before numba loads any
 # (cpu_fast and linear import this module first)
-cache.drop_stale(_S.two_sum._cache._cache_path)
+cache.drop_stale(cache.cache_dir_of(_S.two_sum))
 two_sum = _S.two_sum
 two_diff = _S.two_diff
 exp_dd = _S.exp_dd

@@ -132,6 +132,7 @@ fma64 = cpu.fma64
 soft_target = _F.soft_target
 exp_diff = _F.exp_diff
 two_diff = _F.two_diff
+two_sum = _F.two_sum
 neg_log_prob = _F.neg_log_prob
 focal_parts = _F.focal_parts
 focal_inner = _F.focal_inner
@@ -216,13 +217,11 @@ _EXP32 = (
 
 @njit(**_FMA)
 def two_diff_lanes(a, b):
-    """``(hi, lo)`` with ``hi = fl(a - b)`` and ``hi + lo = a - b`` exactly (TwoSum in the
-    arguments' float type, no branch, so that loops over it vectorise; non-finite ``hi`` gives a
-    meaningless ``lo``)."""
-    s = a - b
-    bb = s - a
-    err = (a - (s - bb)) + (-b - bb)
-    return s, err
+    """``(hi, lo)`` with ``hi = fl(a - b)`` and ``hi + lo = a - b`` exactly: ``scalar.two_sum``
+    of ``a`` and ``-b`` in the arguments' float type, with no branch, so that loops over it
+    vectorise (a non-finite ``hi`` gives a meaningless ``lo``; ``two_diff`` guards that with a
+    branch)."""
+    return two_sum(a, -b)
 
 
 two_diff_f32 = two_diff_f64 = two_diff_lanes  # the names the float32 / float64 paths use
