@@ -57,7 +57,10 @@ lanes with AVX-512), using error-free transformations where a plain rounding wou
   (each lane's sums compensated by a branch-free Fast2Sum or Neumaier step). A 10-class row
   otherwise never fills a 16-lane vector and runs the scalar remainders of three loops and a
   chain of calls: 85 ns a row at 256 x 10, 27 ns in lanes. The row path sums rows of at most
-  32 classes in the same order, so forward and fused kernels give the same bits.
+  32 classes in the same order, so forward and fused kernels give the same bits. The fused
+  cross-entropy (the same cases) and KL run the same lanes, keep the group's terms by class,
+  and give each row the row path's gradient formulas, bit for bit (fused 256 x 10 float32:
+  127 ns a row by the row path, 46 in lanes).
 - **BCE with logits and the sigmoid focal loss**: one row driver for both (``sigmoid_row``),
   the element function chosen at compile time by the type of its ``params``
   (``sigmoid_elem``); float32 rows in float64 arithmetic (exp and log1p accurate to 1e-11);
@@ -1182,9 +1185,9 @@ def _ce_index_row(x, y, params, with_grad, inplace, g, scratch, block_max):
 # Short rows: LANES rows at a time, one row per SIMD lane
 # --------------------------------------------------------------------------------------------
 SHORT_CLASSES = 32
-"""The cross-entropy forward of rows of at most this many classes (class indices without label
-smoothing, and soft targets; the softmax focal loss's and KL's forward too) runs LANES rows at
-a time (:func:`short_rows`): the row-by-row
+"""The cross-entropy of rows of at most this many classes (class indices without label
+smoothing, and soft targets; forward and fused), the softmax focal loss's forward and KL
+(forward and fused) run LANES rows at a time (:func:`short_rows`): the row-by-row
 path pays about 85 ns a row in calls and in the scalar remainders of its vector loops (a
 10-class row never fills a 16-lane vector)."""
 LANES = 16
