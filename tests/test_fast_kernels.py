@@ -209,6 +209,22 @@ def test_first_index_of_finds_the_first_match_beyond_the_first_chunk():
     assert cpu_fast.first_index_of(x, np.float32(0.0)) == 0
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_first_index_of_agrees_with_a_scan_at_chunk_edges_and_without_a_match(dtype):
+    rng = np.random.default_rng(5)
+    for n in (1, 255, 256, 257, 1000, 4097):
+        x = rng.standard_normal(n).astype(dtype)
+        for at in sorted({0, n // 2, n - 1, min(255, n - 1), min(256, n - 1)}):
+            row = x.copy()
+            row[at] = 9.0
+            row[-1] = 9.0  # a later tie: the first one is wanted
+            assert cpu_fast.first_index_of(row, dtype(9.0)) == at
+        assert cpu_fast.first_index_of(x, dtype(42.0)) == -1
+        assert cpu_fast.first_index_of(x, dtype(np.nan)) == -1  # NaN equals nothing
+    signed = np.array([1.0, -0.0, 0.0], dtype)
+    assert cpu_fast.first_index_of(signed, dtype(0.0)) == 1  # -0 == +0, as the maximum's ties
+
+
 # --------------------------------------------------------------------------------------------
 # Class-index cross-entropy against the oracle
 # --------------------------------------------------------------------------------------------
