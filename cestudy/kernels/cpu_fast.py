@@ -861,29 +861,40 @@ def _ov_soft_target_sums(x, t, w, m, eps, nc):
 
 
 @njit(**_SUM)
+def scaled_term(v, f, f_lo):
+    """(f + f_lo) v for a stored term v (float64): v f + v f_lo, an FMA, so that the scale
+    f + f_lo (a double-double) adds no float64 ulp. Every gradient path (rows, blocks, lanes)
+    scales its terms by this and :func:`scaled_term_less`, so that they give the same bits."""
+    return v * f + v * f_lo
+
+
+@njit(**_SUM)
+def scaled_term_less(v, f, f_lo, b, a):
+    """(f + f_lo) v - b a: v f + (v f_lo - b a), two FMAs."""
+    return v * f + (v * f_lo - b * a)
+
+
+@njit(**_SUM)
 def _scale_block(g, f, f_lo):
-    """g_j = (f + f_lo) e_j for the stored terms e_j: one rounding to g's dtype of an FMA, so
-    the scale f + f_lo (a double-double) adds no float64 ulp."""
+    """g_j = (f + f_lo) e_j for the stored terms e_j (:func:`scaled_term`), one rounding to g's
+    dtype."""
     for j in range(g.shape[0]):
-        v = np.float64(g[j])
-        g[j] = v * f + v * f_lo
+        g[j] = scaled_term(np.float64(g[j]), f, f_lo)
 
 
 @njit(**_SUM)
 def _scale_sub_block(g, f, f_lo, b, w):
     """g_j = (f + f_lo) e_j - b w_j."""
     for j in range(g.shape[0]):
-        v = np.float64(g[j])
-        g[j] = v * f + (v * f_lo - b * w[j])
+        g[j] = scaled_term_less(np.float64(g[j]), f, f_lo, b, w[j])
 
 
 @njit(**_SUM)
 def _scale_soft_block(g, f, f_lo, b, t, w, eps, nc):
     """g_j = (f + f_lo) e_j - b a_j, a_j the smoothed, weighted soft target."""
     for j in range(g.shape[0]):
-        v = np.float64(g[j])
         a = soft_target(w[j], np.float64(t[j]), eps, nc)
-        g[j] = v * f + (v * f_lo - b * a)
+        g[j] = scaled_term_less(np.float64(g[j]), f, f_lo, b, a)
 
 
 @njit(**_FMA)
@@ -1386,7 +1397,7 @@ def _ce_index_short_rows(lo, hi, logits, target, params, out_loss, work, block_m
             m = np.float64(mx[r])
             if y == ignore_index:
                 out_loss[i] = 0.0
-            elif m != m or math.isinf(m):  # NaN, +inf, or every class -inf: the row path's
+            elif not math.isfinite(m):  # NaN, +inf, or every class -inf: the row path's
                 out_loss[i] = _ce_index_row(
                     logits[i], y, params, False, False, logits[i], xt[:nc], block_max
                 )
@@ -1403,10 +1414,10 @@ def _ce_index_short_rows(lo, hi, logits, target, params, out_loss, work, block_m
 @njit(**_SUM)
 def _scale_lane(g, terms, r, f, f_lo):
     """g_j = (f + f_lo) e_j for the terms of lane r kept by class (``terms[j * LANES + r]``):
-    :func:`_scale_block`'s formula, so that a row gets the same bits in either path."""
+    :func:`_scale_block`'s :func:`scaled_term`, so that a row gets the same bits in either
+    path."""
     for j in range(g.shape[0]):
-        v = np.float64(terms[j * LANES + r])
-        g[j] = v * f + v * f_lo
+        g[j] = scaled_term(np.float64(terms[j * LANES + r]), f, f_lo)
 
 
 @njit(**_ROW)
@@ -1435,7 +1446,7 @@ def _ce_index_short_rows_grad(
             y = target[i]
             m = np.float64(mx[r])
             g = out_grad[i]
-            if y == ignore_index or m != m or math.isinf(m):  # the row is not yet written
+            if y == ignore_index or not math.isfinite(m):  # the row is not yet written
                 out_loss[i] = _ce_index_row(
                     logits[i], y, params, True, inplace, g, no_scratch, block_max
                 )
@@ -1476,7 +1487,7 @@ def _ce_prob_short_rows(lo, hi, logits, target, params, out_loss, work, block_ma
         for r in range(LANES):
             i = r0 + r
             m = np.float64(mx[r])
-            if m != m or math.isinf(m):  # NaN, +inf, or every class -inf: the row path's
+            if not math.isfinite(m):  # NaN, +inf, or every class -inf: the row path's
                 out_loss[i] = _ce_prob_row(
                     logits[i], target[i], params, False, False, logits[i], xt[:nc], block_max
                 )
@@ -1509,8 +1520,10 @@ def _ov_short_rows(logits, target, params, out_loss, work, block_max, lo, hi):
 
 @njit(**_OPTS)
 def short_work(logits, target):
-    """The work arrays of :func:`short_rows`, allocated once a chunk: the group by class
-    (logits and targets), the maxima, the sums per lane."""
+    """The work arrays of the short rows in lanes, allocated once a chunk: the group by class
+    (logits, and soft targets when ``target`` is 2-D), the maxima, the sums per lane
+    (:func:`lane_sums`), the side sums per lane (soft targets: A and T with their errors; KL:
+    its terms' sum and error in the first two rows), L = log1p(S) per lane (KL)."""
     nc = logits.shape[1]
     return (
         np.empty(max(nc, 1) * LANES, logits.dtype),
@@ -1520,6 +1533,7 @@ def short_work(logits, target):
         np.empty(LANES),
         np.empty(LANES),
         np.empty((4, LANES)),
+        np.empty(LANES),
     )
 
 
@@ -1590,12 +1604,12 @@ def cross_entropy_index_fwd_grad(
 @njit(**_SUM)
 def _scale_soft_lane(g, terms, tt, r, f, f_lo, b, w, eps):
     """g_j = (f + f_lo) e_j - b a_j for the terms and targets of lane r kept by class:
-    :func:`_scale_soft_block`'s formula, so that a row gets the same bits in either path."""
+    :func:`_scale_soft_block`'s :func:`scaled_term_less`, so that a row gets the same bits in
+    either path."""
     nc = g.shape[0]
     for j in range(nc):
-        v = np.float64(terms[j * LANES + r])
         a = soft_target(w[j], np.float64(tt[j * LANES + r]), eps, nc)
-        g[j] = v * f + (v * f_lo - b * a)
+        g[j] = scaled_term_less(np.float64(terms[j * LANES + r]), f, f_lo, b, a)
 
 
 @njit(**_ROW)
@@ -1623,7 +1637,7 @@ def _ce_prob_short_rows_grad(
             i = r0 + r
             m = np.float64(mx[r])
             g = out_grad[i]
-            if m != m or math.isinf(m):  # NaN, +inf, or every class -inf: the row path's
+            if not math.isfinite(m):  # NaN, +inf, or every class -inf: the row path's
                 out_loss[i] = _ce_prob_row(
                     logits[i], target[i], params, True, inplace, g, no_scratch, block_max
                 )
@@ -1834,7 +1848,7 @@ def _focal_short_rows(lo, hi, logits, target, params, out_loss, work, block_max)
             m = np.float64(mx[r])
             if y == ignore_index:
                 out_loss[i] = 0.0
-            elif m != m or math.isinf(m):  # NaN, +inf, or every class -inf: the row path's
+            elif not math.isfinite(m):  # NaN, +inf, or every class -inf: the row path's
                 out_loss[i] = _focal_index_row(
                     logits[i], y, params, False, False, logits[i], scratch, block_max
                 )
@@ -2544,7 +2558,7 @@ def _kl_grad_block(x, t, m, L, terms, f, f_lo, gs, g):
         terms[j] = e
         top = max(top, _bits64(e) & _ABS64)
         ex = exp_f64_biased(-hi, -lo)  # 0 for x_j = -inf (hi = +inf)
-        _store(x, g, j, ex * f + (ex * f_lo - gs * p))
+        _store(x, g, j, scaled_term_less(ex, f, f_lo, gs, p))
     return top
 
 
@@ -2640,24 +2654,32 @@ def _short_group_kl_sums(xt, tt, mx, logs, nc, sums):
 
 
 @njit(**_ROW)
+def _kl_group(logits, target, r0, nc, work):
+    """The group of LANES rows from r0 in the ``work`` arrays of :func:`short_work`: S per lane
+    as the cross-entropy's (:func:`_short_group_prepare`), L = log1p(S) per lane, then each
+    lane's sum of KL terms (:func:`_short_group_kl_sums`)."""
+    _short_group_prepare(logits, target, r0, nc, work, None)
+    logs = work[7]
+    for r in range(LANES):
+        logs[r] = math.log1p(lane_s(work, r))
+    _short_group_kl_sums(work[0], work[1], work[2], logs, nc, work[6])
+
+
+@njit(**_ROW)
 def _kl_short_rows(lo, hi, logits, target, out_loss, work, terms, block_max):
     """Rows [lo, hi) of the KL forward for rows of at most :data:`SHORT_CLASSES` classes, LANES
     at a time: S per lane as the cross-entropy's (:func:`lane_sums`), L = log1p(S) per
     row, then the terms per lane (:func:`_short_group_kl_sums`); rows with a NaN or an infinite
     maximum, and the last rows, take the row path (:func:`_kl_row`)."""
-    xt, tt, mx = work[:3]
-    sums, logs = work[6:]
+    xt, mx, sums = work[0], work[2], work[6]
     nc = logits.shape[1]
     r0 = lo
     while r0 + LANES <= hi:
-        _short_group_prepare(logits, target, r0, nc, work, None)
-        for r in range(LANES):
-            logs[r] = math.log1p(lane_s(work, r))  # L per lane
-        _short_group_kl_sums(xt, tt, mx, logs, nc, sums)
+        _kl_group(logits, target, r0, nc, work)
         for r in range(LANES):
             i = r0 + r
             m = np.float64(mx[r])
-            if m != m or math.isinf(m):  # NaN, +inf, or every class -inf: the row path's
+            if not math.isfinite(m):  # NaN, +inf, or every class -inf: the row path's
                 out_loss[i] = _kl_row(
                     logits[i], target[i], 1.0, False, False, logits[i], xt[:nc], terms, block_max
                 )
@@ -2680,7 +2702,7 @@ def _kl_group_grad(xt, tt, mx, f, f_lo, gs, nc, gt):
         for r in range(LANES):
             hi, lo = two_diff_f64(np.float64(mx[r]), np.float64(xt[base + r]))
             ex = exp_f64_biased(-hi, -lo)  # 0 for x = -inf (hi = +inf)
-            gt[base + r] = ex * f[r] + (ex * f_lo[r] - gs * np.float64(tt[base + r]))
+            gt[base + r] = scaled_term_less(ex, f[r], f_lo[r], gs, np.float64(tt[base + r]))
 
 
 @njit(**_ROW)
@@ -2694,19 +2716,16 @@ def _kl_short_rows_grad(lo, hi, logits, target, grad_scale, inplace, out_loss, o
     its rows is written, so ``out_grad`` may be ``logits`` (``inplace``)."""
     group, terms, block_max, gt, f, f_lo, p_sum, p_k, k = work
     xt, tt, mx = group[:3]
-    sums, logs = group[6:]
+    sums = group[6]
     nc = logits.shape[1]
     r0 = lo
     while r0 + LANES <= hi:
-        _short_group_prepare(logits, target, r0, nc, group, None)
-        for r in range(LANES):
-            logs[r] = math.log1p(lane_s(group, r))  # L per lane
-        _short_group_kl_sums(xt, tt, mx, logs, nc, sums)
+        _kl_group(logits, target, r0, nc, group)
         for r in range(LANES):
             f[r] = 0.0
             f_lo[r] = 0.0
             m = np.float64(mx[r])
-            if m != m or math.isinf(m):
+            if not math.isfinite(m):
                 continue
             i = r0 + r
             k[r] = max(first_index_of(logits[i], mx[r]), 0)
@@ -2725,7 +2744,7 @@ def _kl_short_rows_grad(lo, hi, logits, target, grad_scale, inplace, out_loss, o
             i = r0 + r
             m = np.float64(mx[r])
             g = out_grad[i]
-            if m != m or math.isinf(m):  # NaN, +inf, or every class -inf: the row path's
+            if not math.isfinite(m):  # NaN, +inf, or every class -inf: the row path's
                 out_loss[i] = _kl_row(
                     logits[i], target[i], grad_scale, True, inplace, g, xt[:nc], terms, block_max
                 )
@@ -2743,30 +2762,13 @@ def _kl_short_rows_grad(lo, hi, logits, target, grad_scale, inplace, out_loss, o
 
 
 @njit(**_OPTS)
-def _kl_short_work(logits, target):
-    """The work arrays of :func:`_kl_short_rows` (a chunk's): the group by class, the maxima,
-    the lane sums, L per lane."""
-    nc = logits.shape[1]
-    return (
-        np.empty(max(nc, 1) * LANES, logits.dtype),
-        np.empty(max(nc, 1) * LANES, target.dtype),
-        np.empty(LANES, logits.dtype),
-        np.empty(LANES),
-        np.empty(LANES),
-        np.empty(LANES),
-        np.empty((2, LANES)),
-        np.empty(LANES),  # L = log1p(S) per lane
-    )
-
-
-@njit(**_OPTS)
 def _kl_short_chunk_grad(c, chunks, logits, target, grad_scale, inplace, out_loss, out_grad):
     """The rows of chunk ``c`` by :func:`_kl_short_rows_grad`, its work arrays allocated once:
     the forward's, the row path's, the group's gradient by class, and per lane f, f_lo, P,
     p_k, k."""
     nc = logits.shape[1]
     work = (
-        _kl_short_work(logits, target),
+        short_work(logits, target),
         np.empty(max(nc, 1)),  # the row path's terms and block maximum
         np.empty(1),
         np.empty(max(nc, 1) * LANES),
@@ -2786,9 +2788,7 @@ def _kl_short_chunk(c, chunks, logits, target, out_loss):
     n, nc = logits.shape
     terms = np.empty(max(nc, 1))
     lo, hi = _chunk(c, chunks, n)
-    _kl_short_rows(
-        lo, hi, logits, target, out_loss, _kl_short_work(logits, target), terms, np.empty(1)
-    )
+    _kl_short_rows(lo, hi, logits, target, out_loss, short_work(logits, target), terms, np.empty(1))
 
 
 @njit(**_OPTS)
