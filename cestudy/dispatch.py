@@ -30,6 +30,8 @@ Reduction = Literal["none", "mean", "sum"]
 Backend = Literal["cpu", "cuda"]
 REDUCTIONS = ("none", "mean", "sum")
 _INT64 = np.dtype(np.int64)
+_FAST_DTYPES = frozenset((np.dtype(np.float32), np.dtype(np.float64)))
+"""The working dtypes of ``cestudy.kernels.cpu_fast`` (a set of dtypes: a hash lookup)."""
 BACKENDS = ("cpu", "cuda")
 
 
@@ -73,6 +75,14 @@ def logits_2d(name: str, logits: Any) -> tuple[np.ndarray, np.ndarray, bool]:
 def class_rows(name: str, logits: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """Validate logits with classes on axis 1 ((N, C, d1, ..., dk), torch's layout) or axis 0
     ((C,)); return (array, (rows, C) working copy or view, the shape of one loss per row)."""
+    if (
+        type(logits) is np.ndarray
+        and logits.ndim == 2
+        and logits.dtype in _FAST_DTYPES
+        and logits.shape[1] > 0
+        and logits.flags.c_contiguous
+    ):
+        return logits, logits, logits.shape[:1]  # already the working layout: 0.2 us, not 0.8
     arr = as_float_array(name, logits)
     if arr.ndim == 0:
         raise ValueError(
@@ -177,6 +187,15 @@ def _checked_indices(
     target: Any, expected: tuple[int, ...], n_classes: int, ignore_index: int
 ) -> tuple[np.ndarray, bool]:
     """:func:`index_target`, and whether every target is in [0, C)."""
+    if (
+        type(target) is np.ndarray
+        and target.dtype == _INT64
+        and target.shape == expected
+        and target.ndim == 1
+        and target.flags.c_contiguous
+        and cpu.indices_in_range(target, n_classes)
+    ):
+        return target, True  # the common case without a conversion or a copy
     t = np.asarray(target)
     if t.dtype.kind not in "iu":
         raise TypeError(
@@ -388,7 +407,7 @@ def _plan(v: variants.Variant) -> _Plan:
 def _kernel_module(variant: variants.Variant, backend: str, work: np.dtype):
     if backend == "cuda":
         return backends.require_cuda()
-    if variant.fast_cpu and work in (np.float32, np.float64):
+    if variant.fast_cpu and work in _FAST_DTYPES:
         return cpu_fast
     return cpu
 

@@ -131,3 +131,29 @@ def test_the_index_range_scan_agrees_with_numpy(values):
     t = np.array(values, dtype=np.int64)
     expected = t.size == 0 or bool(t.min() >= 0 and t.max() < 4)
     assert dispatch.cpu.indices_in_range(t, 4) is expected
+
+
+class _Subclass(np.ndarray):
+    pass
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_working_layout_logits_and_targets_are_taken_without_a_copy_and_others_are_converted(
+    dtype,
+):
+    x = np.arange(12, dtype=dtype).reshape(3, 4)
+    arr, x2, lead = dispatch.class_rows("logits", x)
+    assert x2.ctypes.data == x.ctypes.data and lead == (3,)
+    # a view of every other column, float16, and a subclass: through the general path
+    for other in (x[:, ::2], x.astype(np.float16), x.view(_Subclass)):
+        arr, x2, lead = dispatch.class_rows("logits", other)
+        assert x2.flags.c_contiguous and x2.dtype in (np.float32, np.float64) and lead == (3,)
+        np.testing.assert_array_equal(x2, np.asarray(other, dtype=x2.dtype))
+    t = np.array([0, 3, 1])
+    assert dispatch.index_target(t, (3,), 4, -100).ctypes.data == t.ctypes.data
+    # the fast path still checks the range, and the shape
+    with pytest.raises(ValueError, match=re.escape("target[1] = 4 is out of range")):
+        dispatch.index_target(np.array([0, 4, 1]), (3,), 4, -100)
+    with pytest.raises(ValueError, match="must have shape"):
+        dispatch.index_target(t, (2,), 4, -100)
+    np.testing.assert_array_equal(dispatch.index_target(t[::-1], (3,), 4, -100), [1, 3, 0])
