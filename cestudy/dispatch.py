@@ -193,21 +193,21 @@ def _checked_indices(
         and target.shape == expected
         and target.ndim == 1
         and target.flags.c_contiguous
-        and cpu.indices_in_range(target, n_classes)
     ):
-        return target, True  # the common case without a conversion or a copy
-    t = np.asarray(target)
-    if t.dtype.kind not in "iu":
-        raise TypeError(
-            "target must be integer class indices (or float probabilities of the logits' "
-            f"shape); got dtype {t.dtype}"
-        )
-    if t.shape != tuple(expected):
-        raise ValueError(
-            f"target of class indices must have shape {expected} to match logits; got shape "
-            f"{t.shape}"
-        )
-    t = as_working(t, (t.size,), _INT64)
+        t = target  # the common case, without a conversion or a copy
+    else:
+        t = np.asarray(target)
+        if t.dtype.kind not in "iu":
+            raise TypeError(
+                "target must be integer class indices (or float probabilities of the logits' "
+                f"shape); got dtype {t.dtype}"
+            )
+        if t.shape != tuple(expected):
+            raise ValueError(
+                f"target of class indices must have shape {expected} to match logits; got "
+                f"shape {t.shape}"
+            )
+        t = as_working(t, (t.size,), _INT64)
     if cpu.indices_in_range(t, n_classes):
         return t, True  # one pass, no temporaries: the common case
     bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
