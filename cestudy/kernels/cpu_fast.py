@@ -14,15 +14,16 @@ lanes with AVX-512), using error-free transformations where a plain rounding wou
   kept apart. float64: a minimax polynomial of degree 12 (truncation 0.01 ulp) written
   ``(1 + r1) + (es + c + r^2 q(r))`` where ``es`` is the exact rounding error of ``1 + r1``
   (Fast2Sum), so that the only large rounding is the last addition: <= 0.55 ulp. float32: the
-  exp pass is bound by instruction issue, so the polynomial has degree 6 (truncation 0.05 ulp)
-  and ``1 + (r1 + (c + r^2 q(r)))`` drops ``es`` (its inner sum is below 0.42, so its rounding
-  costs at most a quarter of an ulp): 4 instructions fewer per 16 terms, measured <= 0.87 ulp
-  (``tests/test_fast_kernels.py``; the softmax focal loss's pairs keep ``es``, a degree-7
-  polynomial and 0.65 ulp for the high part). The result is scaled by 2^96 (``EXP_BIAS``) so
-  that every term that can matter stays normal with full relative accuracy: a confident float32
-  row whose loss is a subnormal (1e-40) sums terms of exp(-95); flushing them, or letting them
-  round as subnormals, would cost hundreds of ulp. Terms below exp(-150) (float64: exp(-770))
-  are 0: with C < 2^31 classes they total below half a subnormal ulp.
+  exp pass is bound by instruction issue, so the polynomial has degree 6 (q of degree 4,
+  truncation 0.05 ulp) and ``1 + (r1 + (c + r^2 q(r)))`` drops ``es`` (its inner sum is below
+  0.42, so its rounding costs at most a quarter of an ulp): 4 instructions fewer per 16 terms,
+  measured <= 0.87 ulp, bounded by 1.02 (``tests/test_fast_kernels.py``; the softmax focal
+  loss's pairs keep ``es``, a degree-7 polynomial and 0.65 ulp for the high part).
+  The result is scaled by 2^96 (``EXP_BIAS``) so that every term that can matter stays normal with
+  full relative accuracy: a confident float32 row whose loss is a subnormal (1e-40) sums terms of
+  exp(-95); flushing them, or letting them round as subnormals, would cost hundreds of ulp. Terms
+  below exp(-150) (float64: exp(-770)) are 0: with C < 2^31 classes they total below half a
+  subnormal ulp.
 - **Sums of the exp terms** (and, for float64, of the label-smoothing and soft-target terms) are
   exact enough for the result's dtype without a serial compensated loop. float32: each term is
   converted exactly to float64 and summed in lanes (relative error C 2^-53). A loop that mixes
@@ -78,14 +79,15 @@ lanes with AVX-512), using error-free transformations where a plain rounding wou
   sign) summed split at their largest magnitude; never H(p, q) - H(p), which cancels where p
   is close to q.
 
-Error budget of a float32 gradient entry p_j = e_j / (1 + S): exp <= 0.87 ulp, S (a sum of
-positive terms each within 0.87 ulp) within 0.87 ulp, one rounding of a float64 product to
-float32 (0.5 ulp): <= 2.3 ulp; measured <= 1.7 (rows of 10 to 5000 classes of mixed scales,
-1.68; 1.65 with the former 0.65-ulp exp). float64 entries carry in addition the rounding
-of the scale's factors and of the product: measured on rows built to be hard (weights, mean
-scaling, scales 1e-2..1e3, 5000+ classes) up to 3.6 ulp with class indices and 4.4 with soft
-targets, in ulps of the larger of A p_j and a_j, where ``cpu.py``'s reference kernels give 4.3
-and 4.7 on the same rows; within the contract on every test row.
+Error budget of a float32 gradient entry p_j = e_j / (1 + S): exp <= 0.87 ulp as measured (1.02
+bounded), S (a sum of positive terms each within that) as much, one rounding of a float64 product to
+float32 (0.5 ulp): <= 2.3 ulp from the measured exp, 2.6 from its bound (ulps of nearby binades, so
+up to twice that in the worst alignment); measured <= 1.7 (rows of 10 to 5000 classes of mixed
+scales, 1.68; 1.65 with the former 0.65-ulp exp). float64 entries carry in addition the rounding of
+the scale's factors and of the product: measured on rows built to be hard (weights, mean scaling,
+scales 1e-2..1e3, 5000+ classes) up to 3.6 ulp with class indices and 4.4 with soft targets, in ulps
+of the larger of A p_j and a_j, where ``cpu.py``'s reference kernels give 4.3 and 4.7 on the same
+rows; within the contract on every test row.
 
 **In place**: every fused kernel may be given ``out_grad`` = ``logits`` (the gradient written over
 the logits, as Liger-Kernel does on the GPU). Everything a row needs from the logits (x_y, the
@@ -210,9 +212,10 @@ _Q2 = F32(0.04166629910469055)
 _Q3 = F32(0.008333495818078518)
 _Q4 = F32(0.001394452410750091)
 _Q5 = F32(0.00019791295926552266)
-# q4(r) ~ (exp(r) - 1 - r) / r^2, degree 4, for :func:`exp_f32_biased` (Lawson's iteration,
-# coefficients rounded to float32 one by one, each refit after the last: truncation 3.2e-9
-# relative, 0.05 ulp)
+# q(r) ~ (exp(r) - 1 - r) / r^2 of degree 4 for :func:`exp_f32_biased` (not ``_Q4``, a
+# coefficient of the pair's degree-5 q): minimax for the relative error of exp on
+# |r| <= ln2 / 2 + 1e-3 (Lawson's iteration, coefficients rounded to float32 one by one, each
+# refit after the last): truncation 3.2e-9 relative, 0.05 ulp
 _QS = (F32(0.49999994), F32(0.16666521), F32(0.041668292), F32(0.008368719), F32(0.0013818726))
 # the constants of :func:`_exp_biased_pair` for float32
 _EXP32 = (
@@ -318,17 +321,20 @@ def _exp_biased(hi, lo, k):
 
 @njit(**_FMA)
 def exp_f32_biased(hi, lo):
-    """exp(hi + lo) * 2^96 in float32 for hi <= 0 and |lo| <= ulp(hi): within 0.87 ulp down to
-    hi = -150, 0 below (and for hi = -inf or NaN: callers test the row for NaN first).
+    """exp(hi + lo) * 2^96 in float32 for hi <= 0 and |lo| <= ulp(hi), down to hi = -150:
+    measured within 0.87 ulp (0.863), bounded by 1.02; 0 below (and for hi = -inf or NaN:
+    callers test the row for NaN first).
 
-    The reduction of :func:`_exp_biased_pair` (r1 = hi - n LN2_HI exact, the rest c below
-    2^-16 kept apart), then exp(r) = 1 + em1 with em1 = r1 + (c + r^2 q4(r)) rounded once
-    (|em1| < 0.42: its rounding is at most a quarter of an ulp of the result) and the last
-    addition rounded. The exp pass of a float32 row is bound by instruction issue, and this
-    form takes 4 vector instructions fewer per 16 terms than carrying the rounding error of
-    1 + r1 (Fast2Sum) with a degree-5 q as the pair does (0.65 ulp): the loop of
-    :func:`_exp_block_f32`, TwoSum and tie count included, 106 arithmetic instructions per 64
-    terms instead of 122, 0.358 -> 0.314 ns a term serially (AMD EPYC Zen 4)."""
+    The reduction of :func:`_exp_biased_pair` (r1 = hi - n LN2_HI exact, the rest c, below
+    3.2e-4, kept apart), then exp(r) = 1 + em1 with em1 = r1 + (c + r^2 q(r)) rounded once
+    (q of degree 4, ``_QS``; |em1| < sqrt 2 - 1: its rounding is at most a quarter of an ulp
+    of the result) and the last addition rounded.
+
+    The exp pass of a float32 row is bound by instruction issue, and this form takes 4 vector
+    instructions fewer per 16 terms than carrying the rounding error of 1 + r1 (Fast2Sum) with a
+    degree-5 q as the pair does (0.65 ulp): the loop of :func:`_exp_block_f32`, TwoSum and tie count
+    included, 106 arithmetic instructions per 64 terms instead of 122, 0.358 -> 0.314 ns a term
+    serially (AMD EPYC Zen 4)."""
     t = hi * _LOG2E + _SHIFTER
     n = t - _SHIFTER
     r1 = hi - n * _LN2_HI
@@ -567,7 +573,7 @@ _EXP64 = (_LOG2E64, _SHIFTER64, _LN2_HI64, _LN2_LO64, 1.0, EXP64_FLUSH, 0.0, _P)
 @njit(**_FMA)
 def exp_f64_biased(hi, lo):
     """exp(hi + lo) * 2^96 in float64 for hi <= 0 and |lo| <= ulp(hi): within 0.55 ulp down to
-    hi = -770, 0 below (and for -inf / NaN). The scheme of :func:`exp_f32_biased`: r1 exact,
+    hi = -770, 0 below (and for -inf / NaN). The scheme of :func:`_exp_biased_pair`: r1 exact,
     the small rest c apart, the rounding error of 1 + r1 kept, a degree-12 polynomial."""
     return _exp_biased(hi, lo, _EXP64)
 
