@@ -51,3 +51,24 @@ def test_other_frameworks_are_timed_without_torch(monkeypatch):
     res = command.time_shape(bench.CE, "float32", "fwd", 4, 8, 1)
     assert res["jax"] == {"median_s": 2e-3}
     assert "speedup_vs_torch" not in res["jax"]
+
+
+def test_the_memory_ceiling_is_a_median_over_a_buffer_of_distinct_pages():
+    """The ceiling that bandwidth fractions divide by: a buffer of ones once gave a float32
+    read twice the float64 one (68 against 38 GB/s, the best of five passes), which halved every
+    fraction of that run. The buffer now holds no two pages alike, and the ceiling is the median
+    of the passes, each of which the manifest records."""
+    import numpy as np
+
+    from cestudy.bench import ceiling
+
+    buf = ceiling._buffer("float32", 1 << 22)
+    pages = buf.reshape(-1, 1024)  # 4 KiB pages of float32
+    assert len({p.tobytes() for p in pages}) == len(pages)
+    rate = ceiling.read_bandwidth("float32", nbytes=1 << 22, repeats=5)
+    rw = ceiling.read_write_bandwidth("float32", nbytes=1 << 22, repeats=5)
+    got = ceiling.samples()
+    assert len(got["read float32"]) == len(got["read_write float32"]) == 5
+    assert rate == pytest.approx(np.median(ceiling._SAMPLES[("read", "float32", 1 << 22)]))
+    assert rw == pytest.approx(np.median(ceiling._SAMPLES[("read_write", "float32", 1 << 22)]))
+    assert 0 < min(got["read float32"]) and np.isfinite(rate) and np.isfinite(rw)

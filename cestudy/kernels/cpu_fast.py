@@ -280,36 +280,52 @@ def _horner(r, p):
 
 
 @njit(**_FMA)
+def _exp_reduce(hi, lo, k):
+    """Cody-Waite reduction of d = hi + lo = n ln2 + r for the exps below, in the float type of
+    ``hi`` and of the constants ``k`` (``_EXP32``, ``_EXP64``): ``(t, r1, c, r)`` with
+    t = fl(hi log2 e + 1.5 * 2^p) holding n in its low bits (:func:`_pow2_biased`),
+    ``r1 = hi - n LN2_HI`` exact (FMA, or an exact product and a Sterbenz difference), the small
+    rest ``c = lo - n LN2_LO`` kept apart, and r = r1 + c rounded (the polynomial's argument)."""
+    log2e, shifter, ln2_hi, ln2_lo = k[0], k[1], k[2], k[3]
+    t = hi * log2e + shifter
+    n = t - shifter
+    r1 = hi - n * ln2_hi
+    c = lo - n * ln2_lo
+    return t, r1, c, r1 + c
+
+
+@njit(**_FMA)
+def _exp_scaled(p, t, hi, k):
+    """p * 2^(n + 96) for hi at or above the flush threshold of ``k``, else 0: below it (and for
+    hi = -inf or NaN) n is garbage, and the select drops it."""
+    scale = _pow2_biased(t)
+    if hi >= k[5]:
+        return p * scale
+    return k[6]
+
+
+@njit(**_FMA)
 def _exp_biased_pair(hi, lo, k):
     """exp(hi + lo) * 2^96 in the float type of ``hi`` and of the constants ``k`` (``_EXP32``,
     ``_EXP64``: log2 e, the shifter 1.5 * 2^p, ln 2 in a short high part and the rest, 1, the
     flush threshold, 0, the coefficients of q(r) ~ (exp(r) - 1 - r) / r^2), as an unevaluated
     pair ``(p, p_lo)``: ``p`` the rounded result, ``p_lo`` its rounding error.
 
-    Cody-Waite reduction d = n ln2 + r with ``r1 = hi - n LN2_HI`` exact (FMA, or an exact
-    product and a Sterbenz difference) and the small rest ``c = lo - n LN2_LO`` kept apart; the
-    result ``(1 + r1) + (es + c + r^2 q(r))`` with ``es`` the rounding error of 1 + r1, exact
+    The reduction :func:`_exp_reduce` (r1 exact, the rest c apart), then the result
+    ``(1 + r1) + (es + c + r^2 q(r))`` with ``es`` the rounding error of 1 + r1, exact
     (Fast2Sum, |r1| < 1), so that the only large rounding is the last addition, whose error
     ``p_lo`` is exact again (Fast2Sum: |1 + r1| > 0.7 exceeds the small part). ``p`` alone is
     within 0.65 ulp; ``p + p_lo`` within the roundings of the small part (float32: measured
     0.16 ulp)."""
-    log2e, shifter, ln2_hi, ln2_lo, one, flush, zero, coefs = k
-    t = hi * log2e + shifter
-    n = t - shifter
-    r1 = hi - n * ln2_hi
-    c = lo - n * ln2_lo
-    r = r1 + c
-    q = _horner(r, coefs)
+    one = k[4]
+    t, r1, c, r = _exp_reduce(hi, lo, k)
+    q = _horner(r, k[7])
     s1 = one + r1
     es = (one - s1) + r1
     small = (r * r) * q + (es + c)
     p = s1 + small
     p_lo = (s1 - p) + small
-    # below the flush (and for -inf / NaN) n is garbage, and the select drops it
-    scale = _pow2_biased(t)
-    if hi >= flush:
-        return p * scale, p_lo * scale
-    return zero, zero
+    return _exp_scaled(p, t, hi, k), _exp_scaled(p_lo, t, hi, k)
 
 
 @njit(**_FMA)
@@ -325,8 +341,8 @@ def exp_f32_biased(hi, lo):
     measured within 0.87 ulp (0.863), bounded by 1.02; 0 below (and for hi = -inf or NaN:
     callers test the row for NaN first).
 
-    The reduction of :func:`_exp_biased_pair` (r1 = hi - n LN2_HI exact, the rest c, below
-    3.2e-4, kept apart), then exp(r) = 1 + em1 with em1 = r1 + (c + r^2 q(r)) rounded once
+    The reduction :func:`_exp_reduce` (r1 = hi - n LN2_HI exact, the rest c, below 3.2e-4, kept
+    apart), then exp(r) = 1 + em1 with em1 = r1 + (c + r^2 q(r)) rounded once
     (q of degree 4, ``_QS``; |em1| < sqrt 2 - 1: its rounding is at most a quarter of an ulp
     of the result) and the last addition rounded.
 
@@ -335,18 +351,9 @@ def exp_f32_biased(hi, lo):
     degree-5 q as the pair does (0.65 ulp): the loop of :func:`_exp_block_f32`, TwoSum and tie count
     included, 106 arithmetic instructions per 64 terms instead of 122, 0.358 -> 0.314 ns a term
     serially (AMD EPYC Zen 4)."""
-    t = hi * _LOG2E + _SHIFTER
-    n = t - _SHIFTER
-    r1 = hi - n * _LN2_HI
-    c = lo - n * _LN2_LO
-    r = r1 + c
+    t, r1, c, r = _exp_reduce(hi, lo, _EXP32)
     em1 = r1 + ((r * r) * _horner(r, _QS) + c)
-    p = _ONE + em1
-    # below the flush (and for -inf / NaN) n is garbage, and the select drops it
-    scale = _pow2_biased(t)
-    if hi >= EXP32_FLUSH:
-        return p * scale
-    return _ZERO
+    return _exp_scaled(_ONE + em1, t, hi, _EXP32)
 
 
 @intrinsic

@@ -66,7 +66,7 @@ def speed_sentence(perf):
             parts.append(
                 f"forward takes {1e3 * r['median_s']:.3g} ms, {ratio:.2f}x the speed "
                 f"of torch's forward, at {fmt_pct(r['frac_bandwidth'])} of the measured "
-                "streaming-read bandwidth"
+                "read bandwidth"
             )
         else:
             parts.append(
@@ -224,8 +224,10 @@ def render(ctx: Context, rows) -> Part:
             "least 31 for calls on at most 2^21 elements, whose medians of a few calls "
             "moved by up to 30% between runs); the first call (JIT compilation, from the "
             "disk cache when present) is reported on its own. GB/s counts the logits "
-            "and targets read plus the gradient written; the bandwidth is this "
-            "machine's streaming-read bandwidth measured in the same run. Every timed "
+            "and targets read plus the gradient written; the bandwidth it is a fraction of is "
+            "this machine's, measured in the same run by a vectorised parallel pass over a "
+            "buffer eight times the last-level cache (the median of 7): the read bandwidth "
+            "for forward calls, read+write for forward+gradient. Every timed "
             "result was checked against the oracle first (mean loss, and the gradient "
             "of the first rows). `python -m cestudy bench` interleaves cestudy's calls, torch "
             "and the numpy formulations round by round and times each other framework (JAX, "
