@@ -72,3 +72,43 @@ def test_the_memory_ceiling_is_a_median_over_a_buffer_of_distinct_pages():
     assert rate == pytest.approx(np.median(ceiling._SAMPLES[("read", "float32", 1 << 22)]))
     assert rw == pytest.approx(np.median(ceiling._SAMPLES[("read_write", "float32", 1 << 22)]))
     assert 0 < min(got["read float32"]) and np.isfinite(rate) and np.isfinite(rw)
+
+
+def test_each_mode_is_judged_against_its_own_ceiling_and_rows_say_which():
+    """A fused kernel writes the gradient, so it is judged against read+write; a forward kernel
+    only reads. The row records which ceiling, over how large a buffer and how many passes, so
+    the report states what was measured instead of text that can drift from the code."""
+    from cestudy.bench import ceiling
+    from cestudy.bench import cpu as bench_cpu
+
+    assert ceiling.kind("forward") == "read"
+    assert ceiling.kind("forward_grad") == "read_write"
+    with pytest.raises(ValueError, match="mode"):
+        ceiling.kind("backward")
+    how = ceiling.description()
+    assert how["repeats"] == ceiling.REPEATS
+    assert 256 << 20 <= how["buffer_bytes"] <= 1 << 30
+    assert how["buffer_bytes"] >= min(8 * how["last_level_cache_bytes"], 1 << 30)
+    for mode in ("forward", "forward_grad"):
+        ceiling._SAMPLES[(ceiling.kind(mode), "float64", ceiling.buffer_bytes())] = [7.0, 5.0, 6.0]
+    try:
+        res = bench_cpu.time_group(
+            "cross_entropy", "float64", "forward_grad", 4, 8, ["numba"], repeats=1
+        )["numba"]
+    finally:
+        for mode in ("forward", "forward_grad"):
+            ceiling._SAMPLES.pop((ceiling.kind(mode), "float64", ceiling.buffer_bytes()))
+    assert res["ceiling"] == "read_write"
+    assert res["bandwidth_gbs"] == 6.0  # the median of the recorded passes
+    assert res["ceiling_passes"] == ceiling.REPEATS
+    assert res["ceiling_buffer_bytes"] == ceiling.buffer_bytes()
+
+
+def test_the_report_says_how_the_ceiling_of_its_rows_was_measured():
+    from cestudy.report.sections.performance import ceiling_how
+
+    rows = [{"ceiling_buffer_bytes": 512 << 20, "ceiling_passes": 7}] * 2
+    assert ceiling_how(rows) == (
+        "of 512 MiB, several times the last-level cache (the median of 7 passes)"
+    )
+    assert ceiling_how([{}]) == "several times the last-level cache"

@@ -10,9 +10,9 @@ Two numbers, for the kernels' own dtype, over buffers several times the last-lev
   as the bytes read plus the bytes written (what a fused kernel that writes its gradient moves).
 
 Forward kernels are judged against the first, fused forward+gradient kernels against the second.
-Both are the median of a few timed passes after one untimed pass, as the kernels' times are
-medians, and are cached per process, dtype and size; every pass's rate is kept
-(:func:`samples`) for the run's manifest.
+Both are the median of ``REPEATS`` timed passes after one untimed pass, as the kernels' times
+are medians, measured once per process, dtype and size; every pass's rate is kept
+(:func:`samples`), and how they were measured (:func:`description`), for the run's manifest.
 
 The buffer holds distinct values (``arange``), no two pages alike. The best of five passes over
 a buffer of ones once gave 68 GB/s for float32 (and 61 read+write) on a 2-core AMD EPYC Zen 4
@@ -31,8 +31,12 @@ import numpy as np
 from numba import njit, prange
 
 _ROWS = 4096
-_CACHE: dict[tuple[str, str, int], float] = {}
+REPEATS = 7  # timed passes per ceiling; the ceiling is their median
+# every pass's rate in GB/s by (kind, dtype name, buffer bytes); the medians are the ceilings
 _SAMPLES: dict[tuple[str, str, int], list[float]] = {}
+# which ceiling a kernel of each mode is judged against, and how the reports name it
+_KIND_OF_MODE = {"forward": "read", "forward_grad": "read_write"}
+LABELS = {"read": "read", "read_write": "read+write"}
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
@@ -71,17 +75,21 @@ def buffer_bytes() -> int:
     return int(min(max(8 * last_level_cache_bytes(), 256 << 20), 1 << 30))
 
 
-def _median_rate(key, fn, nbytes, repeats):
-    """The median rate in GB/s of ``repeats`` timed calls of ``fn`` moving ``nbytes`` each, after
-    one untimed call (compilation, and the pages faulted in); the rates go to ``_SAMPLES``."""
-    fn()
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _median_rate(key, make, repeats):
+    """The median rate in GB/s of ``repeats`` timed calls of ``fn``, each moving ``nbytes``,
+    where ``fn, nbytes = make()``, after one untimed call (compilation, and the pages faulted
+    in). The rates go to ``_SAMPLES``, which serves later calls for the same key (the buffer is
+    built only for the first)."""
+    if key not in _SAMPLES:
+        fn, nbytes = make()
         fn()
-        rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
-    _SAMPLES[key] = rates
-    return float(np.median(rates))
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
+        _SAMPLES[key] = rates
+    return float(np.median(_SAMPLES[key]))
 
 
 def _buffer(dtype, nbytes):
@@ -91,32 +99,54 @@ def _buffer(dtype, nbytes):
     return np.arange(_ROWS * cols, dtype=dt).reshape(_ROWS, cols)
 
 
-def read_bandwidth(dtype="float32", nbytes: int | None = None, repeats: int = 7) -> float:
+def read_bandwidth(dtype="float32", nbytes: int | None = None, repeats: int = REPEATS) -> float:
     """Vectorised parallel read bandwidth in GB/s (1e9 bytes/s) over ``dtype`` data."""
     nbytes = buffer_bytes() if nbytes is None else nbytes
-    key = ("read", np.dtype(dtype).name, nbytes)
-    if key not in _CACHE:
+
+    def make():
         a = _buffer(dtype, nbytes)
         partial = np.empty(a.shape[0], dtype=a.dtype)
-        _CACHE[key] = _median_rate(key, lambda: _read(a, partial), a.nbytes, repeats)
-    return _CACHE[key]
+        return (lambda: _read(a, partial)), a.nbytes
+
+    return _median_rate(("read", np.dtype(dtype).name, nbytes), make, repeats)
 
 
-def read_write_bandwidth(dtype="float32", nbytes: int | None = None, repeats: int = 7) -> float:
+def read_write_bandwidth(
+    dtype="float32", nbytes: int | None = None, repeats: int = REPEATS
+) -> float:
     """Vectorised parallel read + write bandwidth in GB/s: bytes read plus bytes written."""
     nbytes = buffer_bytes() if nbytes is None else nbytes
-    key = ("read_write", np.dtype(dtype).name, nbytes)
-    if key not in _CACHE:
+
+    def make():
         a = _buffer(dtype, nbytes)
         b = np.empty_like(a)
-        _CACHE[key] = _median_rate(key, lambda: _read_write(a, b), 2 * a.nbytes, repeats)
-    return _CACHE[key]
+        return (lambda: _read_write(a, b)), 2 * a.nbytes
+
+    return _median_rate(("read_write", np.dtype(dtype).name, nbytes), make, repeats)
+
+
+def kind(mode: str) -> str:
+    """Which ceiling a kernel of ``mode`` is judged against: "read" for "forward" (it only reads
+    the logits), "read_write" for "forward_grad" (it also writes the gradient)."""
+    try:
+        return _KIND_OF_MODE[mode]
+    except KeyError:
+        raise ValueError(f"mode: expected one of {sorted(_KIND_OF_MODE)}, got {mode!r}") from None
 
 
 def ceiling(mode: str, dtype) -> float:
-    """The ceiling a kernel of ``mode`` is judged against: the read bandwidth for "forward",
-    read + write for "forward_grad"."""
-    return read_write_bandwidth(dtype) if mode == "forward_grad" else read_bandwidth(dtype)
+    """The ceiling a kernel of ``mode`` is judged against (:func:`kind`), in GB/s."""
+    return read_bandwidth(dtype) if kind(mode) == "read" else read_write_bandwidth(dtype)
+
+
+def description() -> dict:
+    """How the ceilings are measured, for a run's manifest and its report: the buffer's size,
+    the last-level cache it is sized from, and the number of timed passes."""
+    return {
+        "buffer_bytes": buffer_bytes(),
+        "last_level_cache_bytes": last_level_cache_bytes(),
+        "repeats": REPEATS,
+    }
 
 
 def samples() -> dict[str, list[float]]:

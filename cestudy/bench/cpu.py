@@ -266,6 +266,7 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
             f()
             samples[impl].append(time.perf_counter() - t0)
     bw = ceiling.ceiling(mode, dt)
+    how = ceiling.description()
     moved = bytes_moved(variant, mode, x, t)
     for impl, s in samples.items():
         q1, med, q3 = np.quantile(s, [0.25, 0.5, 0.75])
@@ -280,6 +281,10 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
                 "gb_per_s": float(moved / med / 1e9),
                 "bandwidth_gbs": float(bw),
                 "frac_bandwidth": float(moved / med / 1e9 / bw),
+                # which ceiling, over how large a buffer, the median of how many passes
+                "ceiling": ceiling.kind(mode),
+                "ceiling_buffer_bytes": how["buffer_bytes"],
+                "ceiling_passes": how["repeats"],
                 "bytes": int(moved),
                 "samples_s": [float(v) for v in s],
             }

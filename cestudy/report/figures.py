@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..bench import ceiling  # noqa: E402
+
 COLOURS = {
     "naive": "#d62728",
     "clipped": "#ff7f0e",
@@ -562,7 +564,7 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
         axes[0][j].text(
             0.01,
             bw,
-            f"{'read+write' if mode == 'forward_grad' else 'read'} bandwidth {bw:.1f} GB/s",
+            f"{ceiling.LABELS[ceiling.kind(mode)]} bandwidth {bw:.1f} GB/s",
             fontsize=7,
             va="bottom",
             transform=axes[0][j].get_yaxis_transform(),

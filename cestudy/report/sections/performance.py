@@ -214,6 +214,19 @@ def frameworks_sentence(perf, variant="cross_entropy", dtype="float32"):
     )
 
 
+def ceiling_how(perf) -> str:
+    """How the rows' memory ceiling was measured (buffer size, number of passes), from the
+    fields ``bench.cpu.time_group`` records with every row; rows from before those fields were
+    recorded say only how the buffer was sized."""
+    sizes = sorted({r["ceiling_buffer_bytes"] >> 20 for r in perf if "ceiling_buffer_bytes" in r})
+    passes = sorted({r["ceiling_passes"] for r in perf if "ceiling_passes" in r})
+    if not sizes or not passes:
+        return "several times the last-level cache"
+    mib = " or ".join(str(v) for v in sizes)
+    n = " or ".join(str(v) for v in passes)
+    return f"of {mib} MiB, several times the last-level cache (the median of {n} passes)"
+
+
 def render(ctx: Context, rows) -> Part:
     perf = ok_rows(rows)
     parts, findings = [], []
@@ -225,8 +238,8 @@ def render(ctx: Context, rows) -> Part:
             "moved by up to 30% between runs); the first call (JIT compilation, from the "
             "disk cache when present) is reported on its own. GB/s counts the logits "
             "and targets read plus the gradient written; the bandwidth it is a fraction of is "
-            "this machine's, measured in the same run by a vectorised parallel pass over a "
-            "buffer eight times the last-level cache (the median of 7): the read bandwidth "
+            "this machine's, measured in the same run by vectorised parallel passes over a "
+            f"buffer {ceiling_how(perf)}: the read bandwidth "
             "for forward calls, read+write for forward+gradient. Every timed "
             "result was checked against the oracle first (mean loss, and the gradient "
             "of the first rows). `python -m cestudy bench` interleaves cestudy's calls, torch "
