@@ -12,11 +12,12 @@ Two numbers, for the kernels' own dtype, over buffers several times the last-lev
 Forward kernels are judged against the first, fused forward+gradient kernels against the second.
 Both are the median of ``REPEATS`` timed passes after one untimed pass, as the kernels' times
 are medians, measured once per process, dtype and size; every pass's rate is kept
-(:func:`samples`), and how they were measured (:func:`description`), for the run's manifest.
+(:func:`samples`), and how they were measured (:func:`description`), for the run's manifest;
+:func:`measured` gives a timed row its ceiling with the buffer and passes it came from.
 
-The buffer holds distinct values (``arange``), no two pages alike. The best of five passes over
-a buffer of ones once gave 68 GB/s for float32 (and 61 read+write) on a 2-core AMD EPYC Zen 4
-whose float64 read in the same second, and every float32 read since, gave 37-38: a ceiling
+The buffer holds increasing values (``arange``), no two pages alike. The best of five passes
+over a buffer of ones once gave 68 GB/s for float32 (and 61 read+write) on a 2-core AMD EPYC
+Zen 4 whose float64 read in the same second gave 37.6, and float32 reads since 33-38: a ceiling
 twice too high halves every fraction judged against it. Whatever made those passes fast (pages
 of identical content, or a pass that caught a burst), a median of passes over distinct data
 does not take one fast pass for the machine's ceiling.
@@ -32,8 +33,9 @@ from numba import njit, prange
 
 _ROWS = 4096
 REPEATS = 7  # timed passes per ceiling; the ceiling is their median
-# every pass's rate in GB/s by (kind, dtype name, buffer bytes); the medians are the ceilings
-_SAMPLES: dict[tuple[str, str, int], list[float]] = {}
+# every measurement by (kind, dtype name, requested bytes): its passes' rates in GB/s (the median
+# is the ceiling) and the buffer's size
+_SAMPLES: dict[tuple[str, str, int], dict] = {}
 # which ceiling a kernel of each mode is judged against, and how the reports name it
 _KIND_OF_MODE = {"forward": "read", "forward_grad": "read_write"}
 LABELS = {"read": "read", "read_write": "read+write"}
@@ -75,54 +77,67 @@ def buffer_bytes() -> int:
     return int(min(max(8 * last_level_cache_bytes(), 256 << 20), 1 << 30))
 
 
-def _median_rate(key, make, repeats):
-    """The median rate in GB/s of ``repeats`` timed calls of ``fn``, each moving ``nbytes``,
-    where ``fn, nbytes = make()``, after one untimed call (compilation, and the pages faulted
-    in). The rates go to ``_SAMPLES``, which serves later calls for the same key (the buffer is
-    built only for the first)."""
+def _measure(key, make, repeats):
+    """The measurement of ``key`` = (kind, dtype name, requested bytes): ``repeats`` timed calls
+    of ``fn``, each moving ``moved`` bytes over a buffer of ``nbytes``, where
+    ``fn, moved, nbytes = make()``, after one untimed call (compilation, and the pages faulted
+    in). Kept in ``_SAMPLES``, which serves later calls for the same key (the buffer is built
+    only for the first): ``{"rates": GB/s per pass, "buffer_bytes": the buffer's size}``."""
     if key not in _SAMPLES:
-        fn, nbytes = make()
+        fn, moved, nbytes = make()
         fn()
         rates = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
-            rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
-        _SAMPLES[key] = rates
-    return float(np.median(_SAMPLES[key]))
+            rates.append(moved / (time.perf_counter() - t0) / 1e9)
+        _SAMPLES[key] = {"rates": rates, "buffer_bytes": nbytes}
+    return _SAMPLES[key]
 
 
 def _buffer(dtype, nbytes):
-    """A (4096, cols) buffer of ``nbytes`` or less holding 0, 1, 2, ...: no two pages alike."""
+    """A (4096, cols) buffer of ``nbytes`` or less holding increasing values (``arange``; float32
+    repeats neighbours past 2^24, but no two pages are alike)."""
     dt = np.dtype(dtype)
     cols = max(1, nbytes // dt.itemsize // _ROWS)
     return np.arange(_ROWS * cols, dtype=dt).reshape(_ROWS, cols)
 
 
-def read_bandwidth(dtype="float32", nbytes: int | None = None, repeats: int = REPEATS) -> float:
-    """Vectorised parallel read bandwidth in GB/s (1e9 bytes/s) over ``dtype`` data."""
-    nbytes = buffer_bytes() if nbytes is None else nbytes
-
+def _read_measure(dtype, nbytes, repeats):
     def make():
         a = _buffer(dtype, nbytes)
         partial = np.empty(a.shape[0], dtype=a.dtype)
-        return (lambda: _read(a, partial)), a.nbytes
+        return (lambda: _read(a, partial)), a.nbytes, a.nbytes
 
-    return _median_rate(("read", np.dtype(dtype).name, nbytes), make, repeats)
+    return _measure(("read", np.dtype(dtype).name, nbytes), make, repeats)
+
+
+def _read_write_measure(dtype, nbytes, repeats):
+    def make():
+        a = _buffer(dtype, nbytes)
+        b = np.empty_like(a)
+        return (lambda: _read_write(a, b)), 2 * a.nbytes, a.nbytes
+
+    return _measure(("read_write", np.dtype(dtype).name, nbytes), make, repeats)
+
+
+_MEASURES = {"read": _read_measure, "read_write": _read_write_measure}
+
+
+def read_bandwidth(dtype="float32", nbytes: int | None = None, repeats: int = REPEATS) -> float:
+    """Vectorised parallel read bandwidth in GB/s (1e9 bytes/s) over ``dtype`` data: the median
+    of the passes."""
+    nbytes = buffer_bytes() if nbytes is None else nbytes
+    return float(np.median(_read_measure(dtype, nbytes, repeats)["rates"]))
 
 
 def read_write_bandwidth(
     dtype="float32", nbytes: int | None = None, repeats: int = REPEATS
 ) -> float:
-    """Vectorised parallel read + write bandwidth in GB/s: bytes read plus bytes written."""
+    """Vectorised parallel read + write bandwidth in GB/s, bytes read plus bytes written: the
+    median of the passes."""
     nbytes = buffer_bytes() if nbytes is None else nbytes
-
-    def make():
-        a = _buffer(dtype, nbytes)
-        b = np.empty_like(a)
-        return (lambda: _read_write(a, b)), 2 * a.nbytes
-
-    return _median_rate(("read_write", np.dtype(dtype).name, nbytes), make, repeats)
+    return float(np.median(_read_write_measure(dtype, nbytes, repeats)["rates"]))
 
 
 def kind(mode: str) -> str:
@@ -134,14 +149,36 @@ def kind(mode: str) -> str:
         raise ValueError(f"mode: expected one of {sorted(_KIND_OF_MODE)}, got {mode!r}") from None
 
 
+def measured(mode: str, dtype) -> dict:
+    """The ceiling a kernel of ``mode`` is judged against (:func:`kind`), as it was measured:
+    ``kind``, ``gbs`` (the median in GB/s), ``buffer_bytes`` (the buffer it was measured over),
+    ``passes`` (how many timed passes the median is of; a measurement already made in this
+    process is reused as it was) and ``last_level_cache_bytes`` (what the buffer was sized
+    from)."""
+    k = kind(mode)
+    m = _MEASURES[k](dtype, buffer_bytes(), REPEATS)
+    return {
+        "kind": k,
+        "gbs": float(np.median(m["rates"])),
+        "buffer_bytes": int(m["buffer_bytes"]),
+        "passes": len(m["rates"]),
+        "last_level_cache_bytes": last_level_cache_bytes(),
+    }
+
+
 def ceiling(mode: str, dtype) -> float:
     """The ceiling a kernel of ``mode`` is judged against (:func:`kind`), in GB/s."""
-    return read_bandwidth(dtype) if kind(mode) == "read" else read_write_bandwidth(dtype)
+    return measured(mode, dtype)["gbs"]
+
+
+def label(mode: str) -> str:
+    """How the reports name the ceiling of ``mode``: "read" or "read+write"."""
+    return LABELS[kind(mode)]
 
 
 def description() -> dict:
-    """How the ceilings are measured, for a run's manifest and its report: the buffer's size,
-    the last-level cache it is sized from, and the number of timed passes."""
+    """How the ceilings are measured, for a run's manifest: the buffer's size, the last-level
+    cache (of cpu0) it is sized from, and the number of timed passes."""
     return {
         "buffer_bytes": buffer_bytes(),
         "last_level_cache_bytes": last_level_cache_bytes(),
@@ -151,8 +188,8 @@ def description() -> dict:
 
 def samples() -> dict[str, list[float]]:
     """Every pass's rate in GB/s of the ceilings measured in this process, by
-    ``"read float32"``-style names (the manifest records them beside the medians)."""
+    ``"read float32 256 MiB"``-style names (the manifest records them beside the medians)."""
     return {
-        f"{kind} {dtype}": [round(v, 3) for v in rates]
-        for (kind, dtype, _), rates in _SAMPLES.items()
+        f"{k} {dtype} {m['buffer_bytes'] / (1 << 20):g} MiB": [round(v, 3) for v in m["rates"]]
+        for (k, dtype, _), m in _SAMPLES.items()
     }

@@ -180,8 +180,8 @@ def main(args):
         print(
             f"ceiling, {dtype}: read {bw[dtype]['read']:.2f} GB/s, read+write "
             f"{bw[dtype]['read_write']:.2f} GB/s (medians of {ceiling.REPEATS} vectorised "
-            f"parallel passes over {mib} MiB; forward is judged against read, fused against "
-            "read+write)"
+            f"parallel passes over {mib} MiB; forward is judged against "
+            f"{ceiling.label('forward')}, fused against {ceiling.label('forward_grad')})"
         )
     store = run_id = None
     if args.results:
@@ -257,6 +257,8 @@ def main(args):
                 {
                     "bandwidth_gbs": bw[dtypes[0]]["read"],
                     "ceiling_gbs": bw,
+                    "ceiling_samples_gbs": ceiling.samples(),
+                    "ceiling_measure": ceiling.description(),
                     "rows": table,
                     "extras": extras,
                     "machine": info.manifest(),

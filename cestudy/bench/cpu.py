@@ -265,8 +265,8 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
             t0 = time.perf_counter()
             f()
             samples[impl].append(time.perf_counter() - t0)
-    bw = ceiling.ceiling(mode, dt)
-    how = ceiling.description()
+    ceil = ceiling.measured(mode, dt)
+    bw = ceil["gbs"]
     moved = bytes_moved(variant, mode, x, t)
     for impl, s in samples.items():
         q1, med, q3 = np.quantile(s, [0.25, 0.5, 0.75])
@@ -281,10 +281,12 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
                 "gb_per_s": float(moved / med / 1e9),
                 "bandwidth_gbs": float(bw),
                 "frac_bandwidth": float(moved / med / 1e9 / bw),
-                # which ceiling, over how large a buffer, the median of how many passes
-                "ceiling": ceiling.kind(mode),
-                "ceiling_buffer_bytes": how["buffer_bytes"],
-                "ceiling_passes": how["repeats"],
+                # which ceiling, over how large a buffer (sized from which cache), the median
+                # of how many passes
+                "ceiling_kind": ceil["kind"],
+                "ceiling_buffer_bytes": ceil["buffer_bytes"],
+                "ceiling_llc_bytes": ceil["last_level_cache_bytes"],
+                "ceiling_passes": ceil["passes"],
                 "bytes": int(moved),
                 "samples_s": [float(v) for v in s],
             }

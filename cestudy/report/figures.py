@@ -564,7 +564,7 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
         axes[0][j].text(
             0.01,
             bw,
-            f"{ceiling.LABELS[ceiling.kind(mode)]} bandwidth {bw:.1f} GB/s",
+            f"{ceiling.label(mode)} bandwidth {bw:.1f} GB/s",
             fontsize=7,
             va="bottom",
             transform=axes[0][j].get_yaxis_transform(),

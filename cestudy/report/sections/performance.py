@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from ...bench import ceiling
 from .. import figures
 from ..figures import IMPL_ORDER
 from ..markdown import Context, Part, fmt_pct, fmt_shape, fmt_ulp, table
@@ -66,7 +67,7 @@ def speed_sentence(perf):
             parts.append(
                 f"forward takes {1e3 * r['median_s']:.3g} ms, {ratio:.2f}x the speed "
                 f"of torch's forward, at {fmt_pct(r['frac_bandwidth'])} of the measured "
-                "read bandwidth"
+                f"{ceiling.label('forward')} bandwidth"
             )
         else:
             parts.append(
@@ -215,16 +216,19 @@ def frameworks_sentence(perf, variant="cross_entropy", dtype="float32"):
 
 
 def ceiling_how(perf) -> str:
-    """How the rows' memory ceiling was measured (buffer size, number of passes), from the
-    fields ``bench.cpu.time_group`` records with every row; rows from before those fields were
-    recorded say only how the buffer was sized."""
-    sizes = sorted({r["ceiling_buffer_bytes"] >> 20 for r in perf if "ceiling_buffer_bytes" in r})
-    passes = sorted({r["ceiling_passes"] for r in perf if "ceiling_passes" in r})
-    if not sizes or not passes:
-        return "several times the last-level cache"
-    mib = " or ".join(str(v) for v in sizes)
-    n = " or ".join(str(v) for v in passes)
-    return f"of {mib} MiB, several times the last-level cache (the median of {n} passes)"
+    """How the rows' memory ceiling was measured (the buffer, the cache it was sized from, the
+    number of passes), from the fields ``bench.cpu.time_group`` records with every row; rows
+    from before those fields say only how the buffer is sized."""
+    fields = ("ceiling_buffer_bytes", "ceiling_llc_bytes", "ceiling_passes")
+    hows = sorted({tuple(r[f] for f in fields) for r in perf if all(f in r for f in fields)})
+    sizing = "8 times the last-level cache cpu0 reports, at least 256 MiB and at most 1 GiB"
+    if not hows:
+        return f"of {sizing}"
+    return " or ".join(
+        f"of {buf / (1 << 20):g} MiB ({sizing}: {llc / (1 << 20):g} MiB here), the median "
+        f"of {passes} passes"
+        for buf, llc, passes in hows
+    )
 
 
 def render(ctx: Context, rows) -> Part:
@@ -239,8 +243,8 @@ def render(ctx: Context, rows) -> Part:
             "disk cache when present) is reported on its own. GB/s counts the logits "
             "and targets read plus the gradient written; the bandwidth it is a fraction of is "
             "this machine's, measured in the same run by vectorised parallel passes over a "
-            f"buffer {ceiling_how(perf)}: the read bandwidth "
-            "for forward calls, read+write for forward+gradient. Every timed "
+            f"buffer {ceiling_how(perf)}: the {ceiling.label('forward')} bandwidth for forward "
+            f"calls, {ceiling.label('forward_grad')} for forward+gradient. Every timed "
             "result was checked against the oracle first (mean loss, and the gradient "
             "of the first rows). `python -m cestudy bench` interleaves cestudy's calls, torch "
             "and the numpy formulations round by round and times each other framework (JAX, "
