@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from . import backends, dtypes, variants
+from . import backends, buffers, dtypes, variants
 from .kernels import cpu, cpu_fast
 
 Reduction = Literal["none", "mean", "sum"]
@@ -563,13 +563,14 @@ def merged_weight(w: np.ndarray, k: int, shape: tuple[int, int]) -> np.ndarray:
 
 def _grad_buffer(out: Any, arr: np.ndarray, x: np.ndarray, elementwise: bool) -> np.ndarray:
     """Where the kernel writes the gradient: ``out`` itself when it has the working dtype (no
-    new pages per call), else a new array of the working dtype."""
+    new pages per call), else an array of the working dtype from :mod:`cestudy.buffers` (one
+    an earlier call returned and the caller has since dropped, or a new one)."""
     if out is None:
-        return np.empty_like(x)
+        return buffers.gradient_array(x)
     check_grad_out(out, arr.shape, arr.dtype)
     if out.dtype == x.dtype and (elementwise or arr.ndim <= 2):
         return out.reshape(x.shape)
-    return np.empty_like(x)
+    return buffers.gradient_array(x)
 
 
 def _axes(dim: Any, ndim: int, single: bool) -> tuple[int, ...]:

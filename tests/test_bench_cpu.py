@@ -70,9 +70,9 @@ def test_the_memory_ceiling_is_a_median_over_a_buffer_of_distinct_pages(monkeypa
     buf = real_buffer("float32", 1 << 22)
     pages = buf.reshape(-1, 1024)  # 4 KiB pages of float32
     assert len({p.tobytes() for p in pages}) == len(pages)
-    rate = ceiling.read_bandwidth("float32", nbytes=1 << 22, repeats=5)
-    rw = ceiling.read_write_bandwidth("float32", nbytes=1 << 22, repeats=5)
-    assert ceiling.read_bandwidth("float32", nbytes=1 << 22) == rate
+    rate = ceiling.bandwidth("read", "float32", nbytes=1 << 22, repeats=5)
+    rw = ceiling.bandwidth("read_write", "float32", nbytes=1 << 22, repeats=5)
+    assert ceiling.bandwidth("read", "float32", nbytes=1 << 22) == rate
     assert len(built) == 2  # one buffer per kind, not one per call
     got = ceiling.samples()
     assert len(got["read float32 4 MiB"]) == len(got["read_write float32 4 MiB"]) == 5
@@ -98,8 +98,10 @@ def test_each_mode_is_judged_against_its_own_ceiling_and_rows_say_how_it_was_mea
         ceiling.kind("backward")
     how = ceiling.description()
     assert how["repeats"] == ceiling.REPEATS
-    assert 256 << 20 <= how["buffer_bytes"] <= 1 << 30
-    assert how["buffer_bytes"] >= min(8 * how["last_level_cache_bytes"], 1 << 30)
+    assert ceiling.MIN_BUFFER_BYTES <= how["buffer_bytes"] <= ceiling.MAX_BUFFER_BYTES
+    assert how["buffer_bytes"] >= min(
+        ceiling.LLC_FACTOR * how["last_level_cache_bytes"], ceiling.MAX_BUFFER_BYTES
+    )
     size = ceiling.buffer_bytes()
     monkeypatch.setattr(
         ceiling,

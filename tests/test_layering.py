@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cestudy"
 LAYERS = [
     ("registry", ["dtypes", "variants"]),
     ("kernels", ["kernels", "kernels.*"]),
-    ("dispatch", ["backends", "dispatch"]),
+    ("dispatch", ["backends", "buffers", "dispatch"]),
     ("losses", ["losses", "linear", "torch", "__init__"]),
     ("reference", ["reference", "reference.*"]),
     ("bench, study", ["bench", "bench.*", "study", "study.*"]),

@@ -2,11 +2,11 @@
 
 Two numbers, for the kernels' own dtype, over buffers several times the last-level cache:
 
-- ``read_bandwidth``: a parallel loop over rows whose inner sum is vectorised with several
+- ``read``: a parallel loop over rows whose inner sum is vectorised with several
   partial sums (the ``reassoc`` flag lets LLVM keep one accumulator per SIMD lane and unroll), so
   that it is bound by memory, not by the latency of one dependent add chain (which on a 2-core
   Zen 4 gave 19 GB/s where this read gives 32-34 GB/s);
-- ``read_write_bandwidth``: the same loop writing each element, scaled, to a second buffer, counted
+- ``read_write``: the same loop writing each element, scaled, to a second buffer, counted
   as the bytes read plus the bytes written (what a fused kernel that writes its gradient moves).
 
 Forward kernels are judged against the first, fused forward+gradient kernels against the second.
@@ -25,6 +25,7 @@ does not take one fast pass for the machine's ceiling.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -57,8 +58,10 @@ def _read_write(a, b):
             b[r, j] = a[r, j] * 2
 
 
+@functools.cache
 def last_level_cache_bytes() -> int:
-    """The size of the last-level cache from sysfs (32 MiB when it cannot be read)."""
+    """The size of the last-level cache from sysfs (32 MiB when it cannot be read); read once
+    per process."""
     best = 0
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
@@ -72,27 +75,15 @@ def last_level_cache_bytes() -> int:
     return best or 32 << 20
 
 
+LLC_FACTOR = 8
+MIN_BUFFER_BYTES = 256 << 20
+MAX_BUFFER_BYTES = 1 << 30
+
+
 def buffer_bytes() -> int:
-    """Eight times the last-level cache, at least 256 MiB, at most 1 GiB."""
-    return int(min(max(8 * last_level_cache_bytes(), 256 << 20), 1 << 30))
-
-
-def _measure(key, make, repeats):
-    """The measurement of ``key`` = (kind, dtype name, requested bytes): ``repeats`` timed calls
-    of ``fn``, each moving ``moved`` bytes over a buffer of ``nbytes``, where
-    ``fn, moved, nbytes = make()``, after one untimed call (compilation, and the pages faulted
-    in). Kept in ``_SAMPLES``, which serves later calls for the same key (the buffer is built
-    only for the first): ``{"rates": GB/s per pass, "buffer_bytes": the buffer's size}``."""
-    if key not in _SAMPLES:
-        fn, moved, nbytes = make()
-        fn()
-        rates = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            rates.append(moved / (time.perf_counter() - t0) / 1e9)
-        _SAMPLES[key] = {"rates": rates, "buffer_bytes": nbytes}
-    return _SAMPLES[key]
+    """:data:`LLC_FACTOR` times the last-level cache, at least :data:`MIN_BUFFER_BYTES`, at
+    most :data:`MAX_BUFFER_BYTES`."""
+    return int(min(max(LLC_FACTOR * last_level_cache_bytes(), MIN_BUFFER_BYTES), MAX_BUFFER_BYTES))
 
 
 def _buffer(dtype, nbytes):
@@ -103,41 +94,46 @@ def _buffer(dtype, nbytes):
     return np.arange(_ROWS * cols, dtype=dt).reshape(_ROWS, cols)
 
 
-def _read_measure(dtype, nbytes, repeats):
-    def make():
-        a = _buffer(dtype, nbytes)
-        partial = np.empty(a.shape[0], dtype=a.dtype)
-        return (lambda: _read(a, partial)), a.nbytes, a.nbytes
-
-    return _measure(("read", np.dtype(dtype).name, nbytes), make, repeats)
+def _read_pass(a):
+    """One read pass over ``a``, and the bytes it moves."""
+    partial = np.empty(a.shape[0], dtype=a.dtype)
+    return (lambda: _read(a, partial)), a.nbytes
 
 
-def _read_write_measure(dtype, nbytes, repeats):
-    def make():
-        a = _buffer(dtype, nbytes)
-        b = np.empty_like(a)
-        return (lambda: _read_write(a, b)), 2 * a.nbytes, a.nbytes
-
-    return _measure(("read_write", np.dtype(dtype).name, nbytes), make, repeats)
+def _read_write_pass(a):
+    """One read + write pass from ``a`` to a second buffer, and the bytes it moves (both)."""
+    b = np.empty_like(a)
+    return (lambda: _read_write(a, b)), 2 * a.nbytes
 
 
-_MEASURES = {"read": _read_measure, "read_write": _read_write_measure}
+_PASSES = {"read": _read_pass, "read_write": _read_write_pass}
 
 
-def read_bandwidth(dtype="float32", nbytes: int | None = None, repeats: int = REPEATS) -> float:
-    """Vectorised parallel read bandwidth in GB/s (1e9 bytes/s) over ``dtype`` data: the median
-    of the passes."""
+def measurement(kind_: str, dtype, nbytes: int | None = None, repeats: int = REPEATS) -> dict:
+    """The ``kind_`` ("read" or "read_write") ceiling over ``dtype`` data in a buffer of
+    ``nbytes`` (:func:`buffer_bytes` when None): ``repeats`` timed passes after one untimed pass
+    (compilation, and the pages faulted in). Kept in ``_SAMPLES``, which serves later calls for
+    the same kind, dtype and size as measured (the buffer is built only for the first):
+    ``{"rates": GB/s per pass, "buffer_bytes": the buffer's size}``."""
     nbytes = buffer_bytes() if nbytes is None else nbytes
-    return float(np.median(_read_measure(dtype, nbytes, repeats)["rates"]))
+    key = (kind_, np.dtype(dtype).name, nbytes)
+    if key not in _SAMPLES:
+        a = _buffer(dtype, nbytes)
+        fn, moved = _PASSES[kind_](a)
+        fn()
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            rates.append(moved / (time.perf_counter() - t0) / 1e9)
+        _SAMPLES[key] = {"rates": rates, "buffer_bytes": a.nbytes}
+    return _SAMPLES[key]
 
 
-def read_write_bandwidth(
-    dtype="float32", nbytes: int | None = None, repeats: int = REPEATS
-) -> float:
-    """Vectorised parallel read + write bandwidth in GB/s, bytes read plus bytes written: the
-    median of the passes."""
-    nbytes = buffer_bytes() if nbytes is None else nbytes
-    return float(np.median(_read_write_measure(dtype, nbytes, repeats)["rates"]))
+def bandwidth(kind_: str, dtype="float32", nbytes: int | None = None, repeats: int = REPEATS):
+    """The median of :func:`measurement`'s passes in GB/s (1e9 bytes/s): "read", a vectorised
+    parallel read, or "read_write", bytes read plus bytes written."""
+    return float(np.median(measurement(kind_, dtype, nbytes, repeats)["rates"]))
 
 
 def kind(mode: str) -> str:
@@ -156,7 +152,7 @@ def measured(mode: str, dtype) -> dict:
     process is reused as it was) and ``last_level_cache_bytes`` (what the buffer was sized
     from)."""
     k = kind(mode)
-    m = _MEASURES[k](dtype, buffer_bytes(), REPEATS)
+    m = measurement(k, dtype)
     return {
         "kind": k,
         "gbs": float(np.median(m["rates"])),

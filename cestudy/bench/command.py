@@ -170,17 +170,15 @@ def main(args):
     variants = [registry.get(v).name for v in args.variants.split(",")]
     dtypes = args.dtypes.split(",")
     modes = args.modes.split(",")
-    mib = ceiling.buffer_bytes() >> 20
     bw = {}
     for dtype in dtypes:
-        bw[dtype] = {
-            "read": ceiling.read_bandwidth(dtype),
-            "read_write": ceiling.read_write_bandwidth(dtype),
-        }
+        got = {mode: ceiling.measured(mode, dtype) for mode in ("forward", "forward_grad")}
+        bw[dtype] = {m["kind"]: m["gbs"] for m in got.values()}
         print(
-            f"ceiling, {dtype}: read {bw[dtype]['read']:.2f} GB/s, read+write "
-            f"{bw[dtype]['read_write']:.2f} GB/s (medians of {ceiling.REPEATS} vectorised "
-            f"parallel passes over {mib} MiB; forward is judged against "
+            f"ceiling, {dtype}: "
+            + ", ".join(f"{ceiling.LABELS[m['kind']]} {m['gbs']:.2f} GB/s" for m in got.values())
+            + f" (medians of {got['forward']['passes']} vectorised parallel passes over "
+            f"{got['forward']['buffer_bytes'] / (1 << 20):g} MiB; forward is judged against "
             f"{ceiling.label('forward')}, fused against {ceiling.label('forward_grad')})"
         )
     store = run_id = None

@@ -60,9 +60,11 @@ def _mean_denominator(variant, x):
     return x.size if variants.get(variant).elementwise else x.shape[0]
 
 
-# cestudy's fused call with a gradient buffer it is given: a new array per call ("numba"), one
-# buffer reused by every call ("numba_out": no N x C pages faulted in per step), or the logits
-# themselves ("numba_inplace": the gradient written over them, restored before each timed call)
+# cestudy's fused call and where its gradient goes: an array it returns ("numba": from
+# cestudy.buffers, so the last call's array once the timing loop has dropped it), one buffer
+# the caller passes to every call ("numba_out": no N x C pages faulted in per step), or the
+# logits themselves ("numba_inplace": the gradient written over them, restored before each
+# timed call)
 GRAD_BUFFERS = ("numba_out", "numba_inplace")
 
 

@@ -215,18 +215,27 @@ def frameworks_sentence(perf, variant="cross_entropy", dtype="float32"):
     )
 
 
+def _size(nbytes: int) -> str:
+    """``nbytes`` in MiB, or in GiB from 1 GiB up: "256 MiB", "1 GiB"."""
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):g} GiB"
+    return f"{nbytes / (1 << 20):g} MiB"
+
+
 def ceiling_how(perf) -> str:
     """How the rows' memory ceiling was measured (the buffer, the cache it was sized from, the
     number of passes), from the fields ``bench.cpu.time_group`` records with every row; rows
     from before those fields say only how the buffer is sized."""
     fields = ("ceiling_buffer_bytes", "ceiling_llc_bytes", "ceiling_passes")
     hows = sorted({tuple(r[f] for f in fields) for r in perf if all(f in r for f in fields)})
-    sizing = "8 times the last-level cache cpu0 reports, at least 256 MiB and at most 1 GiB"
+    sizing = (
+        f"{ceiling.LLC_FACTOR} times the last-level cache cpu0 reports, at least "
+        f"{_size(ceiling.MIN_BUFFER_BYTES)} and at most {_size(ceiling.MAX_BUFFER_BYTES)}"
+    )
     if not hows:
         return f"of {sizing}"
     return " or ".join(
-        f"of {buf / (1 << 20):g} MiB ({sizing}: {llc / (1 << 20):g} MiB here), the median "
-        f"of {passes} passes"
+        f"of {_size(buf)} ({sizing}: {_size(llc)} here), the median of {passes} passes"
         for buf, llc, passes in hows
     )
 
@@ -303,9 +312,10 @@ def render(ctx: Context, rows) -> Part:
             parts.append(
                 "### cestudy against torch, every shape\n\ntorch's median time over "
                 "cestudy's, from the same run (above 1.00x cestudy is faster). "
-                "forward and forward+grad are the plain calls (the fused one returns a new "
-                "gradient array); *fused, reused buffer* passes `out=` a gradient array kept "
-                "from call to call, as a training loop would.\n"
+                "forward and forward+grad are the plain calls (the fused one returns its "
+                "gradient in an array from `cestudy.buffers`: the previous call's, once the "
+                "timing loop has dropped it, from 1 MiB up); *fused, reused buffer* passes "
+                "`out=` a gradient array kept from call to call, as a training loop would.\n"
             )
             parts.append(ratios)
         figs = {}
