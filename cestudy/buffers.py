@@ -11,10 +11,19 @@ gradient before or while it asks for the next one, so the fresh pages buy nothin
 So each thread keeps the last :data:`KEEP` gradient arrays of at least :data:`MIN_BYTES` it
 handed out (at most :data:`MAX_BYTES` in all) and hands one of the same shape and dtype out
 again only when the pool holds the only reference to it: the caller has dropped the array and
-every view of it (a view, a ``memoryview`` or an array Numba holds keeps a reference to it), so
-the reuse cannot be seen. This is the scheme of PyTorch's CUDA caching allocator, applied to the
-CPU gradient only. :func:`release` drops the calling thread's arrays; the pool is held for
-nothing else, so ``out=`` (a buffer the caller owns) remains the way to reuse memory explicitly.
+every view of it (a view, a ``memoryview``, ``torch.from_numpy``, ``ctypes`` ``data_as`` or an
+array a Numba function holds keeps a reference to it), so only a raw address kept past the
+array's life, already a use-after-free without the pool, can see the reuse. A call that finds
+no idle array of its shape and dtype first drops the idle ones (so a caller whose shapes vary
+holds no dead arrays beyond the one it just got); :func:`release` drops the calling thread's
+arrays. The idea is that of PyTorch's CUDA caching allocator (freed memory kept for the next
+request), here for the CPU gradient only, judged free by reference count; ``out=`` (a buffer the
+caller owns) remains the way to reuse memory explicitly.
+
+The reference count is checked with ``sys.getrefcount`` on the pool's own list entry, which
+reads 2 for an idle array (the list and the call's argument). :data:`POOLING` is False, and
+every call gets a new array, on an interpreter where a probe at import finds that an array held
+elsewhere does not read more than that.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["gradient_array", "release", "KEEP", "MIN_BYTES", "MAX_BYTES"]
+__all__ = ["gradient_array", "release", "KEEP", "MIN_BYTES", "MAX_BYTES", "POOLING"]
 
 KEEP = 4
 """Arrays a thread keeps at most: two per shape lets ``loss, grad = f(...)`` in a loop alternate
@@ -40,6 +49,20 @@ MAX_BYTES = 1 << 30
 _local = threading.local()
 
 
+def _refcount_tells_held_from_idle() -> bool:
+    """Whether ``sys.getrefcount(pool[i])`` reads 2 for an array only ``pool`` holds and more
+    for one also held elsewhere, as :func:`gradient_array` relies on."""
+    pool = [np.empty(1)]
+    idle = sys.getrefcount(pool[0]) == 2
+    held = pool[0]
+    busy = sys.getrefcount(pool[0]) > 2
+    del held
+    return idle and busy
+
+
+POOLING = _refcount_tells_held_from_idle()
+
+
 def _pool() -> list[np.ndarray]:
     pool = getattr(_local, "arrays", None)
     if pool is None:
@@ -47,29 +70,33 @@ def _pool() -> list[np.ndarray]:
     return pool
 
 
+def _idle(pool: list[np.ndarray], i: int) -> bool:
+    # 2: the pool's own reference and getrefcount's argument; anything more is somebody else's
+    return sys.getrefcount(pool[i]) == 2
+
+
 def gradient_array(like: np.ndarray) -> np.ndarray:
     """An uninitialised C-contiguous array of ``like``'s shape and dtype for a fused call's
-    gradient: an idle pooled array when one matches, else a new one (pooled if at least
-    :data:`MIN_BYTES` and at most :data:`MAX_BYTES`)."""
+    gradient: an idle pooled array of that shape and dtype when there is one, else a new one
+    (pooled if at least :data:`MIN_BYTES` and at most :data:`MAX_BYTES`)."""
     nbytes = like.size * like.dtype.itemsize
-    if nbytes < MIN_BYTES or nbytes > MAX_BYTES:
+    if not POOLING or nbytes < MIN_BYTES or nbytes > MAX_BYTES:
         return np.empty(like.shape, dtype=like.dtype)
     pool = _pool()
     for i in range(len(pool)):
-        # 2: the pool's own reference and getrefcount's argument; anything more is the caller's
-        if (
-            pool[i].shape == like.shape
-            and pool[i].dtype == like.dtype
-            and pool[i].flags.writeable
-            and sys.getrefcount(pool[i]) == 2
-        ):
+        a = pool[i]
+        fits = a.shape == like.shape and a.dtype == like.dtype and a.flags.writeable
+        del a
+        if fits and _idle(pool, i):
             arr = pool.pop(i)
             pool.append(arr)  # most recently used last
             return arr
+    # no idle array fits: the idle ones are dead weight (the caller's shapes have moved on)
+    pool[:] = [pool[i] for i in range(len(pool)) if not _idle(pool, i)]
     arr = np.empty(like.shape, dtype=like.dtype)
     pool.append(arr)
     while len(pool) > KEEP or sum(a.nbytes for a in pool) > MAX_BYTES:
-        pool.pop(0)  # the caller's reference, if any, keeps the array alive
+        pool.pop(0)  # the oldest; the caller's reference, if any, keeps the array alive
     return arr
 
 

@@ -74,6 +74,9 @@ def test_the_memory_ceiling_is_a_median_over_a_buffer_of_distinct_pages(monkeypa
     rw = ceiling.bandwidth("read_write", "float32", nbytes=1 << 22, repeats=5)
     assert ceiling.bandwidth("read", "float32", nbytes=1 << 22) == rate
     assert len(built) == 2  # one buffer per kind, not one per call
+    with pytest.raises(ValueError, match="kind"):
+        ceiling.bandwidth("write", "float32", nbytes=1 << 22)
+    assert len(built) == 2  # an unknown kind builds no buffer
     got = ceiling.samples()
     assert len(got["read float32 4 MiB"]) == len(got["read_write float32 4 MiB"]) == 5
     assert rate == pytest.approx(np.median(got["read float32 4 MiB"]), rel=1e-3)

@@ -115,6 +115,8 @@ def measurement(kind_: str, dtype, nbytes: int | None = None, repeats: int = REP
     (compilation, and the pages faulted in). Kept in ``_SAMPLES``, which serves later calls for
     the same kind, dtype and size as measured (the buffer is built only for the first):
     ``{"rates": GB/s per pass, "buffer_bytes": the buffer's size}``."""
+    if kind_ not in _PASSES:
+        raise ValueError(f"kind: expected one of {sorted(_PASSES)}, got {kind_!r}")
     nbytes = buffer_bytes() if nbytes is None else nbytes
     key = (kind_, np.dtype(dtype).name, nbytes)
     if key not in _SAMPLES:
@@ -130,7 +132,9 @@ def measurement(kind_: str, dtype, nbytes: int | None = None, repeats: int = REP
     return _SAMPLES[key]
 
 
-def bandwidth(kind_: str, dtype="float32", nbytes: int | None = None, repeats: int = REPEATS):
+def bandwidth(
+    kind_: str, dtype="float32", nbytes: int | None = None, repeats: int = REPEATS
+) -> float:
     """The median of :func:`measurement`'s passes in GB/s (1e9 bytes/s): "read", a vectorised
     parallel read, or "read_write", bytes read plus bytes written."""
     return float(np.median(measurement(kind_, dtype, nbytes, repeats)["rates"]))
