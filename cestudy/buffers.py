@@ -49,13 +49,18 @@ MAX_BYTES = 1 << 30
 _local = threading.local()
 
 
+def _idle(pool: list[np.ndarray], i: int) -> bool:
+    # 2: the pool's own reference and getrefcount's argument; anything more is somebody else's
+    return sys.getrefcount(pool[i]) == 2
+
+
 def _refcount_tells_held_from_idle() -> bool:
-    """Whether ``sys.getrefcount(pool[i])`` reads 2 for an array only ``pool`` holds and more
-    for one also held elsewhere, as :func:`gradient_array` relies on."""
+    """Whether :func:`_idle` holds for an array only ``pool`` holds and not for one also held
+    elsewhere, as :func:`gradient_array` relies on."""
     pool = [np.empty(1)]
-    idle = sys.getrefcount(pool[0]) == 2
+    idle = _idle(pool, 0)
     held = pool[0]
-    busy = sys.getrefcount(pool[0]) > 2
+    busy = not _idle(pool, 0)
     del held
     return idle and busy
 
@@ -70,11 +75,6 @@ def _pool() -> list[np.ndarray]:
     return pool
 
 
-def _idle(pool: list[np.ndarray], i: int) -> bool:
-    # 2: the pool's own reference and getrefcount's argument; anything more is somebody else's
-    return sys.getrefcount(pool[i]) == 2
-
-
 def gradient_array(like: np.ndarray) -> np.ndarray:
     """An uninitialised C-contiguous array of ``like``'s shape and dtype for a fused call's
     gradient: an idle pooled array of that shape and dtype when there is one, else a new one
@@ -83,16 +83,21 @@ def gradient_array(like: np.ndarray) -> np.ndarray:
     if not POOLING or nbytes < MIN_BYTES or nbytes > MAX_BYTES:
         return np.empty(like.shape, dtype=like.dtype)
     pool = _pool()
+    held = []  # the arrays somebody else still holds, in pool order
     for i in range(len(pool)):
+        if not _idle(pool, i):
+            held.append(pool[i])
+            continue
         a = pool[i]
         fits = a.shape == like.shape and a.dtype == like.dtype and a.flags.writeable
         del a
-        if fits and _idle(pool, i):
+        if fits:
             arr = pool.pop(i)
             pool.append(arr)  # most recently used last
             return arr
     # no idle array fits: the idle ones are dead weight (the caller's shapes have moved on)
-    pool[:] = [pool[i] for i in range(len(pool)) if not _idle(pool, i)]
+    pool[:] = held
+    del held
     arr = np.empty(like.shape, dtype=like.dtype)
     pool.append(arr)
     while len(pool) > KEEP or sum(a.nbytes for a in pool) > MAX_BYTES:

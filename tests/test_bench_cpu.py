@@ -3,6 +3,9 @@ implementation, the same mean loss and gradient as the oracle (a wrong semantics
 expression summing where cestudy averages, would show as a huge ulp error here). No timing is
 asserted: speed is measured by ``python -m cestudy bench``, never by tests."""
 
+import time
+
+import numpy as np
 import pytest
 
 from cestudy import variants
@@ -64,24 +67,78 @@ def test_the_memory_ceiling_is_a_median_over_a_buffer_of_distinct_pages(monkeypa
     from cestudy.bench import ceiling
 
     monkeypatch.setattr(ceiling, "_SAMPLES", {})
+    monkeypatch.setattr(ceiling, "_HISTORY", [])
     built = []
     real_buffer = ceiling._buffer
     monkeypatch.setattr(ceiling, "_buffer", lambda *a: built.append(a) or real_buffer(*a))
     buf = real_buffer("float32", 1 << 22)
     pages = buf.reshape(-1, 1024)  # 4 KiB pages of float32
     assert len({p.tobytes() for p in pages}) == len(pages)
-    rate = ceiling.bandwidth("read", "float32", nbytes=1 << 22, repeats=5)
-    rw = ceiling.bandwidth("read_write", "float32", nbytes=1 << 22, repeats=5)
-    assert ceiling.bandwidth("read", "float32", nbytes=1 << 22) == rate
+
+    def median(kind_, **kw):
+        return float(
+            np.median(ceiling.measurement(kind_, "float32", nbytes=1 << 22, **kw)["rates"])
+        )
+
+    rate = median("read", repeats=5)
+    rw = median("read_write", repeats=5)
+    assert median("read") == rate
     assert len(built) == 2  # one buffer per kind, not one per call
     with pytest.raises(ValueError, match="kind"):
-        ceiling.bandwidth("write", "float32", nbytes=1 << 22)
+        ceiling.measurement("write", "float32", nbytes=1 << 22)
     assert len(built) == 2  # an unknown kind builds no buffer
     got = ceiling.samples()
     assert len(got["read float32 4 MiB"]) == len(got["read_write float32 4 MiB"]) == 5
     assert rate == pytest.approx(np.median(got["read float32 4 MiB"]), rel=1e-3)
     assert rw == pytest.approx(np.median(got["read_write float32 4 MiB"]), rel=1e-3)
     assert 0 < min(got["read float32 4 MiB"]) and np.isfinite(rate) and np.isfinite(rw)
+
+
+def test_a_ceiling_is_measured_again_once_older_than_its_max_age(monkeypatch):
+    """The VM the reports come from read float32 at 29.9 GB/s and float64 at 54.2 a minute
+    later: a ceiling measured once at a 45-minute bench's start judged most rows against a memory
+    speed that no longer held. A measurement older than ``max_age_s`` is taken again (a new
+    buffer), every one is kept for the manifest under its own name, and the spread shows how far
+    the medians moved; a younger one, or no age limit, reuses it."""
+    from cestudy.bench import ceiling
+
+    monkeypatch.setattr(ceiling, "_SAMPLES", {})
+    monkeypatch.setattr(ceiling, "_HISTORY", [])
+    built = []
+    real_buffer = ceiling._buffer
+    monkeypatch.setattr(ceiling, "_buffer", lambda *a: built.append(a) or real_buffer(*a))
+    first = ceiling.measurement("read", "float32", nbytes=1 << 22, repeats=3)
+    assert ceiling.measurement("read", "float32", nbytes=1 << 22, max_age_s=60) is first
+    assert ceiling.measurement("read", "float32", nbytes=1 << 22) is first
+    assert len(built) == 1
+    first["at"] -= 61  # as if measured 61 s ago
+    assert ceiling.measurement("read", "float32", nbytes=1 << 22) is first  # no age limit
+    again = ceiling.measurement("read", "float32", nbytes=1 << 22, repeats=3, max_age_s=60)
+    assert again is not first and len(built) == 2
+    assert ceiling.measurement("read", "float32", nbytes=1 << 22, max_age_s=60) is again
+    got = ceiling.samples()
+    assert list(got) == ["read float32 4 MiB", "read float32 4 MiB #2"]
+    assert got["read float32 4 MiB #2"] == [round(v, 3) for v in again["rates"]]
+    assert ceiling.spread() == {
+        "read float32 4 MiB": [float(np.median(first["rates"])), float(np.median(again["rates"]))]
+    }
+    size = ceiling.buffer_bytes()
+    ceiling._SAMPLES[("read", "float32", size)] = {
+        "rates": [2.0],
+        "buffer_bytes": size,
+        "at": time.monotonic() - 30,
+    }
+    row = ceiling.measured("forward", "float32")  # a row records how old its ceiling was
+    assert row["kind"] == "read" and row["gbs"] == 2.0 and 30 <= row["age_s"] < 40
+
+
+def test_fmt_bytes_names_sizes_in_mib_and_gib():
+    from cestudy.bench.ceiling import fmt_bytes
+
+    assert fmt_bytes(4 << 20) == "4 MiB"
+    assert fmt_bytes(256 << 20) == "256 MiB"
+    assert fmt_bytes(1 << 30) == "1 GiB"
+    assert fmt_bytes(3 << 29) == "1.5 GiB"
 
 
 def test_each_mode_is_judged_against_its_own_ceiling_and_rows_say_how_it_was_measured(
@@ -114,6 +171,8 @@ def test_each_mode_is_judged_against_its_own_ceiling_and_rows_say_how_it_was_mea
             ("read_write", "float64", size): {"rates": [7.0, 5.0, 6.0], "buffer_bytes": size},
         },
     )
+    for m in ceiling._SAMPLES.values():
+        m["at"] = time.monotonic()  # fresh: not measured again
     for mode, gbs, buffer in (("forward", 2.0, size - 8), ("forward_grad", 6.0, size)):
         res = bench_cpu.time_group("cross_entropy", "float64", mode, 4, 8, ["numba"], repeats=1)
         row = res["numba"]
@@ -123,6 +182,7 @@ def test_each_mode_is_judged_against_its_own_ceiling_and_rows_say_how_it_was_mea
         assert row["ceiling_passes"] == 3
         assert row["ceiling_buffer_bytes"] == buffer
         assert row["ceiling_llc_bytes"] == ceiling.last_level_cache_bytes()
+        assert 0 <= row["ceiling_age_s"] < ceiling.MAX_AGE_S
 
 
 def test_the_report_says_how_the_ceiling_of_its_rows_was_measured():
@@ -136,3 +196,29 @@ def test_the_report_says_how_the_ceiling_of_its_rows_was_measured():
     assert ceiling_how([{}]) == (
         "of 8 times the last-level cache cpu0 reports, at least 256 MiB and at most 1 GiB"
     )
+
+
+def test_the_report_says_how_far_the_rows_ceilings_ranged_and_how_old_they_were():
+    from cestudy.report.sections.performance import ceiling_spread
+
+    def row(kind_, dtype, gbs, age):
+        return {
+            "ceiling_kind": kind_,
+            "p_dtype": dtype,
+            "bandwidth_gbs": gbs,
+            "ceiling_age_s": age,
+        }
+
+    rows = [
+        row("read", "float32", 29.9, 0.0),
+        row("read", "float32", 34.6, 59.2),
+        row("read_write", "float32", 35.0, 12.0),
+        row("read", "float64", 54.2, 3.0),
+    ]
+    text = ceiling_spread(rows)
+    assert "read float32 29.9 to 34.6 GB/s" in text
+    assert "read+write float32 35.0 to 35.0 GB/s" in text
+    assert "read float64 54.2 to 54.2 GB/s" in text
+    assert "the oldest a row used was 59 s old" in text
+    assert "over 60 s old" in text
+    assert ceiling_spread([{"bandwidth_gbs": 30.0, "p_dtype": "float32"}]) == ""

@@ -247,3 +247,22 @@ def test_processes_opening_a_new_store_at_the_same_instant_all_get_it(tmp_path):
         for p in procs:
             _, err = p.communicate(timeout=120)
             assert p.returncode == 0, err.decode()
+
+
+def test_finishing_a_run_adds_what_only_its_end_knows_to_the_manifest(tmp_path):
+    """The bench measures its memory ceilings again during the run; the passes of every one are
+    known only at its end, so ``finish_run`` sets them in the manifest ``start_run`` wrote,
+    keeping the rest of it."""
+    st = Store(tmp_path / "s.sqlite")
+    run = st.start_run("bench", {"machine": "m", "ceiling_samples_gbs": {"read f32": [1.0]}})
+    st.finish_run(run, {"ceiling_samples_gbs": {"read f32": [1.0], "read f32 #2": [np.float64(2)]}})
+    other = st.start_run("s", {"machine": "n"})
+    st.finish_run(other)
+    runs = {r["run_id"]: r for r in st.runs()}
+    assert runs[run]["manifest"] == {
+        "machine": "m",
+        "ceiling_samples_gbs": {"read f32": [1.0], "read f32 #2": [2.0]},
+    }
+    assert runs[other]["manifest"] == {"machine": "n"}
+    assert runs[run]["finished"] and runs[other]["finished"]
+    st.close()

@@ -11,9 +11,12 @@ Two numbers, for the kernels' own dtype, over buffers several times the last-lev
 
 Forward kernels are judged against the first, fused forward+gradient kernels against the second.
 Both are the median of ``REPEATS`` timed passes after one untimed pass, as the kernels' times
-are medians, measured once per process, dtype and size; every pass's rate is kept
-(:func:`samples`), and how they were measured (:func:`description`), for the run's manifest;
-:func:`measured` gives a timed row its ceiling with the buffer and passes it came from.
+are medians. A measurement is reused for at most ``MAX_AGE_S`` seconds: the VM the reports come
+from once read float32 at 29.9 GB/s (passes 26.3 to 32.7) and float64 at 54.2 a minute later,
+so a ceiling measured once at the start of a 45-minute bench judged most rows against a memory
+speed that no longer held. Every measurement's passes are kept (:func:`samples`), and how they
+were measured (:func:`description`), for the run's manifest; :func:`measured` gives a timed row
+the ceiling measured closest after it, with the buffer and passes it came from.
 
 The buffer holds increasing values (``arange``), no two pages alike. The best of five passes
 over a buffer of ones once gave 68 GB/s for float32 (and 61 read+write) on a 2-core AMD EPYC
@@ -34,9 +37,12 @@ from numba import njit, prange
 
 _ROWS = 4096
 REPEATS = 7  # timed passes per ceiling; the ceiling is their median
-# every measurement by (kind, dtype name, requested bytes): its passes' rates in GB/s (the median
-# is the ceiling) and the buffer's size
+MAX_AGE_S = 60.0  # a ceiling older than this is measured again before a row is judged against it
+# the latest measurement by (kind, dtype name, requested bytes): its passes' rates in GB/s (the
+# median is the ceiling), the buffer's size and when it was taken (time.monotonic())
 _SAMPLES: dict[tuple[str, str, int], dict] = {}
+# every measurement of this process in order, as (key, measurement)
+_HISTORY: list[tuple[tuple[str, str, int], dict]] = []
 # which ceiling a kernel of each mode is judged against, and how the reports name it
 _KIND_OF_MODE = {"forward": "read", "forward_grad": "read_write"}
 LABELS = {"read": "read", "read_write": "read+write"}
@@ -109,35 +115,45 @@ def _read_write_pass(a):
 _PASSES = {"read": _read_pass, "read_write": _read_write_pass}
 
 
-def measurement(kind_: str, dtype, nbytes: int | None = None, repeats: int = REPEATS) -> dict:
+def fmt_bytes(nbytes: int) -> str:
+    """``nbytes`` in MiB, or in GiB from 1 GiB up: "4 MiB", "256 MiB", "1 GiB"."""
+    if nbytes >= 1 << 30:
+        return f"{nbytes / (1 << 30):g} GiB"
+    return f"{nbytes / (1 << 20):g} MiB"
+
+
+def measurement(
+    kind_: str,
+    dtype,
+    nbytes: int | None = None,
+    repeats: int = REPEATS,
+    max_age_s: float | None = None,
+) -> dict:
     """The ``kind_`` ("read" or "read_write") ceiling over ``dtype`` data in a buffer of
     ``nbytes`` (:func:`buffer_bytes` when None): ``repeats`` timed passes after one untimed pass
-    (compilation, and the pages faulted in). Kept in ``_SAMPLES``, which serves later calls for
-    the same kind, dtype and size as measured (the buffer is built only for the first):
-    ``{"rates": GB/s per pass, "buffer_bytes": the buffer's size}``."""
+    (compilation, and the pages faulted in). The latest one of the same kind, dtype and size is
+    served as it was unless it is older than ``max_age_s`` seconds (never, when None); a new one
+    builds its buffer afresh (keeping 256 MiB or more alive between measurements would take it
+    from the kernels): ``{"rates": GB/s per pass, "buffer_bytes": the buffer's size, "at":
+    time.monotonic() when taken}``."""
     if kind_ not in _PASSES:
         raise ValueError(f"kind: expected one of {sorted(_PASSES)}, got {kind_!r}")
     nbytes = buffer_bytes() if nbytes is None else nbytes
     key = (kind_, np.dtype(dtype).name, nbytes)
-    if key not in _SAMPLES:
-        a = _buffer(dtype, nbytes)
-        fn, moved = _PASSES[kind_](a)
+    last = _SAMPLES.get(key)
+    if last is not None and (max_age_s is None or time.monotonic() - last["at"] <= max_age_s):
+        return last
+    a = _buffer(dtype, nbytes)
+    fn, moved = _PASSES[kind_](a)
+    fn()
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
         fn()
-        rates = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            rates.append(moved / (time.perf_counter() - t0) / 1e9)
-        _SAMPLES[key] = {"rates": rates, "buffer_bytes": a.nbytes}
-    return _SAMPLES[key]
-
-
-def bandwidth(
-    kind_: str, dtype="float32", nbytes: int | None = None, repeats: int = REPEATS
-) -> float:
-    """The median of :func:`measurement`'s passes in GB/s (1e9 bytes/s): "read", a vectorised
-    parallel read, or "read_write", bytes read plus bytes written."""
-    return float(np.median(measurement(kind_, dtype, nbytes, repeats)["rates"]))
+        rates.append(moved / (time.perf_counter() - t0) / 1e9)
+    _SAMPLES[key] = m = {"rates": rates, "buffer_bytes": a.nbytes, "at": time.monotonic()}
+    _HISTORY.append((key, m))
+    return m
 
 
 def kind(mode: str) -> str:
@@ -149,26 +165,22 @@ def kind(mode: str) -> str:
         raise ValueError(f"mode: expected one of {sorted(_KIND_OF_MODE)}, got {mode!r}") from None
 
 
-def measured(mode: str, dtype) -> dict:
-    """The ceiling a kernel of ``mode`` is judged against (:func:`kind`), as it was measured:
-    ``kind``, ``gbs`` (the median in GB/s), ``buffer_bytes`` (the buffer it was measured over),
-    ``passes`` (how many timed passes the median is of; a measurement already made in this
-    process is reused as it was) and ``last_level_cache_bytes`` (what the buffer was sized
-    from)."""
+def measured(mode: str, dtype, max_age_s: float | None = None) -> dict:
+    """The ceiling a kernel of ``mode`` is judged against (:func:`kind`), as it was measured
+    (:func:`measurement`, again when the latest is older than ``max_age_s``): ``kind``, ``gbs``
+    (the median in GB/s), ``buffer_bytes`` (the buffer it was measured over), ``passes`` (how
+    many timed passes the median is of), ``last_level_cache_bytes`` (what the buffer was
+    sized from) and ``age_s`` (how long ago it was measured)."""
     k = kind(mode)
-    m = measurement(k, dtype)
+    m = measurement(k, dtype, max_age_s=max_age_s)
     return {
         "kind": k,
         "gbs": float(np.median(m["rates"])),
         "buffer_bytes": int(m["buffer_bytes"]),
         "passes": len(m["rates"]),
         "last_level_cache_bytes": last_level_cache_bytes(),
+        "age_s": time.monotonic() - m["at"],
     }
-
-
-def ceiling(mode: str, dtype) -> float:
-    """The ceiling a kernel of ``mode`` is judged against (:func:`kind`), in GB/s."""
-    return measured(mode, dtype)["gbs"]
 
 
 def label(mode: str) -> str:
@@ -178,18 +190,39 @@ def label(mode: str) -> str:
 
 def description() -> dict:
     """How the ceilings are measured, for a run's manifest: the buffer's size, the last-level
-    cache (of cpu0) it is sized from, and the number of timed passes."""
+    cache (of cpu0) it is sized from, the number of timed passes and how old a measurement may
+    be before a row is judged against a new one."""
     return {
         "buffer_bytes": buffer_bytes(),
         "last_level_cache_bytes": last_level_cache_bytes(),
         "repeats": REPEATS,
+        "max_age_s": MAX_AGE_S,
     }
+
+
+def _name(key, m) -> str:
+    kind_, dtype, _ = key
+    return f"{kind_} {dtype} {fmt_bytes(m['buffer_bytes'])}"
 
 
 def samples() -> dict[str, list[float]]:
-    """Every pass's rate in GB/s of the ceilings measured in this process, by
-    ``"read float32 256 MiB"``-style names (the manifest records them beside the medians)."""
-    return {
-        f"{k} {dtype} {m['buffer_bytes'] / (1 << 20):g} MiB": [round(v, 3) for v in m["rates"]]
-        for (k, dtype, _), m in _SAMPLES.items()
-    }
+    """Every pass's rate in GB/s of each ceiling measured in this process, by
+    ``"read float32 256 MiB"``-style names, ``#2``, ``#3``, ... for the second and later
+    measurements of the same one (the manifest records them beside the medians)."""
+    out, seen = {}, {}
+    for key, m in _HISTORY:
+        name = _name(key, m)
+        seen[name] = seen.get(name, 0) + 1
+        out[name if seen[name] == 1 else f"{name} #{seen[name]}"] = [
+            round(v, 3) for v in m["rates"]
+        ]
+    return out
+
+
+def spread() -> dict[str, list[float]]:
+    """The median in GB/s of each measurement of this process, in order, by ``"read float32
+    256 MiB"``-style names: how far the machine's memory speed moved during a run."""
+    out: dict[str, list[float]] = {}
+    for key, m in _HISTORY:
+        out.setdefault(_name(key, m), []).append(float(np.median(m["rates"])))
+    return out

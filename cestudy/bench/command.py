@@ -178,8 +178,9 @@ def main(args):
             f"ceiling, {dtype}: "
             + ", ".join(f"{ceiling.LABELS[m['kind']]} {m['gbs']:.2f} GB/s" for m in got.values())
             + f" (medians of {got['forward']['passes']} vectorised parallel passes over "
-            f"{got['forward']['buffer_bytes'] / (1 << 20):g} MiB; forward is judged against "
-            f"{ceiling.label('forward')}, fused against {ceiling.label('forward_grad')})"
+            f"{ceiling.fmt_bytes(got['forward']['buffer_bytes'])}; forward is judged against "
+            f"{ceiling.label('forward')}, fused against {ceiling.label('forward_grad')}; "
+            f"measured again when over {ceiling.MAX_AGE_S:g} s old)"
         )
     store = run_id = None
     if args.results:
@@ -246,8 +247,12 @@ def main(args):
     extras = {}
     if not args.quick and bench.CE in variants and "float32" in dtypes:
         extras = extra_measurements(args.repeats, put)
+    print("ceilings measured during the run (GB/s, medians of passes, in order):")
+    for name, medians in ceiling.spread().items():
+        print(f"  {name}: " + ", ".join(f"{v:.2f}" for v in medians))
     if store is not None:
-        store.finish_run(run_id)
+        # the passes of every ceiling the rows were judged against, not only the first ones
+        store.finish_run(run_id, {"ceiling_samples_gbs": ceiling.samples()})
         store.close()
     if args.json:
         with open(args.json, "w") as f:

@@ -279,7 +279,18 @@ class Store:
         self.db.commit()
         return cur.lastrowid
 
-    def finish_run(self, run_id: int):
+    def finish_run(self, run_id: int, manifest: dict | None = None):
+        """Mark run ``run_id`` finished; ``manifest``'s keys, when given, are set in (or added to)
+        the manifest :meth:`start_run` recorded (what only the run's end knows)."""
+        if manifest:
+            (text,) = self.db.execute(
+                "SELECT manifest FROM runs WHERE run_id = ?", (run_id,)
+            ).fetchone()
+            merged = {**json.loads(text), **json_safe(manifest)}
+            self.db.execute(
+                "UPDATE runs SET manifest = ? WHERE run_id = ?",
+                (json.dumps(merged, sort_keys=True), run_id),
+            )
         self.db.execute("UPDATE runs SET finished = ? WHERE run_id = ?", (now(), run_id))
         self.db.commit()
 

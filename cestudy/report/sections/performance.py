@@ -215,13 +215,6 @@ def frameworks_sentence(perf, variant="cross_entropy", dtype="float32"):
     )
 
 
-def _size(nbytes: int) -> str:
-    """``nbytes`` in MiB, or in GiB from 1 GiB up: "256 MiB", "1 GiB"."""
-    if nbytes >= 1 << 30:
-        return f"{nbytes / (1 << 30):g} GiB"
-    return f"{nbytes / (1 << 20):g} MiB"
-
-
 def ceiling_how(perf) -> str:
     """How the rows' memory ceiling was measured (the buffer, the cache it was sized from, the
     number of passes), from the fields ``bench.cpu.time_group`` records with every row; rows
@@ -230,13 +223,38 @@ def ceiling_how(perf) -> str:
     hows = sorted({tuple(r[f] for f in fields) for r in perf if all(f in r for f in fields)})
     sizing = (
         f"{ceiling.LLC_FACTOR} times the last-level cache cpu0 reports, at least "
-        f"{_size(ceiling.MIN_BUFFER_BYTES)} and at most {_size(ceiling.MAX_BUFFER_BYTES)}"
+        f"{ceiling.fmt_bytes(ceiling.MIN_BUFFER_BYTES)} and at most "
+        f"{ceiling.fmt_bytes(ceiling.MAX_BUFFER_BYTES)}"
     )
     if not hows:
         return f"of {sizing}"
     return " or ".join(
-        f"of {_size(buf)} ({sizing}: {_size(llc)} here), the median of {passes} passes"
+        f"of {ceiling.fmt_bytes(buf)} ({sizing}: {ceiling.fmt_bytes(llc)} here), the median of "
+        f"{passes} passes"
         for buf, llc, passes in hows
+    )
+
+
+def ceiling_spread(perf) -> str:
+    """How far the rows' ceilings ranged, by kind and dtype, and how long before a row its
+    ceiling was measured at most (rows record ``ceiling_age_s`` since the ceiling is measured
+    again during a run); "" for rows without those fields."""
+    aged = [r for r in perf if "ceiling_age_s" in r and "ceiling_kind" in r]
+    if not aged:
+        return ""
+    ranges = {}
+    for r in aged:
+        ranges.setdefault((r["ceiling_kind"], r["p_dtype"]), []).append(r["bandwidth_gbs"])
+    spans = ", ".join(
+        f"{ceiling.LABELS[k]} {dt} {min(v):.1f} to {max(v):.1f} GB/s"
+        for (k, dt), v in sorted(ranges.items())
+    )
+    oldest = max(r["ceiling_age_s"] for r in aged)
+    return (
+        f" Each row is judged against the latest ceiling of its kind and dtype when its timing "
+        f"ended, measured again right then when over {ceiling.MAX_AGE_S:g} s old (this "
+        f"machine's memory speed moves within minutes; the oldest a row used was {oldest:.0f} s "
+        f"old); the rows' ceilings ranged over {spans}."
     )
 
 
@@ -253,7 +271,8 @@ def render(ctx: Context, rows) -> Part:
             "and targets read plus the gradient written; the bandwidth it is a fraction of is "
             "this machine's, measured in the same run by vectorised parallel passes over a "
             f"buffer {ceiling_how(perf)}: the {ceiling.label('forward')} bandwidth for forward "
-            f"calls, {ceiling.label('forward_grad')} for forward+gradient. Every timed "
+            f"calls, {ceiling.label('forward_grad')} for forward+gradient.{ceiling_spread(perf)}"
+            " Every timed "
             "result was checked against the oracle first (mean loss, and the gradient "
             "of the first rows). `python -m cestudy bench` interleaves cestudy's calls, torch "
             "and the numpy formulations round by round and times each other framework (JAX, "
