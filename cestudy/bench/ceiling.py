@@ -11,12 +11,16 @@ Two numbers, for the kernels' own dtype, over buffers several times the last-lev
 
 Forward kernels are judged against the first, fused forward+gradient kernels against the second.
 Both are the median of ``REPEATS`` timed passes after one untimed pass, as the kernels' times
-are medians. A measurement is reused for at most ``MAX_AGE_S`` seconds: the VM the reports come
-from once read float32 at 29.9 GB/s (passes 26.3 to 32.7) and float64 at 54.2 a minute later,
-so a ceiling measured once at the start of a 45-minute bench judged most rows against a memory
-speed that no longer held. Every measurement's passes are kept (:func:`samples`), and how they
-were measured (:func:`description`), for the run's manifest; :func:`measured` gives a timed row
-the ceiling measured closest after it, with the buffer and passes it came from.
+are medians, on all of numba's threads (``NUMBA_NUM_THREADS``: the machine's ceiling, whatever
+number of threads the caller has set for a scaling run). A measurement is reused for at most
+``MAX_AGE_S`` seconds: the VM the reports come from once read float32 at 29.9 GB/s (passes 26.3
+to 32.7) and, moments later, float64 at 54.2 and float32 read+write at 55.8, where the run
+before had measured 37.4, 37.0 and 35.9; a ceiling measured once at the start of a 45-minute
+bench would judge every row against whatever the memory did in those seconds. Every
+measurement's passes are kept (:func:`samples`, :func:`spread`), and how they were measured
+(:func:`description`), for the run's manifest; :func:`measured` gives a timed row the latest
+ceiling when its timing ends, measured again then when older than ``MAX_AGE_S``, with the buffer
+and passes it came from.
 
 The buffer holds increasing values (``arange``), no two pages alike. The best of five passes
 over a buffer of ones once gave 68 GB/s for float32 (and 61 read+write) on a 2-core AMD EPYC
@@ -32,6 +36,7 @@ import functools
 import os
 import time
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -131,11 +136,11 @@ def measurement(
 ) -> dict:
     """The ``kind_`` ("read" or "read_write") ceiling over ``dtype`` data in a buffer of
     ``nbytes`` (:func:`buffer_bytes` when None): ``repeats`` timed passes after one untimed pass
-    (compilation, and the pages faulted in). The latest one of the same kind, dtype and size is
-    served as it was unless it is older than ``max_age_s`` seconds (never, when None); a new one
-    builds its buffer afresh (keeping 256 MiB or more alive between measurements would take it
-    from the kernels): ``{"rates": GB/s per pass, "buffer_bytes": the buffer's size, "at":
-    time.monotonic() when taken}``."""
+    (compilation, and the pages faulted in), on all of numba's threads. The latest one of the
+    same kind, dtype and size is served as it was unless it is older than ``max_age_s`` seconds
+    (never, when None); a new one builds its buffer afresh (keeping 256 MiB or more alive
+    between measurements would take it from the kernels): ``{"rates": GB/s per pass,
+    "buffer_bytes": the buffer's size, "at": time.monotonic() when taken}``."""
     if kind_ not in _PASSES:
         raise ValueError(f"kind: expected one of {sorted(_PASSES)}, got {kind_!r}")
     nbytes = buffer_bytes() if nbytes is None else nbytes
@@ -145,12 +150,17 @@ def measurement(
         return last
     a = _buffer(dtype, nbytes)
     fn, moved = _PASSES[kind_](a)
-    fn()
-    rates = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    threads = numba.get_num_threads()  # a scaling run may have set fewer: restored below
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    try:
         fn()
-        rates.append(moved / (time.perf_counter() - t0) / 1e9)
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            rates.append(moved / (time.perf_counter() - t0) / 1e9)
+    finally:
+        numba.set_num_threads(threads)
     _SAMPLES[key] = m = {"rates": rates, "buffer_bytes": a.nbytes, "at": time.monotonic()}
     _HISTORY.append((key, m))
     return m
@@ -170,7 +180,7 @@ def measured(mode: str, dtype, max_age_s: float | None = None) -> dict:
     (:func:`measurement`, again when the latest is older than ``max_age_s``): ``kind``, ``gbs``
     (the median in GB/s), ``buffer_bytes`` (the buffer it was measured over), ``passes`` (how
     many timed passes the median is of), ``last_level_cache_bytes`` (what the buffer was
-    sized from) and ``age_s`` (how long ago it was measured)."""
+    sized from), ``age_s`` (how long ago it was measured) and ``max_age_s``."""
     k = kind(mode)
     m = measurement(k, dtype, max_age_s=max_age_s)
     return {
@@ -180,6 +190,7 @@ def measured(mode: str, dtype, max_age_s: float | None = None) -> dict:
         "passes": len(m["rates"]),
         "last_level_cache_bytes": last_level_cache_bytes(),
         "age_s": time.monotonic() - m["at"],
+        "max_age_s": max_age_s,
     }
 
 
@@ -190,12 +201,13 @@ def label(mode: str) -> str:
 
 def description() -> dict:
     """How the ceilings are measured, for a run's manifest: the buffer's size, the last-level
-    cache (of cpu0) it is sized from, the number of timed passes and how old a measurement may
-    be before a row is judged against a new one."""
+    cache (of cpu0) it is sized from, the number of timed passes, the threads they run on and
+    how old a measurement may be before a row is judged against a new one."""
     return {
         "buffer_bytes": buffer_bytes(),
         "last_level_cache_bytes": last_level_cache_bytes(),
         "repeats": REPEATS,
+        "threads": numba.config.NUMBA_NUM_THREADS,
         "max_age_s": MAX_AGE_S,
     }
 

@@ -291,6 +291,7 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
                 "ceiling_llc_bytes": ceil["last_level_cache_bytes"],
                 "ceiling_passes": ceil["passes"],
                 "ceiling_age_s": ceil["age_s"],
+                "ceiling_max_age_s": ceil["max_age_s"],
                 "bytes": int(moved),
                 "samples_s": [float(v) for v in s],
             }

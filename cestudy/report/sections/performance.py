@@ -236,25 +236,32 @@ def ceiling_how(perf) -> str:
 
 
 def ceiling_spread(perf) -> str:
-    """How far the rows' ceilings ranged, by kind and dtype, and how long before a row its
-    ceiling was measured at most (rows record ``ceiling_age_s`` since the ceiling is measured
-    again during a run); "" for rows without those fields."""
-    aged = [r for r in perf if "ceiling_age_s" in r and "ceiling_kind" in r]
+    """How far the ceilings the rows were judged against ranged, by kind and dtype, and how old
+    one could be when a row's timing ended (rows record ``ceiling_age_s`` and
+    ``ceiling_max_age_s`` since the ceiling is measured again during a run); "" when no row
+    records them."""
+    aged = [r for r in perf if r.get("ceiling_max_age_s") is not None and "ceiling_kind" in r]
     if not aged:
         return ""
     ranges = {}
     for r in aged:
         ranges.setdefault((r["ceiling_kind"], r["p_dtype"]), []).append(r["bandwidth_gbs"])
     spans = ", ".join(
-        f"{ceiling.LABELS[k]} {dt} {min(v):.1f} to {max(v):.1f} GB/s"
+        f"{ceiling.LABELS[k]} {dt} "
+        + (
+            f"{min(v):.1f} GB/s"
+            if f"{min(v):.1f}" == f"{max(v):.1f}"
+            else f"{min(v):.1f} to {max(v):.1f} GB/s"
+        )
         for (k, dt), v in sorted(ranges.items())
     )
-    oldest = max(r["ceiling_age_s"] for r in aged)
+    limits = " or ".join(f"{a:g} s" for a in sorted({r["ceiling_max_age_s"] for r in aged}))
+    which = "Each row" if len(aged) == len(perf) else "Each row that records its ceiling's age"
     return (
-        f" Each row is judged against the latest ceiling of its kind and dtype when its timing "
-        f"ended, measured again right then when over {ceiling.MAX_AGE_S:g} s old (this "
-        f"machine's memory speed moves within minutes; the oldest a row used was {oldest:.0f} s "
-        f"old); the rows' ceilings ranged over {spans}."
+        f" {which} is judged against the latest ceiling of its kind and dtype when its timing "
+        f"ended, measured again at that point when older than {limits} (the oldest one a row "
+        f"was judged against had been measured {max(r['ceiling_age_s'] for r in aged):.0f} s "
+        f"before the row's timing ended); these ceilings ranged over {spans}."
     )
 
 
