@@ -56,6 +56,55 @@ def test_other_frameworks_are_timed_without_torch(monkeypatch):
     assert "speedup_vs_torch" not in res["jax"]
 
 
+def _cell(impl):
+    return dict(
+        variant=bench.CE,
+        implementation=impl,
+        dtype="float32",
+        mode="forward",
+        batch=8,
+        classes=5,
+        repeats=3,
+        seed=0,
+    )
+
+
+def test_a_performance_cell_of_cestudy_times_torch_beside_it(monkeypatch):
+    """cestudy's cells time torch interleaved with them and record its median and the ratio;
+    torch's own cell and the other implementations' are timed alone."""
+    groups = []
+    real = bench.time_group
+
+    def spy(variant, dtype, mode, n, c, impls, **kw):
+        groups.append(list(impls))
+        return real(variant, dtype, mode, n, c, impls, **kw)
+
+    monkeypatch.setattr(bench, "time_group", spy)
+    r = bench.performance_cell(_cell("numba"))
+    assert groups[-1] == ["numba", "torch"]
+    assert r["speedup_vs_torch"] == r["torch_median_s"] / r["median_s"]
+    assert r["check_ulp"] <= 8
+    bench.performance_cell(_cell("lse"))
+    assert groups[-1] == ["lse"]
+    t = bench.performance_cell(_cell("torch"))
+    assert groups[-1] == ["torch"] and "torch_median_s" not in t
+    assert set(bench.PAIRED_WITH_TORCH).isdisjoint(("jax", "tensorflow", "sklearn", "torch"))
+
+
+def test_a_performance_cell_without_torch_keeps_its_time_and_no_ratio(monkeypatch):
+    real = bench.make_callable
+
+    def no_torch(variant, impl, mode, x, t):
+        if impl == "torch":
+            raise ImportError("torch is not installed")
+        return real(variant, impl, mode, x, t)
+
+    monkeypatch.setattr(bench, "make_callable", no_torch)
+    r = bench.performance_cell(_cell("numba"))
+    assert r["median_s"] > 0
+    assert "speedup_vs_torch" not in r and "torch_median_s" not in r
+
+
 def test_the_memory_ceiling_is_a_median_over_a_buffer_of_distinct_pages(monkeypatch):
     """The ceiling that bandwidth fractions divide by: a buffer of ones once gave a float32
     read twice the float64 one (68 against 38 GB/s, the best of five passes), which halved every

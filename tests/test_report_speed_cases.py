@@ -71,3 +71,34 @@ def test_the_frameworks_sentence_times_each_peer_against_cestudy():
     assert "optax (JAX) 2000 ms (0.50x cestudy's time)" in text
     assert "scikit-learn 40000 ms (10.00x cestudy's time)" in text
     assert performance.frameworks_sentence(ROWS) is None  # no other framework timed
+
+
+def test_a_ratio_timed_side_by_side_wins_over_torchs_own_cell():
+    """A cell timed interleaved with torch (``speedup_vs_torch``) is quoted by that pair, not by
+    torch's cell of the same shape, timed minutes apart on a machine whose speed moves; a cell
+    without a pair falls back to torch's cell, and one with neither has no ratio."""
+    from cestudy.report.data import torch_speedup
+
+    paired = dict(_row("numba", "forward", 2048, 1000, 4.0), speedup_vs_torch=1.25)
+    rows = [r for r in ROWS if r["median_s"] != 4.0] + [paired]
+    assert performance.torch_ratios(rows)[("cross_entropy", "forward", "numba")] == {
+        ("float32", 256, 10): 2.0,
+        ("float32", 2048, 1000): 1.25,
+    }
+    assert "slower than torch" not in performance.cases_sentence(rows)
+    assert torch_speedup(paired, None) == 1.25
+    assert torch_speedup(_row("numba", "forward", 1, 1, 2.0), 3.0) == 1.5
+    unpaired = torch_speedup(_row("numba", "forward", 1, 1, 2.0), None)
+    assert unpaired != unpaired  # NaN: no ratio
+    nan_pair = dict(_row("numba", "forward", 1, 1, 2.0), speedup_vs_torch=float("nan"))
+    assert torch_speedup(nan_pair, 4.0) == 2.0
+
+
+def test_the_largest_shape_needs_only_a_paired_ratio():
+    """Without a torch cell of its own, the largest shape is still quoted when cestudy's cell
+    was timed beside torch."""
+    rows = [
+        dict(_row("numba", "forward", 4096, 4096, 1.0), speedup_vs_torch=3.0, frac_bandwidth=0.5)
+    ]
+    assert performance.largest(rows)[0]["p_batch"] == 4096
+    assert "3.00x the speed of torch's forward" in performance.speed_sentence(rows)

@@ -302,8 +302,20 @@ def time_group(variant, dtype, mode, n, c, impls, repeats=7, seed=0, check_resul
     return out
 
 
+PAIRED_WITH_TORCH = ("numba",)
+"""The implementations whose performance cells time torch interleaved with them (as ``python -m
+cestudy bench`` does its groups), so that their ratio to torch is of timings taken side by side:
+the machine's speed moved by a third within a minute, and a ratio of two cells timed minutes
+apart moved with it. cestudy's kernels only: the ratios the reports claim are theirs, and a
+pair for every numpy formulation as well would add a third to the study's time. The other cells
+(the numpy formulations, and JAX, TensorFlow and scikit-learn, whose thread pools keep spinning
+after a call and slowed whatever ran next) are timed alone and compared with torch's own cell."""
+
+
 def performance_cell(cell):
-    """One cell of the performance study (timed on its own; ``bench`` interleaves groups)."""
+    """One cell of the performance study: its implementation timed on its own, or interleaved
+    with torch (:data:`PAIRED_WITH_TORCH`), when the cell also records torch's median
+    (``torch_median_s``) and the ratio of the two (``speedup_vs_torch``)."""
     from ..backends import Skip
     from ..reference.implementations import get
 
@@ -311,16 +323,21 @@ def performance_cell(cell):
     ok, why = get(cell["variant"], impl).availability()
     if not ok:
         raise Skip(why)
-    res = time_group(
+    # torch missing (not installed): time_group skips it, and the cell records no ratio
+    impls = [impl, "torch"] if impl in PAIRED_WITH_TORCH else [impl]
+    group = time_group(
         cell["variant"],
         cell["dtype"],
         cell["mode"],
         cell["batch"],
         cell["classes"],
-        [impl],
+        impls,
         repeats=cell["repeats"],
         seed=cell["seed"],
-    )[impl]
+    )
+    res = group[impl]
     if "skipped" in res:
         raise Skip(res["skipped"])
+    if len(impls) == 2 and "speedup_vs_torch" in res:
+        res["torch_median_s"] = group["torch"]["median_s"]
     return res

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 from .. import variants
@@ -23,6 +24,17 @@ def canonical_row(row: dict) -> dict:
     if isinstance(v, str) and variants.canonical_name(v) != v:
         row = dict(row, p_variant=variants.canonical_name(v))
     return row
+
+
+def torch_speedup(row: dict, torch_median_s: float | None) -> float:
+    """torch's median time over ``row``'s (above 1: ``row`` is faster): from the torch timing
+    interleaved with the row's own when it has one (``speedup_vs_torch``: the bench's groups,
+    the performance study's paired cells), else from ``torch_median_s``, torch's own cell of
+    the same shape, timed apart (NaN without either)."""
+    paired = row.get("speedup_vs_torch")
+    if paired is not None and paired == paired:
+        return float(paired)
+    return torch_median_s / row["median_s"] if torch_median_s else math.nan
 
 
 def export_rows(store: Store, study=None) -> list[dict]:

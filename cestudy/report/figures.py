@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..bench import ceiling  # noqa: E402
+from .data import torch_speedup  # noqa: E402
 
 COLOURS = {
     "naive": "#d62728",
@@ -525,12 +526,15 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
             sp = [
                 (
                     i,
-                    torch_t[shapes[0]]
-                    / next(r["median_s"] for r in sel if r["p_implementation"] == i),
+                    torch_speedup(
+                        next(r for r in sel if r["p_implementation"] == i),
+                        torch_t.get(shapes[0]),
+                    ),
                 )
                 for i in impls
-                if shapes[0] in torch_t and i != "torch"
+                if i != "torch"
             ]
+            sp = [(i, v) for i, v in sp if not math.isnan(v)]
             axes[1][j].bar(
                 np.arange(len(sp)), [v for _, v in sp], color=[COLOURS.get(i, "k") for i, _ in sp]
             )
@@ -542,7 +546,11 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
                 col = COLOURS.get(impl, "k")
                 for b in batches:
                     pts = sorted(
-                        (r["p_classes"], r["gb_per_s"], r["median_s"])
+                        (
+                            r["p_classes"],
+                            r["gb_per_s"],
+                            torch_speedup(r, torch_t.get((b, r["p_classes"]))),
+                        )
                         for r in sel
                         if r["p_implementation"] == impl and r["p_batch"] == b
                     )
@@ -556,7 +564,7 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
                         ms=4,
                         color=col,
                     )
-                    rat = [(p[0], torch_t[(b, p[0])] / p[2]) for p in pts if (b, p[0]) in torch_t]
+                    rat = [(p[0], p[2]) for p in pts if not math.isnan(p[2])]
                     if rat and impl != "torch":
                         axes[1][j].plot(*zip(*rat), styles[b], marker=markers[b], ms=4, color=col)
             for ax in axes[:, j]:

@@ -11,6 +11,7 @@ import math
 
 from ...bench import ceiling
 from .. import figures
+from ..data import torch_speedup
 from ..figures import IMPL_ORDER
 from ..markdown import Context, Part, fmt_pct, fmt_shape, fmt_ulp, table
 from .accuracy import variant_order
@@ -33,6 +34,12 @@ def torch_times(perf):
     return {_key(r): r["median_s"] for r in perf if r["p_implementation"] == "torch"}
 
 
+def vs_torch(r, tt):
+    """torch's time over ``r``'s (:func:`cestudy.report.data.torch_speedup`): the torch timing
+    interleaved with ``r``'s when it has one, else torch's own cell in ``tt``."""
+    return torch_speedup(r, tt.get(_key(r)))
+
+
 def largest(perf, variant=None, dtype="float32"):
     """cestudy's rows (one per mode) at the largest shape timed for both cestudy and torch."""
     variant = variant or (variant_order({r["p_variant"] for r in perf}) or [None])[0]
@@ -43,7 +50,7 @@ def largest(perf, variant=None, dtype="float32"):
         if r["p_implementation"] == "numba"
         and r["p_variant"] == variant
         and r["p_dtype"] == dtype
-        and _key(r) in tt
+        and not math.isnan(vs_torch(r, tt))
     ]
     if not mine:
         return []
@@ -62,7 +69,7 @@ def speed_sentence(perf):
     r0 = big[0]
     parts = []
     for r in big:
-        ratio = tt[_key(r)] / r["median_s"]
+        ratio = vs_torch(r, tt)
         if r["p_mode"] == "forward":
             parts.append(
                 f"forward takes {1e3 * r['median_s']:.3g} ms, {ratio:.2f}x the speed "
@@ -91,10 +98,11 @@ def torch_ratios(perf):
     tt = torch_times(perf)
     out = {}
     for r in perf:
-        if r["p_implementation"] in RATIO_KERNELS and _key(r) in tt:
+        ratio = vs_torch(r, tt)
+        if r["p_implementation"] in RATIO_KERNELS and not math.isnan(ratio):
             line = (r["p_variant"], r["p_mode"], r["p_implementation"])
             shape = (r["p_dtype"], r["p_batch"], r["p_classes"])
-            out.setdefault(line, {})[shape] = tt[_key(r)] / r["median_s"]
+            out.setdefault(line, {})[shape] = ratio
     return out
 
 
@@ -285,7 +293,9 @@ def render(ctx: Context, rows) -> Part:
             "and the numpy formulations round by round and times each other framework (JAX, "
             "TensorFlow, scikit-learn) in a group of its own right after them: their thread "
             "pools keep spinning after a call and slowed whatever ran next by up to 5x. A "
-            "study's cells are each timed alone.\n"
+            "study's cell of cestudy's kernel times torch interleaved with it, and its *vs "
+            "torch* is of that pair; every other cell is timed alone, and its *vs torch* is "
+            "against torch's own cell.\n"
         )
         tt = torch_times(perf)
         out_rows = []
@@ -299,7 +309,7 @@ def render(ctx: Context, rows) -> Part:
                 else 99,
             ),
         ):
-            ratio = tt.get(_key(r), math.nan) / r["median_s"]
+            ratio = vs_torch(r, tt)
             out_rows.append(
                 (
                     r["p_variant"],

@@ -1,5 +1,6 @@
 """Performance cells: one implementation of one variant timed at one shape, by
-``cestudy.bench.cpu.performance_cell`` (the same machinery as ``python -m cestudy bench``)."""
+``cestudy.bench.cpu.performance_cell`` (the same machinery as ``python -m cestudy bench``):
+cestudy's kernels interleaved with torch in the same cell, every other implementation alone."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def normalise(cell: dict) -> dict | None:
 
 
 def estimate_seconds(cell: dict) -> float:
-    return 0.3 + 2.5e-9 * cell["batch"] * cell["classes"] * (cell["repeats"] + 3) * 3
+    # a cell paired with torch times torch as well
+    timed = 2 if cell["implementation"] in bench_cpu.PAIRED_WITH_TORCH else 1
+    return 0.3 + 2.5e-9 * cell["batch"] * cell["classes"] * (cell["repeats"] + 3) * 3 * timed
 
 
 def compute(cell: dict) -> dict:
