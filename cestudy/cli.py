@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .bench import command as bench_command
 
-    p = argparse.ArgumentParser(prog="cestudy", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="cestudy",
+        description="Cross-entropy under a microscope: run the studies, regenerate the "
+        "reports, time the kernels against their peers.",
+        epilog="Each command's options: python -m cestudy COMMAND --help",
+    )
     p.add_argument("--version", action="version", version=f"cestudy {__version__}")
     sub = p.add_subparsers(dest="command")
 
@@ -49,19 +54,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--jobs", type=_positive_int, default=1, help="worker processes, >= 1 (default 1: serial)"
     )
-    r.add_argument("--executor", choices=("local", "dask", "dask-local"), default="local")
+    r.add_argument(
+        "--executor",
+        choices=("local", "dask", "dask-local"),
+        default="local",
+        help="where cells run: this process and --jobs workers (local), a dask cluster at "
+        "--scheduler (dask), or a dask LocalCluster started for the run (dask-local)",
+    )
     r.add_argument("--scheduler", help="dask scheduler address for --executor dask")
     r.add_argument("--force", action="store_true", help="recompute finished cells")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--dry-run", action="store_true", help="print cell counts and a time estimate")
     r.add_argument("--no-report", action="store_true", help="do not regenerate the reports")
-    r.add_argument("--out", default=str(DEFAULT_REPORTS), help="reports folder")
+    r.add_argument(
+        "--out", default=str(DEFAULT_REPORTS), help="reports folder (default: %(default)s)"
+    )
 
     sub.add_parser("list", help="list studies, variants and implementations")
 
     e = sub.add_parser("export", help="export stored results as CSV or JSON")
-    e.add_argument("--format", choices=("csv", "json"), default="json")
-    e.add_argument("--results", default=str(DEFAULT_RESULTS))
+    e.add_argument("--format", choices=("csv", "json"), default="json", help="default: json")
+    e.add_argument(
+        "--results",
+        default=str(DEFAULT_RESULTS),
+        help="SQLite results store (default: %(default)s)",
+    )
     e.add_argument("--study", help="only this study")
     e.add_argument(
         "--kind", help="only cells of this kind (accuracy, imbalance, ...), so that the columns fit"
@@ -75,9 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="SQLite store or exported JSON (default: results/cestudy.sqlite if it "
         "exists, else reports/data/results.json)",
     )
-    rp.add_argument("--out", default=str(DEFAULT_REPORTS))
+    rp.add_argument(
+        "--out", default=str(DEFAULT_REPORTS), help="reports folder (default: %(default)s)"
+    )
 
-    b = sub.add_parser("bench", help="time the kernels against torch, numpy and scipy")
+    b = sub.add_parser(
+        "bench",
+        help="time the kernels against torch, the numpy formulations, SciPy and the other "
+        "frameworks installed (JAX, TensorFlow, scikit-learn)",
+    )
     bench_command.add_arguments(b, default_results=str(DEFAULT_RESULTS))
 
     sub.add_parser("info", help="print versions, CPU, threading and CUDA for bug reports")
@@ -178,10 +201,11 @@ def cmd_list(args):
     for name in variants.VARIANTS:
         for impl_name, impl in implementations.for_variant(name).items():
             seen.setdefault(impl_name, (impl, []))[1].append(name)
+    width = max(map(len, seen))
     for impl_name, (impl, _) in seen.items():
         ok, why = impl.availability()
         state = "available" if ok else f"unavailable: {why}"
-        print(f"  {impl_name:9s} {impl.description} [{state}]")
+        print(f"  {impl_name:{width}s} {impl.description} [{state}]")
     return 0
 
 

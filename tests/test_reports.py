@@ -163,7 +163,11 @@ def test_pages_show_their_code_version_and_flag_stale_results(store_path, tmp_pa
     assert current
     build.build_reports(store_path, tmp_path / "b", code_version="0123456789abcdef")
     md = (tmp_path / "b" / "mini.md").read_text()
-    assert "**The code that produces them has changed since**" in md
+    assert "**The code that produces" in md and "of them has changed since**" in md
+    # how many cells are older (here every one the page lists), and of which implementation
+    older = int(md.split("**The code that produces ")[1].split(" ")[0])
+    listed = int(md.split("These results come from code version `")[1].split("(")[1].split()[0])
+    assert older == listed > 0
     assert "older than the current code" in (tmp_path / "b" / "README.md").read_text()
 
 

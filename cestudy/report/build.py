@@ -145,9 +145,19 @@ def code_version_section(study, rows, current):
     listed = ", ".join(f"`{v}` ({n} cells)" for v, n in sorted(counts.items()))
     text = f"## Code version\n\nThese results come from code version {listed}."
     if set(counts) != {current}:
+        # which cells are older, by implementation (and kind), so that a reader can tell
+        # cells a rerun here cannot redo (CUDA without a GPU) from those it would
+        older = {}
+        for r in rows:
+            if (r.get("code_version") or "unknown") != current:
+                what = r.get("p_implementation") or r["kind"]
+                older[what] = older.get(what, 0) + 1
+        which = ", ".join(f"{what} {n}" for what, n in sorted(older.items()))
         text += (
-            " **The code that produces them has changed since** (the current code version "
-            f"differs): rerun `python -m cestudy run {study}` to bring them up to date."
+            f" **The code that produces {sum(older.values())} of them has changed since** "
+            f"({which}; the current code version differs): rerun `python -m cestudy run "
+            f"{study}` to bring them up to date. Cells that need what this machine lacks (a "
+            "GPU, a package) or that the study no longer sweeps keep their older results."
         )
     else:
         text += " That is the current code version."

@@ -65,15 +65,20 @@ def _save(fig, path):
 
 
 def _log_x_panels(fig, axes, titles, xlabel, ylabel, suptitle, path):
-    """Finish a row of panels that share a log x axis: titles, labels, grid, a legend in the
-    last panel, the figure title; save."""
+    """Finish a row of panels that share a log x axis: titles, labels, grid, one legend beside
+    the panels (none over the data), the figure title clear of the panels' titles; save."""
+    fig.set_layout_engine("constrained")
     for ax, title in zip(axes[0], titles):
         ax.set_xscale("log")
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=7)
+    handles = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=7)
     fig.suptitle(suptitle)
     return _save(fig, path)
 
@@ -316,57 +321,64 @@ def fig_nonfinite(rows, path, variant="cross_entropy"):
 # --------------------------------------------------------------------------------------------
 # 4. epsilon clipping
 # --------------------------------------------------------------------------------------------
+CLIPPING_FAMILIES = (
+    ("dominant", "logit margin of the dominant class"),
+    ("gaussian", "logit scale (gaussian logits)"),
+)
+"""The row families the clipping figure draws, one row of panels each, and their x axes."""
+
+
 def fig_clipping(rows, path, variant="cross_entropy"):
+    """Epsilon clipping's loss bias and zeroed gradients, per dtype and eps, over the margin of
+    confident rows and over the scale of gaussian logits: each point the worst cell of its
+    margin or scale (the most negative mean bias, the largest fraction of zeroed gradients),
+    so that the cell a finding quotes is a point of the figure."""
     rows = [
         r
-        for r in _acc(rows, implementation="clipped", family="dominant", variant=variant)
+        for r in _acc(rows, implementation="clipped", variant=variant)
         if r.get("clip_bias_nats") is not None
     ]
-    if not rows:
+    families = [(f, x) for f, x in CLIPPING_FAMILIES if any(r["p_family"] == f for r in rows)]
+    if not families:
         return False
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    bias = _agg(
-        rows, ("dtype", "clip_eps", "scale"), "clip_bias_nats", how=lambda v: float(np.mean(v))
-    )
-    zero = _agg(
-        rows,
-        ("dtype", "clip_eps", "scale"),
-        "clip_frac_grad_zeroed",
-        how=lambda v: float(np.mean(v)),
+    fig, axes = plt.subplots(
+        len(families),
+        2,
+        figsize=(10, 0.4 + 3.4 * len(families)),
+        squeeze=False,
+        layout="constrained",
     )
     styles = {"float64": "-", "float32": "--", "float16": ":", "bfloat16": "-."}
-    for i, (dt, eps) in enumerate(sorted({k[:2] for k in bias})):
-        margins = sorted(k[2] for k in bias if k[:2] == (dt, eps))
-        col = plt.get_cmap("tab10")(i % 10)
-        # float32 and float64 often coincide: hollow, larger markers keep both visible
-        mk = dict(marker="o", ms=3 + 4 * i, mfc="none", lw=1 + 1.5 * (i == 0), alpha=0.85)
-        a1.plot(
-            margins,
-            [bias[(dt, eps, m)] for m in margins],
-            styles.get(dt, "-"),
-            color=col,
-            label=f"{dt}, eps={eps:.3g}",
-            **mk,
-        )
-        a2.plot(
-            margins,
-            [100 * zero.get((dt, eps, m), 0.0) for m in margins],
-            styles.get(dt, "-"),
-            color=col,
-            label=f"{dt}, eps={eps:.3g}",
-            **mk,
-        )
-    a1.set_xlabel("logit margin of the dominant class")
-    a1.set_ylabel("mean loss bias where the clip engages (nats)")
-    a1.set_xscale("log")
-    a1.grid(True, alpha=0.3)
-    a2.set_xlabel("logit margin of the dominant class")
-    a2.set_ylabel("rows whose gradient the clip zeroes (%)")
-    a2.set_xscale("log")
-    a2.grid(True, alpha=0.3)
-    a2.legend(fontsize=7)
+    for (family, xlabel), (a1, a2) in zip(families, axes):
+        sel = [r for r in rows if r["p_family"] == family]
+        key = ("dtype", "clip_eps", "scale")
+        bias = _agg(sel, key, "clip_bias_nats", how=min)
+        zero = _agg(sel, key, "clip_frac_grad_zeroed", how=max)
+        for i, (dt, eps) in enumerate(sorted({k[:2] for k in bias})):
+            xs = sorted(k[2] for k in bias if k[:2] == (dt, eps))
+            col = plt.get_cmap("tab10")(i % 10)
+            # float32 and float64 often coincide: hollow, larger markers keep both visible
+            mk = dict(marker="o", ms=3 + 4 * i, mfc="none", lw=1 + 1.5 * (i == 0), alpha=0.85)
+            style = styles.get(dt, "-")
+            label = f"{dt}, eps={eps:.3g}"
+            a1.plot(xs, [bias[(dt, eps, x)] for x in xs], style, color=col, label=label, **mk)
+            a2.plot(
+                xs,
+                [100 * zero.get((dt, eps, x), 0.0) for x in xs],
+                style,
+                color=col,
+                label=label,
+                **mk,
+            )
+        a1.set_ylabel("most negative mean loss bias\nwhere the clip engages (nats)")
+        a2.set_ylabel("most rows whose gradient\nthe clip zeroes (%)")
+        for ax in (a1, a2):
+            ax.set_xlabel(xlabel)
+            ax.set_xscale("log")
+            ax.grid(True, alpha=0.3)
+        a2.legend(fontsize=7)
     fig.suptitle(
-        f"Epsilon clipping of probabilities ({variant}, confident-correct and -wrong rows)"
+        f"Epsilon clipping of probabilities ({variant}): the worst cell of each margin or scale"
     )
     return _save(fig, path)
 
@@ -385,17 +397,36 @@ def fig_true_class_gradient(rows, path, variant="cross_entropy"):
     if not rows:
         return False
     fig, axes = plt.subplots(
-        2, len(dtypes), figsize=(4.3 * len(dtypes), 6.2), squeeze=False, sharex=True
+        2,
+        len(dtypes),
+        figsize=(4.3 * len(dtypes) + 1.4, 6.2),
+        squeeze=False,
+        sharex=True,
+        layout="constrained",
     )
     err = _agg(rows, ("dtype", "implementation", "scale"), "grad_true_max_ulp")
     van = _agg(rows, ("dtype", "implementation", "scale"), "grad_true_frac_vanished")
     cap = _cap(err)
+    impls = _ordered({k[1] for k in err}, IMPL_ORDER)
+    # torch, JAX and TensorFlow compute the same numbers: hollow markers that grow along the
+    # legend and dashes keep each visible where the lines coincide
+    style = {
+        impl: dict(
+            ls=("-", "--", ":", "-.")[i % 4],
+            marker="os^Dv"[i % 5],
+            ms=3 + 1.1 * i,
+            mfc="none",
+            lw=1.2,
+            color=COLOURS.get(impl, "k"),
+            label=impl,
+        )
+        for i, impl in enumerate(impls)
+    }
     for j, dt in enumerate(dtypes):
         for impl in _ordered({k[1] for k in err if k[0] == dt}, IMPL_ORDER):
             ms = sorted(k[2] for k in err if k[0] == dt and k[1] == impl)
-            c = COLOURS.get(impl, "k")
-            _series(axes[0][j], ms, [_clip_inf(err[(dt, impl, m)], cap) for m in ms], c, impl)
-            _series(axes[1][j], ms, [100 * van.get((dt, impl, m), 0) for m in ms], c, impl)
+            axes[0][j].plot(ms, [_clip_inf(err[(dt, impl, m)], cap) for m in ms], **style[impl])
+            axes[1][j].plot(ms, [100 * van.get((dt, impl, m), 0) for m in ms], **style[impl])
         axes[0][j].set_yscale("log")
         axes[0][j].set_xscale("log")
         axes[0][j].axhline(4, color="k", lw=0.8, ls="--")
@@ -406,8 +437,15 @@ def fig_true_class_gradient(rows, path, variant="cross_entropy"):
         axes[1][j].set_xlabel("logit margin of the dominant class")
     axes[0][0].set_ylabel("true-class gradient, max error (ulp)\n(dashed: 4 ulp)")
     axes[1][0].set_ylabel("true-class gradients wrongly 0 (%)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"{variant}: the true-class gradient p_y - 1 on confident rows")
+    handles = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=7)
+    fig.suptitle(
+        f"{variant}: the true-class gradient p_y - 1 on confident rows\n(where e^-margin "
+        "underflows the dtype the exact gradient rounds to 0, and every form is exact)"
+    )
     return _save(fig, path)
 
 
@@ -512,8 +550,10 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
         # rows' median, the band what it ranged over
         ceilings = [r["bandwidth_gbs"] for r in sel]
         bw, lo, hi = float(np.median(ceilings)), min(ceilings), max(ceilings)
+        # torch's own cells, by shape and run: a row without a paired ratio is set against
+        # torch's cell from its own run only (report.sections.performance.vs_torch)
         torch_t = {
-            (r["p_batch"], r["p_classes"]): r["median_s"]
+            (r["p_batch"], r["p_classes"], r.get("run_id")): r["median_s"]
             for r in sel
             if r["p_implementation"] == "torch"
         }
@@ -527,8 +567,8 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
                 (
                     i,
                     torch_speedup(
-                        next(r for r in sel if r["p_implementation"] == i),
-                        torch_t.get(shapes[0]),
+                        row := next(r for r in sel if r["p_implementation"] == i),
+                        torch_t.get((*shapes[0], row.get("run_id"))),
                     ),
                 )
                 for i in impls
@@ -549,7 +589,7 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
                         (
                             r["p_classes"],
                             r["gb_per_s"],
-                            torch_speedup(r, torch_t.get((b, r["p_classes"]))),
+                            torch_speedup(r, torch_t.get((b, r["p_classes"], r.get("run_id")))),
                         )
                         for r in sel
                         if r["p_implementation"] == impl and r["p_batch"] == b
@@ -614,7 +654,9 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
         fontsize=8,
         frameon=False,
     )
-    fig.suptitle(f"CPU throughput, {variant} (same run, medians of repeats)")
+    n_runs = len({r.get("run_id") for r in rows})
+    runs = "one run" if n_runs == 1 else f"{n_runs} runs; ratios only within a run"
+    fig.suptitle(f"CPU throughput, {variant} ({runs}, medians of repeats)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -698,6 +740,7 @@ def fig_cuda(doc, path):
         ax.axhline(bw, color="k", lw=1, ls=":", label=f"copy bandwidth {bw:.0f} GB/s")
         ax.axhline(0.8 * bw, color="grey", lw=1, ls=":", label="80% of copy bandwidth")
     ax.set_xticks(xs, [f"{n}x{c}" for n, c in shapes], fontsize=8)
+    ax.set_xlabel("shape (rows x classes); cestudy at its fastest block size per shape")
     ax.set_ylabel("GB/s of logits read (+ gradient written)")
     ax.set_title(f"{doc.get('device', 'GPU')}: float32 cross-entropy throughput")
     ax.grid(True, alpha=0.3)
@@ -739,22 +782,33 @@ def fig_training_curves(rows, path):
         return False
     top = max(r["p_imbalance"] for r in rows)
     rows = [r for r in rows if r["p_imbalance"] == top and r["p_profile"] == "step"]
-    panels = sorted({(r["p_dataset"], r["p_dtype"]) for r in rows})
-    if not panels:
+    datasets = sorted({r["p_dataset"] for r in rows})
+    dts = _ordered({r["p_dtype"] for r in rows}, DTYPE_ORDER)
+    if not datasets:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (ds, dt) in zip(axes[0], panels):
-        for r in sorted(
-            (r for r in rows if (r["p_dataset"], r["p_dtype"]) == (ds, dt)),
-            key=lambda r: r["p_loss"],
-        ):
+    # one row of panels per dataset, one column per dtype; the legend beside them
+    fig, axes = plt.subplots(
+        len(datasets),
+        len(dts),
+        figsize=(3.6 * len(dts) + 1.6, 2.9 * len(datasets) + 0.6),
+        squeeze=False,
+        layout="constrained",
+    )
+    handles = {}
+    for (i, ds), (j, dt) in ((a, b) for a in enumerate(datasets) for b in enumerate(dts)):
+        ax = axes[i][j]
+        sel = [r for r in rows if (r["p_dataset"], r["p_dtype"]) == (ds, dt)]
+        if not sel:
+            ax.set_visible(False)
+            continue
+        for r in sorted(sel, key=lambda r: r["p_loss"]):
             ys = [_num(v) for v in r["curve_train_loss"]]
-            ax.plot(
+            (line,) = ax.plot(
                 range(1, len(ys) + 1),
                 [v if math.isfinite(v) else np.nan for v in ys],
                 color=LOSS_COLOURS.get(r["p_loss"], "k"),
-                label=r["p_loss"],
             )
+            handles.setdefault(r["p_loss"], line)
             if r.get("first_nonfinite_step"):
                 ax.plot(
                     [len(ys)],
@@ -763,11 +817,17 @@ def fig_training_curves(rows, path):
                     color=LOSS_COLOURS.get(r["p_loss"], "k"),
                 )
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{ds}, {dt}, imbalance {top:g}", fontsize=9)
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("training objective (x: NaN/inf appeared)")
-    axes[0][-1].legend(fontsize=7)
+        if j == 0:
+            ax.set_ylabel("training objective\n(x: NaN/inf appeared)")
+    fig.legend(
+        list(handles.values()), list(handles), loc="outside right center", fontsize=8, title="loss"
+    )
     fig.suptitle("Learning curves, logistic regression by mini-batch gradient descent")
     return _save(fig, path)
 

@@ -190,7 +190,9 @@ def _cell(rows):
     if nonfin > 0:
         return f"non-finite on {fmt_pct(nonfin)} of samples", math.inf
     if math.isinf(w):
-        return "finite where the exact loss is infinite", math.inf
+        # finite outputs: the exact loss is infinite (a masked true class), or the error is
+        # beyond float64's range of ulp counts (a clipped loss where the exact one is e^-700)
+        return "over 1e308 ulp", math.inf
     return ulp_phrase(w), w
 
 
@@ -245,8 +247,11 @@ def which_table(by_study, variant=None) -> str:
         + (f" ({v.description})" if v else "")
         + " over every accuracy cell of each case, against the oracle; `numba` is cestudy's "
         "kernels, `lse` the max-shifted log-sum-exp form, `non-finite` a NaN or infinite "
-        "loss where the exact one is finite. The last column lists the formulations within "
-        f"the kernels' {accuracy.CONTRACT_ULP:g}-ulp contract in that case.\n\n" + table(head, out)
+        "loss where the exact one is finite, `over 1e308 ulp` a finite loss where the exact "
+        "one is infinite (a masked true class) or an error too large to count in float64 "
+        "(epsilon clipping on confident float64 rows). The last column lists the formulations "
+        f"within the kernels' {accuracy.CONTRACT_ULP:g}-ulp contract in that case.\n\n"
+        + table(head, out)
     )
 
 

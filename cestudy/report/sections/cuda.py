@@ -65,8 +65,21 @@ def largest(doc, dtype="float32"):
     ]
 
 
+def forward_against_torch(doc, dtype="float32"):
+    """``(slower, timed)``: the shapes where cestudy's forward (its fastest block size) is slower
+    than torch's, as ``(n, c, ratio)`` by class count, and how many shapes were timed against
+    torch."""
+    fwd = [
+        (n, c, r["vs_torch"])
+        for (kernel, n, c), r in best(doc, dtype).items()
+        if kernel == KERNELS[0] and r.get("vs_torch") is not None
+    ]
+    return sorted((s for s in fwd if s[2] < 1), key=lambda s: s[1]), len(fwd)
+
+
 def speed_clause(doc):
-    """ "on an H200 at 8192 x 131072 float32 it is 1.77x torch's forward and ..." or None."""
+    """ "on an H200 at 8192 x 131072 float32 it is 1.77x torch's forward and ..." (and the
+    shapes where its forward is slower than torch's), or None."""
     rows = largest(doc)
     if not rows:
         return None
@@ -77,9 +90,17 @@ def speed_clause(doc):
         at = " and ".join(fmt_pct(v) for _, v in shares) + f" of the {shares[0][0]} bandwidth"
     else:
         at = " and ".join(f"{fmt_pct(v)} of the {which} bandwidth" for which, v in shares)
+    slow, timed_shapes = forward_against_torch(doc)
+    caveat = ""
+    if slow:
+        qs = [q for _, _, q in slow]
+        caveat = (
+            f"; its forward is slower than torch's at {len(slow)} of the {timed_shapes} "
+            f"float32 shapes timed ({min(qs):.2f}x to {max(qs):.2f}x)"
+        )
     return (
         f"on an {doc.get('device', 'unknown GPU')} at {fmt_shape(r0['n'], r0['c'])} "
-        f"{r0['dtype']} it is {ratios}, at {at}"
+        f"{r0['dtype']} it is {ratios} (its fastest block size), at {at}{caveat}"
     )
 
 
@@ -199,22 +220,12 @@ def render(ctx: Context, doc) -> Part:
                 rel,
             )
         )
-    b = best(doc)
-    slow = sorted(
-        {
-            (n, c)
-            for (kernel, n, c), r in b.items()
-            if kernel == KERNELS[0] and r.get("vs_torch") is not None and r["vs_torch"] < 1
-        },
-        key=lambda s: s[1],
-    )
+    slow, _ = forward_against_torch(doc)
     if slow:
         findings.append(
             ctx.finding(
                 "cestudy's forward is slower than torch's eager forward at "
-                + ", ".join(
-                    f"{fmt_shape(n, c)} ({b[(KERNELS[0], n, c)]['vs_torch']:.2f}x)" for n, c in slow
-                )
+                + ", ".join(f"{fmt_shape(n, c)} ({q:.2f}x)" for n, c, q in slow)
                 + "; what bounds it there was not measured.",
                 rel,
             )

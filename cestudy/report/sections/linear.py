@@ -324,8 +324,9 @@ def fig_memory(hr, path) -> bool:
 # Findings
 # --------------------------------------------------------------------------------------------
 def product_dominates_sentence(hr):
-    """From which vocabulary on (per dtype) the product's error exceeds the cross-entropy's in
-    the fused kernel's worst per-token loss, and the same for torch's materialised logits."""
+    """At which vocabularies (per dtype) the product's error exceeds the cross-entropy's in the
+    fused kernel's worst per-token loss, and the same for torch's materialised logits: every
+    one, from one on, none, or the list where it does not hold monotonically."""
     parts = []
     for f in ("fused", "materialised_torch"):
         bits = []
@@ -342,13 +343,22 @@ def product_dominates_sentence(hr):
             pts = [p for p in pts if not (math.isnan(p[1]) or math.isnan(p[2]))]
             if not pts:
                 continue
-            first = next((v for v, a, b in pts if a > b), None)
-            if first is None:
-                bits.append(f"never in {dt} (up to V = {pts[-1][0]})")
-            elif first == pts[0][0]:
-                bits.append(f"already at V = {first} in {dt}")
-            else:
-                bits.append(f"from V = {first} in {dt}")
+            # the worst of each error over the cells of a vocabulary (several token counts)
+            by_v = {}
+            for v, a, b in pts:
+                wa, wb = by_v.get(v, (-math.inf, -math.inf))
+                by_v[v] = (max(wa, a), max(wb, b))
+            every = sorted(by_v)
+            holds = [v for v in every if by_v[v][0] > by_v[v][1]]
+            if not holds:
+                bits.append(f"never in {dt} (up to V = {every[-1]})")
+            elif holds == every:
+                bits.append(f"at every V measured in {dt} ({every[0]} to {every[-1]})")
+            elif holds == every[every.index(holds[0]) :]:
+                bits.append(f"from V = {holds[0]} on in {dt} (up to {every[-1]})")
+            else:  # not monotone in V: say where it holds
+                at = ", ".join(map(str, holds))
+                bits.append(f"at V = {at} in {dt} (of {every[0]} to {every[-1]})")
         if bits:
             parts.append(f"{LABELS[f]}: " + ", ".join(bits))
     if not parts:
@@ -363,14 +373,17 @@ def confident_sentence(hr):
     conf = [r for r in hr if r["p_family"] == "confident"]
     if not conf:
         return None
+    # zeros count only in cells whose exact losses are all normal numbers of the dtype: where
+    # they underflow it (float16 at margin 40), 0 is the correctly rounded loss, not a failure
+    normal = [r for r in conf if figures._num(r.get("rows_below_normal")) == 0]
     worst = {}
     for f in FORMULATIONS:
-        zeros = [_get(r, f, "rows_zero") for r in conf]
+        zeros = [_get(r, f, "rows_zero") for r in normal]
         zeros = [z for z in zeros if not math.isnan(z)]
         if zeros:
             worst[f] = max(zeros)
     fused = max((_in_u(r, "fused", "row_rel_err_max_normal") for r in conf), default=math.nan)
-    fused_zero = max((_get(r, "fused", "rows_zero") for r in conf), default=math.nan)
+    fused_zero = max((_get(r, "fused", "rows_zero") for r in normal), default=math.nan)
     torch_bits = [
         f"{LABELS[f]} {fmt_pct(worst[f])}"
         for f in ("materialised_torch", "torch_chunked")
@@ -379,7 +392,7 @@ def confident_sentence(hr):
     if math.isnan(fused) or not torch_bits:
         return None
     margins = ", ".join(f"{m:g}" for m in sorted({r["p_scale"] for r in conf}))
-    zero = "none" if fused_zero == 0 else fmt_pct(fused_zero)
+    zero = "none" if fused_zero == 0 or math.isnan(fused_zero) else fmt_pct(fused_zero)
     ce = max(
         (
             _in_u(r, "fused", "row_rel_err_max_ce")
@@ -394,8 +407,9 @@ def confident_sentence(hr):
         else (f" (the cross-entropy's part within {_u(ce)} u, the rest the float32 product's)")
     )
     return (
-        f"On confident rows (margins {margins}), the share of tokens whose loss comes "
-        f"back as exactly 0 reaches {' and '.join(torch_bits)}; cestudy's fused kernel "
+        f"On confident rows (margins {margins}) whose exact per-token losses are normal "
+        f"numbers of their dtype, the share of tokens whose loss comes back as exactly 0 "
+        f"reaches {' and '.join(torch_bits)}; cestudy's fused kernel "
         f"returns {zero} as 0 and stays within {_u(fused)} u of the exact per-token losses "
         f"that its dtype holds as normal numbers{ce_text}."
     )

@@ -31,13 +31,18 @@ def _key(r):
 
 
 def torch_times(perf):
-    return {_key(r): r["median_s"] for r in perf if r["p_implementation"] == "torch"}
+    """torch's median time by shape and run: ``{(key, run_id): seconds}``."""
+    return {
+        (_key(r), r.get("run_id")): r["median_s"] for r in perf if r["p_implementation"] == "torch"
+    }
 
 
 def vs_torch(r, tt):
     """torch's time over ``r``'s (:func:`cestudy.report.data.torch_speedup`): the torch timing
-    interleaved with ``r``'s when it has one, else torch's own cell in ``tt``."""
-    return torch_speedup(r, tt.get(_key(r)))
+    interleaved with ``r``'s when it has one, else torch's own cell of the same shape from the
+    same run (``tt``, :func:`torch_times`), never one timed in another run: a row re-run on a
+    busy machine against torch's row from a quiet one would give a ratio neither run saw."""
+    return torch_speedup(r, tt.get((_key(r), r.get("run_id"))))
 
 
 def largest(perf, variant=None, dtype="float32"):
@@ -159,8 +164,8 @@ def cases_sentence(perf):
             slower += [(q, v, mode, s) for q, v, s in vals if q < 1.0]
     n_lines = len({v for v, _, _ in ratios})
     text = (
-        f"Against torch at every shape and dtype timed ({n_lines} variants), cestudy is faster: "
-        + ", ".join(parts)
+        f"On the CPU, against torch at every shape and dtype timed ({n_lines} "
+        f"variant{'' if n_lines == 1 else 's'}), cestudy is faster for " + ", ".join(parts)
     )
     if slower:
         slower.sort()
