@@ -319,8 +319,10 @@ VARIANT_FIGURES = (
         "clipping",
         figures.fig_clipping,
         "Epsilon clipping: bias and zeroed gradients",
-        "Mean bias of the clipped loss where the clip engages, and the share of "
-        "rows whose gradient the clip sets to 0, on confident rows.",
+        "Mean bias of the clipped loss where the clip engages, and the share of rows "
+        "whose gradient the clip sets to 0, by the margin of confident rows and by the "
+        "scale of gaussian logits (a row of panels each, where the page has such cells), "
+        "each point the worst cell of its margin or scale.",
     ),
     (
         "true-class-gradient",
