@@ -37,6 +37,30 @@ def torch_speedup(row: dict, torch_median_s: float | None) -> float:
     return torch_median_s / row["median_s"] if torch_median_s else math.nan
 
 
+def _shape_and_run(row: dict) -> tuple:
+    return (
+        row["p_variant"],
+        row["p_dtype"],
+        row["p_mode"],
+        row["p_batch"],
+        row["p_classes"],
+        row.get("run_id"),
+    )
+
+
+def torch_medians(rows) -> dict:
+    """torch's median time of each timed shape, by shape and run (:func:`vs_torch`'s table)."""
+    return {_shape_and_run(r): r["median_s"] for r in rows if r["p_implementation"] == "torch"}
+
+
+def vs_torch(row: dict, medians: dict) -> float:
+    """:func:`torch_speedup` of ``row``: its paired ratio, else torch's cell of the same shape
+    from the same run (``medians``, :func:`torch_medians`), never one timed in another run: a
+    row re-run on a busy machine against torch's row from a quiet one would give a ratio
+    neither run saw."""
+    return torch_speedup(row, medians.get(_shape_and_run(row)))
+
+
 def export_rows(store: Store, study=None) -> list[dict]:
     latest = {}
     for c in store.cells(study=study):

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..bench import ceiling  # noqa: E402
-from .data import torch_speedup  # noqa: E402
+from .data import torch_medians, vs_torch  # noqa: E402
 
 COLOURS = {
     "naive": "#d62728",
@@ -64,6 +64,16 @@ def _save(fig, path):
     return True
 
 
+def _legend_beside(fig, axes):
+    """One legend for every panel of ``axes``, beside them (each label once), for a figure with
+    constrained layout."""
+    handles = {}
+    for ax in np.ravel(axes):
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=7)
+
+
 def _log_x_panels(fig, axes, titles, xlabel, ylabel, suptitle, path):
     """Finish a row of panels that share a log x axis: titles, labels, grid, one legend beside
     the panels (none over the data), the figure title clear of the panels' titles; save."""
@@ -74,11 +84,7 @@ def _log_x_panels(fig, axes, titles, xlabel, ylabel, suptitle, path):
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    handles = {}
-    for ax in axes[0]:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, h)
-    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=7)
+    _legend_beside(fig, axes[0])
     fig.suptitle(suptitle)
     return _save(fig, path)
 
@@ -437,11 +443,7 @@ def fig_true_class_gradient(rows, path, variant="cross_entropy"):
         axes[1][j].set_xlabel("logit margin of the dominant class")
     axes[0][0].set_ylabel("true-class gradient, max error (ulp)\n(dashed: 4 ulp)")
     axes[1][0].set_ylabel("true-class gradients wrongly 0 (%)")
-    handles = {}
-    for ax in axes[0]:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, h)
-    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=7)
+    _legend_beside(fig, axes[0])
     fig.suptitle(
         f"{variant}: the true-class gradient p_y - 1 on confident rows\n(where e^-margin "
         "underflows the dtype the exact gradient rounds to 0, and every form is exact)"
@@ -550,13 +552,7 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
         # rows' median, the band what it ranged over
         ceilings = [r["bandwidth_gbs"] for r in sel]
         bw, lo, hi = float(np.median(ceilings)), min(ceilings), max(ceilings)
-        # torch's own cells, by shape and run: a row without a paired ratio is set against
-        # torch's cell from its own run only (report.sections.performance.vs_torch)
-        torch_t = {
-            (r["p_batch"], r["p_classes"], r.get("run_id")): r["median_s"]
-            for r in sel
-            if r["p_implementation"] == "torch"
-        }
+        torch_t = torch_medians(sel)
         impls = _ordered({r["p_implementation"] for r in sel}, IMPL_ORDER)
         if len(shapes) == 1:
             xs = np.arange(len(impls))
@@ -566,10 +562,7 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
             sp = [
                 (
                     i,
-                    torch_speedup(
-                        row := next(r for r in sel if r["p_implementation"] == i),
-                        torch_t.get((*shapes[0], row.get("run_id"))),
-                    ),
+                    vs_torch(next(r for r in sel if r["p_implementation"] == i), torch_t),
                 )
                 for i in impls
                 if i != "torch"
@@ -589,7 +582,7 @@ def fig_performance(rows, path, variant="cross_entropy", dtype="float32"):
                         (
                             r["p_classes"],
                             r["gb_per_s"],
-                            torch_speedup(r, torch_t.get((b, r["p_classes"], r.get("run_id")))),
+                            vs_torch(r, torch_t),
                         )
                         for r in sel
                         if r["p_implementation"] == impl and r["p_batch"] == b

@@ -11,7 +11,7 @@ import math
 
 from ...bench import ceiling
 from .. import figures
-from ..data import torch_speedup
+from ..data import torch_medians, vs_torch
 from ..figures import IMPL_ORDER
 from ..markdown import Context, Part, fmt_pct, fmt_shape, fmt_ulp, table
 from .accuracy import variant_order
@@ -30,25 +30,10 @@ def _key(r):
     return (r["p_variant"], r["p_dtype"], r["p_mode"], r["p_batch"], r["p_classes"])
 
 
-def torch_times(perf):
-    """torch's median time by shape and run: ``{(key, run_id): seconds}``."""
-    return {
-        (_key(r), r.get("run_id")): r["median_s"] for r in perf if r["p_implementation"] == "torch"
-    }
-
-
-def vs_torch(r, tt):
-    """torch's time over ``r``'s (:func:`cestudy.report.data.torch_speedup`): the torch timing
-    interleaved with ``r``'s when it has one, else torch's own cell of the same shape from the
-    same run (``tt``, :func:`torch_times`), never one timed in another run: a row re-run on a
-    busy machine against torch's row from a quiet one would give a ratio neither run saw."""
-    return torch_speedup(r, tt.get((_key(r), r.get("run_id"))))
-
-
 def largest(perf, variant=None, dtype="float32"):
     """cestudy's rows (one per mode) at the largest shape timed for both cestudy and torch."""
     variant = variant or (variant_order({r["p_variant"] for r in perf}) or [None])[0]
-    tt = torch_times(perf)
+    tt = torch_medians(perf)
     mine = [
         r
         for r in perf
@@ -70,7 +55,7 @@ def speed_sentence(perf):
     big = largest(perf)
     if not big:
         return None
-    tt = torch_times(perf)
+    tt = torch_medians(perf)
     r0 = big[0]
     parts = []
     for r in big:
@@ -100,7 +85,7 @@ RATIO_KERNELS = ("numba", "numba_out")
 def torch_ratios(perf):
     """{(variant, mode, kernel): {(dtype, batch, classes): torch time / cestudy time}} for every
     cell timed for both cestudy (:data:`RATIO_KERNELS`) and torch."""
-    tt = torch_times(perf)
+    tt = torch_medians(perf)
     out = {}
     for r in perf:
         ratio = vs_torch(r, tt)
@@ -302,7 +287,7 @@ def render(ctx: Context, rows) -> Part:
             "torch* is of that pair; every other cell is timed alone, and its *vs torch* is "
             "against torch's own cell.\n"
         )
-        tt = torch_times(perf)
+        tt = torch_medians(perf)
         out_rows = []
         for r in sorted(
             perf,
